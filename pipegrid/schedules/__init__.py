@@ -1,0 +1,28 @@
+"""Pipeline schedules as pure data: build, validate, simulate and draw them (no torch here).
+
+``build("1f1b", num_stages=4, micro_batches=8).streams[rank]`` is what rank runs, in order.
+"""
+
+from __future__ import annotations
+
+from pipegrid.schedules.errors import ScheduleError
+from pipegrid.schedules.instructions import (
+    Backward, BackwardInput, BackwardWeight, ComputeInstruction, Forward, Instruction,
+    LoadMicroBatch, MicroBatchInstruction, OptimizerStep, RecvActivation, RecvGrad,
+    ReduceGrads, ReduceTiedGrads, SendActivation, SendGrad, is_compute, is_recv, is_send,
+    message_of, parse_instruction,
+)
+from pipegrid.schedules.lower import SCHEDULE_NAMES, build
+from pipegrid.schedules.render import to_chrome_trace, to_png, to_text
+from pipegrid.schedules.schedule import Schedule
+from pipegrid.schedules.simulate import DEFAULT_COSTS, Event, SimResult, simulate
+from pipegrid.schedules.validate import validate
+
+__all__ = [
+    "Backward", "BackwardInput", "BackwardWeight", "ComputeInstruction", "DEFAULT_COSTS",
+    "Event", "Forward", "Instruction", "LoadMicroBatch", "MicroBatchInstruction",
+    "OptimizerStep", "RecvActivation", "RecvGrad", "ReduceGrads", "ReduceTiedGrads",
+    "SCHEDULE_NAMES", "Schedule", "ScheduleError", "SendActivation", "SendGrad", "SimResult",
+    "build", "is_compute", "is_recv", "is_send", "message_of", "parse_instruction",
+    "simulate", "to_chrome_trace", "to_png", "to_text", "validate",
+]

@@ -1,0 +1,67 @@
+"""Command line: build a schedule, print its timeline table and simulated bubble.
+
+``python -m pipegrid.schedules 1f1b --stages 4 --micro-batches 8 --png out.png``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from pipegrid.schedules.errors import ScheduleError
+from pipegrid.schedules.lower import SCHEDULE_NAMES, build
+from pipegrid.schedules.render import to_chrome_trace, to_png, to_text
+from pipegrid.schedules.simulate import simulate
+from pipegrid.schedules.validate import validate
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipegrid.schedules",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=SCHEDULE_NAMES)
+    parser.add_argument("--stages", type=int, required=True, help="pipeline degree p")
+    parser.add_argument("--micro-batches", type=int, required=True, help="micro-batches m")
+    parser.add_argument("--virtual", type=int, default=1, help="chunks per rank v")
+    for key, default in (("F", 1.0), ("B", 2.0), ("W", 0.0), ("comm", 0.0)):
+        parser.add_argument(f"--cost-{key}", type=float, default=None,
+                            help=f"cost of {key} (default {default}; zb_h1: F=B=W=1)")
+    parser.add_argument("--streams", action="store_true",
+                        help="also print every rank's instruction stream")
+    parser.add_argument("--png", help="write the timeline picture here (needs matplotlib)")
+    parser.add_argument("--trace", help="write Chrome-trace JSON here (open in Perfetto)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        schedule = build(args.name, args.stages, args.micro_batches, args.virtual)
+        validate(schedule)
+    except ScheduleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    costs = ({"F": 1.0, "B": 1.0, "W": 1.0, "comm": 0.0} if schedule.split_backward
+             else {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.0})
+    for key in costs:
+        value = getattr(args, f"cost_{key}")
+        costs[key] = costs[key] if value is None else value
+    result = simulate(schedule, costs)
+    if args.streams:
+        print(schedule.table() + "\n")
+    print(to_text(result))
+    print(f"simulated bubble fraction: {result.bubble_fraction:.4f} "
+          f"(costs {costs}; makespan {result.makespan:g})")
+    if args.png:
+        to_png(result, args.png)
+        print(f"wrote {args.png}")
+    if args.trace:
+        with open(args.trace, "w", encoding="utf-8") as handle:
+            json.dump(to_chrome_trace(result), handle)
+        print(f"wrote {args.trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

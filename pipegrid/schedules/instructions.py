@@ -1,0 +1,211 @@
+"""Instructions: the frozen dataclasses a schedule is made of, and their compact text form.
+
+``1F3`` is model stage 1 forward of micro-batch 3; ``parse_instruction`` reads it back.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+from pipegrid.schedules.errors import ScheduleError
+
+__all__ = [
+    "LoadMicroBatch", "Forward", "Backward", "BackwardInput", "BackwardWeight",
+    "SendActivation", "RecvActivation", "SendGrad", "RecvGrad",
+    "ReduceTiedGrads", "ReduceGrads", "OptimizerStep",
+    "Instruction", "MicroBatchInstruction", "ComputeInstruction",
+    "parse_instruction", "is_compute", "is_send", "is_recv", "message_of",
+]
+
+
+@dataclass(frozen=True)
+class _MicroBatchOp:
+    """Base of every instruction that acts on one micro-batch at one model stage."""
+
+    stage: int
+    """Model stage in ``[0, num_stages * virtual_stages)``; runs on rank ``stage % num_stages``."""
+    micro_batch: int
+    """Micro-batch index in ``[0, micro_batches)``."""
+
+    code: ClassVar[str] = "?"
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.code}{self.micro_batch}"
+
+
+@dataclass(frozen=True)
+class LoadMicroBatch(_MicroBatchOp):
+    """Read micro-batch inputs (first stage) and/or labels (last stage) from the data iterator."""
+
+    code: ClassVar[str] = "L"
+
+
+@dataclass(frozen=True)
+class Forward(_MicroBatchOp):
+    """Run the stage forward on one micro-batch and keep its activations for backward."""
+
+    code: ClassVar[str] = "F"
+
+
+@dataclass(frozen=True)
+class Backward(_MicroBatchOp):
+    """Full backward: input gradient and weight gradient together; frees the activations."""
+
+    code: ClassVar[str] = "B"
+
+
+@dataclass(frozen=True)
+class BackwardInput(_MicroBatchOp):
+    """Input-gradient half of a split backward (zero-bubble); unblocks the previous stage."""
+
+    code: ClassVar[str] = "I"
+
+
+@dataclass(frozen=True)
+class BackwardWeight(_MicroBatchOp):
+    """Weight-gradient half of a split backward; nobody waits for it, so it fills bubbles."""
+
+    code: ClassVar[str] = "W"
+
+
+@dataclass(frozen=True)
+class _P2POp(_MicroBatchOp):
+    """Point-to-point transfer between adjacent model stages (``peer_stage``)."""
+
+    offset: ClassVar[int] = 0
+
+    @property
+    def peer_stage(self) -> int:
+        """The model stage on the other end of this transfer."""
+        return self.stage + self.offset
+
+
+@dataclass(frozen=True)
+class SendActivation(_P2POp):
+    """Send this stage's output of the micro-batch to ``stage + 1``."""
+
+    code: ClassVar[str] = "SA"
+    offset: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class RecvActivation(_P2POp):
+    """Receive this stage's input of the micro-batch from ``stage - 1``."""
+
+    code: ClassVar[str] = "RA"
+    offset: ClassVar[int] = -1
+
+
+@dataclass(frozen=True)
+class SendGrad(_P2POp):
+    """Send the gradient of this stage's input to ``stage - 1``."""
+
+    code: ClassVar[str] = "SG"
+    offset: ClassVar[int] = -1
+
+
+@dataclass(frozen=True)
+class RecvGrad(_P2POp):
+    """Receive the gradient of this stage's output from ``stage + 1``."""
+
+    code: ClassVar[str] = "RG"
+    offset: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class _RankOp:
+    """Base of the once-per-step, per-rank instructions (no stage, no micro-batch)."""
+
+    code: ClassVar[str] = "?"
+
+    def __str__(self) -> str:
+        return self.code
+
+
+@dataclass(frozen=True)
+class ReduceTiedGrads(_RankOp):
+    """All-reduce gradients of tied layers among the stages that share them."""
+
+    code: ClassVar[str] = "TIED"
+
+
+@dataclass(frozen=True)
+class ReduceGrads(_RankOp):
+    """All-reduce (or reduce-scatter, ZeRO-1) gradients over the data-parallel group."""
+
+    code: ClassVar[str] = "REDUCE"
+
+
+@dataclass(frozen=True)
+class OptimizerStep(_RankOp):
+    """Apply the optimizer to this rank's parameters."""
+
+    code: ClassVar[str] = "STEP"
+
+
+MicroBatchInstruction = Union[
+    LoadMicroBatch, Forward, Backward, BackwardInput, BackwardWeight,
+    SendActivation, RecvActivation, SendGrad, RecvGrad,
+]
+ComputeInstruction = Union[Forward, Backward, BackwardInput, BackwardWeight]
+Instruction = Union[MicroBatchInstruction, ReduceTiedGrads, ReduceGrads, OptimizerStep]
+
+_MICRO_BATCH_TYPES: dict[str, type] = {
+    cls.code: cls
+    for cls in (LoadMicroBatch, Forward, Backward, BackwardInput, BackwardWeight,
+                SendActivation, RecvActivation, SendGrad, RecvGrad)
+}
+_RANK_TYPES: dict[str, type] = {
+    cls.code: cls for cls in (ReduceTiedGrads, ReduceGrads, OptimizerStep)
+}
+_COMPACT = re.compile(r"^(\d+)([A-Z]{1,2})(\d+)$")
+
+
+def parse_instruction(text: str) -> Instruction:
+    """Parse the compact form (``1F3``, ``2SA0``, ``STEP``) back into an instruction."""
+    token = text.strip()
+    if token in _RANK_TYPES:
+        return _RANK_TYPES[token]()
+    match = _COMPACT.match(token)
+    if match is None or match.group(2) not in _MICRO_BATCH_TYPES:
+        known = ", ".join([*_MICRO_BATCH_TYPES, *_RANK_TYPES])
+        raise ScheduleError(
+            f"cannot parse instruction {text!r}: expected <stage><code><micro_batch> "
+            f"such as '1F3' or one of TIED/REDUCE/STEP (codes: {known})"
+        )
+    stage, code, micro_batch = match.groups()
+    return _MICRO_BATCH_TYPES[code](int(stage), int(micro_batch))
+
+
+def is_compute(op: Instruction) -> bool:
+    """True for Forward, Backward, BackwardInput and BackwardWeight."""
+    return isinstance(op, (Forward, Backward, BackwardInput, BackwardWeight))
+
+
+def is_send(op: Instruction) -> bool:
+    """True for SendActivation and SendGrad."""
+    return isinstance(op, (SendActivation, SendGrad))
+
+
+def is_recv(op: Instruction) -> bool:
+    """True for RecvActivation and RecvGrad."""
+    return isinstance(op, (RecvActivation, RecvGrad))
+
+
+def message_of(op: Instruction) -> tuple[str, int, int]:
+    """The tensor a send or receive carries, named alike on both ends.
+
+    ``("activation", s, mb)`` is the input of model stage s; ``("grad", s, mb)`` the
+    gradient of model stage s's output. ``1SA3`` and ``2RA3`` both carry ("activation", 2, 3).
+    """
+    if isinstance(op, SendActivation):
+        return ("activation", op.stage + 1, op.micro_batch)
+    if isinstance(op, RecvActivation):
+        return ("activation", op.stage, op.micro_batch)
+    if isinstance(op, SendGrad):
+        return ("grad", op.stage - 1, op.micro_batch)
+    if isinstance(op, RecvGrad):
+        return ("grad", op.stage, op.micro_batch)
+    raise TypeError(f"{op} ({type(op).__name__}) is not a send or receive")

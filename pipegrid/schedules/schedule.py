@@ -1,0 +1,63 @@
+"""``Schedule``: every rank's full instruction stream for one training (or inference) step.
+
+It is the single source of truth: the engine executes ``streams[rank]`` as is, and
+``validate``/``simulate`` check the very same tuples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipegrid.schedules.instructions import Instruction
+
+__all__ = ["Schedule"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What every pipeline rank runs, in order, for one step."""
+
+    name: str
+    """Schedule name as given to ``build`` (``gpipe``, ``1f1b``, ...)."""
+    num_stages: int
+    """Pipeline degree p: the number of pipe ranks."""
+    micro_batches: int
+    """Micro-batches m per step."""
+    virtual_stages: int
+    """Model chunks v per rank; model stage s runs on rank s % p."""
+    streams: tuple[tuple[Instruction, ...], ...]
+    """``streams[rank]``: that rank's program, communication and reduce/step included."""
+    training: bool = True
+    """False for forward-only schedules (no backward, reduce or optimizer step)."""
+    split_backward: bool = False
+    """True when backward is split into BackwardInput + BackwardWeight."""
+
+    @property
+    def num_model_stages(self) -> int:
+        """p * v: the number of model stages (chunks) the model is cut into."""
+        return self.num_stages * self.virtual_stages
+
+    def rank_of(self, stage: int) -> int:
+        """Pipe rank that runs model stage ``stage``."""
+        return stage % self.num_stages
+
+    def stages_of(self, rank: int) -> list[int]:
+        """Model stages that pipe rank ``rank`` runs, first chunk first."""
+        return [rank + k * self.num_stages for k in range(self.virtual_stages)]
+
+    def table(self) -> str:
+        """Every rank's stream as one row, instruction positions as columns."""
+        cells = [[str(op) for op in stream] for stream in self.streams]
+        length = max((len(row) for row in cells), default=0)
+        width = max([len(str(length))] + [len(c) for row in cells for c in row])
+        label = max(len(f"rank {len(cells) - 1}"), 4)
+        header = " " * label + " | " + " ".join(f"{i:>{width}}" for i in range(length))
+        lines = [
+            f"{self.name}: stages={self.num_stages} micro_batches={self.micro_batches} "
+            f"virtual_stages={self.virtual_stages}",
+            header,
+        ]
+        for rank, row in enumerate(cells):
+            body = " ".join(f"{c:>{width}}" for c in row)
+            lines.append(f"{f'rank {rank}':<{label}} | {body}")
+        return "\n".join(lines)

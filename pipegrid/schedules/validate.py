@@ -1,0 +1,202 @@
+"""``validate``: check all ranks' streams together before anything runs.
+
+Structure (order, counts, loads, matching sends/receives), then an execution check:
+asynchronous sends, blocking receives, FIFO per directed rank pair (as NCCL matches).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+from pipegrid.schedules.errors import ScheduleError
+from pipegrid.schedules.instructions import (
+    Backward, BackwardInput, BackwardWeight, Forward, Instruction, LoadMicroBatch,
+    OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads,
+    SendActivation, SendGrad, _MicroBatchOp, _RankOp, is_compute, is_recv, is_send,
+    message_of,
+)
+from pipegrid.schedules.schedule import Schedule
+
+__all__ = ["validate"]
+
+_Key = tuple[str, int, int]
+
+
+def _fail(schedule: Schedule, rank: int, position: int | None, message: str) -> ScheduleError:
+    where = f"rank {rank}"
+    if position is not None:
+        op = schedule.streams[rank][position]
+        where += f", position {position} ({op}"
+        if isinstance(op, _MicroBatchOp):
+            where += f": stage {op.stage}, micro-batch {op.micro_batch}"
+        where += ")"
+    return ScheduleError(f"{schedule.name}: {where}: {message}\n{schedule.table()}")
+
+
+def validate(schedule: Schedule) -> None:
+    """Raise ``ScheduleError`` pointing at the first problem; return quietly when sound."""
+    if len(schedule.streams) != schedule.num_stages:
+        raise ScheduleError(
+            f"{schedule.name}: expected one stream per rank ({schedule.num_stages}), "
+            f"got {len(schedule.streams)}; build it with pipegrid.schedules.build")
+    for rank in range(schedule.num_stages):
+        _check_rank(schedule, rank)
+    _check_execution(schedule)
+
+
+def _requirements(schedule: Schedule, rank: int, op: Instruction) -> list[tuple[_Key, str]]:
+    """What must already have run on ``rank`` before ``op``, with the reason."""
+    p, last = schedule.num_stages, schedule.num_model_stages - 1
+    if not isinstance(op, _MicroBatchOp):
+        return []
+    s, mb = op.stage, op.micro_batch
+    need: list[tuple[_Key, str]] = []
+    if isinstance(op, Forward):
+        if s in (0, last):
+            need.append((("L", s, mb), "its LoadMicroBatch"))
+        if s > 0:
+            local = (s - 1) % p == rank
+            need.append(((("F", s - 1, mb) if local else ("RA", s, mb)),
+                         "the forward of the previous stage" if local else "its RecvActivation"))
+    elif isinstance(op, (Backward, BackwardInput)):
+        need.append((("F", s, mb), "its forward"))
+        if s < last:
+            local = (s + 1) % p == rank
+            code = "I" if schedule.split_backward else "B"
+            need.append(((code, s + 1, mb) if local else ("RG", s, mb),
+                         "the backward of the next stage" if local else "its RecvGrad"))
+    elif isinstance(op, BackwardWeight):
+        need.append((("I", s, mb), "its BackwardInput"))
+    elif isinstance(op, SendActivation):
+        need.append((("F", s, mb), "the forward that produces it"))
+    elif isinstance(op, SendGrad):
+        code = "I" if schedule.split_backward else "B"
+        need.append(((code, s, mb), "the backward that produces it"))
+    return need
+
+
+def _allowed(schedule: Schedule, rank: int, op: Instruction) -> str | None:
+    """Why ``op`` may not appear on ``rank`` at all, or None when it may."""
+    p, last = schedule.num_stages, schedule.num_model_stages - 1
+    if isinstance(op, _RankOp):
+        return None if schedule.training else "a forward-only schedule has no reduce or step"
+    if not isinstance(op, _MicroBatchOp):
+        return f"unknown instruction type {type(op).__name__}"
+    s, mb = op.stage, op.micro_batch
+    if not (0 <= s <= last and s % p == rank):
+        return f"stage {s} does not run on rank {rank} (stages here: {schedule.stages_of(rank)})"
+    if not 0 <= mb < schedule.micro_batches:
+        return f"micro-batch {mb} is outside [0, {schedule.micro_batches})"
+    backward = isinstance(op, (Backward, BackwardInput, BackwardWeight, SendGrad, RecvGrad))
+    if backward and not schedule.training:
+        return "a forward-only schedule has no backward"
+    if isinstance(op, Backward) and schedule.split_backward:
+        return "this schedule splits backward: use BackwardInput + BackwardWeight"
+    if isinstance(op, (BackwardInput, BackwardWeight)) and not schedule.split_backward:
+        return "this schedule uses a full Backward, not a split one"
+    if isinstance(op, LoadMicroBatch) and s not in (0, last):
+        return "only the first and last model stages load a micro-batch"
+    if isinstance(op, (SendActivation, RecvGrad)) and (s == last or (s + 1) % p == rank):
+        return "no communication: the next stage is absent or on the same rank"
+    if isinstance(op, (SendGrad, RecvActivation)) and (s == 0 or (s - 1) % p == rank):
+        return "no communication: the previous stage is absent or on the same rank"
+    return None
+
+
+def _key(op: Instruction) -> _Key:
+    if isinstance(op, _MicroBatchOp):
+        return (op.code, op.stage, op.micro_batch)
+    return (op.code, -1, -1)  # type: ignore[union-attr]
+
+
+def _check_rank(schedule: Schedule, rank: int) -> None:
+    seen: Counter[_Key] = Counter()
+    stream = schedule.streams[rank]
+    last_compute = max((i for i, op in enumerate(stream) if is_compute(op)), default=-1)
+    for position, op in enumerate(stream):
+        problem = _allowed(schedule, rank, op)
+        if problem is None and seen[_key(op)]:
+            problem = "appears twice; each instruction runs exactly once per step"
+        if problem is None and isinstance(op, _RankOp) and position < last_compute:
+            problem = f"comes before this rank's last compute (position {last_compute})"
+        if problem is None and isinstance(op, OptimizerStep):
+            if not (seen[_key(ReduceGrads())] and seen[_key(ReduceTiedGrads())]):
+                problem = "the optimizer step must come after TIED and REDUCE"
+        for needed, reason in ([] if problem else _requirements(schedule, rank, op)):
+            if not seen[needed]:
+                problem = f"runs before {reason} ({needed[1]}{needed[0]}{needed[2]})"
+                break
+        if problem:
+            raise _fail(schedule, rank, position, problem)
+        seen[_key(op)] += 1
+    missing = [k for k in _expected(schedule, rank) if not seen[k]]
+    if missing:
+        names = ", ".join(k[0] if k[1] < 0 else f"{k[1]}{k[0]}{k[2]}" for k in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise _fail(schedule, rank, None, f"stream is incomplete, missing {names}{more}")
+
+
+def _expected(schedule: Schedule, rank: int) -> list[_Key]:
+    """Every instruction ``rank`` must run once per step."""
+    p, last = schedule.num_stages, schedule.num_model_stages - 1
+    keys: list[_Key] = []
+    for s in schedule.stages_of(rank):
+        for mb in range(schedule.micro_batches):
+            keys.append(("F", s, mb))
+            if s in (0, last):
+                keys.append(("L", s, mb))
+            if s > 0 and (s - 1) % p != rank:
+                keys.append(("RA", s, mb))
+            if s < last and (s + 1) % p != rank:
+                keys.append(("SA", s, mb))
+            if not schedule.training:
+                continue
+            keys += [("I", s, mb), ("W", s, mb)] if schedule.split_backward else [("B", s, mb)]
+            if s < last and (s + 1) % p != rank:
+                keys.append(("RG", s, mb))
+            if s > 0 and (s - 1) % p != rank:
+                keys.append(("SG", s, mb))
+    if schedule.training:
+        keys += [("TIED", -1, -1), ("REDUCE", -1, -1), ("STEP", -1, -1)]
+    return keys
+
+
+
+
+def _check_execution(schedule: Schedule) -> None:
+    """Run every rank: sends never block, a receive blocks until its channel has a message."""
+    p = schedule.num_stages
+    channels: dict[tuple[int, int], deque[tuple[_Key, int]]] = {}
+    cursor = [0] * p
+    progressed = True
+    while progressed:
+        progressed = False
+        for rank in range(p):
+            stream = schedule.streams[rank]
+            while cursor[rank] < len(stream):
+                op = stream[cursor[rank]]
+                if is_send(op):
+                    dst = op.peer_stage % p  # type: ignore[union-attr]
+                    queue = channels.setdefault((rank, dst), deque())
+                    queue.append((message_of(op), cursor[rank]))
+                elif is_recv(op):
+                    src = op.peer_stage % p  # type: ignore[union-attr]
+                    queue = channels.get((src, rank))
+                    if not queue:
+                        break
+                    if queue[0][0] != message_of(op):
+                        sent = schedule.streams[src][queue[0][1]]
+                        raise _fail(schedule, rank, cursor[rank],
+                                    f"receive does not match the next message on the channel "
+                                    f"from rank {src}: rank {src} sent {sent} (position "
+                                    f"{queue[0][1]}) first; sends and receives between two "
+                                    f"ranks must be issued in the same order")
+                    queue.popleft()
+                cursor[rank] += 1
+                progressed = True
+    blocked = [r for r in range(p) if cursor[r] < len(schedule.streams[r])]
+    if blocked:
+        waits = "; ".join(f"rank {r} waits at position {cursor[r]} "
+                          f"({schedule.streams[r][cursor[r]]})" for r in blocked)
+        raise _fail(schedule, blocked[0], cursor[blocked[0]],
+                    f"deadlock: no rank can progress ({waits})")
