@@ -1,0 +1,64 @@
+"""Choose the kernel backend (config key ``kernels.backend``): torch or fused CuPy.
+
+``auto`` takes CuPy for CUDA tensors when CuPy can run there and torch otherwise;
+naming ``cupy`` where it cannot run is an error that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+__all__ = ["BACKENDS", "select_backend", "cupy_unavailable_reason"]
+
+BACKENDS: tuple[str, ...] = ("auto", "torch", "cupy")
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_unavailable_reason() -> str | None:
+    """Why the CuPy path cannot run in this process, or None when it can.
+
+    Probed once per process: importing CuPy and querying the driver is slow, and
+    neither the installation nor the visible devices change while training.
+    """
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device (torch.cuda.is_available() is False)"
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed; install it with `pip install pipegrid[cuda]`"
+    try:
+        import cupy
+    except Exception as error:  # a broken install raises more than ImportError
+        return f"CuPy failed to import ({error}); reinstall it with `pip install pipegrid[cuda]`"
+    try:
+        if not cupy.cuda.is_available():
+            return "cupy.cuda.is_available() is False (driver or CUDA runtime mismatch)"
+    except Exception as error:
+        return f"CuPy cannot reach the CUDA driver ({error})"
+    return None
+
+
+def select_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
+    """Resolve ``kernels.backend`` for tensors on ``device`` to "torch" or "cupy".
+
+    Raises ValueError for an unknown name and RuntimeError when "cupy" is asked for
+    where it cannot run (CPU tensors, no CUDA, CuPy missing).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"kernels.backend must be one of {BACKENDS}, got {name!r}")
+    if name == "torch":
+        return "torch"
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cuda":
+        if name == "cupy":
+            raise RuntimeError(
+                f"kernels.backend=cupy needs CUDA tensors, got tensors on {device}; "
+                "set kernels.backend=auto or torch")
+        return "torch"
+    reason = cupy_unavailable_reason()
+    if reason is None:
+        return "cupy"
+    if name == "cupy":
+        raise RuntimeError(f"kernels.backend=cupy cannot run: {reason}; or set kernels.backend=auto")
+    return "torch"
