@@ -25,6 +25,7 @@ from typing import Any
 # OpenMP threads spin and steal the other workers' cores (~2.5x slower on 2 cores).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 INIT_METHOD_ENV = "PIPEGRID_INIT_METHOD"
+_GRACE_S = 1.0  # after a first failure, how long to wait for the others (to name the cause)
 
 
 class WorkerError(RuntimeError):
@@ -33,6 +34,7 @@ class WorkerError(RuntimeError):
     def __init__(self, rank: int, message: str) -> None:
         super().__init__(message)
         self.rank = rank
+        self.when = 0.0  # wall-clock time of the failure, to find the first one
 
 
 def is_torchrun() -> bool:
@@ -53,6 +55,10 @@ def _worker(fn: Callable[..., Any], args: tuple, rank: int, world_size: int, ini
             backend: str | None, timeout_s: float, conn: mp_connection.Connection) -> None:
     _die_with_parent()
     os.environ.update(WORKER_ENV)
+    if "torch" in sys.modules:
+        # Forked from a parent that may have run OpenMP work: a one-thread region never
+        # touches the parent's (now missing) thread pool, which would hang the child.
+        sys.modules["torch"].set_num_threads(1)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), INIT_METHOD_ENV: init_method})
     try:
@@ -61,16 +67,16 @@ def _worker(fn: Callable[..., Any], args: tuple, rank: int, world_size: int, ini
         if backend is not None:
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
-        try:
-            result = fn(*args)
-        finally:
-            if backend is not None and dist.is_initialized():
-                dist.destroy_process_group()
+        result = fn(*args)
+        # (on failure the process exits without tearing the group down: that could
+        # block on the peers, and the launcher must hear about the error first)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         # plain pickle copies tensor bytes; multiprocessing's own pickler would
         # share them through file descriptors that die with this process
         conn.send_bytes(pickle.dumps(("ok", result)))
     except BaseException:  # noqa: BLE001 - every failure must reach the launcher
-        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+        conn.send_bytes(pickle.dumps(("error", (time.time(), traceback.format_exc()))))
         conn.close()
         os._exit(1)
     conn.close()
@@ -106,21 +112,35 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, time
 
 
 def _collect(workers: list, conns: list, timeout_s: float) -> list[Any]:
-    """Wait for every rank's result; fail fast on the first error or death."""
+    """Wait for every rank's result; fail fast on the first error or death.
+
+    When one rank fails its peers soon fail too (their collectives lose it), so
+    errors arriving within a short grace period are gathered and the earliest
+    one, the cause, is raised.
+    """
     results: dict[int, Any] = {}
+    errors: list[tuple[float, WorkerError]] = []
     deadline = time.monotonic() + timeout_s
     pending = dict(enumerate(conns))
     while pending:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            if errors:
+                break
             raise TimeoutError(f"local workers {sorted(pending)} did not finish within {timeout_s:.0f} s; "
                                "they were killed (a deadlock, or raise the timeout)")
         ready = mp_connection.wait([*pending.values(), *(workers[r].sentinel for r in pending)],
                                    timeout=min(remaining, 1.0))
         for rank, conn in list(pending.items()):
             if conn in ready or workers[rank].sentinel in ready:
-                results[rank] = _receive(rank, conn, workers[rank])
                 del pending[rank]
+                try:
+                    results[rank] = _receive(rank, conn, workers[rank])
+                except WorkerError as error:
+                    errors.append((getattr(error, "when", time.time()), error))
+                    deadline = min(deadline, time.monotonic() + _GRACE_S)
+    if errors:
+        raise min(errors, key=lambda item: item[0])[1]
     return [results[r] for r in range(len(workers))]
 
 
@@ -131,9 +151,14 @@ def _receive(rank: int, conn: mp_connection.Connection, proc: mp.process.BasePro
         proc.join(timeout=1.0)
         code = proc.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        raise WorkerError(rank, f"rank {rank} {how} before returning a result") from None
+        error = WorkerError(rank, f"rank {rank} {how} before returning a result")
+        error.when = time.time() - 0.5  # a death has no timestamp; assume it preceded the peers' errors
+        raise error from None
     if status == "error":
-        raise WorkerError(rank, f"rank {rank} raised:\n{payload}")
+        when, text = payload
+        error = WorkerError(rank, f"rank {rank} raised:\n{text}")
+        error.when = when
+        raise error
     return payload
 
 

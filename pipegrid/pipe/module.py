@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -143,9 +144,12 @@ def _pipe_size(topology: Topology | None, num_stages: int | None) -> int:
 
 def _own_stage_id(topology: Topology | None, pipe: int, stage_id: int | None) -> int:
     if stage_id is None:
-        if not (dist.is_available() and dist.is_initialized()):
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, before initialize()
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        else:
             return 0
-        rank, world = dist.get_rank(), dist.get_world_size()
         if topology is not None:
             return topology.stage_id(rank)
         if world % pipe:

@@ -1,0 +1,201 @@
+"""The training configuration: dataclasses, one per config group, checked on creation.
+
+Library code takes a :class:`TrainConfig`; dicts and OmegaConf DictConfigs are merged
+onto this schema by :func:`to_train_config`, so a typo'd key fails with its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class TopologyConfig:
+    pipe: int = 1
+    """Pipeline stages (ranks along the pipe axis)."""
+    data: int = 1
+    """Data-parallel replicas."""
+    tensor: int = 1
+    """Tensor-parallel shards of each layer."""
+
+    def __post_init__(self) -> None:
+        for name in ("pipe", "data", "tensor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"topology.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "1f1b"
+    """One of gpipe, 1f1b, interleaved_1f1b, zb_h1."""
+    micro_batches: int = 4
+    """Micro-batches per optimizer step (gradient accumulation steps)."""
+    virtual_stages: int = 1
+    """Model chunks per pipe rank (interleaved_1f1b only)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULES)}, got {self.name!r}")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) \
+                or self.micro_batches < 1:
+            raise ValueError(f"schedule.micro_batches must be an integer >= 1, got {self.micro_batches!r}")
+        if not isinstance(self.virtual_stages, int) or self.virtual_stages < 1:
+            raise ValueError(f"schedule.virtual_stages must be an integer >= 1, got {self.virtual_stages!r}")
+        if self.virtual_stages > 1 and self.name != "interleaved_1f1b":
+            raise ValueError(f"schedule.virtual_stages={self.virtual_stages} needs schedule.name=interleaved_1f1b "
+                             f"(got {self.name!r}); set schedule.virtual_stages=1 or change the schedule")
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+    """0: every data rank keeps the full optimizer state; 1: state sharded over the data axis."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1):
+            raise ValueError(f"zero.stage must be 0 or 1, got {self.stage!r}")
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "float32"
+    """Parameter/activation dtype: float32, bfloat16, float16 (or float64 for exact tests)."""
+    initial_loss_scale: float = 2.0 ** 16
+    """float16 only: starting dynamic loss scale."""
+    growth_interval: int = 1000
+    """float16 only: overflow-free steps before the scale doubles."""
+    backoff_factor: float = 0.5
+    """float16 only: scale multiplier after an overflow."""
+    hysteresis: int = 1
+    """float16 only: overflows tolerated before the scale is lowered."""
+    min_loss_scale: float = 1.0
+    """float16 only: the scale never goes below this."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"precision.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class RunConfig:
+    steps: int = 100
+    """Optimizer steps to run (examples)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 1234
+    """Seed for layer initialisation (layer i uses seed + i) and data order."""
+    log_interval: int = 10
+    """Steps between log lines."""
+    on_nonfinite: str = "raise"
+    """What a NaN/inf loss does in float32/bf16: raise, or skip the step."""
+
+    def __post_init__(self) -> None:
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"train.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+
+
+@dataclass
+class CommConfig:
+    backend: str = "auto"
+    """auto (nccl with CUDA, gloo otherwise), gloo or nccl."""
+    timeout_s: float = 300.0
+    """Every collective and point-to-point wait fails after this many seconds."""
+    dynamic_shapes: bool = False
+    """Negotiate activation shapes for every micro-batch (variable sequence length)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"comm.backend must be auto, gloo or nccl, got {self.backend!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"comm.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Directory for checkpoints; None disables them."""
+    interval: int = 0
+    """Save every this many steps (and at the end); 0: only at the end."""
+
+
+@dataclass
+class TraceConfig:
+    enabled: bool = False
+    """Time every executed instruction (measured bubble, Chrome trace)."""
+    path: Optional[str] = None
+    """Where to write the merged Chrome-trace JSON."""
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"
+    """Flat-buffer kernels: auto, torch or cupy."""
+
+
+def _adamw() -> dict[str, Any]:
+    return {"_target_": "torch.optim.AdamW", "lr": 1e-3}
+
+
+@dataclass
+class TrainConfig:
+    """Everything the engine needs; Hydra composes it, or pass a dict."""
+
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: dict[str, Any] = field(default_factory=_adamw)
+    lr_scheduler: Optional[dict[str, Any]] = None
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    def __post_init__(self) -> None:
+        if "_target_" not in self.optimizer:
+            raise ValueError("optimizer needs a _target_ (e.g. torch.optim.AdamW), "
+                             f"got keys {sorted(self.optimizer)}")
+        if self.lr_scheduler is not None and "_target_" not in self.lr_scheduler:
+            raise ValueError("lr_scheduler needs a _target_ (e.g. torch.optim.lr_scheduler.LambdaLR)")
+
+
+def to_train_config(config: Any = None) -> TrainConfig:
+    """A TrainConfig from None, a TrainConfig, a dict or a DictConfig (unknown keys are errors)."""
+    if isinstance(config, TrainConfig):
+        return config
+    from omegaconf import OmegaConf  # OmegaConf, not Hydra: library code never composes
+
+    schema = OmegaConf.structured(TrainConfig)
+    if config is None:
+        return OmegaConf.to_object(schema)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)  # type: ignore[arg-type]
+    elif OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, DictConfig or pipegrid.TrainConfig, got {type(config).__name__}")
+    extra = sorted(set(config) - _fields())
+    if extra:
+        raise ValueError(f"unknown config keys {extra}; valid top-level keys are {sorted(_fields())}")
+    # optimizer/lr_scheduler are free-form kwargs: a given one replaces the default
+    # instead of merging into it (SGD must not inherit AdamW's keys)
+    replace = {k: config[k] for k in ("optimizer", "lr_scheduler") if k in config}
+    rest = {k: v for k, v in config.items() if k not in replace}
+    merged = OmegaConf.to_object(OmegaConf.merge(schema, rest))
+    for key, value in replace.items():
+        setattr(merged, key, dict(value) if value is not None else None)
+    merged.__post_init__()  # type: ignore[attr-defined]
+    return merged  # type: ignore[return-value]
+
+
+def _fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}

@@ -1,0 +1,315 @@
+"""PipelineEngine: ``train_batch`` / ``eval_batch`` over point-to-point, executing schedules.
+
+``initialize(module, config)`` joins torch.distributed (torchrun's environment or
+pipegrid's local launcher), builds the groups, the optimizer and the schedules, and
+returns the engine. The engine owns what happens once per step (tied and
+data-parallel gradient reduction, clipping, the optimizer); the executor owns what
+happens per instruction.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import math
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipegrid import kernels
+from pipegrid.conf.schema import TrainConfig, to_train_config
+from pipegrid.pipe.executor import Executor, StepState
+from pipegrid.pipe.p2p import P2P
+from pipegrid.pipe.precision import LossScaler
+from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
+from pipegrid.schedules import build, validate
+from pipegrid.topology.grid import Topology
+from pipegrid.topology.groups import ProcessGroups, check_world_size
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+def locate(path: str) -> Any:
+    """The object at a dotted path, e.g. ``torch.optim.AdamW`` (Hydra's ``_target_``)."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"cannot import _target_ {path!r} ({error}); give a dotted path such as "
+                         "torch.optim.AdamW") from None
+
+
+def instantiate(spec: dict[str, Any], *args: Any) -> Any:
+    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    return locate(spec["_target_"])(*args, **kwargs)
+
+
+def _join_process_group(cfg: TrainConfig) -> None:
+    """Initialise torch.distributed from the environment (torchrun or the local launcher)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        if cfg.topology.pipe * cfg.topology.data * cfg.topology.tensor != 1:
+            raise RuntimeError(
+                "torch.distributed is not initialised and RANK/WORLD_SIZE are not set; start the job with "
+                "torchrun --nproc-per-node N ... or pipegrid's local launcher (examples/train_gpt.py does it)")
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    check_world_size(Topology(**vars(cfg.topology)), int(os.environ["WORLD_SIZE"]))
+    backend = cfg.comm.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    init_method = os.environ.get("PIPEGRID_INIT_METHOD")
+    if init_method is None and "MASTER_ADDR" not in os.environ:
+        import tempfile  # one process, no launcher: a private file store
+
+        init_method = f"file://{tempfile.mkdtemp(prefix='pipegrid-')}/store"
+    dist.init_process_group(backend, init_method=init_method or "env://", rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=datetime.timedelta(seconds=cfg.comm.timeout_s))
+
+
+def init_distributed(config: Any = None) -> ProcessGroups:
+    """Join torch.distributed (if needed) and build the grid's process groups.
+
+    Call it first when the model itself needs a group (tensor-parallel layers take
+    ``groups.tensor_parallel_group``), then pass the groups to :func:`initialize`.
+    """
+    cfg = to_train_config(config)
+    if not dist.is_initialized():
+        _join_process_group(cfg)
+    return ProcessGroups(Topology(**vars(cfg.topology)), timeout_s=cfg.comm.timeout_s)
+
+
+def initialize(module: torch.nn.Module, config: Any = None,
+               groups: ProcessGroups | None = None) -> "PipelineEngine":
+    """Join torch.distributed if needed and return a PipelineEngine for ``module``."""
+    cfg = to_train_config(config)
+    if groups is None:
+        groups = init_distributed(cfg)
+    elif groups.topology != Topology(**vars(cfg.topology)):
+        raise ValueError(f"groups were built for {groups.topology} but the config asks for "
+                         f"{Topology(**vars(cfg.topology))}; build both from the same config")
+    return PipelineEngine(module, cfg, groups)
+
+
+class PipelineEngine:
+    """Trains one PipelineModule stage (or its virtual chunks) on one rank of the grid."""
+
+    def __init__(self, module: torch.nn.Module, config: TrainConfig, groups: ProcessGroups) -> None:
+        self.config, self.groups, self.topology = config, groups, groups.topology
+        self.pipe_rank = groups.stage_id
+        self._check_module(module)
+        self.device = self._device()
+        self.dtype = _DTYPES[config.precision.dtype]
+        self.module = module.to(device=self.device, dtype=self.dtype)
+        sched = config.schedule
+        self.schedule = build(sched.name, self.topology.pipe, sched.micro_batches, sched.virtual_stages)
+        self.eval_schedule = build("inference", self.topology.pipe, sched.micro_batches, sched.virtual_stages)
+        validate(self.schedule)
+        validate(self.eval_schedule)
+        self.kernels_backend = kernels.select_backend(config.kernels.backend, self.device)
+        self.p2p = P2P(self.device, config.comm.dynamic_shapes, self.kernels_backend, rank=groups.rank)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.zero = self._build_optimizer()
+        self.optimizer = self.zero.optimizer  # the wrapped torch optimizer (param_groups, LR)
+        self.lr_scheduler = instantiate(config.lr_scheduler, self.optimizer) if config.lr_scheduler else None
+        prec = config.precision
+        self.scaler = LossScaler(prec.dtype == "float16", prec.initial_loss_scale, prec.growth_interval,
+                                 prec.backoff_factor, prec.hysteresis, prec.min_loss_scale)
+        self.skipped_steps = 0
+        self._tied_groups = self._build_tied_groups()
+        self._norm_ids = {id(p) for p in self._params_counted_in_norm()}
+        self._step_loss: float | None = None
+        self.keep_outputs = False
+        self.global_steps = 0
+        self._timeline: list[tuple[int, str, float, float]] = []
+        self._train_executor = Executor(self, self.schedule, self.pipe_rank)
+        self._eval_executor = Executor(self, self.eval_schedule, self.pipe_rank)
+
+    # --- set-up ------------------------------------------------------------
+    def _check_module(self, module: torch.nn.Module) -> None:
+        p, v = self.topology.pipe, self.config.schedule.virtual_stages
+        num_stages = getattr(module, "num_stages", None)
+        if num_stages is None:
+            raise TypeError(f"initialize() needs a pipegrid.PipelineModule, got {type(module).__name__}")
+        if num_stages != p or module.virtual_stages != v:
+            raise ValueError(f"the module was cut into num_stages={num_stages} x virtual_stages="
+                             f"{module.virtual_stages} but the config asks for topology.pipe={p} x "
+                             f"schedule.virtual_stages={v}; build the module with the same topology")
+        if module.stage_id != self.pipe_rank:
+            raise ValueError(f"rank {self.groups.rank} is pipe stage {self.pipe_rank} but its module holds "
+                             f"stage {module.stage_id}; build the module after torch.distributed is "
+                             "initialised, or pass topology= so it finds its stage from RANK")
+
+    def _device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+
+    def _build_optimizer(self) -> ReplicatedOptimizer | ZeroOptimizer:
+        def factory(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            return instantiate(self.config.optimizer, params)
+        group, size = self.groups.data_parallel_group, self.topology.data
+        if self.config.zero.stage == 1:
+            return ZeroOptimizer(self.params, factory, group, size, self.groups.coord.data, self.kernels_backend)
+        return ReplicatedOptimizer(self.params, factory, group, size, self.kernels_backend)
+
+    def _build_tied_groups(self) -> dict[str, dist.ProcessGroup | None]:
+        """One group per tied key and data/tensor coordinate, over the pipe ranks owning the key."""
+        mine: dict[str, dist.ProcessGroup | None] = {}
+        topo = self.topology
+        for key, stages in sorted(self.module.tied_keys().items()):
+            owners = sorted({s % topo.pipe for s in stages})
+            for data in range(topo.data):
+                for tensor in range(topo.tensor):
+                    ranks = [topo.rank(pipe=r, data=data, tensor=tensor) for r in owners]
+                    group = self.groups.new_group(ranks)  # every rank calls, in the same order
+                    if self.groups.rank in ranks and len(ranks) > 1:
+                        mine[key] = group
+        return mine
+
+    def _params_counted_in_norm(self) -> list[torch.nn.Parameter]:
+        """Local parameters, each counted once in the global norm (a tied copy only on its first owner)."""
+        skip: set[int] = set()
+        for key, stages in self.module.tied_keys().items():
+            if min(s % self.topology.pipe for s in stages) != self.pipe_rank:
+                skip.update(id(p) for p in self.module.tied_parameters(key))
+        return [p for p in self.params if id(p) not in skip]
+
+    def stage_rank(self, stage: int) -> int:
+        """Global rank running model stage ``stage`` on this rank's data/tensor coordinate."""
+        return self.groups.stage_rank(stage % self.topology.pipe)
+
+    def to_device(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            value = value.to(self.device, non_blocking=True)
+            return value.to(self.dtype) if value.is_floating_point() else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.to_device(v) for v in value)
+        return value
+
+    # --- the step ----------------------------------------------------------
+    def train_batch(self, data_iter: Iterable | None = None) -> float:
+        """One optimizer step over ``schedule.micro_batches`` micro-batches; the global mean loss."""
+        self.module.train()
+        state = self._run(self._train_executor, StepState(True, self._iterator(data_iter)))
+        self.global_steps += 1
+        return self._mean_loss(state)
+
+    @torch.no_grad()
+    def eval_batch(self, data_iter: Iterable | None = None, return_outputs: bool = False) -> Any:
+        """Forward-only mean loss (and, on the last stage, every micro-batch's outputs if asked)."""
+        self.module.eval()
+        self.keep_outputs = return_outputs
+        state = self._run(self._eval_executor, StepState(False, self._iterator(data_iter)))
+        loss = self._mean_loss(state)
+        if not return_outputs:
+            return loss
+        outputs = [state.results[mb] for mb in sorted(state.results)] if state.results else None
+        return loss, outputs
+
+    def _iterator(self, data_iter: Iterable | None) -> Iterator | None:
+        if data_iter is None or isinstance(data_iter, Iterator):
+            return data_iter
+        return iter(data_iter)
+
+    def _run(self, executor: Executor, state: StepState) -> StepState:
+        trace = self.config.trace.enabled
+        try:
+            executor.run(state, trace=trace)
+        finally:
+            self.p2p.wait_all()
+        if trace:
+            self._timeline = [(self.groups.rank, label, start, end) for label, start, end in state.events]
+        return state
+
+    def _mean_loss(self, state: StepState) -> float:
+        """The mean micro-batch loss over the global batch, on every rank."""
+        if state.training and self._step_loss is not None:  # OptimizerStep already reduced it
+            loss, self._step_loss = self._step_loss, None
+            return loss
+        loss, _, _ = self._check_finite(state.losses, grads=False)
+        return loss
+
+    def last_timeline(self) -> list[tuple[int, str, float, float]]:
+        """(rank, instruction, start, end) of the last traced step on this rank (``trace.enabled``)."""
+        return list(self._timeline)
+
+    # --- hooks the executor calls --------------------------------------------
+    def backward_loss(self, loss: torch.Tensor) -> None:
+        (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
+
+    def reduce_tied_grads(self) -> None:
+        for key, group in sorted(self._tied_groups.items()):
+            params = self.module.tied_parameters(key)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            all_reduce_flat([p.grad for p in params], group, backend=self.kernels_backend)
+
+    def reduce_data_parallel_grads(self) -> None:
+        self.zero.reduce_grads()
+
+    def global_grad_norm(self) -> float:
+        """L2 norm of the whole model's (scaled) gradient: each parameter once, over pipe and data shards."""
+        total = kernels.sum_of_squares(self.zero.grads(self._norm_ids)).double().reshape(1).cpu()
+        if self.topology.pipe > 1:
+            dist.all_reduce(total, group=self.groups.pipe_parallel_group)
+        if self.zero.sharded and self.topology.data > 1:
+            dist.all_reduce(total, group=self.groups.data_parallel_group)
+        return math.sqrt(total.item())
+
+    def _check_finite(self, losses: dict[int, torch.Tensor], grads: bool = True) -> tuple[float, bool, bool]:
+        """One world all-reduce: the step's mean loss, any non-finite loss, any non-finite gradient."""
+        owner = self.pipe_rank == self.topology.pipe - 1 and self.groups.coord.tensor == 0
+        values = torch.zeros(3, dtype=torch.float64)
+        if owner and losses:
+            stacked = torch.stack([v.double().cpu() for v in losses.values()])
+            values[0] = stacked.sum() / len(losses)
+            values[1] = float(not bool(torch.isfinite(stacked).all()))
+        if grads and self.scaler.enabled:
+            values[2] = float(not bool(kernels.all_finite(self.zero.grads())))
+        if dist.get_world_size() > 1:
+            dist.all_reduce(values)
+        if values[1] > 0:
+            values[0] = math.nan
+        return values[0].item() / self.topology.data, bool(values[1] > 0), bool(values[2] > 0)
+
+    def optimizer_step(self, losses: dict[int, torch.Tensor]) -> None:
+        mean_loss, bad_loss, overflow = self._check_finite(losses)
+        self._step_loss = mean_loss
+        if bad_loss and not self.scaler.enabled:
+            if self.config.train.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"rank {self.groups.rank}: non-finite loss at step {self.global_steps}; the step was not "
+                    "applied. Lower the learning rate, enable train.grad_clip, or set train.on_nonfinite=skip")
+            overflow = True
+        if overflow:  # fp16 overflow (or a skipped non-finite step): no parameter changes anywhere
+            self.zero.zero_grad()
+            self.scaler.update(True)
+            self.skipped_steps += 1
+            return
+        coef = 1.0 / self.scaler.scale
+        clip = self.config.train.grad_clip
+        if clip > 0:
+            norm = self.global_grad_norm() * coef
+            coef *= min(1.0, clip / (norm + 1e-6))
+        self.zero.step(coef)
+        self.zero.zero_grad()
+        self.scaler.update(False)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes on this rank: parameters, gradients, optimizer state, fp32 master weights, buffers."""
+        def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors)
+        report = {"parameters": nbytes(self.params),
+                  "gradients": nbytes(p for p in self.params),  # one gradient per parameter during a step
+                  **self.zero.memory()}
+        report["total"] = sum(report.values())
+        return report

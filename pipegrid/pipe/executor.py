@@ -1,0 +1,186 @@
+"""Runs one rank's instruction stream: one small handler per instruction type.
+
+The stream comes from ``pipegrid.schedules`` as is (one source of truth); the
+handlers only move tensors between the stage module, the data iterator, the
+point-to-point layer and the engine's reduce/step hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipegrid.schedules import instructions as ins
+from pipegrid.schedules.schedule import Schedule
+
+Key = tuple[int, int]  # (model stage, micro-batch)
+
+
+def as_message(value: Any, where: str) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """A stage output as (tensors, was_tuple); anything but tensors is refused."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    for i, item in enumerate(items):
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"{where} returned {type(item).__name__} at position {i}; stages may pass only "
+                            "a tensor or a tuple of tensors to the next stage")
+    return tuple(items), isinstance(value, (tuple, list))
+
+
+def from_message(tensors: tuple[torch.Tensor, ...], was_tuple: bool) -> Any:
+    return tensors if was_tuple else tensors[0]
+
+
+def _as_grad_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A received activation becomes a leaf that collects its gradient (floats only)."""
+    t = t.detach()
+    return t.requires_grad_(True) if t.is_floating_point() or t.is_complex() else t
+
+
+@dataclass
+class StepState:
+    """Everything one ``train_batch``/``eval_batch`` call keeps between instructions."""
+
+    training: bool
+    data_iter: Iterator | None
+    batches: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    inputs: dict[Key, tuple[tuple[torch.Tensor, ...], bool]] = field(default_factory=dict)
+    outputs: dict[Key, Any] = field(default_factory=dict)
+    output_grads: dict[Key, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    input_grads: dict[Key, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    results: dict[int, Any] = field(default_factory=dict)
+    events: list[tuple[str, float, float]] = field(default_factory=list)
+
+
+class Executor:
+    """Executes ``schedule.streams[pipe_rank]`` against a PipelineModule and a P2P layer."""
+
+    def __init__(self, engine: Any, schedule: Schedule, pipe_rank: int) -> None:
+        self.engine = engine
+        self.module = engine.module
+        self.p2p = engine.p2p
+        self.schedule = schedule
+        self.pipe_rank = pipe_rank
+        self.stream = schedule.streams[pipe_rank]
+        self.last_stage = schedule.num_model_stages - 1
+        self.handlers: dict[type, Callable[[Any, StepState], None]] = {
+            ins.LoadMicroBatch: self._load, ins.Forward: self._forward, ins.Backward: self._backward,
+            ins.BackwardInput: self._backward, ins.BackwardWeight: self._backward_weight,
+            ins.SendActivation: self._send_activation, ins.RecvActivation: self._recv_activation,
+            ins.SendGrad: self._send_grad, ins.RecvGrad: self._recv_grad,
+            ins.ReduceTiedGrads: lambda op, st: engine.reduce_tied_grads(),
+            ins.ReduceGrads: lambda op, st: engine.reduce_data_parallel_grads(),
+            ins.OptimizerStep: lambda op, st: engine.optimizer_step(st.losses),
+        }
+
+    def run(self, state: StepState, trace: bool = False) -> StepState:
+        for position, op in enumerate(self.stream):
+            handler = self.handlers.get(type(op))
+            if handler is None:
+                raise TypeError(f"rank {self.pipe_rank}: no handler for instruction {op!r} "
+                                f"(type {type(op).__name__}) at position {position}")
+            if trace:
+                start = time.perf_counter()
+                handler(op, state)
+                state.events.append((str(op), start, time.perf_counter()))
+            else:
+                handler(op, state)
+        return state
+
+    # --- data --------------------------------------------------------------
+    def _batch(self, micro_batch: int, state: StepState) -> tuple[Any, Any]:
+        if micro_batch not in state.batches:
+            try:
+                batch = next(state.data_iter)  # type: ignore[arg-type]
+            except StopIteration:
+                raise RuntimeError(
+                    f"data_iter ran out after {len(state.batches)} of {self.schedule.micro_batches} "
+                    f"micro-batches on pipe rank {self.pipe_rank}; each train_batch/eval_batch call reads "
+                    f"schedule.micro_batches={self.schedule.micro_batches} (inputs, labels) pairs") from None
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"data_iter must yield (inputs, labels) pairs, got {type(batch).__name__}"
+                                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+            state.batches[micro_batch] = self.engine.to_device(batch)
+        return state.batches[micro_batch]
+
+    def _load(self, op: ins.LoadMicroBatch, state: StepState) -> None:
+        inputs, _ = self._batch(op.micro_batch, state)
+        if op.stage == 0:
+            state.inputs[(0, op.micro_batch)] = as_message(inputs, "data_iter inputs")
+
+    # --- compute -----------------------------------------------------------
+    def _forward(self, op: ins.Forward, state: StepState) -> None:
+        key = (op.stage, op.micro_batch)
+        if key not in state.inputs:  # the previous stage ran on this rank: hand over locally
+            prev = (op.stage - 1, op.micro_batch)
+            tensors, was_tuple = as_message(state.outputs[prev], f"stage {op.stage - 1}")
+            state.inputs[key] = (tuple(_as_grad_leaf(t) for t in tensors), was_tuple)
+        tensors, was_tuple = state.inputs[key]
+        output = self.module(from_message(tensors, was_tuple), stage=op.stage)
+        if op.stage == self.last_stage:
+            output = self._loss(op.micro_batch, output, state)
+        state.outputs[key] = output
+        if not state.training and op.stage != self.last_stage:
+            state.inputs.pop(key)  # nothing flows back in inference: free at once
+
+    def _loss(self, micro_batch: int, output: Any, state: StepState) -> torch.Tensor:
+        _, labels = self._batch(micro_batch, state)
+        if self.module.loss_fn is None:
+            raise RuntimeError("the last stage needs a loss_fn: pass loss_fn=... to PipelineModule")
+        if not state.training and self.engine.keep_outputs:
+            state.results[micro_batch] = output.detach() if isinstance(output, torch.Tensor) else output
+        loss = self.module.loss_fn(output, labels)
+        state.losses[micro_batch] = loss.detach()
+        # gradients of the mean over the micro-batches, as gradient accumulation gives
+        return loss / self.schedule.micro_batches
+
+    def _backward(self, op: Any, state: StepState) -> None:
+        key = (op.stage, op.micro_batch)
+        output = state.outputs.pop(key)
+        if op.stage == self.last_stage:
+            self.engine.backward_loss(output)
+        else:
+            grads = state.output_grads.pop(key)
+            tensors, _ = as_message(output, f"stage {op.stage}")
+            pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        inputs, _ = state.inputs.pop(key)
+        if op.stage > 0:
+            grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
+                          for t in inputs if t.is_floating_point() or t.is_complex())
+            if self.schedule.rank_of(op.stage - 1) == self.pipe_rank:
+                state.output_grads[(op.stage - 1, op.micro_batch)] = grads
+            else:
+                state.input_grads[key] = grads
+
+    def _backward_weight(self, op: ins.BackwardWeight, state: StepState) -> None:
+        # BackwardInput already accumulated the weight gradients together with the
+        # input gradients (see PipelineEngine docs): nothing is left to do here.
+        return None
+
+    # --- communication -----------------------------------------------------
+    def _send_activation(self, op: ins.SendActivation, state: StepState) -> None:
+        key = (op.stage, op.micro_batch)
+        output = state.outputs[key] if state.training else state.outputs.pop(key)
+        tensors, was_tuple = as_message(output, f"stage {op.stage}")
+        self.p2p.send_activation(op.stage, tensors, was_tuple, self.engine.stage_rank(op.peer_stage))
+
+    def _recv_activation(self, op: ins.RecvActivation, state: StepState) -> None:
+        tensors, was_tuple = self.p2p.recv_activation(op.peer_stage, self.engine.stage_rank(op.peer_stage))
+        if state.training:
+            tensors = tuple(_as_grad_leaf(t) for t in tensors)
+        state.inputs[(op.stage, op.micro_batch)] = (tensors, was_tuple)
+
+    def _send_grad(self, op: ins.SendGrad, state: StepState) -> None:
+        grads = state.input_grads.pop((op.stage, op.micro_batch))
+        self.p2p.send_grad(op.stage, grads, self.engine.stage_rank(op.peer_stage))
+
+    def _recv_grad(self, op: ins.RecvGrad, state: StepState) -> None:
+        tensors, _ = as_message(state.outputs[(op.stage, op.micro_batch)], f"stage {op.stage}")
+        state.output_grads[(op.stage, op.micro_batch)] = self.p2p.recv_grad(
+            op.stage, tensors, self.engine.stage_rank(op.peer_stage))

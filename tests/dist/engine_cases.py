@@ -1,0 +1,90 @@
+"""Shared pieces of the engine tests: the pipeline run on each rank and the
+one-process reference it must match (design.md, invariant 1)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import pipegrid as pg
+from tests.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
+
+N_LAYER = 3
+STEPS = 3
+
+
+def global_batches(step: int, data: int, micro_batches: int) -> list:
+    """The global batch of one step: data x micro_batches micro-batches, data rank d takes slice d."""
+    return gpt_batches(num_micro_batches=data * micro_batches, seed=100 + step)
+
+
+def canonical_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters keyed by global layer index, whatever stage or chunk holds them."""
+    return {re.sub(r"^stages\.\d+\.", "", name): p.detach().clone() for name, p in module.named_parameters()}
+
+
+def config(schedule: str, pipe: int, data: int, micro_batches: int, dtype: str = "float32",
+           optimizer: dict | None = None, grad_clip: float = 0.5, **extra: Any) -> dict:
+    return {"topology": {"pipe": pipe, "data": data},
+            "schedule": {"name": schedule, "micro_batches": micro_batches,
+                         "virtual_stages": 2 if schedule == "interleaved_1f1b" else 1},
+            "optimizer": optimizer or {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9},
+            "precision": {"dtype": dtype}, "train": {"grad_clip": grad_clip}, "comm": {"timeout_s": 60},
+            **extra}
+
+
+def run_pipeline(cfg: dict, steps: int = STEPS) -> dict:
+    """On every rank: build this rank's stage, train ``steps`` steps, return losses and parameters."""
+    topo = pg.Topology(**cfg["topology"])
+    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"])
+    engine = pg.initialize(model, cfg)
+    data_rank = topo.coord(dist.get_rank()).data
+    m = cfg["schedule"]["micro_batches"]
+    losses = []
+    for step in range(steps):
+        mine = global_batches(step, topo.data, m)[data_rank * m:(data_rank + 1) * m]
+        losses.append(engine.train_batch(iter(mine)))
+    return {"losses": losses, "state": canonical_state(engine.module)}
+
+
+def run_reference(cfg: dict, steps: int = STEPS) -> dict:
+    """One process, the same global batch by gradient accumulation."""
+    dtype = getattr(torch, cfg["precision"]["dtype"])
+    model = pg.build_reference(gpt_layers(N_LAYER), loss_fn=cross_entropy).to(dtype)
+    opt_cfg = dict(cfg["optimizer"])
+    target = opt_cfg.pop("_target_").rsplit(".", 1)[1]
+    optimizer = getattr(torch.optim, target)(model.parameters(), **opt_cfg)
+    data, m = cfg["topology"]["data"], cfg["schedule"]["micro_batches"]
+    losses = []
+    for step in range(steps):
+        batches = global_batches(step, data, m)
+        total = 0.0
+        for ids, labels in batches:
+            loss = cross_entropy(model(ids), labels)
+            (loss / len(batches)).backward()
+            total += loss.item()
+        clip = cfg["train"]["grad_clip"]
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total / len(batches))
+    return {"losses": losses, "state": canonical_state(model)}
+
+
+def assert_matches_reference(results: list[dict], reference: dict, rtol: float, atol: float) -> None:
+    """Every rank reports the reference losses; the union of stages equals the reference model."""
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(torch.tensor(result["losses"], dtype=torch.float64),
+                                   torch.tensor(reference["losses"], dtype=torch.float64),
+                                   rtol=rtol, atol=atol, msg=lambda m: f"rank {rank} losses: {m}")
+    seen = set()
+    for rank, result in enumerate(results):
+        for name, value in result["state"].items():
+            torch.testing.assert_close(value, reference["state"][name], rtol=rtol, atol=atol,
+                                       msg=lambda m: f"rank {rank} parameter {name}: {m}")
+            seen.add(name)
+    assert seen == set(reference["state"]), f"parameters never trained: {set(reference['state']) - seen}"
