@@ -178,6 +178,8 @@ class PipelineEngine:
         for key, stages in self.module.tied_keys().items():
             if min(s % self.topology.pipe for s in stages) != self.pipe_rank:
                 skip.update(id(p) for p in self.module.tied_parameters(key))
+        if self.groups.coord.tensor != 0:  # replicated over the tensor group: counted on tensor rank 0 only
+            skip.update(id(p) for p in self.params if not getattr(p, "tensor_model_parallel", False))
         return [p for p in self.params if id(p) not in skip]
 
     def stage_rank(self, stage: int) -> int:
@@ -255,8 +257,14 @@ class PipelineEngine:
         self.zero.reduce_grads()
 
     def global_grad_norm(self) -> float:
-        """L2 norm of the whole model's (scaled) gradient: each parameter once, over pipe and data shards."""
+        """L2 norm of the whole model's (scaled) gradient: each parameter once, over tensor, pipe and data shards.
+
+        Tensor-parallel shards (``param.tensor_model_parallel``) count on every tensor
+        rank, replicated parameters on tensor rank 0 only; a tied copy on its first owner.
+        """
         total = kernels.sum_of_squares(self.zero.grads(self._norm_ids)).double().reshape(1).cpu()
+        if self.topology.tensor > 1:
+            dist.all_reduce(total, group=self.groups.tensor_parallel_group)
         if self.topology.pipe > 1:
             dist.all_reduce(total, group=self.groups.pipe_parallel_group)
         if self.zero.sharded and self.topology.data > 1:

@@ -47,7 +47,7 @@ def all_reduce_flat(tensors: list[torch.Tensor], group: Any, *, scale: float | N
         flat = kernels.pack(bucket, dtype=dtype, scale=scale, backend=backend)
         if group is not None:  # None: a one-rank group, nothing to sum
             dist.all_reduce(flat, group=group)
-        layout = kernels.FlatLayout.from_tensors(bucket, dtype=flat.dtype)
+        layout = kernels.FlatLayout.from_tensors(targets, dtype=flat.dtype)
         kernels.unpack(flat, layout, out=targets, backend=backend)
 
 
@@ -129,7 +129,14 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class ZeroOptimizer:
-    """ZeRO-1: optimizer state and fp32 master weights sharded evenly over the data group."""
+    """ZeRO-1: optimizer state and fp32 master weights sharded evenly over the data group.
+
+    The stage's parameters and gradients become views into two flat buffers (as
+    DDP's ``gradient_as_bucket_view``), so reduce-scatter reads the gradients where
+    autograd wrote them and all-gather writes the parameters where the model reads
+    them. In float32 the master shard *is* this rank's slice of the parameters;
+    in bf16/fp16 it is an fp32 copy of that slice alone.
+    """
 
     sharded = True
 
@@ -138,35 +145,45 @@ class ZeroOptimizer:
         self.params, self.group, self.backend = params, data_group, backend
         self.data_size, self.data_rank = data_size, data_rank
         device = params[0].device if params else torch.device("cpu")
-        self.layout = kernels.FlatLayout.from_tensors(params, dtype=torch.float32)
-        # padded so every data rank owns an equal shard
-        self.shard_size = -(-self.layout.total // data_size)
-        self.master_flat = torch.zeros(self.shard_size * data_size, dtype=torch.float32, device=device)
-        if params:
-            kernels.pack(params, out=self.master_flat[:self.layout.total], dtype=torch.float32,
-                         layout=self.layout, backend=backend)
-        self.grad_flat = torch.zeros_like(self.master_flat)
+        dtype = params[0].dtype if params else torch.float32
+        if any(p.dtype != dtype for p in params):
+            raise TypeError(f"ZeRO-1 needs one parameter dtype per stage, got {sorted({str(p.dtype) for p in params})}")
+        self.layout = kernels.FlatLayout.from_tensors(params)
+        self.shard_size = -(-self.layout.total // data_size)  # padded: every rank owns an equal shard
+        self.param_flat = torch.zeros(self.shard_size * data_size, dtype=dtype, device=device)
+        self.grad_flat = torch.zeros_like(self.param_flat)
+        with torch.no_grad():
+            for p, view, grad in zip(params, kernels.views(self.param_flat, self.layout),
+                                     kernels.views(self.grad_flat, self.layout)):
+                view.copy_(p)
+                p.data = view  # the parameter now lives in the flat buffer
+                p.grad = grad
         lo = data_rank * self.shard_size
-        self.shard = torch.nn.Parameter(self.master_flat[lo:lo + self.shard_size])
-        self.shard.grad = torch.zeros_like(self.shard)
+        self._range = (lo, lo + self.shard_size)
+        own = self.param_flat[lo:lo + self.shard_size]
+        self.low_precision = dtype != torch.float32 and dtype != torch.float64
+        self.shard = torch.nn.Parameter(own.detach().float().clone() if self.low_precision else own)
+        # in float32 the shard's gradient is this rank's slice of the flat gradient itself
+        self.shard.grad = (torch.zeros_like(self.shard) if self.low_precision
+                           else self.grad_flat[lo:lo + self.shard_size])
         self.optimizer = factory([self.shard])
 
     def reduce_grads(self) -> None:
-        """Reduce-scatter the averaged fp32 gradients: this rank receives its shard's sum."""
-        grads = _ensure_grads(self.params)
-        scale = 1.0 / self.data_size if self.data_size > 1 else None
-        kernels.pack(grads, out=self.grad_flat[:self.layout.total], dtype=torch.float32, scale=scale,
-                     layout=self.layout, backend=self.backend)
+        """Reduce-scatter the gradients: this rank receives the mean of its shard."""
+        lo, hi = self._range
         if self.data_size > 1:
-            _reduce_scatter(self.shard.grad, self.grad_flat, group=self.group)
-        else:
-            self.shard.grad.copy_(self.grad_flat)
+            # a separate output: the collective must not write into the buffer it reads
+            out = torch.empty(self.shard_size, dtype=self.grad_flat.dtype, device=self.grad_flat.device)
+            _reduce_scatter(out, self.grad_flat, group=self.group)
+            self.shard.grad.copy_(out).mul_(1.0 / self.data_size)
+        elif self.low_precision:
+            self.shard.grad.copy_(self.grad_flat[lo:hi])
 
     def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
         """This rank's slices of the gradient (only the parameters in ``counted``, if given)."""
         if counted is None:
             return [self.shard.grad]
-        lo, hi = self.data_rank * self.shard_size, (self.data_rank + 1) * self.shard_size
+        lo, hi = self._range
         slices = []
         for p, offset, numel in zip(self.params, self.layout.offsets, self.layout.numels):
             start, end = max(offset, lo), min(offset + numel, hi)
@@ -178,25 +195,27 @@ class ZeroOptimizer:
         if grad_coef != 1.0:
             self.shard.grad.mul_(grad_coef)
         self.optimizer.step()
+        lo, hi = self._range
+        own = self.shard.detach().to(self.param_flat.dtype)  # a copy: all-gather must not alias its output
         if self.data_size > 1:
-            _all_gather(self.master_flat, self.shard.detach().clone(), group=self.group)
-        if self.params:
-            with torch.no_grad():
-                kernels.unpack(self.master_flat[:self.layout.total], self.layout, out=self.params,
-                               backend=self.backend)
+            _all_gather(self.param_flat, own, group=self.group)
+        elif self.low_precision:
+            self.param_flat[lo:hi].copy_(own)
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        self.grad_flat.zero_()  # the parameters' .grad are views of it and stay in place
         self.shard.grad.zero_()
 
     def memory(self) -> dict[str, int]:
-        return {"optimizer": _state_bytes(self.optimizer), "master_weights": self.shard.numel() * 4,
-                "buffers": (self.master_flat.numel() - self.shard.numel() + self.grad_flat.numel()
-                            + self.shard.grad.numel()) * 4}
+        shard_bytes = self.shard.numel() * 4
+        transient = self.shard.numel() * self.param_flat.element_size()  # reduce-scatter out / all-gather in
+        return {"optimizer": _state_bytes(self.optimizer),
+                "master_weights": shard_bytes if self.low_precision else 0,
+                # + the fp32 shard gradient (in float32 it is a view of the flat gradient)
+                "buffers": transient + (shard_bytes if self.low_precision else 0)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "shard": self.shard.detach(),
+        return {"optimizer": self.optimizer.state_dict(), "shard": self.shard.detach().clone(),
                 "data_rank": self.data_rank, "data_size": self.data_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

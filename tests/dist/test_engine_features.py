@@ -1,0 +1,106 @@
+"""Engine behaviour beyond equivalence: shapes, eval, data errors, traces, LR schedulers."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pipegrid as pg
+from pipegrid.launch import WorkerError, run_local
+from tests.dist.engine_cases import N_LAYER, config
+from tests.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
+
+
+def _engine(cfg):
+    topo = pg.Topology(**cfg["topology"])
+    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"])
+    return pg.initialize(model, cfg)
+
+
+def _dynamic_shapes():
+    engine = _engine(config("1f1b", 2, 1, 3, comm={"dynamic_shapes": True, "timeout_s": 30}))
+    losses = []
+    for seq_len in (6, 4, 5):  # a new sequence length every step and every micro-batch
+        batches = [gpt_batches(1, seq_len=seq_len - k % 2, seed=k)[0] for k in range(3)]
+        losses.append(engine.train_batch(iter(batches)))
+    return losses
+
+
+def test_dynamic_shapes_train_with_changing_sequence_length():
+    results = run_local(_dynamic_shapes, 2, timeout_s=60)
+    assert results[0] == results[1] and all(torch.isfinite(torch.tensor(results[0])))
+
+
+def _changed_shape():
+    engine = _engine(config("1f1b", 2, 1, 2))
+    engine.train_batch(iter(gpt_batches(2, seq_len=6)))
+    engine.train_batch(iter(gpt_batches(2, seq_len=4)))
+
+
+def test_changed_shape_is_refused_by_the_sender():
+    with pytest.raises(WorkerError) as info:
+        run_local(_changed_shape, 2, timeout_s=30)
+    message = str(info.value)
+    assert info.value.rank == 0
+    assert "stage 0 sends [float32[2, 4, 8], bool[4, 4]] to stage 1" in message
+    assert "set up for [float32[2, 6, 8], bool[6, 6]]" in message and "comm.dynamic_shapes=true" in message
+
+
+def _eval_outputs():
+    engine = _engine(config("interleaved_1f1b", 2, 1, 2))
+    batches = gpt_batches(2)
+    loss, outputs = engine.eval_batch(iter(batches), return_outputs=True)
+    train_loss = engine.train_batch(iter(batches))  # train and eval interleave freely
+    loss_again = engine.eval_batch(iter(batches))
+    return dist.get_rank(), loss, outputs, train_loss, loss_again
+
+
+def test_eval_batch_returns_every_micro_batch_output_on_the_last_stage():
+    results = run_local(_eval_outputs, 2, timeout_s=60)
+    reference = pg.build_reference(gpt_layers(N_LAYER), loss_fn=cross_entropy)
+    batches = gpt_batches(2)
+    with torch.no_grad():
+        expected = [reference(ids) for ids, _ in batches]
+        expected_loss = sum(cross_entropy(o, y).item() for o, (_, y) in zip(expected, batches)) / 2
+    (_, loss0, out0, train0, again0), (_, loss1, out1, _, _) = results
+    assert out0 is None and len(out1) == 2
+    for got, want in zip(out1, expected):
+        torch.testing.assert_close(got, want)
+    assert loss0 == pytest.approx(expected_loss) and loss1 == pytest.approx(expected_loss)
+    assert train0 == pytest.approx(expected_loss)  # the same weights before the step
+    assert again0 < loss0  # and the step helped
+
+
+def _short_iterator():
+    engine = _engine(config("1f1b", 2, 1, 4))
+    engine.train_batch(iter(gpt_batches(3)))
+
+
+def test_short_data_iterator_is_a_clear_error():
+    with pytest.raises(WorkerError, match=r"data_iter ran out after 3 of 4 micro-batches"):
+        run_local(_short_iterator, 2, timeout_s=30)
+
+
+def _traced():
+    engine = _engine(config("1f1b", 2, 1, 4, trace={"enabled": True},
+                            lr_scheduler={"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1,
+                                          "gamma": 0.5}))
+    engine.train_batch(iter(gpt_batches(4)))
+    return engine.last_timeline(), engine.optimizer.param_groups[0]["lr"]
+
+
+def test_trace_records_every_instruction_and_lr_scheduler_steps():
+    results = run_local(_traced, 2, timeout_s=60)
+    for rank, (timeline, lr) in enumerate(results):
+        assert lr == pytest.approx(0.25)
+        labels = [label for _, label, _, _ in timeline]
+        assert all(r == rank for r, _, _, _ in timeline)
+        assert labels[-1] == "STEP" and sum(lb.startswith(f"{rank}F") for lb in labels) == 4
+        assert all(end >= start for _, _, start, end in timeline)
+
+
+def test_initialize_refuses_a_module_cut_for_another_layout():
+    def mismatch():
+        model = TinyGPT(N_LAYER, topology=pg.Topology(pipe=2))
+        pg.initialize(model, config("interleaved_1f1b", 2, 1, 2))
+    with pytest.raises(WorkerError, match=r"num_stages=2 x virtual_stages=1 .* schedule.virtual_stages=2"):
+        run_local(mismatch, 2, timeout_s=30)
