@@ -1,0 +1,1 @@
+"""pipegrid's examples: end-to-end training scripts and the models they train."""
