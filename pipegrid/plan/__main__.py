@@ -1,0 +1,85 @@
+"""``python -m pipegrid.plan model=gpt_1t cluster=a100_3072``: print the fastest layouts.
+
+Hydra's compose API reads ``pipegrid/plan/conf`` (presets: model=gpt_1t|gpt_175b|gpt_145b|
+gpt_18b, cluster=a100_3072|a100_1536|a100_64|cpu_2); any key can be overridden, e.g.
+``search.top=5 model.global_batch=1536``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipegrid.plan.predict import Layout, Prediction, predict_transformer
+from pipegrid.plan.presets import cluster_from_dict, model_from_dict
+from pipegrid.plan.search import SearchSpace, explain, search
+
+__all__ = ["main", "format_table"]
+
+
+def compose(overrides: Sequence[str]) -> dict[str, Any]:
+    """The composed config as plain containers (Hydra stays at this entry point)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="pipegrid.plan.conf", version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def format_table(predictions: Sequence[Prediction]) -> str:
+    """One row per layout: grid, schedule, step time, bubble, memory, MFU."""
+    header = ("rank", "layout", "m", "step s", "bubble", "dp sync s", "mem GiB", "TFLOP/s/dev",
+              "HFU", "MFU")
+    rows = [header]
+    for i, pr in enumerate(predictions, 1):
+        rows.append((str(i), pr.layout.label(), str(pr.micro_batches), f"{pr.step_s:.2f}",
+                     f"{pr.bubble_fraction:.1%}", f"{pr.data_sync_s:.2f}",
+                     f"{pr.peak_memory_bytes / 2**30:.1f}", _fmt(pr.tflops_per_device, "{:.0f}"),
+                     _fmt(pr.hfu, "{:.1%}"), _fmt(pr.mfu, "{:.1%}")))
+    widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def _published(cfg: dict[str, Any], model, cluster, ranked: list[Prediction]) -> list[str]:  # noqa: ANN001
+    pub = cfg["model"].get("published")
+    if not pub:
+        return []
+    layout = Layout(**pub["layout"])
+    if layout.devices != cluster.num_devices:
+        return [f"(the published layout {layout.label()} needs {layout.devices} devices)"]
+    pred = predict_transformer(model, layout, cluster, cfg["search"]["optimizer"])
+    place = next((i for i, pr in enumerate(ranked, 1) if pr.layout == layout), None)
+    lines = [f"published layout {layout.label()}: {pub['tflops_per_device']} TFLOP/s/device, "
+             f"{pub['fraction_of_peak']:.0%} of peak; predicted {pred.tflops_per_device:.0f} TFLOP/s, "
+             f"HFU {pred.hfu:.1%} ({(pred.hfu / pub['fraction_of_peak'] - 1):+.1%}), step "
+             f"{pred.step_s:.2f}s, rank {place if place else 'not in the list'}"]
+    lines += [f"  {explain(pr, pred)}" for pr in ranked[:3] if pr.step_s < pred.step_s and pr.layout != layout]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = compose(sys.argv[1:] if argv is None else argv)
+    model, cluster = model_from_dict(cfg["model"]), cluster_from_dict(cfg["cluster"])
+    s = cfg["search"]
+    space = SearchSpace(schedules=tuple(s["schedules"]), micro_batch_sizes=tuple(s["micro_batch_sizes"]),
+                        virtual_stages=tuple(s["virtual_stages"]), zero=tuple(s["zero"]),
+                        shortlist=s["shortlist"], optimizer=s["optimizer"])
+    ranked = search(model, cluster, space, top=s["top"])
+    print(f"{model.name} ({model.parameters / 1e9:.1f}B parameters, batch {model.global_batch}) on "
+          f"{cluster.name} ({cluster.num_devices} devices); HFU counts recomputation "
+          "(Narayanan et al. eq. 3), MFU does not")
+    print(format_table(ranked))
+    for line in _published(cfg, model, cluster, ranked):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Memory per device: parameters, gradients, optimizer state after ZeRO-1, master weights,
+and activations in flight for the schedule.
+
+The first five keys (and ``total``, their sum) are those of ``engine.memory_report()``;
+``activations`` comes on top of them (the engine reports what it holds between steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipegrid.plan.model import DTYPE_BYTES, LayerCost
+
+__all__ = ["OptimizerSpec", "REPORT_KEYS", "memory_report", "activation_bytes"]
+
+REPORT_KEYS = ("parameters", "gradients", "optimizer", "master_weights", "buffers", "total")
+_STATE_SLOTS = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What the optimizer keeps per parameter."""
+
+    name: str = "adam"
+    """adam / adamw (2 fp32 slots), sgd_momentum (1), sgd (0)."""
+    dtype: str = "float32"
+    """Model dtype; below float32 the engine keeps fp32 master weights."""
+
+    def __post_init__(self) -> None:
+        if self.name not in _STATE_SLOTS:
+            raise ValueError(f"optimizer must be one of {', '.join(_STATE_SLOTS)}, got {self.name!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+
+    @property
+    def master_bytes(self) -> int:
+        """fp32 master copy per parameter when the model runs in 16-bit, else none."""
+        return 4 if DTYPE_BYTES[self.dtype] < 4 else 0
+
+    @property
+    def state_bytes(self) -> int:
+        """Optimizer slots per parameter, in the master (or model) precision."""
+        return _STATE_SLOTS[self.name] * max(4, DTYPE_BYTES[self.dtype])
+
+
+def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, zero: bool = False,
+                  buffers: int = 0) -> dict[str, int]:
+    """Bytes on one rank holding ``parameters`` (its stages, its tensor shard).
+
+    ZeRO-1 splits optimizer state and master weights over ``data`` ranks (padded to a
+    multiple of ``data``, as the engine's flat shards); gradients stay whole.
+    """
+    if data < 1:
+        raise ValueError(f"data must be >= 1, got {data}")
+    width = DTYPE_BYTES[optimizer.dtype]
+    sharded = -(-parameters // data) if zero else parameters
+    report = {
+        "parameters": parameters * width,
+        "gradients": parameters * width,
+        "optimizer": sharded * optimizer.state_bytes,
+        "master_weights": sharded * optimizer.master_bytes,
+        "buffers": int(buffers),
+    }
+    report["total"] = sum(report.values())
+    return report
+
+
+def activation_bytes(chunks: Sequence[Sequence[LayerCost]], inflight: Sequence[int],
+                     recompute: bool) -> int:
+    """Activations one rank holds at its peak: each chunk's stored bytes per micro-batch
+    times the micro-batches in flight there; with recomputation, also the working set of
+    the largest layer while it is recomputed."""
+    held = 0.0
+    for layers, count in zip(chunks, inflight):
+        per_micro_batch = sum(l.checkpoint_bytes if recompute else l.activation_bytes for l in layers)
+        held += count * per_micro_batch
+    if recompute:
+        held += max((l.activation_bytes for layers in chunks for l in layers), default=0.0)
+    return int(held)

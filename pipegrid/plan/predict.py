@@ -1,0 +1,237 @@
+"""Predict one layout: per-stage op costs from the cost model, timed by the schedule simulator.
+
+step = pipeline makespan (simulated; p2p latency on every send -> recv) + data-parallel
+gradient sync (ring all-reduce, or ZeRO-1 reduce-scatter + all-gather) + optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pipegrid.plan.hardware import ClusterSpec, DeviceSpec, Link
+from pipegrid.plan.memory import OptimizerSpec, activation_bytes, memory_report
+from pipegrid.plan.model import (
+    DTYPE_BYTES, LayerCost, TransformerConfig, megatron_flops_per_step, transformer_layers,
+)
+from pipegrid.plan.simulation import simulate_step
+from pipegrid.topology.grid import Topology
+
+__all__ = ["Layout", "Prediction", "predict", "predict_transformer", "ring_allreduce_s",
+           "split_chunks", "micro_batches_of"]
+
+_OPTIMIZER_BYTES_PER_PARAM = 28  # Adam: read+write master, m, v (24) + read grad, write param
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate: the grid, the schedule and how the batch is cut."""
+
+    pipe: int
+    data: int = 1
+    tensor: int = 1
+    schedule: str = "1f1b"
+    """A ``pipegrid.schedules`` name."""
+    virtual_stages: int = 1
+    """Model chunks per pipe rank (interleaved_1f1b only)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch."""
+    zero: bool = False
+    """ZeRO-1: optimizer state and master weights sharded over the data axis."""
+
+    @property
+    def devices(self) -> int:
+        return self.pipe * self.data * self.tensor
+
+    def label(self) -> str:
+        v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        return (f"p={self.pipe} d={self.data} t={self.tensor} {self.schedule}{v} "
+                f"b={self.micro_batch_size}{' zero1' if self.zero else ''}")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a layout is predicted to do per optimizer step (busiest rank for memory)."""
+
+    layout: Layout
+    micro_batches: int
+    step_s: float
+    pipeline_s: float
+    """Simulated makespan of the schedule."""
+    data_sync_s: float
+    optimizer_s: float
+    bubble_fraction: float
+    costs: dict[str, float]
+    """Per-chunk F, B, W and p2p comm seconds given to the simulator (bottleneck chunk)."""
+    memory: dict[str, int]
+    """``engine.memory_report()`` keys plus ``activations`` (not in ``total``)."""
+    peak_memory_bytes: int
+    """total + activations."""
+    device_memory_bytes: float
+    hardware_flops: float | None = None
+    """FLOPs per step including recomputation (Narayanan et al. eq. 3)."""
+    model_flops: float | None = None
+    """FLOPs per step without recomputation."""
+    peak_flops: float = math.nan
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_memory_bytes <= self.device_memory_bytes
+
+    def _utilisation(self, flops: float | None) -> float | None:
+        if flops is None:
+            return None
+        return flops / (self.step_s * self.layout.devices * self.peak_flops)
+
+    @property
+    def hfu(self) -> float | None:
+        """Hardware FLOPs utilisation: what the paper's Table 1 reports as % of peak."""
+        return self._utilisation(self.hardware_flops)
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation (recomputation not counted)."""
+        return self._utilisation(self.model_flops)
+
+    @property
+    def tflops_per_device(self) -> float | None:
+        if self.hardware_flops is None:
+            return None
+        return self.hardware_flops / self.step_s / self.layout.devices / 1e12
+
+
+def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
+    """Ring all-reduce: 2 (n-1)/n bytes / bandwidth + 2 (n-1) latencies (0 for one rank)."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (ranks - 1) / ranks * nbytes / link.bandwidth + 2 * (ranks - 1) * link.latency
+
+
+def micro_batches_of(global_batch: int, layout: Layout) -> int:
+    """Micro-batches per pipeline: global batch / (data x micro-batch size), exactly."""
+    per_replica, rest = divmod(global_batch, layout.data * layout.micro_batch_size)
+    if rest or per_replica < 1:
+        raise ValueError(f"global batch {global_batch} does not split into data={layout.data} x "
+                         f"micro_batch_size={layout.micro_batch_size}; pick sizes that divide it")
+    return per_replica
+
+
+def split_chunks(layers: Sequence[LayerCost], chunks: int) -> list[list[LayerCost]]:
+    """Megatron's cut: the middle layers evenly over ``chunks`` (earlier chunks get the
+    remainder), a leading ``embedding`` joins the first chunk, a trailing ``logits`` the last."""
+    head = 1 if layers and layers[0].name == "embedding" else 0
+    tail = 1 if len(layers) > head and layers[-1].name == "logits" else 0
+    body = list(layers[head:len(layers) - tail])
+    if len(body) < chunks:
+        raise ValueError(f"{len(body)} layers cannot fill {chunks} pipeline chunks (pipe x "
+                         "virtual_stages); use fewer stages or virtual stages")
+    size, extra = divmod(len(body), chunks)
+    out, start = [], 0
+    for c in range(chunks):
+        end = start + size + (1 if c < extra else 0)
+        out.append(body[start:end])
+        start = end
+    out[0] = list(layers[:head]) + out[0]
+    out[-1] = out[-1] + list(layers[len(layers) - tail:])
+    return out
+
+
+def _layer_times(layer: LayerCost, device: DeviceSpec, tensor: int, tp_link: Link,
+                 recompute: bool) -> tuple[float, float, float]:
+    """(forward, backward-input, backward-weight) seconds of one layer on one rank."""
+    tp = layer.tensor_allreduces * ring_allreduce_s(layer.tensor_allreduce_bytes, tensor, tp_link)
+    if layer.forward_s is not None:
+        forward = layer.forward_s * device.slowdown
+        backward = (layer.backward_s or 0.0) * device.slowdown
+        return forward + tp, backward / 2 + tp, backward / 2
+    rate = device.peak_flops * device.gemm_efficiency
+    forward = layer.forward_flops / rate + layer.forward_memory_bytes / device.memory_bandwidth + tp
+    gemm_half = layer.backward_flops / rate / 2  # dX and dW GEMMs are the same size
+    backward_input = gemm_half + 2 * layer.forward_memory_bytes / device.memory_bandwidth + tp
+    if recompute and layer.checkpoint_bytes > 0:
+        backward_input += forward
+    return forward, backward_input, gemm_half
+
+
+def _chunk_costs(chunks: list[list[LayerCost]], device: DeviceSpec, tensor: int, tp_link: Link,
+                 recompute: bool, split: bool) -> dict[str, float]:
+    """F, B, W of the slowest chunk: the simulator takes one cost per op kind, and the
+    bottleneck stage sets the pace of a pipeline's steady state."""
+    best = (-1.0, 0.0, 0.0, 0.0)
+    for layers in chunks:
+        f = b = w = 0.0
+        for layer in layers:
+            lf, lb, lw = _layer_times(layer, device, tensor, tp_link, recompute)
+            f, b, w = f + lf, b + lb, w + lw
+        if f + b + w > best[0]:
+            best = (f + b + w, f, b, w)
+    _, f, b, w = best
+    return {"F": f, "B": b, "W": w} if split else {"F": f, "B": b + w, "W": 0.0}
+
+
+def predict(layers: Sequence[LayerCost], layout: Layout, cluster: ClusterSpec, *, micro_batches: int,
+            optimizer: OptimizerSpec = OptimizerSpec(), recompute: bool = False,
+            hardware_flops: float | None = None, model_flops: float | None = None,
+            scatter_gather: bool = True) -> Prediction:
+    """Predict ``layout`` for ``layers`` (costs of one micro-batch on one tensor rank).
+
+    ``scatter_gather``: Megatron's p2p optimisation (each tensor rank sends 1/t of the
+    activation over its own link); p2p then moves ``output_bytes / tensor`` per hop.
+    """
+    p, v, t, d = layout.pipe, layout.virtual_stages, layout.tensor, layout.data
+    if layout.devices > cluster.num_devices:
+        raise ValueError(f"{layout.label()} needs {layout.devices} devices; {cluster.name} has "
+                         f"{cluster.num_devices}")
+    topo = Topology(pipe=p, data=d, tensor=t)
+    hosts = cluster.host_of_ranks(topo)
+    tp_link = cluster.slowest_link(hosts, topo.axis_groups("tensor"), ring=True)
+    dp_link = cluster.slowest_link(hosts, topo.axis_groups("data"), ring=True)
+    pp_link = cluster.slowest_link(hosts, topo.axis_groups("pipe"), ring=False)
+    chunks = split_chunks(layers, p * v)
+    split = layout.schedule == "zb_h1"
+    costs = _chunk_costs(chunks, cluster.device, t, tp_link, recompute, split)
+    boundary = max(chunk[-1].output_bytes for chunk in chunks[:-1]) if p > 1 else 0.0
+    costs["comm"] = pp_link.time(boundary / t if scatter_gather else boundary) if p > 1 else 0.0
+    sim = simulate_step(layout.schedule, p, micro_batches, v, costs)
+    per_rank = [[chunks[r + k * p] for k in range(v)] for r in range(p)]
+    params = [sum(l.parameters for c in cs for l in c) for cs in per_rank]
+    grad_bytes = max(params) * DTYPE_BYTES[optimizer.dtype]
+    data_sync = ring_allreduce_s(grad_bytes, d, dp_link)  # ZeRO-1: reduce-scatter + all-gather, same volume
+    shard = max(params) / (d if layout.zero else 1)
+    optimizer_s = shard * _OPTIMIZER_BYTES_PER_PARAM / cluster.device.memory_bandwidth
+    memory, peak = _busiest_memory(per_rank, params, sim.peak_inflight, layout, optimizer, recompute)
+    notes = [] if sim.extrapolated_from is None else \
+        ["simulated at m={},{} and extended linearly".format(*sim.extrapolated_from)]
+    return Prediction(layout=layout, micro_batches=micro_batches,
+                      step_s=sim.makespan + data_sync + optimizer_s, pipeline_s=sim.makespan,
+                      data_sync_s=data_sync, optimizer_s=optimizer_s, bubble_fraction=sim.bubble_fraction,
+                      costs=costs, memory=memory, peak_memory_bytes=peak,
+                      device_memory_bytes=cluster.device.memory_bytes, hardware_flops=hardware_flops,
+                      model_flops=model_flops, peak_flops=cluster.device.peak_flops, notes=tuple(notes))
+
+
+def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], inflight: Sequence[int],
+                    layout: Layout, optimizer: OptimizerSpec, recompute: bool) -> tuple[dict[str, int], int]:
+    p = layout.pipe
+    best: tuple[int, dict[str, int]] = (-1, {})
+    for rank, chunks in enumerate(per_rank):
+        counts = [inflight[rank + k * p] for k in range(layout.virtual_stages)]
+        report = memory_report(params[rank], optimizer, data=layout.data, zero=layout.zero)
+        report["activations"] = activation_bytes(chunks, counts, recompute)
+        peak = report["total"] + report["activations"]
+        if peak > best[0]:
+            best = (peak, report)
+    return best[1], best[0]
+
+
+def predict_transformer(cfg: TransformerConfig, layout: Layout, cluster: ClusterSpec,
+                        optimizer: str = "adam") -> Prediction:
+    """Predict ``layout`` for a GPT-style model, FLOPs from Narayanan et al. eq. 3."""
+    m = micro_batches_of(cfg.global_batch, layout)
+    layers = transformer_layers(cfg, layout.micro_batch_size, layout.tensor)
+    return predict(layers, layout, cluster, micro_batches=m,
+                   optimizer=OptimizerSpec(optimizer, cfg.dtype), recompute=cfg.recompute,
+                   hardware_flops=megatron_flops_per_step(cfg),
+                   model_flops=megatron_flops_per_step(cfg, recompute=False))

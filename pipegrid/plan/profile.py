@@ -1,0 +1,145 @@
+"""Measured profile: each layer's forward and backward seconds and bytes on this device.
+
+The one planner module that uses torch, imported lazily: ``profile_layers`` builds every
+layer of a ``PipelineModule``'s layer list in this process and times it on one micro-batch;
+``measure_contention`` measures how much slower a core computes while its neighbours do too.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pipegrid.plan.model import LayerCost
+
+__all__ = ["profile_layers", "measure_contention", "time_optimizer_step"]
+
+
+def _bytes(x: Any) -> int:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(_bytes(t) for t in x)
+    return 0
+
+
+def _detached(x: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().requires_grad_(x.is_floating_point())
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached(t) for t in x)
+    return x
+
+
+def _one_pass(calls: Sequence[Any], x: Any) -> tuple[list[float], list[float], list[int], list[Any]]:
+    """Forward every layer on its detached input, then backward them last to first: each
+    layer timed alone, yet with the whole stack's weights going through the caches."""
+    import torch
+
+    inputs, outputs, forward, saved = [], [], [], []
+    for call in calls:
+        inp = _detached(x)
+        held: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(_bytes(t)) or t, lambda t: t):
+            start = time.perf_counter()
+            out = call(inp)
+            forward.append(time.perf_counter() - start)
+        inputs.append(inp)
+        outputs.append(out)
+        saved.append(sum(held))
+        x = out
+    backward = [0.0] * len(calls)
+    grad = torch.ones_like(outputs[-1])
+    for i in reversed(range(len(calls))):
+        start = time.perf_counter()
+        torch.autograd.backward(outputs[i], grad)
+        backward[i] = time.perf_counter() - start
+        grad = inputs[i].grad
+    return forward, backward, saved, [_bytes(o) for o in outputs]
+
+
+def profile_layers(layers: Sequence[Any], example_input: Any, *, repeats: int = 5,
+                   seed: int = 1234) -> list[LayerCost]:
+    """Time each layer of a ``PipelineModule`` layer list (LayerSpecs) on ``example_input``
+    (one micro-batch, one tensor output per layer), forward and backward separately, in
+    this process: the median of ``repeats`` passes over the whole stack after one warm-up."""
+    import torch
+
+    from pipegrid.pipe.module import build_reference
+
+    model = build_reference(layers, seed=seed)
+    entries = model.stage_module()._entries
+    passes = [_one_pass([e.call for e in entries], example_input) for _ in range(repeats + 1)][1:]
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    costs, inp_bytes = [], _bytes(example_input)
+    for i, entry in enumerate(entries):
+        module = entry.layer if isinstance(entry.layer, torch.nn.Module) else None
+        out_bytes = passes[0][3][i]
+        costs.append(LayerCost(
+            name=type(module).__name__ if module is not None else f"layer{i}",
+            parameters=sum(p.numel() for p in module.parameters()) if module is not None else 0,
+            forward_s=median([p[0][i] for p in passes]), backward_s=median([p[1][i] for p in passes]),
+            activation_bytes=passes[0][2][i], checkpoint_bytes=inp_bytes, output_bytes=out_bytes))
+        inp_bytes = out_bytes
+    return costs
+
+
+def time_optimizer_step(parameters: int, factory: str = "torch.optim.Adam", repeats: int = 3) -> float:
+    """Seconds of one optimizer step over ``parameters`` float32 parameters (fastest of repeats)."""
+    import torch
+
+    from pipegrid.pipe.engine import locate
+
+    weight = torch.nn.Parameter(torch.zeros(parameters))
+    weight.grad = torch.ones(parameters)
+    optimizer = locate(factory)([weight], lr=1e-4)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first step allocates the state
+        start = time.perf_counter()
+        optimizer.step()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _matmul_seconds(size: int, repeats: int) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(size, size)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]  # median: contention is what is measured
+
+
+def _worker(size: int, repeats: int, barrier: Any, queue: Any) -> None:
+    barrier.wait()
+    queue.put(_matmul_seconds(size, repeats))
+
+
+def measure_contention(processes: int = 2, size: int = 512, repeats: int = 20) -> float:
+    """How much slower one process computes while ``processes`` compute at once (>= 1):
+    median matmul time of the busy processes over one process's (forked, one thread each)."""
+    ctx = mp.get_context("fork")
+    alone = _run(ctx, 1, size, repeats)
+    together = _run(ctx, processes, size, repeats)
+    return max(1.0, sum(together) / len(together) / alone[0])
+
+
+def _run(ctx: Any, count: int, size: int, repeats: int) -> list[float]:
+    barrier, queue = ctx.Barrier(count), ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(size, repeats, barrier, queue)) for _ in range(count)]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    return results

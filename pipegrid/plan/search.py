@@ -1,0 +1,127 @@
+"""Search layouts (grid, schedule, micro-batch size, ZeRO) for a model on a cluster.
+
+Every candidate is first screened with closed-form pipeline formulas (cheap), then the
+shortlist that fits in memory is timed by the schedule simulator and ranked by step time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pipegrid.plan.hardware import ClusterSpec
+from pipegrid.plan.memory import OptimizerSpec, activation_bytes, memory_report
+from pipegrid.plan.model import LayerCost, TransformerConfig, transformer_layers
+from pipegrid.plan.predict import (
+    Layout, Prediction, _chunk_costs, micro_batches_of, predict_transformer, split_chunks,
+)
+
+__all__ = ["SearchSpace", "candidates", "search", "explain"]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the search may choose."""
+
+    schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+    micro_batch_sizes: tuple[int, ...] = (1, 2, 4)
+    virtual_stages: tuple[int, ...] = (2, 4)
+    """Chunks per rank tried for interleaved_1f1b."""
+    zero: tuple[bool, ...] = (False, True)
+    shortlist: int = 8
+    """How many screened candidates the simulator times."""
+    optimizer: str = "adam"
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def candidates(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace) -> list[Layout]:
+    """Every layout using all devices: tensor <= GPUs per host (dividing the heads),
+    pipe chunks <= layers, interleaving only when layers split evenly into p x v chunks."""
+    out = []
+    for t in [t for t in _divisors(cluster.devices_per_host) if cfg.heads % t == 0]:
+        if cluster.num_devices % t:
+            continue
+        for p in [p for p in _divisors(cluster.num_devices // t) if p <= cfg.layers]:
+            d = cluster.num_devices // (t * p)
+            for b in space.micro_batch_sizes:
+                if cfg.global_batch % (d * b):
+                    continue
+                m = cfg.global_batch // (d * b)
+                for name, v in _schedules(space, cfg.layers, p, m):
+                    out.extend(Layout(p, d, t, name, v, b, z) for z in space.zero if d > 1 or not z)
+    return out
+
+
+def _schedules(space: SearchSpace, layers: int, p: int, m: int) -> list[tuple[str, int]]:
+    if p == 1:  # every schedule is the same loop on one stage
+        return [("1f1b", 1)]
+    out = [(name, 1) for name in space.schedules if name != "interleaved_1f1b"]
+    if "interleaved_1f1b" in space.schedules and m % p == 0:
+        out += [("interleaved_1f1b", v) for v in space.virtual_stages if layers % (p * v) == 0]
+    return out
+
+
+@lru_cache(maxsize=16)
+def _layers(cfg: TransformerConfig, b: int, t: int) -> tuple[LayerCost, ...]:
+    return tuple(transformer_layers(cfg, b, t))
+
+
+def _screen(cfg: TransformerConfig, layout: Layout, cluster: ClusterSpec,
+            optimizer: OptimizerSpec) -> tuple[float, bool]:
+    """(closed-form step seconds, fits) without the simulator: textbook bubbles."""
+    p, v, m = layout.pipe, layout.virtual_stages, micro_batches_of(cfg.global_batch, layout)
+    chunks = split_chunks(_layers(cfg, layout.micro_batch_size, layout.tensor), p * v)
+    intra, inter = cluster.links()
+    tp = intra if layout.tensor <= cluster.devices_per_host else inter
+    c = _chunk_costs(chunks, cluster.device, layout.tensor, tp, cfg.recompute, True)
+    f, b, w = c["F"], c["B"], c["W"]
+    if layout.schedule == "zb_h1":
+        pipeline = m * (f + b + w) + (p - 1) * max(f + b - w, 0.0)
+    else:
+        pipeline = (m * v + p - 1) * (f + b + w)
+    inflight = m if layout.schedule == "gpipe" else min(m, 2 * p if v > 1 else p)
+    params = sum(l.parameters for chunk in chunks[::p] for l in chunk)
+    static = memory_report(params, optimizer, data=layout.data, zero=layout.zero)["total"]
+    held = activation_bytes(chunks[::p], [inflight] * v, cfg.recompute)
+    return pipeline, static + held <= cluster.device.memory_bytes
+
+
+def search(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace = SearchSpace(),
+           top: int = 10) -> list[Prediction]:
+    """The ``top`` fitting layouts, fastest predicted step first."""
+    optimizer = OptimizerSpec(space.optimizer, cfg.dtype)
+    screened = []
+    for layout in candidates(cfg, cluster, space):
+        seconds, fits = _screen(cfg, layout, cluster, optimizer)
+        if fits:
+            screened.append((seconds, layout))
+    screened.sort(key=lambda item: (item[0], item[1].zero, item[1].label()))
+    predictions = [predict_transformer(cfg, layout, cluster, space.optimizer)
+                   for _, layout in screened[:max(space.shortlist, top)]]
+    fitting = [pr for pr in predictions if pr.fits]
+    if not fitting:
+        raise ValueError(f"no layout of {cfg.name} fits in {cluster.device.memory_bytes / 2**30:.0f} GiB "
+                         f"per device on {cluster.name}; add devices or allow ZeRO / smaller micro-batches")
+    return sorted(fitting, key=lambda pr: pr.step_s)[:top]
+
+
+def explain(faster: Prediction, slower: Prediction) -> str:
+    """Why ``faster`` is predicted to beat ``slower``: the step-time parts that differ most."""
+    parts = {
+        "pipeline bubble": (faster.bubble_fraction * faster.pipeline_s, slower.bubble_fraction * slower.pipeline_s),
+        "compute": ((1 - faster.bubble_fraction) * faster.pipeline_s, (1 - slower.bubble_fraction) * slower.pipeline_s),
+        "data-parallel sync": (faster.data_sync_s, slower.data_sync_s),
+        "optimizer": (faster.optimizer_s, slower.optimizer_s),
+    }
+    gains = sorted(((b - a, name, a, b) for name, (a, b) in parts.items()), reverse=True)
+    said = [f"{name} {a:.2f}s vs {b:.2f}s" for gain, name, a, b in gains[:2] if gain > 0]
+    if gains[0][1] == "compute" and faster.hardware_flops == slower.hardware_flops:
+        chunks = [pr.layout.pipe * pr.layout.virtual_stages for pr in (faster, slower)]
+        said.append(f"same FLOPs per device, so the gap is stage imbalance: the last of {chunks[1]} "
+                    f"chunks also runs the logits layer (vs 1 of {chunks[0]})")
+    return f"{faster.layout.label()} beats {slower.layout.label()} by " \
+           f"{slower.step_s - faster.step_s:.2f}s/step: " + ("; ".join(said) or "ties")

@@ -1,0 +1,54 @@
+"""Step timing through the schedule simulator, extrapolated for long schedules.
+
+``pipegrid.schedules.simulate`` is the one source of truth for timing. A 64-stage schedule
+with hundreds of micro-batches has ~10^5 ops, too many to simulate per candidate, but past
+m = p a schedule's makespan grows by the same amount per extra micro-batch (the steady
+state), so it is simulated at m = p and m = 2p and extended along that line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pipegrid.schedules import Schedule, build, simulate
+
+__all__ = ["StepSimulation", "simulate_step"]
+
+_DIRECT_OPS = 6000  # simulate directly up to this many compute ops
+
+
+@dataclass(frozen=True)
+class StepSimulation:
+    """What the simulator says about one pipeline step (no data-parallel sync)."""
+
+    makespan: float
+    """Seconds from the first op to the last."""
+    bubble_fraction: float
+    """Idle share of the makespan, averaged over ranks."""
+    peak_inflight: tuple[int, ...]
+    """Micro-batches whose activations each model stage holds at its peak."""
+    extrapolated_from: tuple[int, int] | None
+    """(m1, m2) simulated when m was too long to simulate directly, else None."""
+
+
+@lru_cache(maxsize=12)
+def _schedule(name: str, p: int, m: int, v: int) -> Schedule:
+    return build(name, p, m, v)
+
+
+def simulate_step(name: str, p: int, m: int, v: int, costs: Mapping[str, float]) -> StepSimulation:
+    """Simulate (or extrapolate) one step of schedule ``name`` with uniform stage ``costs``."""
+    busy = m * v * (costs["F"] + costs["B"] + costs.get("W", 0.0))  # per rank
+    if p == 1 or m * v * p <= _DIRECT_OPS or m <= 2 * p:
+        result = simulate(_schedule(name, p, m, v), costs)
+        return StepSimulation(result.makespan, result.bubble_fraction, result.peak_inflight, None)
+    m1, m2 = p, 2 * p
+    first = simulate(_schedule(name, p, m1, v), costs)
+    second = simulate(_schedule(name, p, m2, v), costs)
+    slope = (second.makespan - first.makespan) / (m2 - m1)
+    makespan = second.makespan + slope * (m - m2)
+    peak = tuple(m if name == "gpipe" else k for k in second.peak_inflight)
+    bubble = max(0.0, 1.0 - busy / makespan) if makespan > 0 else 0.0
+    return StepSimulation(makespan, bubble, peak, (m1, m2))

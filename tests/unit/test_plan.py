@@ -1,0 +1,143 @@
+"""Planner: cost model, memory, simulator reuse, and the published Megatron-LM numbers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipegrid.plan import (
+    REPORT_KEYS, ClusterSpec, DeviceSpec, LayerCost, Layout, OptimizerSpec, TransformerConfig,
+    explain, megatron_flops_per_step, memory_report, model_from_dict, predict, predict_transformer,
+    ring_allreduce_s, search, simulate_step, split_chunks, Link,
+)
+from pipegrid.schedules import build, simulate
+
+A100 = DeviceSpec(peak_flops=312e12, memory_bytes=80 * 2 ** 30, memory_bandwidth=2039e9)
+GPT_1T = TransformerConfig("gpt_1t", 128, 25600, 160, 2048, 51200, 3072, "float16", True)
+PUBLISHED_1T = Layout(pipe=64, data=6, tensor=8, schedule="interleaved_1f1b", virtual_stages=2,
+                      micro_batch_size=1)
+
+
+def _dgx(hosts: int) -> ClusterSpec:
+    return ClusterSpec(f"a100_{hosts * 8}", hosts, 8, A100, intra_gbytes_per_s=300.0, inter_gbytes_per_s=25.0)
+
+
+def test_import_leaves_torch_out() -> None:
+    code = "import sys, pipegrid.plan; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_flops_follow_narayanan_eq3() -> None:
+    b, s, l, h, v = 3072, 2048, 128, 25600, 51200
+    eq3 = 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    assert megatron_flops_per_step(GPT_1T) == pytest.approx(eq3, rel=1e-12)
+    assert megatron_flops_per_step(GPT_1T, recompute=False) < eq3
+    assert GPT_1T.parameters == pytest.approx(1008e9, rel=0.001)  # Table 1: 1008.0B
+
+
+def test_ring_allreduce() -> None:
+    link = Link(bandwidth=1e9, latency=0.0)
+    assert ring_allreduce_s(1e9, 4, link) == pytest.approx(2 * 3 / 4)
+    assert ring_allreduce_s(1e9, 1, link) == 0.0
+
+
+@pytest.mark.parametrize("name,v", [("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2), ("zb_h1", 1)])
+def test_extrapolated_simulation_matches_direct(name: str, v: int, monkeypatch) -> None:
+    costs = {"F": 1.0, "B": 1.0, "W": 1.0, "comm": 0.2} if name == "zb_h1" else \
+        {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.2}
+    direct = simulate(build(name, 8, 48, v), costs)
+    monkeypatch.setattr("pipegrid.plan.simulation._DIRECT_OPS", 0)
+    approx = simulate_step(name, 8, 48, v, costs)
+    assert approx.extrapolated_from == (8, 16)
+    assert approx.makespan == pytest.approx(direct.makespan, rel=0.02)  # zb_h1 settles late: +1%
+    assert approx.peak_inflight == direct.peak_inflight
+
+
+def test_inflight_follows_the_schedule() -> None:
+    costs = {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.0}
+    p, m = 4, 6
+    assert simulate_step("1f1b", p, m, 1, costs).peak_inflight == tuple(min(m, p - s) for s in range(p))
+    assert simulate_step("gpipe", p, m, 1, costs).peak_inflight == (m,) * p
+
+
+def test_split_chunks_puts_embedding_first_logits_last() -> None:
+    layers = [LayerCost("embedding", 1)] + [LayerCost("block", 1) for _ in range(5)] + [LayerCost("logits", 1)]
+    chunks = split_chunks(layers, 2)
+    assert [len(c) for c in chunks] == [4, 3]
+    assert chunks[0][0].name == "embedding" and chunks[-1][-1].name == "logits"
+    with pytest.raises(ValueError, match="cannot fill"):
+        split_chunks(layers, 6)
+
+
+def test_memory_report_keys_and_zero() -> None:
+    plain = memory_report(1000, OptimizerSpec("adam", "float32"))
+    assert tuple(plain) == REPORT_KEYS
+    assert plain == {"parameters": 4000, "gradients": 4000, "optimizer": 8000, "master_weights": 0,
+                     "buffers": 0, "total": 16000}
+    mixed = memory_report(1000, OptimizerSpec("adam", "bfloat16"), data=4, zero=True)
+    assert mixed["parameters"] == 2000 and mixed["master_weights"] == 250 * 4
+    assert mixed["optimizer"] == 250 * 8  # fp32 Adam slots, a quarter per data rank
+    assert memory_report(1001, OptimizerSpec(), data=4, zero=True)["optimizer"] == 251 * 8  # padded
+
+
+def test_small_model_memory_prediction() -> None:
+    """The prediction side of engine.memory_report(): 8 linear blocks of 1000 parameters."""
+    layers = [LayerCost("Block", 1000, forward_s=1e-3, backward_s=2e-3, activation_bytes=400,
+                        checkpoint_bytes=100, output_bytes=100) for _ in range(8)]
+    cluster = ClusterSpec("cpu", 1, 4, DeviceSpec(1e11, 2 ** 30, 1e10), 5.0, 5.0)
+    pred = predict(layers, Layout(pipe=2, data=2, zero=True), cluster, micro_batches=4)
+    report = memory_report(4000, OptimizerSpec(), data=2, zero=True)
+    assert {k: pred.memory[k] for k in REPORT_KEYS} == report
+    assert pred.memory["activations"] == 2 * 4 * 400  # stage 0 of 1F1B: min(m, p) micro-batches
+    assert pred.peak_memory_bytes == report["total"] + 3200
+
+
+def test_measured_profile_prediction_is_the_simulated_makespan() -> None:
+    layers = [LayerCost("Block", 10, forward_s=1.0, backward_s=2.0) for _ in range(4)]
+    cluster = ClusterSpec("cpu", 1, 2, DeviceSpec(1e11, 2 ** 30, 1e10), 5.0, 5.0, 0.0, 0.0)
+    pred = predict(layers, Layout(pipe=2), cluster, micro_batches=4)
+    assert pred.pipeline_s == pytest.approx((4 + 2 - 1) * 6.0, rel=1e-6)  # (m + p - 1)(F + B)
+
+
+@pytest.fixture(scope="module")
+def published_1t():
+    return predict_transformer(GPT_1T, PUBLISHED_1T, _dgx(384))
+
+
+def test_published_1t_within_15_percent(published_1t) -> None:
+    pred = published_1t
+    assert pred.fits
+    assert pred.hfu == pytest.approx(0.52, rel=0.15)  # 163 TFLOP/s of 312
+    assert pred.tflops_per_device == pytest.approx(163, rel=0.15)
+
+
+@pytest.mark.parametrize("layers,hidden,heads,t,p,gpus,batch,b,published", [
+    (80, 12288, 96, 8, 8, 1536, 2304, 1, 0.47),   # 145.6B
+    (40, 6144, 48, 8, 1, 256, 1024, 4, 0.43),     # 18.4B
+])
+def test_table1_smaller_models(layers, hidden, heads, t, p, gpus, batch, b, published) -> None:
+    cfg = TransformerConfig("row", layers, hidden, heads, 2048, 51200, batch, "float16", True)
+    layout = Layout(pipe=p, data=gpus // (t * p), tensor=t, micro_batch_size=b,
+                    schedule="interleaved_1f1b" if p > 1 else "1f1b", virtual_stages=2 if p > 1 else 1)
+    assert predict_transformer(cfg, layout, _dgx(gpus // 8)).hfu == pytest.approx(published, rel=0.15)
+
+
+def test_search_ranks_published_1t_or_explains(published_1t) -> None:
+    ranked = search(GPT_1T, _dgx(384), top=3)
+    assert ranked == sorted(ranked, key=lambda pr: pr.step_s) and all(pr.fits for pr in ranked)
+    if PUBLISHED_1T not in [pr.layout for pr in ranked]:
+        for pr in ranked:
+            assert pr.step_s < published_1t.step_s
+            assert "beats" in explain(pr, published_1t)
+
+
+def test_cli_prints_a_table(capsys) -> None:
+    from pipegrid.plan.__main__ import compose, main
+
+    cfg = compose(["model=gpt_18b", "cluster=a100_64", "search.top=3", "search.shortlist=3"])
+    assert model_from_dict(cfg["model"]).layers == 40
+    main(["model=gpt_18b", "cluster=a100_64", "search.top=3", "search.shortlist=3"])
+    out = capsys.readouterr().out
+    assert "layout" in out and "HFU" in out and out.count("\n") >= 5
