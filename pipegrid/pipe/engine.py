@@ -21,6 +21,8 @@ import torch.distributed as dist
 
 from pipegrid import kernels
 from pipegrid.conf.schema import TrainConfig, to_train_config
+from pipegrid.pipe import checkpoint as ckpt
+from pipegrid.pipe import trace as tracing
 from pipegrid.pipe.executor import Executor, StepState
 from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe.precision import LossScaler
@@ -91,7 +93,11 @@ def initialize(module: torch.nn.Module, config: Any = None,
     elif groups.topology != Topology(**vars(cfg.topology)):
         raise ValueError(f"groups were built for {groups.topology} but the config asks for "
                          f"{Topology(**vars(cfg.topology))}; build both from the same config")
-    return PipelineEngine(module, cfg, groups)
+    engine = PipelineEngine(module, cfg, groups)
+    if cfg.checkpoint.dir:  # a run started on an existing checkpoint directory resumes from it
+        ckpt.check_writable(cfg.checkpoint.dir)
+        engine.load_checkpoint(cfg.checkpoint.dir)
+    return engine
 
 
 class PipelineEngine:
@@ -124,6 +130,8 @@ class PipelineEngine:
         self._step_loss: float | None = None
         self.keep_outputs = False
         self.global_steps = 0
+        self.consumed_micro_batches = 0
+        self.client_state: dict[str, Any] = {}  # JSON-able user state saved with checkpoints
         self._timeline: list[tuple[int, str, float, float]] = []
         self._train_executor = Executor(self, self.schedule, self.pipe_rank)
         self._eval_executor = Executor(self, self.eval_schedule, self.pipe_rank)
@@ -200,7 +208,12 @@ class PipelineEngine:
         self.module.train()
         state = self._run(self._train_executor, StepState(True, self._iterator(data_iter)))
         self.global_steps += 1
-        return self._mean_loss(state)
+        self.consumed_micro_batches += self.schedule.micro_batches
+        loss = self._mean_loss(state)
+        every, directory = self.config.checkpoint.interval, self.config.checkpoint.dir
+        if directory and every > 0 and self.global_steps % every == 0:
+            self.save_checkpoint(directory)
+        return loss
 
     @torch.no_grad()
     def eval_batch(self, data_iter: Iterable | None = None, return_outputs: bool = False) -> Any:
@@ -236,6 +249,24 @@ class PipelineEngine:
             return loss
         loss, _, _ = self._check_finite(state.losses, grads=False)
         return loss
+
+    def save_checkpoint(self, directory: str | None = None) -> str:
+        """Collective: write checkpoint ``step_<global_steps>`` under ``directory`` and point ``latest`` at it."""
+        return ckpt.save_engine(self, directory or self._checkpoint_dir())
+
+    def load_checkpoint(self, directory: str | None = None, load_optimizer_states: bool = True) -> int | None:
+        """Load the newest whole checkpoint (any pipe/data degree for the model); its step or None."""
+        return ckpt.load_engine(self, directory or self._checkpoint_dir(), load_optimizer_states)
+
+    def _checkpoint_dir(self) -> str:
+        if not self.config.checkpoint.dir:
+            raise ValueError("no checkpoint directory: pass one, or set checkpoint.dir in the config")
+        return self.config.checkpoint.dir
+
+    def write_trace(self, path: str | None = None) -> dict[str, float] | None:
+        """Collective: merge every rank's last traced step into a Chrome trace (+ PNG) on rank 0."""
+        target = path or self.config.trace.path or "pipegrid_trace.json"
+        return tracing.write_trace(self, target)
 
     def last_timeline(self) -> list[tuple[int, str, float, float]]:
         """(rank, instruction, start, end) of the last traced step on this rank (``trace.enabled``)."""

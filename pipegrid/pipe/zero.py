@@ -106,6 +106,12 @@ class ReplicatedOptimizer:
             for p in self.master:
                 p.grad = None
 
+    def sync_master_from_params(self) -> None:
+        """After loading model weights alone: the fp32 master copy follows them."""
+        if self.master is not self.params:
+            with torch.no_grad():
+                torch._foreach_copy_(self.master, self.params)
+
     def memory(self) -> dict[str, int]:
         master = 0 if self.master is self.params else sum(p.numel() * 4 for p in self.master)
         master_grads = 0 if self.master is self.params else sum(p.numel() * 4 for p in self.master)
@@ -201,6 +207,13 @@ class ZeroOptimizer:
             _all_gather(self.param_flat, own, group=self.group)
         elif self.low_precision:
             self.param_flat[lo:hi].copy_(own)
+
+    def sync_master_from_params(self) -> None:
+        """After loading model weights alone: the fp32 master shard follows them."""
+        if self.low_precision:
+            lo, hi = self._range
+            with torch.no_grad():
+                self.shard.copy_(self.param_flat[lo:hi])
 
     def zero_grad(self) -> None:
         self.grad_flat.zero_()  # the parameters' .grad are views of it and stay in place

@@ -104,3 +104,24 @@ def test_initialize_refuses_a_module_cut_for_another_layout():
         pg.initialize(model, config("interleaved_1f1b", 2, 1, 2))
     with pytest.raises(WorkerError, match=r"num_stages=2 x virtual_stages=1 .* schedule.virtual_stages=2"):
         run_local(mismatch, 2, timeout_s=30)
+
+
+def _write_trace(path):
+    engine = _engine(config("1f1b", 2, 2, 4, trace={"enabled": True}))
+    engine.train_batch(iter(gpt_batches(4)))
+    return engine.write_trace(path)
+
+
+def test_write_trace_merges_every_rank(tmp_path):
+    import json
+
+    path = tmp_path / "trace.json"
+    results = run_local(_write_trace, 4, (str(path),), timeout_s=60)
+    assert results[1:] == [None, None, None]
+    bubbles = results[0]
+    assert 0.0 <= bubbles["measured_bubble"] < 1.0 and 0.0 <= bubbles["simulated_bubble"] < 1.0
+    trace = json.loads(path.read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pids = {e.get("pid") for e in events if e.get("ph") == "X"}
+    assert len(pids) == 4  # every rank has a row
+    assert (tmp_path / "trace.png").exists()

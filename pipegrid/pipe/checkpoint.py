@@ -1,0 +1,287 @@
+"""Checkpoints: one file per layer (by global index), optimizer shards, a manifest.
+
+Layers are keyed by their global index, so a checkpoint written at one pipe/data
+degree loads at another. Every save goes to a temporary directory that is renamed
+into place once all ranks have written, and ``latest`` is replaced atomically, so
+an interrupted save leaves the previous checkpoint whole. Files load with
+``weights_only=True``: a checkpoint carrying pickled objects is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit this model; the message names the file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def layer_file(index: int, tensor_rank: int) -> str:
+    return f"layer_{index:05d}-tp{tensor_rank:02d}.pt"
+
+
+def tied_file(key: str, tensor_rank: int) -> str:
+    return f"tied_{key}-tp{tensor_rank:02d}.pt"
+
+
+def optim_file(pipe: int, data: int, tensor: int) -> str:
+    return f"optim-pp{pipe:03d}-dp{data:03d}-tp{tensor:02d}.pt"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def check_writable(directory: str) -> None:
+    """Fail before training when checkpoints could not be written."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint.dir {directory!r} is not writable ({error.strerror}); "
+                              "choose a directory you can write to") from None
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_file(obj: Any, path: str) -> None:
+    """torch.save to a temporary name, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_file(path: str, previous: str | None = None) -> Any:
+    """torch.load with weights_only=True; a missing, truncated or unsafe file names itself."""
+    hint = f"; the previous whole checkpoint is {previous}" if previous else ""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path} is missing{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types for bad files
+        raise CheckpointError(f"cannot load checkpoint file {path}: {type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}{hint}") from None
+
+
+def latest_step_dir(directory: str) -> str | None:
+    """The newest whole checkpoint under ``directory`` (per ``latest``), or None."""
+    pointer = os.path.join(directory, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(directory, name)
+    if not os.path.exists(os.path.join(path, MANIFEST)):
+        raise CheckpointError(f"{pointer} names {name}, which has no {MANIFEST}; "
+                              f"whole checkpoints there: {whole_checkpoints(directory)}")
+    return path
+
+
+def whole_checkpoints(directory: str) -> list[str]:
+    """Step directories with a manifest (written last), oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(d for d in os.listdir(directory)
+                  if d.startswith("step_") and os.path.exists(os.path.join(directory, d, MANIFEST)))
+
+
+def previous_whole(directory: str, current: str) -> str | None:
+    older = [d for d in whole_checkpoints(directory) if d < os.path.basename(current)]
+    return os.path.join(directory, older[-1]) if older else None
+
+
+def save(directory: str, step: int, rank: int, write_shards: Callable[[str], None],
+         manifest: dict[str, Any], barrier: Callable[[], None]) -> str:
+    """Collective: every rank writes its shards into a temporary directory, rank 0 publishes it."""
+    final = os.path.join(directory, step_dir_name(step))
+    tmp = os.path.join(directory, f".tmp-{step_dir_name(step)}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    write_shards(tmp)
+    barrier()
+    if rank == 0:
+        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(directory, LATEST), step_dir_name(step))
+    barrier()
+    return final
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {os.path.join(path, MANIFEST)}: {error}") from None
+
+
+def check_same_model(manifest: dict[str, Any], layer_names: list[str], path: str) -> None:
+    """Refuse a checkpoint of another model, listing the layers that differ."""
+    saved = manifest["layers"]
+    if saved == layer_names:
+        return
+    missing = [f"{i}:{n}" for i, n in enumerate(layer_names) if i >= len(saved) or saved[i] != n]
+    unexpected = [f"{i}:{n}" for i, n in enumerate(saved) if i >= len(layer_names) or layer_names[i] != n]
+    raise CheckpointError(f"checkpoint {path} is of a different model: layers missing or different here "
+                          f"{missing[:10]}, unexpected {unexpected[:10]}; point checkpoint.dir elsewhere")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def barrier_fn() -> Callable[[], None]:
+    return dist.barrier if dist.is_initialized() and dist.get_world_size() > 1 else (lambda: None)
+
+
+# --- the engine's checkpoints ---------------------------------------------------------
+def _layer_names(module: Any) -> list[str]:
+    from pipegrid.pipe.module import _class_name
+
+    return [_class_name(layer) for layer in module.layer_specs]
+
+
+def _local_layer_files(engine: Any) -> list[tuple[str, torch.nn.Module]]:
+    """(file name, module) of the layers this rank's stages own, tied ones once per first owner."""
+    from pipegrid.pipe.spec import TiedLayerSpec
+
+    module, tensor_rank = engine.module, engine.groups.coord.tensor
+    files = []
+    for stage in module.stage_ids:
+        for index, layer in module.local_layers(stage):
+            spec = module.layer_specs[index]
+            if isinstance(spec, TiedLayerSpec) or not isinstance(layer, torch.nn.Module):
+                continue
+            if layer.state_dict():
+                files.append((layer_file(index, tensor_rank), layer))
+    for key, stages in module.tied_keys().items():
+        if key in module.tied_modules and min(s % module.num_stages for s in stages) == engine.pipe_rank:
+            files.append((tied_file(key, tensor_rank), module.tied_modules[key]))
+    return files
+
+
+def _tied_files_to_load(engine: Any) -> list[tuple[str, torch.nn.Module]]:
+    return [(tied_file(key, engine.groups.coord.tensor), mod) for key, mod in engine.module.tied_modules.items()]
+
+
+def _optim_name(engine: Any) -> str:
+    coord = engine.groups.coord
+    return optim_file(coord.pipe, coord.data if engine.zero.sharded else 0, coord.tensor)
+
+
+def save_engine(engine: Any, directory: str) -> str:
+    """Collective: write the engine's whole state as checkpoint ``step_<global_steps>``."""
+    coord, rank = engine.groups.coord, engine.groups.rank
+    check_writable(directory)
+
+    def write_shards(tmp: str) -> None:
+        if coord.data == 0:
+            for name, layer in _local_layer_files(engine):
+                save_file(layer.state_dict(), os.path.join(tmp, name))
+        if engine.zero.sharded or coord.data == 0:
+            optim = {"zero": engine.zero.state_dict(), "scaler": engine.scaler.state_dict(),
+                     "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None}
+            save_file(optim, os.path.join(tmp, _optim_name(engine)))
+        save_file({"rng": rng_state()}, os.path.join(tmp, rank_file(rank)))
+
+    topo = engine.topology
+    manifest = {"step": engine.global_steps, "global_steps": engine.global_steps,
+                "skipped_steps": engine.skipped_steps, "consumed_micro_batches": engine.consumed_micro_batches,
+                "topology": {"pipe": topo.pipe, "data": topo.data, "tensor": topo.tensor},
+                "zero_stage": engine.config.zero.stage, "loss_scale": engine.scaler.scale,
+                "layers": _layer_names(engine.module), "client_state": engine.client_state,
+                "schedule": engine.config.schedule.name, "world_size": topo.world_size}
+    return save(directory, engine.global_steps, rank, write_shards, manifest, barrier_fn())
+
+
+def load_engine(engine: Any, directory: str, load_optimizer_states: bool = True) -> int | None:
+    """Load the newest whole checkpoint under ``directory``; its step, or None when there is none."""
+    path = latest_step_dir(directory)
+    if path is None:
+        return None
+    manifest = read_manifest(path)
+    check_same_model(manifest, _layer_names(engine.module), path)
+    previous = previous_whole(directory, path)
+    saved_tensor = manifest["topology"]["tensor"]
+    if saved_tensor != engine.topology.tensor:
+        raise CheckpointError(f"checkpoint {path} has tensor={saved_tensor} shards per layer, this run has "
+                              f"tensor={engine.topology.tensor}; resume with topology.tensor={saved_tensor}")
+    names = [(layer_file(i, engine.groups.coord.tensor), layer) for stage in engine.module.stage_ids
+             for i, layer in engine.module.local_layers(stage)
+             if isinstance(layer, torch.nn.Module) and layer.state_dict()
+             and not _is_tied(engine.module, i)] + _tied_files_to_load(engine)
+    with torch.no_grad():
+        for name, layer in names:
+            layer.load_state_dict(load_file(os.path.join(path, name), previous))
+    same_layout = (manifest["topology"] == {"pipe": engine.topology.pipe, "data": engine.topology.data,
+                                            "tensor": engine.topology.tensor}
+                   and manifest["zero_stage"] == engine.config.zero.stage)
+    if load_optimizer_states and same_layout:
+        _load_optimizer(engine, load_file(os.path.join(path, _optim_name(engine)), previous))
+    elif load_optimizer_states and engine.groups.rank == 0:
+        raise CheckpointError(
+            f"checkpoint {path} was written at {manifest['topology']} with zero.stage={manifest['zero_stage']}; "
+            f"optimizer shards do not fit this run's layout; resume with that layout, or pass "
+            "load_optimizer_states=False to load the model weights alone")
+    elif load_optimizer_states:
+        raise CheckpointError(f"checkpoint {path}: optimizer layout mismatch (see rank 0)")
+    else:
+        engine.zero.sync_master_from_params()
+    rank_path = os.path.join(path, rank_file(engine.groups.rank))
+    if same_layout and os.path.exists(rank_path):
+        set_rng_state(load_file(rank_path, previous)["rng"])
+    engine.global_steps = manifest["global_steps"]
+    engine.skipped_steps = manifest["skipped_steps"]
+    engine.consumed_micro_batches = manifest["consumed_micro_batches"]
+    engine.client_state = dict(manifest.get("client_state") or {})
+    return manifest["step"]
+
+
+def _is_tied(module: Any, index: int) -> bool:
+    from pipegrid.pipe.spec import TiedLayerSpec
+
+    return isinstance(module.layer_specs[index], TiedLayerSpec)
+
+
+def _load_optimizer(engine: Any, state: dict[str, Any]) -> None:
+    engine.zero.load_state_dict(state["zero"])
+    engine.scaler.load_state_dict(state["scaler"])
+    if engine.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
