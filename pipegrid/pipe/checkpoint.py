@@ -255,13 +255,11 @@ def load_engine(engine: Any, directory: str, load_optimizer_states: bool = True)
                    and manifest["zero_stage"] == engine.config.zero.stage)
     if load_optimizer_states and same_layout:
         _load_optimizer(engine, load_file(os.path.join(path, _optim_name(engine)), previous))
-    elif load_optimizer_states and engine.groups.rank == 0:
+    elif load_optimizer_states:
         raise CheckpointError(
             f"checkpoint {path} was written at {manifest['topology']} with zero.stage={manifest['zero_stage']}; "
             f"optimizer shards do not fit this run's layout; resume with that layout, or pass "
             "load_optimizer_states=False to load the model weights alone")
-    elif load_optimizer_states:
-        raise CheckpointError(f"checkpoint {path}: optimizer layout mismatch (see rank 0)")
     else:
         engine.zero.sync_master_from_params()
     rank_path = os.path.join(path, rank_file(engine.groups.rank))
