@@ -1,0 +1,170 @@
+"""pipegrid against torch.distributed.pipelining and one process, in one run, on CPU gloo.
+
+The model is a stack of 8 residual MLP blocks ``x + fc2(relu(fc1(x)))`` (fc1: h -> 4h)
+trained with Adam, cut into pipe=2 stages. Two workloads: overhead-bound (h=64,
+micro-batch 4, 16 micro-batches) and compute-bound (h=512, micro-batch 16, 8
+micro-batches). Systems run alternately, round after round, each in freshly forked
+processes with one thread each; the table reports medians over rounds.
+
+    python benchmarks/vs_torch_pipelining.py [--rounds 5] [--out benchmarks/results/vs_torch_pipelining.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: forked workers inherit it
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipegrid as pg  # noqa: E402
+from pipegrid.launch import run_local  # noqa: E402
+
+WORKLOADS = {
+    "overhead-bound": {"hidden": 64, "micro_batch": 4, "micro_batches": 16, "steps": 30},
+    "compute-bound": {"hidden": 512, "micro_batch": 16, "micro_batches": 8, "steps": 4},
+}
+BLOCKS, STAGES, WARMUP = 8, 2, 3
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(hidden, 4 * hidden), nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def _data(w: dict, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(step)
+    return [(torch.randn(w["micro_batch"], w["hidden"], generator=gen),
+             torch.randn(w["micro_batch"], w["hidden"], generator=gen)) for _ in range(w["micro_batches"])]
+
+
+def _timed(step_fn, w: dict, sync) -> float:
+    """Seconds per step over w['steps'] steps after WARMUP, timed between barriers."""
+    for step in range(WARMUP):
+        step_fn(_data(w, step))
+    batches = [_data(w, WARMUP + s) for s in range(w["steps"])]
+    sync()
+    start = time.perf_counter()
+    for batch in batches:
+        step_fn(batch)
+    sync()
+    return (time.perf_counter() - start) / w["steps"]
+
+
+def one_process(w: dict) -> float:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block(w["hidden"]) for _ in range(BLOCKS)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(batch):
+        for x, y in batch:
+            (nn.functional.mse_loss(model(x), y) / len(batch)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return _timed(step, w, lambda: None)
+
+
+def torch_pipelining(w: dict, schedule_name: str) -> float:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    rank, per = dist.get_rank(), BLOCKS // STAGES
+    torch.manual_seed(0)
+    blocks = [Block(w["hidden"]) for _ in range(BLOCKS)]
+    stage_mod = nn.Sequential(*blocks[rank * per:(rank + 1) * per])
+    stage = PipelineStage(stage_mod, rank, STAGES, torch.device("cpu"))
+    cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule_name]
+    schedule = cls(stage, n_microbatches=w["micro_batches"], loss_fn=nn.functional.mse_loss)
+    opt = torch.optim.Adam(stage_mod.parameters(), lr=1e-4)
+
+    def step(batch):
+        x = torch.cat([b[0] for b in batch])
+        y = torch.cat([b[1] for b in batch])
+        if rank == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=y, losses=[])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return _timed(step, w, dist.barrier)
+
+
+def pipegrid_run(w: dict, schedule_name: str) -> float:
+    topo = pg.Topology(pipe=STAGES)
+    model = pg.PipelineModule([pg.LayerSpec(Block, w["hidden"]) for _ in range(BLOCKS)],
+                              loss_fn=nn.functional.mse_loss, topology=topo, partition_method="uniform")
+    engine = pg.initialize(model, {"topology": {"pipe": STAGES},
+                                   "schedule": {"name": schedule_name, "micro_batches": w["micro_batches"]},
+                                   "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-4}})
+    return _timed(lambda batch: engine.train_batch(iter(batch)), w, dist.barrier)
+
+
+SYSTEMS = {
+    "one process": (one_process, 1, ()),
+    "torch Schedule1F1B": (torch_pipelining, STAGES, ("1f1b",)),
+    "torch ScheduleGPipe": (torch_pipelining, STAGES, ("gpipe",)),
+    "pipegrid 1f1b": (pipegrid_run, STAGES, ("1f1b",)),
+    "pipegrid gpipe": (pipegrid_run, STAGES, ("gpipe",)),
+    "pipegrid zb_h1": (pipegrid_run, STAGES, ("zb_h1",)),
+}
+
+
+def measure(workload: str, rounds: int, systems: list[str]) -> dict[str, list[float]]:
+    w = WORKLOADS[workload]
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(rounds):  # alternate systems so machine noise hits all of them alike
+        for name in systems:
+            fn, world, args = SYSTEMS[name]
+            times[name].append(run_local(fn, world, (w, *args), timeout_s=600)[0])
+    return times
+
+
+def report(results: dict) -> str:
+    lines = ["| workload | system | ms/step (median) | vs torch 1F1B | efficiency |",
+             "|---|---|---|---|---|"]
+    for workload, times in results.items():
+        w = WORKLOADS[workload]
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        m = w["micro_batches"]
+        ideal = med["one process"] / STAGES * (m + STAGES - 1) / m
+        for name, t in med.items():
+            ratio = t / med["torch Schedule1F1B"]
+            eff = "" if name == "one process" else f"{ideal / t:.2f}"
+            lines.append(f"| {workload} | {name} | {t * 1e3:.1f} | {ratio:.2f} | {eff} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--systems", nargs="*", default=list(SYSTEMS))
+    parser.add_argument("--out", default="benchmarks/results/vs_torch_pipelining.json")
+    args = parser.parse_args()
+    results = {wl: measure(wl, args.rounds, args.systems) for wl in args.workloads}
+    table = report(results)
+    print(table)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.processor() or
+                   platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "rounds": args.rounds,
+                   "workloads": WORKLOADS, "seconds_per_step": results, "table": table}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
