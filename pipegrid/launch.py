@@ -1,24 +1,32 @@
-"""Run N local workers when not under torchrun (a convenience, not a transport).
+"""Start a job's processes: N local workers when not under torchrun; torchrun's otherwise.
 
-Workers rendezvous through a FileStore in a temporary directory (no port), start
-with ``OMP_NUM_THREADS=1``, and one failed or dead worker ends the whole run with
-that worker's traceback. The distributed tests use the same code.
+``launch(fn, *args, world_size=N)`` is what an entry point calls: under torchrun this
+process is one rank and runs ``fn`` itself; otherwise it starts N local workers
+(fork on CPU, spawn with CUDA) that rendezvous through a FileStore in a temporary
+directory (no port) and start with ``OMP_NUM_THREADS=1``; one failed or dead worker
+ends the whole run with that worker's traceback. ``hydra_main`` wraps ``hydra.main``
+for the packaged configs. ``run_local`` is the worker pool, also used by the tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
+import functools
+import logging
+import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import pickle
+import re
 import signal
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Set in every worker's environment before it runs any torch code. OMP: idle
@@ -97,14 +105,17 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, time
     with tempfile.TemporaryDirectory(prefix="pipegrid-rdzv-") as rdzv_dir:
         init_method = f"file://{os.path.join(rdzv_dir, 'store')}"
         workers, conns = [], []
-        for rank in range(world_size):
-            parent_end, child_end = context.Pipe(duplex=False)
-            proc = context.Process(target=_worker, name=f"pipegrid-rank{rank}", daemon=True,
-                                   args=(fn, args, rank, world_size, init_method, backend, timeout_s, child_end))
-            proc.start()
-            child_end.close()
-            workers.append(proc)
-            conns.append(parent_end)
+        with _environment(WORKER_ENV if start_method != "fork" else {}):
+            # (a spawned worker imports torch before _worker runs: it needs the variables at birth)
+            for rank in range(world_size):
+                parent_end, child_end = context.Pipe(duplex=False)
+                proc = context.Process(target=_worker, name=f"pipegrid-rank{rank}", daemon=True,
+                                       args=(fn, args, rank, world_size, init_method, backend, timeout_s,
+                                             child_end))
+                proc.start()
+                child_end.close()
+                workers.append(proc)
+                conns.append(parent_end)
         try:
             return _collect(workers, conns, timeout_s)
         finally:
@@ -172,3 +183,177 @@ def _stop_all(workers: list) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=5.0)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        _restore_environment(saved)
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+# --- launching a job -------------------------------------------------------------
+
+# Under torchrun every rank runs the entry point; only rank 0 keeps Hydra's output
+# directory and log, so a run has one directory (not one per rank).
+_OTHER_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra.run.dir=.",
+                         "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
+_RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", INIT_METHOD_ENV)
+
+
+def torchrun_world_size() -> int | None:
+    """WORLD_SIZE when the processes were started by torchrun (or similar), else None."""
+    return int(os.environ["WORLD_SIZE"]) if is_torchrun() else None
+
+
+def uses_cuda(backend: str = "auto") -> bool:
+    """Whether a job with ``comm.backend=backend`` runs on GPUs (NCCL)."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"backend must be auto, gloo or nccl, got {backend!r}")
+    if backend != "auto":
+        return backend == "nccl"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def launch(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "auto",
+           timeout_s: float = math.inf, start_method: str | None = None) -> Any:
+    """Run ``fn(*args)`` on every rank of a ``world_size``-process job; return rank 0's result.
+
+    Under torchrun, or as a task of a multi-task SLURM job from submitit
+    (hydra-submitit-launcher), this process is a rank: it runs ``fn`` itself (and the
+    result is its own). Otherwise one process runs in place, and more are started here: forked on
+    CPU, spawned with CUDA (``start_method`` overrides; spawned workers must be able to
+    import ``fn`` and unpickle ``args``). A CPU launcher
+    without ``OMP_NUM_THREADS`` first re-executes itself with ``OMP_NUM_THREADS=1``
+    (same arguments, same Hydra output directory), because forked workers inherit an
+    OpenMP runtime that was configured when torch was imported. Only rank 0 logs
+    below WARNING. A failed worker raises :class:`WorkerError` with its traceback.
+    """
+    _export_submitit_environment()
+    started = torchrun_world_size()
+    if started is not None and started != world_size:
+        raise ValueError(f"the job needs {world_size} processes but torchrun started WORLD_SIZE={started}; "
+                         f"start it with --nproc-per-node (x --nnodes) = {world_size} or change the topology")
+    if started is not None or world_size == 1:
+        return _run_in_place(fn, args)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    start_method = start_method or ("spawn" if uses_cuda(backend) else "fork")
+    if start_method == "fork" and "OMP_NUM_THREADS" not in os.environ:
+        _reexec_with_one_omp_thread()
+    log_file = next((h.baseFilename for h in logging.getLogger().handlers
+                     if isinstance(h, logging.FileHandler)), None)
+    results = run_local(_rank_entry, world_size, (fn, args, log_file), timeout_s=timeout_s, backend=None,
+                        start_method=start_method)
+    return results[0]
+
+
+def _export_submitit_environment() -> None:
+    """In a multi-task submitit SLURM job every task is a rank: export torchrun's variables."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if is_torchrun() or os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or tasks < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # the engine picks cuda:LOCAL_RANK
+
+
+def _run_in_place(fn: Callable[..., Any], args: tuple) -> Any:
+    """Run one rank here; leave no process group or rank variables behind (for multirun)."""
+    saved = {key: os.environ.get(key) for key in _RANK_ENV}
+    if not is_torchrun():
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    try:
+        result = _rank_entry(fn, args, None)
+        import torch.distributed as dist  # (after a failure, tearing down could block on peers)
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        return result
+    finally:
+        _restore_environment(saved)
+
+
+def _rank_entry(fn: Callable[..., Any], args: tuple, log_file: str | None) -> Any:
+    """A worker's prologue: rank 0 logs (to the run's log file too), the others only warn."""
+    root = logging.getLogger()
+    if int(os.environ.get("RANK", "0")) != 0:
+        root.setLevel(logging.WARNING)
+    elif not root.handlers:  # spawned: Hydra's handlers live in the launcher only
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+        if log_file is not None:
+            handlers.append(logging.FileHandler(log_file))
+        logging.basicConfig(level=logging.INFO, handlers=handlers,
+                            format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    return fn(*args)
+
+
+def _reexec_with_one_omp_thread() -> None:
+    """Replace this process by itself with ``OMP_NUM_THREADS=1``; warn when that is impossible."""
+    script = sys.orig_argv[1:]
+    if sys.flags.interactive or not script or script[0] == "-c" or not hasattr(sys.modules["__main__"], "__file__"):
+        logging.getLogger(__name__).warning(
+            "OMP_NUM_THREADS is not set: local CPU workers may run ~2x slower; set OMP_NUM_THREADS=1 "
+            "before starting Python")
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, *script, *_same_hydra_dir_overrides()]
+    os.execve(sys.executable, argv, {**os.environ, **WORKER_ENV})
+
+
+def _same_hydra_dir_overrides() -> list[str]:
+    """Overrides that make a re-executed Hydra app reuse this run's output directory."""
+    if "hydra" not in sys.modules:
+        return []
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep restarts, its first job in the same place
+        return [f"hydra.sweep.dir={_override_value(str(hydra_cfg.sweep.dir))}"]
+    return [f"hydra.run.dir={_override_value(hydra_cfg.runtime.output_dir)}"]
+
+
+def _override_value(text: str) -> str:
+    """A Hydra command-line value: as is when plain, else single-quoted."""
+    if re.fullmatch(r"[\w/.:+~@-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
+    """``hydra.main`` over pipegrid's packaged configs (``pkg://pipegrid.conf``, version_base 1.3).
+
+    Also registers the schemas in Hydra's ConfigStore, and under torchrun makes the
+    ranks other than 0 write no output directory and no log, so a run has one.
+    """
+    def decorate(task: Callable[[Any], Any]) -> Callable[[], Any]:
+        @functools.wraps(task)
+        def entry() -> Any:
+            import hydra
+
+            from pipegrid.conf.store import CONFIG_PATH, register_configs
+
+            register_configs()
+            if is_torchrun() and int(os.environ["RANK"]) != 0:
+                sys.argv.extend(_OTHER_RANK_OVERRIDES)
+            return hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)()
+        return entry
+    return decorate

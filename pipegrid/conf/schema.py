@@ -23,6 +23,11 @@ class TopologyConfig:
     tensor: int = 1
     """Tensor-parallel shards of each layer."""
 
+    @property
+    def world_size(self) -> int:
+        """Processes the topology needs: pipe x data x tensor."""
+        return self.pipe * self.data * self.tensor
+
     def __post_init__(self) -> None:
         for name in ("pipe", "data", "tensor"):
             value = getattr(self, name)

@@ -1,0 +1,92 @@
+"""The launcher as users meet it, in subprocesses: a failed worker ends the run with its
+traceback, CPU launchers re-execute with OMP_NUM_THREADS=1, and torchrun runs unchanged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent('''
+    import os, sys, time
+    from pipegrid.launch import launch
+
+    def work(mode):
+        rank = int(os.environ["RANK"])
+        if mode == "fail" and rank == 1:
+            raise ValueError("boom on rank 1")
+        if mode == "fail":
+            time.sleep(60)  # without the launcher, rank 0 would wait here for its dead peer
+        return (rank, os.environ["WORLD_SIZE"], os.environ.get("OMP_NUM_THREADS"))
+
+    if __name__ == "__main__":
+        print("launcher OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"), flush=True)
+        method = sys.argv[3] if len(sys.argv) > 3 else None
+        print("result", launch(work, sys.argv[1], world_size=int(sys.argv[2]), backend="gloo",
+                               start_method=method), flush=True)
+''')
+
+
+def run(tmp_path: Path, *prefix: str, mode: str, world_size: int, env: dict | None = None,
+        start_method: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+    """``prefix + [the script, mode, world_size]`` in a subprocess; its result."""
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    env = {**(env if env is not None else os.environ), "PYTHONPATH": str(REPO)}
+    argv = [*prefix, str(script), mode, str(world_size), *([start_method] if start_method else [])]
+    return subprocess.run(argv, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _without_omp() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+
+
+def test_failed_worker_ends_the_run_with_its_traceback(tmp_path):
+    start = time.monotonic()
+    proc = run(tmp_path, sys.executable, mode="fail", world_size=2)
+    assert proc.returncode != 0
+    assert "rank 1 raised" in proc.stderr and "ValueError: boom on rank 1" in proc.stderr
+    assert 'in work' in proc.stderr  # the worker's traceback, not only its message
+    assert time.monotonic() - start < 20
+
+
+def test_cpu_launcher_reexecutes_with_one_omp_thread(tmp_path):
+    proc = run(tmp_path, sys.executable, mode="ok", world_size=2, env=_without_omp())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[:2] == ["launcher OMP_NUM_THREADS None", "launcher OMP_NUM_THREADS 1"]
+    assert "result (0, '2', '1')" in proc.stdout
+
+
+def test_spawned_workers_start_with_one_omp_thread(tmp_path):
+    """The CUDA start method, on CPU: a spawned worker imports torch before it runs, so the
+    launcher must hand it OMP_NUM_THREADS at birth (and needs no re-exec)."""
+    proc = run(tmp_path, sys.executable, mode="ok", world_size=2, env=_without_omp(), start_method="spawn")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["launcher OMP_NUM_THREADS None", "result (0, '2', '1')"]
+
+
+def test_one_process_runs_in_place(tmp_path):
+    proc = run(tmp_path, sys.executable, mode="ok", world_size=1, env=_without_omp())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["launcher OMP_NUM_THREADS None", "result (0, '1', None)"]
+
+
+def test_under_torchrun_each_rank_runs_in_place(tmp_path):
+    proc = run(tmp_path, *TORCHRUN, mode="ok", world_size=2)
+    assert proc.returncode == 0, proc.stderr
+    assert "result (0, '2', '1')" in proc.stdout and "result (1, '2', '1')" in proc.stdout
+
+
+def test_torchrun_world_size_must_match(tmp_path):
+    proc = run(tmp_path, *TORCHRUN, mode="ok", world_size=4)
+    assert proc.returncode != 0
+    assert "the job needs 4 processes but torchrun started WORLD_SIZE=2" in proc.stderr

@@ -1,0 +1,142 @@
+"""Hydra configuration: every preset composes onto the schema; typos, wrong types, keys
+added with '+' and cross-section mistakes fail before any process starts, naming the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import pipegrid.conf
+from pipegrid.conf.apps import GPTAppConfig, MLPAppConfig
+from pipegrid.conf.checks import to_app_config
+from pipegrid.conf.store import register_configs
+from pipegrid.schedules import ScheduleError
+
+CONF_DIR = Path(pipegrid.conf.__file__).parent
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hydra():
+    register_configs()
+    with initialize_config_module(version_base="1.3", config_module="pipegrid.conf"):
+        yield
+
+
+def _app(overrides: list[str] = (), name: str = "gpt", world_size: int | None = None):
+    return to_app_config(compose(name, overrides=list(overrides)), world_size=world_size)
+
+
+def test_groups_ship_the_promised_presets():
+    assert _options("schedule") == ["1f1b", "gpipe", "interleaved_1f1b", "zb_h1"]
+    assert {"gpt_tiny", "gpt_small", "mlp"} <= set(_options("model"))
+    assert _options("optimizer") == ["adamw", "sgd"]
+    assert _options("precision") == ["bf16", "fp16", "fp32"]
+    assert {"single", "pipe2", "pipe4", "pipe2_data2"} <= set(_options("topology"))
+
+
+def test_defaults_compose_to_the_app_dataclasses():
+    gpt, mlp = _app(), _app(name="mlp")
+    assert isinstance(gpt, GPTAppConfig) and isinstance(mlp, MLPAppConfig)
+    assert (gpt.topology.pipe, gpt.topology.data, gpt.topology.tensor) == (2, 1, 1)  # the main job: pipe=2
+    assert gpt.lr_scheduler["T_max"] == gpt.train.steps  # interpolations resolved
+    assert gpt.optimizer["_target_"] == "torch.optim.AdamW"
+
+
+@pytest.mark.parametrize("schedule", _options("schedule"))
+@pytest.mark.parametrize("topology", _options("topology"))
+def test_every_schedule_and_topology_preset(schedule, topology):
+    app = _app([f"schedule={schedule}", f"topology={topology}"])
+    assert app.schedule.name == schedule
+
+
+@pytest.mark.parametrize("group,option", [("model", "gpt_small"), ("optimizer", "sgd"), ("optimizer", "adamw"),
+                                          ("precision", "bf16"), ("precision", "fp16"), ("precision", "fp32")])
+def test_every_other_preset(group, option):
+    app = _app([f"{group}={option}"])
+    assert OmegaConf.to_container(compose("gpt", overrides=[f"{group}={option}"]))[group] is not None
+    if group == "optimizer":  # a chosen optimizer replaces the default, keeps none of its keys
+        assert set(app.optimizer) == set(OmegaConf.load(CONF_DIR / "optimizer" / f"{option}.yaml"))
+
+
+def test_mlp_presets():
+    assert _app(["model=mlp", "topology=pipe4"], name="mlp").model.depth == 4
+
+
+def test_typo_fails_in_hydra():
+    with pytest.raises(ConfigCompositionException, match="Could not override 'topology.pipee'"):
+        compose("gpt", overrides=["topology.pipee=2"])
+
+
+def test_wrong_type_fails_in_hydra():
+    with pytest.raises(ConfigCompositionException, match="topology.pipe=two") as info:
+        compose("gpt", overrides=["topology.pipe=two"])
+    assert "could not be converted to Integer" in str(info.value.__cause__)
+
+
+def test_model_preset_of_another_app_fails_in_hydra():
+    with pytest.raises(ConfigCompositionException, match="model/mlp"):
+        compose("gpt", overrides=["model=mlp"])
+
+
+@pytest.mark.parametrize("override,key", [("+topology.foo=1", "topology.foo"), ("+foo=1", "foo"),
+                                          ("++model.n_layers=3", "model.n_layers")])
+def test_keys_added_with_plus_are_refused(override, key):
+    with pytest.raises(ValueError, match=rf"unknown config key '{key}' \(added with '\+'\?\)"):
+        _app([override])
+
+
+def test_optimizer_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"optimizer keys \['momentun'\] are not arguments of torch.optim.SGD"):
+        _app(["optimizer=sgd", "+optimizer.momentun=0.9"])
+
+
+def test_value_checks_of_the_schema_run():
+    with pytest.raises(ValueError, match="schedule.name must be one of"):
+        _app(["schedule.name=pipedream"])
+
+
+def test_world_size_must_match_the_topology():
+    with pytest.raises(ValueError, match=r"topology needs 4 processes \(pipe=2 x data=2 x tensor=1\), got "
+                                         r"WORLD_SIZE=8; change topology"):
+        _app(["topology=pipe2_data2"], world_size=8)
+    assert _app(["topology=pipe4_data2"], world_size=8).topology.data == 2
+
+
+def test_schedule_must_accept_the_micro_batches():
+    with pytest.raises(ScheduleError, match=r"interleaved_1f1b.*topology.pipe=4.*micro_batches=6.*set "
+                                            r"micro_batches=8"):
+        _app(["topology=pipe4", "schedule=interleaved_1f1b", "schedule.micro_batches=6"])
+
+
+@pytest.mark.parametrize("override,key,fix", [("model.n_head=3", "n_head", 4),
+                                              ("model.vocab_size=103", "vocab_size", 104)])
+def test_tensor_parallel_splits_must_divide(override, key, fix):
+    extra = ["model.n_embd=96"] if key == "n_head" else []
+    with pytest.raises(ValueError, match=rf"model.{key} over topology.tensor=2 .* set model.{key}={fix}"):
+        _app(["topology=pipe2_tensor2", override, *extra])
+
+
+def test_stages_need_layers():
+    with pytest.raises(ValueError, match="raise model.n_layer or use fewer stages"):
+        _app(["topology=pipe4", "schedule=interleaved_1f1b", "model.n_layer=2"])
+
+
+def test_mlp_refuses_tensor_parallelism():
+    with pytest.raises(ValueError, match="set topology.tensor=1"):
+        _app(["topology=pipe2_tensor2"], name="mlp")
+
+
+def test_plain_dicts_are_checked_too():
+    app = to_app_config({"topology": {"pipe": 2}, "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1}},
+                        GPTAppConfig)
+    assert app.optimizer == {"_target_": "torch.optim.SGD", "lr": 0.1}
+    with pytest.raises(ValueError, match="unknown config key 'model.width'"):
+        to_app_config({"model": {"width": 3}}, GPTAppConfig)
