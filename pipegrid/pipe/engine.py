@@ -84,10 +84,27 @@ def init_distributed(config: Any = None) -> ProcessGroups:
     return ProcessGroups(Topology(**vars(cfg.topology)), timeout_s=cfg.comm.timeout_s)
 
 
+def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Refuse a bad module or config on every rank before any process group exists."""
+    p, v = cfg.topology.pipe, cfg.schedule.virtual_stages
+    build(cfg.schedule.name, p, cfg.schedule.micro_batches, v)  # ScheduleError says what to change
+    num_stages = getattr(module, "num_stages", None)
+    if num_stages is None:
+        raise TypeError(f"initialize() needs a pipegrid.PipelineModule, got {type(module).__name__}")
+    if num_stages != p or module.virtual_stages != v:
+        raise ValueError(f"the module was cut into num_stages={num_stages} x virtual_stages="
+                         f"{module.virtual_stages} but the config asks for topology.pipe={p} x "
+                         f"schedule.virtual_stages={v}; build the module with the same topology")
+    if module.loss_fn is None:
+        raise ValueError("the PipelineModule has no loss_fn, which the last stage needs to train; "
+                         "pass loss_fn=... (called as loss_fn(output, labels)) to PipelineModule")
+
+
 def initialize(module: torch.nn.Module, config: Any = None,
                groups: ProcessGroups | None = None) -> "PipelineEngine":
     """Join torch.distributed if needed and return a PipelineEngine for ``module``."""
     cfg = to_train_config(config)
+    _check_before_collectives(module, cfg)
     if groups is None:
         groups = init_distributed(cfg)
     elif groups.topology != Topology(**vars(cfg.topology)):
@@ -138,14 +155,7 @@ class PipelineEngine:
 
     # --- set-up ------------------------------------------------------------
     def _check_module(self, module: torch.nn.Module) -> None:
-        p, v = self.topology.pipe, self.config.schedule.virtual_stages
-        num_stages = getattr(module, "num_stages", None)
-        if num_stages is None:
-            raise TypeError(f"initialize() needs a pipegrid.PipelineModule, got {type(module).__name__}")
-        if num_stages != p or module.virtual_stages != v:
-            raise ValueError(f"the module was cut into num_stages={num_stages} x virtual_stages="
-                             f"{module.virtual_stages} but the config asks for topology.pipe={p} x "
-                             f"schedule.virtual_stages={v}; build the module with the same topology")
+        _check_before_collectives(module, self.config)
         if module.stage_id != self.pipe_rank:
             raise ValueError(f"rank {self.groups.rank} is pipe stage {self.pipe_rank} but its module holds "
                              f"stage {module.stage_id}; build the module after torch.distributed is "

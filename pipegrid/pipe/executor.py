@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pipegrid.schedules import instructions as ins
 from pipegrid.schedules.schedule import Schedule
 
 Key = tuple[int, int]  # (model stage, micro-batch)
-_POST_AHEAD = 2  # receives kept posted ahead of the instruction that consumes them
 
 
 def as_message(value: Any, where: str) -> tuple[tuple[torch.Tensor, ...], bool]:
@@ -39,6 +39,14 @@ def _as_grad_leaf(t: torch.Tensor) -> torch.Tensor:
     """A received activation becomes a leaf that collects its gradient (floats only)."""
     t = t.detach()
     return t.requires_grad_(True) if t.is_floating_point() or t.is_complex() else t
+
+
+class PeerLostError(RuntimeError):
+    """Communication with another rank failed mid-step; the message names that rank."""
+
+
+# gloo reports a lost peer as a plain RuntimeError from a send or receive
+_COMMUNICATING = (ins.SendActivation, ins.RecvActivation, ins.SendGrad, ins.RecvGrad)
 
 
 @dataclass
@@ -68,9 +76,6 @@ class Executor:
         self.pipe_rank = pipe_rank
         self.stream = schedule.streams[pipe_rank]
         self.last_stage = schedule.num_model_stages - 1
-        self.recvs = [op for op in self.stream if isinstance(op, (ins.RecvActivation, ins.RecvGrad))]
-        self._next_post = 0
-        self._posted = 0
         self.handlers: dict[type, Callable[[Any, StepState], None]] = {
             ins.LoadMicroBatch: self._load, ins.Forward: self._forward, ins.Backward: self._backward,
             ins.BackwardInput: self._backward, ins.BackwardWeight: self._backward_weight,
@@ -82,43 +87,35 @@ class Executor:
         }
 
     def run(self, state: StepState, trace: bool = False) -> StepState:
-        self._next_post, self._posted = 0, 0
-        self._post_ahead()
         for position, op in enumerate(self.stream):
             handler = self.handlers.get(type(op))
             if handler is None:
                 raise TypeError(f"rank {self.pipe_rank}: no handler for instruction {op!r} "
                                 f"(type {type(op).__name__}) at position {position}")
-            if trace:
-                start = time.perf_counter()
-                handler(op, state)
-                state.events.append((str(op), start, time.perf_counter()))
-            else:
-                handler(op, state)
-        self.p2p.check_drained()
+            try:
+                if trace:
+                    start = time.perf_counter()
+                    handler(op, state)
+                    state.events.append((str(op), start, time.perf_counter()))
+                else:
+                    handler(op, state)
+            except (dist.DistError, RuntimeError) as error:
+                if not isinstance(op, _COMMUNICATING) and not isinstance(error, dist.DistError):
+                    raise
+                raise PeerLostError(self._lost_peer_message(position, op, error)) from error
         return state
 
-    def _post_ahead(self) -> None:
-        """Keep the next few receives of the stream posted, in stream order (FIFO per channel).
-
-        Stops for the rest of the step at the first receive whose shapes are not known
-        yet (the first step, or dynamic shapes): posting a later one first would let it
-        match an earlier message.
-        """
-        while self._posted < _POST_AHEAD and self._next_post < len(self.recvs):
-            op = self.recvs[self._next_post]
-            kind, stage = ("act", op.peer_stage) if isinstance(op, ins.RecvActivation) else ("grad", op.stage)
-            if not self.p2p.can_post(kind, stage):
-                self._next_post = len(self.recvs)
-                return
-            self._next_post += 1
-            if self.p2p.post(kind, stage, self.engine.stage_rank(op.peer_stage)):
-                self._posted += 1
-
-    def _consumed_posted(self) -> None:
-        if self._posted:
-            self._posted -= 1
-        self._post_ahead()
+    def _lost_peer_message(self, position: int, op: Any, error: BaseException) -> str:
+        me = self.engine.groups.rank
+        if hasattr(op, "peer_stage"):
+            peer = f"rank {self.engine.stage_rank(op.peer_stage)} (stage {op.peer_stage})"
+        else:
+            peer = "a peer in the data, pipe or tied group"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"rank {me} (pipe stage {self.pipe_rank}) lost {peer} during instruction {op} at position "
+                f"{position} of its stream: {first_line}. That rank has died or hung (its own log shows "
+                "why); the step was not applied. Restart from the last checkpoint (torchrun "
+                "--max-restarts does it) after fixing the cause.")
 
     # --- data --------------------------------------------------------------
     def _batch(self, micro_batch: int, state: StepState) -> tuple[Any, Any]:
@@ -201,7 +198,6 @@ class Executor:
 
     def _recv_activation(self, op: ins.RecvActivation, state: StepState) -> None:
         tensors, was_tuple = self.p2p.recv_activation(op.peer_stage, self.engine.stage_rank(op.peer_stage))
-        self._consumed_posted()
         if state.training:
             tensors = tuple(_as_grad_leaf(t) for t in tensors)
         state.inputs[(op.stage, op.micro_batch)] = (tensors, was_tuple)
@@ -214,4 +210,3 @@ class Executor:
         tensors, _ = as_message(state.outputs[(op.stage, op.micro_batch)], f"stage {op.stage}")
         state.output_grads[(op.stage, op.micro_batch)] = self.p2p.recv_grad(
             op.stage, tensors, self.engine.stage_rank(op.peer_stage))
-        self._consumed_posted()

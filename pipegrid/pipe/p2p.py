@@ -9,7 +9,6 @@ Messages on one directed rank pair are matched in issue order (FIFO), as NCCL do
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -59,16 +58,6 @@ class MessageMeta:
         return ", ".join(f"{str(d).replace('torch.', '')}{list(s)}" for s, d in zip(self.shapes, self.dtypes))
 
 
-@dataclass
-class _Posted:
-    """A receive already handed to the backend: its work handle and where the bytes land."""
-
-    work: dist.Work
-    buffer: torch.Tensor
-    meta: MessageMeta
-    layout: kernels.FlatLayout | None
-
-
 class P2P:
     """Activation and gradient messages between this rank's stages and their neighbours."""
 
@@ -83,57 +72,6 @@ class P2P:
         self._recv_meta: dict[int, MessageMeta] = {}
         self._layouts: dict[MessageMeta, kernels.FlatLayout] = {}
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
-        # receives posted ahead of their instruction, per channel, in stream order
-        self._posted: dict[tuple[str, int], deque[_Posted]] = {}
-
-    # --- receives posted early ---------------------------------------------------
-    def can_post(self, kind: str, stage: int) -> bool:
-        """A receive can be posted early once its shapes are known (static shapes, after one message)."""
-        if self.dynamic_shapes:
-            return False
-        return (stage in self._recv_meta) if kind == "act" else (stage in self._sent_meta)
-
-    def post(self, kind: str, stage: int, src: int) -> bool:
-        """Post the next receive of channel (``kind``, ``stage``) now; ``recv_*`` picks it up later.
-
-        ``stage`` is the sending stage for activations and the receiving stage for gradients.
-        Early receives let the transfer land while this rank computes, instead of after it
-        asks, which saves a wake-up round trip per message on a busy host.
-        """
-        if kind == "act":
-            meta = self._recv_meta[stage]
-        else:
-            sent = self._sent_meta[stage]
-            floats = [(s, d) for s, d in zip(sent.shapes, sent.dtypes) if d.is_floating_point or d.is_complex]
-            if not floats:
-                return False
-            meta = MessageMeta(tuple(s for s, _ in floats), tuple(d for _, d in floats), True)
-        self._posted.setdefault((kind, stage), deque()).append(self._post_message(meta, src))
-        return True
-
-    def check_drained(self) -> None:
-        """Every early receive was consumed by its instruction (a schedule bug otherwise)."""
-        left = {key: len(queue) for key, queue in self._posted.items() if queue}
-        if left:
-            raise RuntimeError(f"rank {self.rank}: receives posted early were never consumed: {left}")
-
-    def _post_message(self, meta: MessageMeta, src: int) -> "_Posted":
-        if len(meta.shapes) == 1:
-            out = torch.empty(meta.shapes[0], dtype=meta.dtypes[0], device=self.device)
-            return _Posted(dist.irecv(out, src, group=self.group), out, meta, None)
-        layout = self._layout(meta)
-        flat = torch.empty(layout.total, dtype=layout.flat_dtype, device=self.device)
-        return _Posted(dist.irecv(flat, src, group=self.group), flat, meta, layout)
-
-    def _take_posted(self, kind: str, stage: int) -> tuple[torch.Tensor, ...] | None:
-        queue = self._posted.get((kind, stage))
-        if not queue:
-            return None
-        posted = queue.popleft()
-        posted.work.wait()
-        if posted.layout is None:
-            return (posted.buffer,)
-        return tuple(kernels.unpack(posted.buffer, posted.layout, backend=self.kernels_backend))
 
     # --- activations -------------------------------------------------------
     def send_activation(self, stage: int, tensors: tuple[torch.Tensor, ...], was_tuple: bool, dst: int) -> None:
@@ -152,9 +90,6 @@ class P2P:
         self._isend(self._flatten(tensors, meta), dst)
 
     def recv_activation(self, src_stage: int, src: int) -> tuple[tuple[torch.Tensor, ...], bool]:
-        posted = self._take_posted("act", src_stage)
-        if posted is not None:
-            return posted, self._recv_meta[src_stage].was_tuple
         meta = self._recv_meta.get(src_stage)
         if meta is None or self.dynamic_shapes:
             length = torch.empty(1, dtype=torch.int64)
@@ -173,9 +108,6 @@ class P2P:
         floats = tuple(t for t in activation if t.is_floating_point() or t.is_complex())
         if not floats:
             return ()
-        posted = self._take_posted("grad", stage)
-        if posted is not None:
-            return posted
         meta = MessageMeta(tuple(tuple(t.shape) for t in floats), tuple(t.dtype for t in floats), True)
         grads = self._receive_message(meta, src)
         return tuple(grads)
