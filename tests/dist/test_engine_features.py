@@ -125,3 +125,27 @@ def test_write_trace_merges_every_rank(tmp_path):
     pids = {e.get("pid") for e in events if e.get("ph") == "X"}
     assert len(pids) == 4  # every rank has a row
     assert (tmp_path / "trace.png").exists()
+
+
+def _nonfinite(policy):
+    engine = _engine(config("1f1b", 2, 1, 2, train={"grad_clip": 0.0, "on_nonfinite": policy}))
+    engine.train_batch(iter(gpt_batches(2)))
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    handle = None
+    if dist.get_rank() == 1:  # the last stage's output turns NaN for one step
+        handle = engine.module.stage_module(1).register_forward_hook(lambda m, i, out: out * float("nan"))
+    loss = engine.train_batch(iter(gpt_batches(2)))
+    handle and handle.remove()
+    unchanged = all(torch.equal(before[k], v) for k, v in engine.module.state_dict().items())
+    after = engine.train_batch(iter(gpt_batches(2)))
+    return loss, unchanged, engine.skipped_steps, after
+
+
+def test_nonfinite_loss_skips_the_step_everywhere_with_skip():
+    for loss, unchanged, skipped, after in run_local(_nonfinite, 2, ("skip",), timeout_s=60):
+        assert loss != loss and unchanged and skipped == 1 and after == after  # NaN, then training goes on
+
+
+def test_nonfinite_loss_raises_naming_step_and_rank():
+    with pytest.raises(WorkerError, match=r"rank \d: non-finite loss at step 1; .*train.on_nonfinite=skip"):
+        run_local(_nonfinite, 2, ("raise",), timeout_s=60)

@@ -1,0 +1,92 @@
+"""Bad input fails early with an error that names the fix (no process group needed).
+
+Distributed cases live beside the feature they guard: a short data iterator and a
+changed activation shape in tests/dist/test_engine_features.py, bad checkpoints in
+tests/dist/test_checkpoint.py, non-finite losses in tests/dist/test_engine_features.py.
+"""
+
+
+import pytest
+import torch.distributed as dist
+
+import pipegrid as pg
+from pipegrid.conf.schema import to_train_config
+from pipegrid.pipe.engine import _join_process_group
+from pipegrid.schedules import ScheduleError, build
+from pipegrid.topology.groups import check_world_size
+from tests.models import TinyGPT, gpt_layers
+
+
+def test_world_size_must_match_the_grid():
+    with pytest.raises(ValueError, match=r"needs 8 processes .* got WORLD_SIZE=4; change topology"):
+        check_world_size(pg.Topology(pipe=2, data=2, tensor=2), 4)
+
+
+def test_multi_process_topology_without_a_launcher(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="start the job with torchrun"):
+        _join_process_group(to_train_config({"topology": {"pipe": 2}}))
+    assert not dist.is_initialized()
+
+
+def test_fewer_layers_than_stages():
+    with pytest.raises(ValueError, match=r"8 layers.*9|9.*8 layers"):
+        pg.PipelineModule(gpt_layers(3), num_stages=9, stage_id=0)
+
+
+def test_unknown_schedule_and_partition_method():
+    with pytest.raises(ValueError, match="schedule.name must be one of"):
+        to_train_config({"schedule": {"name": "pipedream"}})
+    with pytest.raises(ScheduleError):
+        build("pipedream", 2, 4)
+    with pytest.raises(ValueError, match="partition"):
+        pg.PipelineModule(gpt_layers(3), num_stages=2, stage_id=0, partition_method="bogus")
+
+
+@pytest.mark.parametrize("micro_batches", [0, -1])
+def test_micro_batches_below_one(micro_batches):
+    with pytest.raises(ValueError, match="micro_batches must be an integer >= 1"):
+        to_train_config({"schedule": {"micro_batches": micro_batches}})
+
+
+def _config(**schedule):
+    return {"topology": {"pipe": 2}, "schedule": schedule}
+
+
+def test_schedule_refusing_the_micro_batches_fails_before_any_group(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = TinyGPT(3, topology=pg.Topology(pipe=2), virtual_stages=2)
+    with pytest.raises(ScheduleError, match="micro"):
+        pg.initialize(model, _config(name="interleaved_1f1b", micro_batches=3, virtual_stages=2))
+    assert not dist.is_initialized()
+
+
+def test_missing_loss_fn_fails_before_any_group(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = pg.PipelineModule(gpt_layers(3), topology=pg.Topology(pipe=2))
+    with pytest.raises(ValueError, match="no loss_fn.*pass loss_fn="):
+        pg.initialize(model, _config(name="1f1b", micro_batches=2))
+    assert not dist.is_initialized()
+
+
+def test_module_cut_for_another_layout(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    model = TinyGPT(3, topology=pg.Topology(pipe=2))
+    with pytest.raises(ValueError, match=r"num_stages=2 .* topology.pipe=4"):
+        pg.initialize(model, {"topology": {"pipe": 4}, "schedule": {"micro_batches": 4}})
+    assert not dist.is_initialized()
+
+
+def test_unknown_config_keys_and_types():
+    with pytest.raises(Exception, match="pipee"):
+        to_train_config({"topology": {"pipee": 2}})
+    with pytest.raises(ValueError, match="unknown config keys"):
+        to_train_config({"topologyy": {}})
+    with pytest.raises(ValueError, match="optimizer needs a _target_"):
+        to_train_config({"optimizer": {"lr": 1.0}})
+    with pytest.raises(ValueError, match="train.on_nonfinite must be"):
+        to_train_config({"train": {"on_nonfinite": "ignore"}})
