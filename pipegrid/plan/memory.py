@@ -55,12 +55,17 @@ def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, z
         raise ValueError(f"data must be >= 1, got {data}")
     width = DTYPE_BYTES[optimizer.dtype]
     sharded = -(-parameters // data) if zero else parameters
+    # the engine's own buffers (pipegrid/pipe/zero.py): without ZeRO, fp32 gradients of
+    # the master copy in 16-bit training; with ZeRO-1, a shard-sized collective buffer
+    # plus, in 16-bit training, the shard's fp32 gradient
+    engine_buffers = (sharded * width + sharded * optimizer.master_bytes if zero
+                      else parameters * optimizer.master_bytes)
     report = {
         "parameters": parameters * width,
         "gradients": parameters * width,
         "optimizer": sharded * optimizer.state_bytes,
         "master_weights": sharded * optimizer.master_bytes,
-        "buffers": int(buffers),
+        "buffers": engine_buffers + int(buffers),
     }
     report["total"] = sum(report.values())
     return report
