@@ -87,23 +87,31 @@ class Executor:
         }
 
     def run(self, state: StepState, trace: bool = False) -> StepState:
-        for position, op in enumerate(self.stream):
-            handler = self.handlers.get(type(op))
-            if handler is None:
-                raise TypeError(f"rank {self.pipe_rank}: no handler for instruction {op!r} "
-                                f"(type {type(op).__name__}) at position {position}")
+        position = 0
+        while position < len(self.stream):
+            op = self.stream[position]
+            nxt = self.stream[position + 1] if position + 1 < len(self.stream) else None
             try:
+                start = time.perf_counter() if trace else 0.0
+                done = 2 if self._paired(op, nxt) and self._exchange(op, nxt, state) else 1
+                if done == 1:
+                    self._handler(op, position)(op, state)
                 if trace:
-                    start = time.perf_counter()
-                    handler(op, state)
-                    state.events.append((str(op), start, time.perf_counter()))
-                else:
-                    handler(op, state)
+                    label = str(op) if done == 1 else f"{op}+{nxt}"
+                    state.events.append((label, start, time.perf_counter()))
             except (dist.DistError, RuntimeError) as error:
                 if not isinstance(op, _COMMUNICATING) and not isinstance(error, dist.DistError):
                     raise
                 raise PeerLostError(self._lost_peer_message(position, op, error)) from error
+            position += done
         return state
+
+    def _handler(self, op: Any, position: int) -> Callable[[Any, StepState], None]:
+        handler = self.handlers.get(type(op))
+        if handler is None:
+            raise TypeError(f"rank {self.pipe_rank}: no handler for instruction {op!r} "
+                            f"(type {type(op).__name__}) at position {position}")
+        return handler
 
     def _lost_peer_message(self, position: int, op: Any, error: BaseException) -> str:
         me = self.engine.groups.rank
@@ -190,23 +198,67 @@ class Executor:
         return None
 
     # --- communication -----------------------------------------------------
-    def _send_activation(self, op: ins.SendActivation, state: StepState) -> None:
+    def _send_payload(self, op: Any, state: StepState) -> tuple[str, int, tuple[torch.Tensor, ...], bool]:
         key = (op.stage, op.micro_batch)
+        if isinstance(op, ins.SendGrad):
+            return "grad", op.stage, state.input_grads.pop(key), True
         output = state.outputs[key] if state.training else state.outputs.pop(key)
-        tensors, was_tuple = as_message(output, f"stage {op.stage}")
+        return ("act", op.stage, *as_message(output, f"stage {op.stage}"))
+
+    def _send_activation(self, op: ins.SendActivation, state: StepState) -> None:
+        _, _, tensors, was_tuple = self._send_payload(op, state)
         self.p2p.send_activation(op.stage, tensors, was_tuple, self.engine.stage_rank(op.peer_stage))
 
+    def _send_grad(self, op: ins.SendGrad, state: StepState) -> None:
+        _, _, grads, _ = self._send_payload(op, state)
+        self.p2p.send_grad(op.stage, grads, self.engine.stage_rank(op.peer_stage))
+
     def _recv_activation(self, op: ins.RecvActivation, state: StepState) -> None:
-        tensors, was_tuple = self.p2p.recv_activation(op.peer_stage, self.engine.stage_rank(op.peer_stage))
+        received = self.p2p.recv_activation(op.peer_stage, self.engine.stage_rank(op.peer_stage))
+        self._store_received(op, received, state)
+
+    def _recv_grad(self, op: ins.RecvGrad, state: StepState) -> None:
+        activation = self._own_activation(op, state)
+        grads = self.p2p.recv_grad(op.stage, activation, self.engine.stage_rank(op.peer_stage))
+        self._store_received(op, (grads, True), state)
+
+    def _own_activation(self, op: ins.RecvGrad, state: StepState) -> tuple[torch.Tensor, ...]:
+        return as_message(state.outputs[(op.stage, op.micro_batch)], f"stage {op.stage}")[0]
+
+    def _store_received(self, op: Any, received: tuple[tuple[torch.Tensor, ...], bool], state: StepState) -> None:
+        tensors, was_tuple = received
+        if isinstance(op, ins.RecvGrad):
+            state.output_grads[(op.stage, op.micro_batch)] = tensors
+            return
         if state.training:
             tensors = tuple(_as_grad_leaf(t) for t in tensors)
         state.inputs[(op.stage, op.micro_batch)] = (tensors, was_tuple)
 
-    def _send_grad(self, op: ins.SendGrad, state: StepState) -> None:
-        grads = state.input_grads.pop((op.stage, op.micro_batch))
-        self.p2p.send_grad(op.stage, grads, self.engine.stage_rank(op.peer_stage))
+    def _paired(self, op: Any, nxt: Any) -> bool:
+        """A send followed by a receive from the same peer rank: post them together."""
+        return (isinstance(op, (ins.SendActivation, ins.SendGrad))
+                and isinstance(nxt, (ins.RecvActivation, ins.RecvGrad))
+                and self.engine.stage_rank(op.peer_stage) == self.engine.stage_rank(nxt.peer_stage))
 
-    def _recv_grad(self, op: ins.RecvGrad, state: StepState) -> None:
-        tensors, _ = as_message(state.outputs[(op.stage, op.micro_batch)], f"stage {op.stage}")
-        state.output_grads[(op.stage, op.micro_batch)] = self.p2p.recv_grad(
-            op.stage, tensors, self.engine.stage_rank(op.peer_stage))
+    def _exchange(self, send_op: Any, recv_op: Any, state: StepState) -> bool:
+        """Run a paired send and receive in one batch; False (nothing done) when headers must go first."""
+        if not self.p2p.can_exchange():
+            return False
+        send = self._send_payload(send_op, state)
+        if isinstance(recv_op, ins.RecvGrad):
+            recv = ("grad", recv_op.stage, self._own_activation(recv_op, state))
+        else:
+            recv = ("act", recv_op.peer_stage, None)
+        peer = self.engine.stage_rank(send_op.peer_stage)
+        received = self.p2p.exchange(send, peer, recv, peer)
+        if received is None:  # put the payload back for the one-by-one path
+            self._restore_payload(send_op, send, state)
+            return False
+        self._store_received(recv_op, received, state)
+        return True
+
+    def _restore_payload(self, op: Any, send: tuple, state: StepState) -> None:
+        if isinstance(op, ins.SendGrad):
+            state.input_grads[(op.stage, op.micro_batch)] = send[2]
+        elif not state.training:
+            state.outputs[(op.stage, op.micro_batch)] = from_message(send[2], send[3])
