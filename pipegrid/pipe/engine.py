@@ -283,8 +283,9 @@ class PipelineEngine:
         return list(self._timeline)
 
     # --- hooks the executor calls --------------------------------------------
-    def backward_loss(self, loss: torch.Tensor) -> None:
-        (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
+    def scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss backward starts from: multiplied by the fp16 loss scale when scaling."""
+        return loss * self.scaler.scale if self.scaler.enabled else loss
 
     def reduce_tied_grads(self) -> None:
         for key, group in sorted(self._tied_groups.items()):

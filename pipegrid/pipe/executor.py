@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipegrid.pipe.split_backward import WeightGradState, backward_input, backward_weight
 from pipegrid.schedules import instructions as ins
 from pipegrid.schedules.schedule import Schedule
 
@@ -62,6 +63,7 @@ class StepState:
     input_grads: dict[Key, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     results: dict[int, Any] = field(default_factory=dict)
+    weight_grads: dict[Key, WeightGradState] = field(default_factory=dict)
     events: list[tuple[str, float, float]] = field(default_factory=list)
 
 
@@ -173,17 +175,23 @@ class Executor:
         return loss / self.schedule.micro_batches
 
     def _backward(self, op: Any, state: StepState) -> None:
+        """Backward (B), or its input-gradient half (I) whose weight half waits for W."""
         key = (op.stage, op.micro_batch)
         output = state.outputs.pop(key)
         if op.stage == self.last_stage:
-            self.engine.backward_loss(output)
+            tensors, grads = [self.engine.scaled_loss(output)], [None]
         else:
-            grads = state.output_grads.pop(key)
-            tensors, _ = as_message(output, f"stage {op.stage}")
-            pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
-            if pairs:
-                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+            received = state.output_grads.pop(key)
+            outs, _ = as_message(output, f"stage {op.stage}")
+            pairs = [(t, g) for t, g in zip(outs, received) if t.requires_grad]
+            tensors, grads = [t for t, _ in pairs], [g for _, g in pairs]
         inputs, _ = state.inputs.pop(key)
+        if isinstance(op, ins.BackwardInput):
+            leaves = [t for t in inputs if t.requires_grad]
+            params = [p for p in self.module.stage_module(op.stage).parameters() if p.requires_grad]
+            _, state.weight_grads[key] = backward_input(tensors, grads, leaves, params)
+        elif tensors:
+            torch.autograd.backward(tensors, grads)
         if op.stage > 0:
             grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
                           for t in inputs if t.is_floating_point() or t.is_complex())
@@ -193,9 +201,8 @@ class Executor:
                 state.input_grads[key] = grads
 
     def _backward_weight(self, op: ins.BackwardWeight, state: StepState) -> None:
-        # BackwardInput already accumulated the weight gradients together with the
-        # input gradients (see PipelineEngine docs): nothing is left to do here.
-        return None
+        """The deferred weight-gradient half of a split backward (zero-bubble's W)."""
+        backward_weight(state.weight_grads.pop((op.stage, op.micro_batch)))
 
     # --- communication -----------------------------------------------------
     def _send_payload(self, op: Any, state: StepState) -> tuple[str, int, tuple[torch.Tensor, ...], bool]:
