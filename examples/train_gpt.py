@@ -245,20 +245,16 @@ def _describe(engine: pg.PipelineEngine, cfg: GPTAppConfig) -> str:
 
 
 def _resume(engine: pg.PipelineEngine, cfg: GPTAppConfig) -> int:
-    """The step to continue after: the latest checkpoint's in ``checkpoint.dir``, else 0."""
-    if not cfg.checkpoint.dir:
-        return 0
-    step = engine.load_checkpoint(cfg.checkpoint.dir)
-    if step is None:
-        return 0
-    if dist.get_rank() == 0:
-        log.info("resumed from %s at step %d", cfg.checkpoint.dir, step)
-    return step
+    """The step to continue after: initialize() already loaded checkpoint.dir's latest, if any."""
+    if engine.global_steps and dist.get_rank() == 0:
+        log.info("resumed from %s at step %d", cfg.checkpoint.dir, engine.global_steps)
+    return engine.global_steps
 
 
 def _maybe_save(engine: pg.PipelineEngine, cfg: GPTAppConfig, step: int) -> None:
-    every, last = cfg.checkpoint.interval, step == cfg.train.steps
-    if cfg.checkpoint.dir and (last or (every and step % every == 0)):
+    """The engine saves every checkpoint.interval steps itself; add the final step if it was not one."""
+    every = cfg.checkpoint.interval
+    if cfg.checkpoint.dir and step == cfg.train.steps and not (every and step % every == 0):
         engine.save_checkpoint(cfg.checkpoint.dir)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -95,10 +96,15 @@ def latest_step_dir(directory: str) -> str | None:
     with open(pointer) as f:
         name = f.read().strip()
     path = os.path.join(directory, name)
-    if not os.path.exists(os.path.join(path, MANIFEST)):
-        raise CheckpointError(f"{pointer} names {name}, which has no {MANIFEST}; "
-                              f"whole checkpoints there: {whole_checkpoints(directory)}")
-    return path
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return path
+    whole = whole_checkpoints(directory)  # a save died between moving the old copy and `latest`
+    if not whole:
+        raise CheckpointError(f"{pointer} names {name}, which has no {MANIFEST}, and no whole checkpoint "
+                              f"is left in {directory}; start without checkpoint.dir or point it elsewhere")
+    warnings.warn(f"{pointer} names {name}, which is incomplete; loading {whole[-1]}, the newest whole "
+                  "checkpoint", RuntimeWarning, stacklevel=2)
+    return os.path.join(directory, whole[-1])
 
 
 def whole_checkpoints(directory: str) -> list[str]:
@@ -127,10 +133,15 @@ def save(directory: str, step: int, rank: int, write_shards: Callable[[str], Non
     barrier()
     if rank == 0:
         atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+        # a step saved again: move the old copy aside first and delete it only once
+        # `latest` names the new one, so some whole checkpoint exists at every instant
+        old = os.path.join(directory, f".old-{step_dir_name(step)}")
         if os.path.exists(final):
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         atomic_write_text(os.path.join(directory, LATEST), step_dir_name(step))
+        shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

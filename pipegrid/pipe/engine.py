@@ -63,13 +63,23 @@ def _join_process_group(cfg: TrainConfig) -> None:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     init_method = os.environ.get("PIPEGRID_INIT_METHOD")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=cfg.comm.timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if init_method is None and restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one store across restarts: give every attempt its own key space,
+        # or a restarted group finds the dead attempt's addresses and never connects
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"pipegrid/attempt_{restart}", agent)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        return
     if init_method is None and "MASTER_ADDR" not in os.environ:
         import tempfile  # one process, no launcher: a private file store
 
         init_method = f"file://{tempfile.mkdtemp(prefix='pipegrid-')}/store"
-    dist.init_process_group(backend, init_method=init_method or "env://", rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]),
-                            timeout=datetime.timedelta(seconds=cfg.comm.timeout_s))
+    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
+                            timeout=timeout)
 
 
 def init_distributed(config: Any = None) -> ProcessGroups:
@@ -199,6 +209,15 @@ class PipelineEngine:
         if self.groups.coord.tensor != 0:  # replicated over the tensor group: counted on tensor rank 0 only
             skip.update(id(p) for p in self.params if not getattr(p, "tensor_model_parallel", False))
         return [p for p in self.params if id(p) not in skip]
+
+    def collective_peers(self, op: Any) -> list[int]:
+        """Ranks a once-per-step instruction talks to (to name them when one is lost)."""
+        name = type(op).__name__
+        if name == "ReduceGrads":
+            return self.groups.axis_ranks["data"]
+        if name == "ReduceTiedGrads":
+            return self.groups.axis_ranks["pipe"]
+        return list(range(self.topology.world_size))  # the step's loss and flags: every rank
 
     def stage_rank(self, stage: int) -> int:
         """Global rank running model stage ``stage`` on this rank's data/tensor coordinate."""

@@ -48,6 +48,18 @@ class PeerLostError(RuntimeError):
 
 # gloo reports a lost peer as a plain RuntimeError from a send or receive
 _COMMUNICATING = (ins.SendActivation, ins.RecvActivation, ins.SendGrad, ins.RecvGrad)
+_COLLECTIVE = (ins.ReduceTiedGrads, ins.ReduceGrads, ins.OptimizerStep)
+# ...and from a collective, where a user error (a bad optimizer argument) may be a
+# RuntimeError too: only a transport failure's words count there
+_TRANSPORT_WORDS = ("connection", "closed", "reset by peer", "broken pipe", "timed out", "timeout",
+                    "read error", "write error")
+
+
+def _lost_a_peer(op: Any, error: BaseException) -> bool:
+    if isinstance(error, dist.DistError) or isinstance(op, _COMMUNICATING):
+        return True
+    text = str(error).lower()
+    return isinstance(op, _COLLECTIVE) and any(word in text for word in _TRANSPORT_WORDS)
 
 
 @dataclass
@@ -102,7 +114,7 @@ class Executor:
                     label = str(op) if done == 1 else f"{op}+{nxt}"
                     state.events.append((label, start, time.perf_counter()))
             except (dist.DistError, RuntimeError) as error:
-                if not isinstance(op, _COMMUNICATING) and not isinstance(error, dist.DistError):
+                if not _lost_a_peer(op, error):
                     raise
                 raise PeerLostError(self._lost_peer_message(position, op, error)) from error
             position += done
@@ -120,7 +132,7 @@ class Executor:
         if hasattr(op, "peer_stage"):
             peer = f"rank {self.engine.stage_rank(op.peer_stage)} (stage {op.peer_stage})"
         else:
-            peer = "a peer in the data, pipe or tied group"
+            peer = f"one of ranks {[r for r in self.engine.collective_peers(op) if r != me]}"
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return (f"rank {me} (pipe stage {self.pipe_rank}) lost {peer} during instruction {op} at position "
                 f"{position} of its stream: {first_line}. That rank has died or hung (its own log shows "
