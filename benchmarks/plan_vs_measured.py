@@ -2,7 +2,8 @@
 
 Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` layer by layer (one process,
 one thread), measures how much two busy processes slow each other (the CPU device model's
-contention factor) and the Adam step, predicts the pipe=2 1f1b step with the schedule
+contention factor), what one point-to-point message costs while both compute (the link
+latency) and the Adam step, predicts the pipe=2 1f1b step with the schedule
 simulator, then times pipegrid's engine on the same workloads and prints both.
 
     python benchmarks/plan_vs_measured.py [--rounds 3] [--out benchmarks/results/plan_vs_measured.json]
@@ -42,19 +43,51 @@ def _profile(w: dict) -> tuple[list, float]:
     return costs, time_optimizer_step(stage_params)
 
 
+def _lockstep(w: dict, exchange: bool, rounds: int = 40) -> float:
+    """Seconds per round: both ranks run one stage's forward+backward of a micro-batch,
+    then (if ``exchange``) trade one activation-sized message each way."""
+    import torch.distributed as dist
+    from torch import nn
+
+    torch.manual_seed(0)
+    stage = nn.Sequential(*[Block(w["hidden"]) for _ in range(BLOCKS // STAGES)])
+    x = torch.randn(w["micro_batch"], w["hidden"])
+    payload, inbox = torch.randn_like(x), torch.empty_like(x)
+    peer = 1 - dist.get_rank()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        stage(x).sum().backward()
+        if exchange:
+            work = dist.isend(payload, peer)
+            dist.recv(inbox, peer)
+            work.wait()
+    dist.barrier()
+    return (time.perf_counter() - start) / rounds
+
+
+def measure_message_cost(w: dict) -> float:
+    """What one point-to-point message costs here while both processes compute: the
+    lockstep round with a message each way, minus the same round without, halved."""
+    with_msgs = statistics.median(run_local(_lockstep, STAGES, (w, True))[0] for _ in range(3))
+    without = statistics.median(run_local(_lockstep, STAGES, (w, False))[0] for _ in range(3))
+    return max(with_msgs - without, 0.0) / 2
+
+
 def predict_workload(w: dict, contention: float) -> dict:
     """Predicted seconds per step for pipe=2 1f1b from a profile taken here."""
     costs, adam_s = _profile(w)
+    message_s = measure_message_cost(w)
     stage_params = sum(c.parameters for c in costs) // STAGES
     # the measured Adam step as the bandwidth predict() divides by; both stages step at
     # once, so it is slowed by the same measured contention as the layers
     device = DeviceSpec(peak_flops=1e11, memory_bytes=8 * 2 ** 30, slowdown=contention,
                         memory_bandwidth=stage_params * _ADAM_BYTES_PER_PARAM / (adam_s * contention))
     cluster = ClusterSpec("cpu_2", 1, STAGES, device, intra_gbytes_per_s=5.0, inter_gbytes_per_s=5.0,
-                          intra_latency_us=20.0, inter_latency_us=20.0)
+                          intra_latency_us=message_s * 1e6, inter_latency_us=message_s * 1e6)
     pred = predict(costs, Layout(pipe=STAGES, schedule="1f1b"), cluster, micro_batches=w["micro_batches"],
                    optimizer=OptimizerSpec("adam", "float32"))
-    return {"predicted_s": pred.step_s, "pipeline_s": pred.pipeline_s, "optimizer_s": pred.optimizer_s,
+    return {"predicted_s": pred.step_s, "message_s": message_s, "pipeline_s": pred.pipeline_s, "optimizer_s": pred.optimizer_s,
             "bubble": pred.bubble_fraction, "costs": pred.costs,
             "layer_forward_s": [c.forward_s for c in costs], "layer_backward_s": [c.backward_s for c in costs]}
 
