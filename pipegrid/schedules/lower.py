@@ -96,7 +96,7 @@ def _split_in_place(ops: Sequence[ComputeInstruction]) -> list[ComputeInstructio
 
 def add_communication(order: Sequence[Sequence[ComputeInstruction]], num_stages: int,
                       virtual_stages: int) -> list[list[Instruction]]:
-    """Pass 1: Load before first/last-stage F, Recv just before its consumer, Send just after.
+    """Pass 1: Recv just before its consumer, then Load for first/last-stage F, Send just after.
 
     Adjacent model stages on the same rank (p=1, or v>1 with p=1) hand tensors over
     in memory, so no communication is emitted between them.
@@ -108,10 +108,10 @@ def add_communication(order: Sequence[Sequence[ComputeInstruction]], num_stages:
         for op in ops:
             s, mb = op.stage, op.micro_batch
             if isinstance(op, Forward):
-                if s in (0, last):
-                    stream.append(LoadMicroBatch(s, mb))
                 if s > 0 and (s - 1) % num_stages != rank:
                     stream.append(RecvActivation(s, mb))
+                if s in (0, last):  # after the receive, so a send before it can pair with it
+                    stream.append(LoadMicroBatch(s, mb))
                 stream.append(op)
                 if s < last and (s + 1) % num_stages != rank:
                     stream.append(SendActivation(s, mb))
