@@ -27,8 +27,9 @@ SCRIPT = textwrap.dedent('''
     if __name__ == "__main__":
         print("launcher OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"), flush=True)
         method = sys.argv[3] if len(sys.argv) > 3 else None
-        print("result", launch(work, sys.argv[1], world_size=int(sys.argv[2]), backend="gloo",
-                               start_method=method), flush=True)
+        result = launch(work, sys.argv[1], world_size=int(sys.argv[2]), backend="gloo", start_method=method)
+        # one string per print: under torchrun two ranks print into the same pipe
+        print(f"result {result}", flush=True)
 ''')
 
 
