@@ -1,6 +1,6 @@
 """Bytes per rank from ``engine.memory_report()`` for data = 1, 2, 4, ZeRO off and on.
 
-The model is a 16-block residual MLP (h=256, ~2.1M parameters) with Adam, pipe=1, so
+The model is a 16-block residual MLP (h=256, ~4.2M parameters) with Adam, pipe=1, so
 each data rank holds the whole model and the optimizer state is what ZeRO-1 divides.
 
     python benchmarks/memory.py [--out benchmarks/results/memory.json]

@@ -79,8 +79,8 @@ class P2P:
         known = self._sent_meta.get(stage)
         if known is None or self.dynamic_shapes:
             header = meta.encode()
-            self._isend(torch.tensor([header.numel()], dtype=torch.int64), dst, host=True)
-            self._isend(header, dst, host=True)
+            self._isend(torch.tensor([header.numel()], dtype=torch.int64), dst)
+            self._isend(header, dst)
             self._sent_meta[stage] = meta
         else:
             self._check_same(stage, meta)
@@ -167,7 +167,7 @@ class P2P:
     def _flatten(self, tensors: tuple[torch.Tensor, ...], meta: MessageMeta) -> torch.Tensor:
         if len(tensors) == 1:
             return tensors[0].detach().contiguous()
-        return kernels.pack([t.detach() for t in tensors], layout=self._layout(meta, tensors),
+        return kernels.pack([t.detach() for t in tensors], layout=self._layout(meta),
                             backend=self.kernels_backend)
 
     def _receive_message(self, meta: MessageMeta, src: int) -> tuple[torch.Tensor, ...]:
@@ -177,14 +177,13 @@ class P2P:
             return (buffer,)
         return tuple(kernels.unpack(buffer, layout, backend=self.kernels_backend))
 
-    def _layout(self, meta: MessageMeta, tensors: tuple[torch.Tensor, ...] | None = None) -> kernels.FlatLayout:
+    def _layout(self, meta: MessageMeta) -> kernels.FlatLayout:
         if meta not in self._layouts:
             self._layouts[meta] = kernels.FlatLayout.from_shapes(meta.shapes, meta.dtypes)
         return self._layouts[meta]
 
-    def _isend(self, tensor: torch.Tensor, dst: int, host: bool = False) -> None:
-        tensor = tensor if host or tensor.device == self.device else tensor.to(self.device)
-        if host and self.device.type == "cuda":
+    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
+        if tensor.device != self.device:  # headers are built on the host
             tensor = tensor.to(self.device)
         work = dist.isend(tensor, dst, group=self.group)
         self._pending.append((work, tensor))

@@ -85,13 +85,18 @@ def _traced():
                             lr_scheduler={"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1,
                                           "gamma": 0.5}))
     engine.train_batch(iter(gpt_batches(4)))
-    return engine.last_timeline(), engine.optimizer.param_groups[0]["lr"]
+    first = engine.last_timeline()
+    engine.train_batch(iter(gpt_batches(4)))  # shapes known: sends pair with the next receive
+    paired = [label for _, label, _, _ in engine.last_timeline() if "+" in label]
+    return first, engine.optimizer.param_groups[0]["lr"], paired
 
 
 def test_trace_records_every_instruction_and_lr_scheduler_steps():
     results = run_local(_traced, 2, timeout_s=60)
-    for rank, (timeline, lr) in enumerate(results):
-        assert lr == pytest.approx(0.25)
+    expected_pairs = [["0SA1+0RG0", "0SA2+0RG1", "0SA3+0RG2"], ["1SG0+1RA1", "1SG1+1RA2", "1SG2+1RA3"]]
+    for rank, (timeline, lr, paired) in enumerate(results):
+        assert lr == pytest.approx(0.125)  # two StepLR steps of 0.5 from 0.5
+        assert paired == expected_pairs[rank]
         labels = [label for _, label, _, _ in timeline]
         assert all(r == rank for r, _, _, _ in timeline)
         assert labels[-1] == "STEP" and sum(lb.startswith(f"{rank}F") for lb in labels) == 4
