@@ -102,12 +102,13 @@ def torch_pipelining(w: dict, schedule_name: str) -> float:
     return _timed(step, w, dist.barrier)
 
 
-def pipegrid_run(w: dict, schedule_name: str) -> float:
+def pipegrid_run(w: dict, schedule_name: str, coalesce: int = 1) -> float:
     topo = pg.Topology(pipe=STAGES)
     model = pg.PipelineModule([pg.LayerSpec(Block, w["hidden"]) for _ in range(BLOCKS)],
                               loss_fn=nn.functional.mse_loss, topology=topo, partition_method="uniform")
     engine = pg.initialize(model, {"topology": {"pipe": STAGES},
-                                   "schedule": {"name": schedule_name, "micro_batches": w["micro_batches"]},
+                                   "schedule": {"name": schedule_name, "micro_batches": w["micro_batches"],
+                                                "coalesce": coalesce},
                                    "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-4}})
     return _timed(lambda batch: engine.train_batch(iter(batch)), w, dist.barrier)
 
@@ -119,6 +120,8 @@ SYSTEMS = {
     "pipegrid 1f1b": (pipegrid_run, STAGES, ("1f1b",)),
     "pipegrid gpipe": (pipegrid_run, STAGES, ("gpipe",)),
     "pipegrid zb_h1": (pipegrid_run, STAGES, ("zb_h1",)),
+    "pipegrid 1f1b coalesce=2": (pipegrid_run, STAGES, ("1f1b", 2)),
+    "pipegrid 1f1b coalesce=4": (pipegrid_run, STAGES, ("1f1b", 4)),
 }
 
 

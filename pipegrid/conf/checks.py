@@ -99,11 +99,11 @@ def check_layout(app: TrainConfig, world_size: int | None = None) -> None:
                          f"tensor={topo.tensor}), got WORLD_SIZE={world_size}; change topology.pipe/data/"
                          f"tensor so their product is {world_size} or start {needed} processes")
     try:
-        build(sched.name, topo.pipe, sched.micro_batches, sched.virtual_stages)
+        build(sched.name, topo.pipe, sched.micro_batches, sched.virtual_stages, coalesce=sched.coalesce)
     except ScheduleError as error:
         raise ScheduleError(f"schedule {sched.name!r} cannot run with topology.pipe={topo.pipe}, "
                             f"schedule.micro_batches={sched.micro_batches}, schedule.virtual_stages="
-                            f"{sched.virtual_stages}: {error}") from None
+                            f"{sched.virtual_stages}, schedule.coalesce={sched.coalesce}: {error}") from None
     if isinstance(app, GPTAppConfig):
         _check_gpt(app)
     elif isinstance(app, MLPAppConfig):

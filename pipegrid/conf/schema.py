@@ -43,6 +43,11 @@ class ScheduleConfig:
     """Micro-batches per optimizer step (gradient accumulation steps)."""
     virtual_stages: int = 1
     """Model chunks per pipe rank (interleaved_1f1b only)."""
+    coalesce: int = 1
+    """Micro-batches per message between stages: groups of this many go through the
+    pipeline together, each still computed on its own (same results). Fewer messages
+    for a longer fill and drain and more activations in flight; worth it when a
+    micro-batch's compute is short next to a message's cost."""
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
@@ -52,6 +57,12 @@ class ScheduleConfig:
             raise ValueError(f"schedule.micro_batches must be an integer >= 1, got {self.micro_batches!r}")
         if not isinstance(self.virtual_stages, int) or self.virtual_stages < 1:
             raise ValueError(f"schedule.virtual_stages must be an integer >= 1, got {self.virtual_stages!r}")
+        if isinstance(self.coalesce, bool) or not isinstance(self.coalesce, int) or self.coalesce < 1:
+            raise ValueError(f"schedule.coalesce must be an integer >= 1, got {self.coalesce!r}")
+        if isinstance(self.micro_batches, int) and self.micro_batches % self.coalesce:
+            raise ValueError(f"schedule.micro_batches={self.micro_batches} must be a multiple of "
+                             f"schedule.coalesce={self.coalesce}; pick a divisor of {self.micro_batches} "
+                             "for schedule.coalesce")
         if self.virtual_stages > 1 and self.name != "interleaved_1f1b":
             raise ValueError(f"schedule.virtual_stages={self.virtual_stages} needs schedule.name=interleaved_1f1b "
                              f"(got {self.name!r}); set schedule.virtual_stages=1 or change the schedule")

@@ -97,7 +97,8 @@ def init_distributed(config: Any = None) -> ProcessGroups:
 def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None:
     """Refuse a bad module or config on every rank before any process group exists."""
     p, v = cfg.topology.pipe, cfg.schedule.virtual_stages
-    build(cfg.schedule.name, p, cfg.schedule.micro_batches, v)  # ScheduleError says what to change
+    build(cfg.schedule.name, p, cfg.schedule.micro_batches, v,  # ScheduleError says what to change
+          coalesce=cfg.schedule.coalesce)
     num_stages = getattr(module, "num_stages", None)
     if num_stages is None:
         raise TypeError(f"initialize() needs a pipegrid.PipelineModule, got {type(module).__name__}")
@@ -138,8 +139,10 @@ class PipelineEngine:
         self.dtype = _DTYPES[config.precision.dtype]
         self.module = module.to(device=self.device, dtype=self.dtype)
         sched = config.schedule
-        self.schedule = build(sched.name, self.topology.pipe, sched.micro_batches, sched.virtual_stages)
-        self.eval_schedule = build("inference", self.topology.pipe, sched.micro_batches, sched.virtual_stages)
+        self.schedule = build(sched.name, self.topology.pipe, sched.micro_batches, sched.virtual_stages,
+                              coalesce=sched.coalesce)
+        self.eval_schedule = build("inference", self.topology.pipe, sched.micro_batches, sched.virtual_stages,
+                                   coalesce=sched.coalesce)
         validate(self.schedule)
         validate(self.eval_schedule)
         self.kernels_backend = kernels.select_backend(config.kernels.backend, self.device)
@@ -348,8 +351,20 @@ class PipelineEngine:
             values[0] = math.nan
         return values[0].item() / self.topology.data, bool(values[1] > 0), bool(values[2] > 0)
 
-    def optimizer_step(self, losses: dict[int, torch.Tensor]) -> None:
-        mean_loss, bad_loss, overflow = self._check_finite(losses)
+    def _data_mean(self, loss_stats: torch.Tensor) -> tuple[float, bool, bool]:
+        """The loss statistics this replica's last stage sent down, averaged over the data axis."""
+        values = loss_stats.clone()
+        if self.topology.data > 1:
+            dist.all_reduce(values, group=self.groups.data_parallel_group)
+        bad = bool(values[1] > 0)
+        return (math.nan if bad else values[0].item() / self.topology.data), bad, False
+
+    def optimizer_step(self, losses: dict[int, torch.Tensor], loss_stats: torch.Tensor | None = None) -> None:
+        """Reduce, clip and apply the step's gradients (or skip the step on a non-finite loss)."""
+        if loss_stats is not None and not self.scaler.enabled:
+            mean_loss, bad_loss, overflow = self._data_mean(loss_stats)
+        else:  # fp16 needs every rank's overflow flag: one world all-reduce
+            mean_loss, bad_loss, overflow = self._check_finite(losses)
         self._step_loss = mean_loss
         if bad_loss and not self.scaler.enabled:
             if self.config.train.on_nonfinite == "raise":

@@ -76,6 +76,8 @@ class StepState:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     results: dict[int, Any] = field(default_factory=dict)
     weight_grads: dict[Key, WeightGradState] = field(default_factory=dict)
+    loss_stats: torch.Tensor | None = None
+    """(mean loss over this step's micro-batches, any non-finite) from the last stage."""
     events: list[tuple[str, float, float]] = field(default_factory=list)
 
 
@@ -97,8 +99,12 @@ class Executor:
             ins.SendGrad: self._send_grad, ins.RecvGrad: self._recv_grad,
             ins.ReduceTiedGrads: lambda op, st: engine.reduce_tied_grads(),
             ins.ReduceGrads: lambda op, st: engine.reduce_data_parallel_grads(),
-            ins.OptimizerStep: lambda op, st: engine.optimizer_step(st.losses),
+            ins.OptimizerStep: lambda op, st: engine.optimizer_step(st.losses, self._stats(st)),
         }
+        # the last stage's loss statistics ride down the pipeline on each stage's last
+        # gradient message, so no rank needs a collective to learn the step's loss
+        self._last_grad_sent = self._last_of(ins.SendGrad)
+        self._last_grad_received = self._last_of(ins.RecvGrad)
 
     def run(self, state: StepState, trace: bool = False) -> StepState:
         position = 0
@@ -119,6 +125,22 @@ class Executor:
                 raise PeerLostError(self._lost_peer_message(position, op, error)) from error
             position += done
         return state
+
+    def _last_of(self, kind: type) -> dict[int, int]:
+        """stage -> the micro-batch of that stage's last message-moving ``kind`` op in the stream."""
+        return {op.stage: op.micro_batch for op in self.stream
+                if isinstance(op, kind) and self.schedule.transfers(op)}
+
+    def _carries_stats(self, op: Any) -> bool:
+        last = self._last_grad_sent if isinstance(op, ins.SendGrad) else self._last_grad_received
+        return last.get(op.stage) == op.micro_batch
+
+    def _stats(self, state: StepState) -> torch.Tensor | None:
+        """This rank's copy of the loss statistics: its own on the last stage, else received."""
+        if self.last_stage in self.schedule.stages_of(self.pipe_rank):
+            losses = torch.stack([state.losses[mb].double().cpu() for mb in sorted(state.losses)])
+            return torch.stack([losses.mean(), (~torch.isfinite(losses)).any().double()])
+        return state.loss_stats
 
     def _handler(self, op: Any, position: int) -> Callable[[Any, StepState], None]:
         handler = self.handlers.get(type(op))
@@ -217,46 +239,84 @@ class Executor:
         backward_weight(state.weight_grads.pop((op.stage, op.micro_batch)))
 
     # --- communication -----------------------------------------------------
+    # With schedule.coalesce > 1 a message carries a group of micro-batches: the group's
+    # last send posts it, its first receive takes it, the others only mark their place.
+    def _group(self, op: Any) -> range:
+        return self.schedule.message_group(op.micro_batch)
+
     def _send_payload(self, op: Any, state: StepState) -> tuple[str, int, tuple[torch.Tensor, ...], bool]:
-        key = (op.stage, op.micro_batch)
-        if isinstance(op, ins.SendGrad):
-            return "grad", op.stage, state.input_grads.pop(key), True
-        output = state.outputs[key] if state.training else state.outputs.pop(key)
-        return ("act", op.stage, *as_message(output, f"stage {op.stage}"))
+        """(kind, stage, tensors, was_tuple) of the group's message, taken out of ``state``."""
+        tensors: tuple[torch.Tensor, ...] = ()
+        was_tuple = True
+        for micro_batch in self._group(op):
+            key = (op.stage, micro_batch)
+            if isinstance(op, ins.SendGrad):
+                tensors += state.input_grads.pop(key)
+                if micro_batch == op.micro_batch and self._carries_stats(op):
+                    stats = self._stats(state)
+                    if stats is None:
+                        raise RuntimeError(f"rank {self.pipe_rank}: no loss statistics to pass on with {op} "
+                                           "(a pipegrid bug: the next stage's last gradient message brings them)")
+                    tensors += (stats.to(self.engine.device),)
+                continue
+            output = state.outputs[key] if state.training else state.outputs.pop(key)
+            part, was_tuple = as_message(output, f"stage {op.stage}")
+            tensors += part
+        return ("grad" if isinstance(op, ins.SendGrad) else "act"), op.stage, tensors, was_tuple
 
     def _send_activation(self, op: ins.SendActivation, state: StepState) -> None:
-        _, _, tensors, was_tuple = self._send_payload(op, state)
-        self.p2p.send_activation(op.stage, tensors, was_tuple, self.engine.stage_rank(op.peer_stage))
+        if self.schedule.transfers(op):
+            _, _, tensors, was_tuple = self._send_payload(op, state)
+            self.p2p.send_activation(op.stage, tensors, was_tuple, self.engine.stage_rank(op.peer_stage))
 
     def _send_grad(self, op: ins.SendGrad, state: StepState) -> None:
-        _, _, grads, _ = self._send_payload(op, state)
-        self.p2p.send_grad(op.stage, grads, self.engine.stage_rank(op.peer_stage))
+        if self.schedule.transfers(op):
+            _, _, grads, _ = self._send_payload(op, state)
+            self.p2p.send_grad(op.stage, grads, self.engine.stage_rank(op.peer_stage))
 
     def _recv_activation(self, op: ins.RecvActivation, state: StepState) -> None:
-        received = self.p2p.recv_activation(op.peer_stage, self.engine.stage_rank(op.peer_stage))
-        self._store_received(op, received, state)
+        if self.schedule.transfers(op):
+            received = self.p2p.recv_activation(op.peer_stage, self.engine.stage_rank(op.peer_stage))
+            self._store_received(op, received, state)
 
     def _recv_grad(self, op: ins.RecvGrad, state: StepState) -> None:
-        activation = self._own_activation(op, state)
-        grads = self.p2p.recv_grad(op.stage, activation, self.engine.stage_rank(op.peer_stage))
-        self._store_received(op, (grads, True), state)
+        if self.schedule.transfers(op):
+            activation = self._grad_template(op, state)
+            grads = self.p2p.recv_grad(op.stage, activation, self.engine.stage_rank(op.peer_stage))
+            self._store_received(op, (grads, True), state)
 
     def _own_activation(self, op: ins.RecvGrad, state: StepState) -> tuple[torch.Tensor, ...]:
-        return as_message(state.outputs[(op.stage, op.micro_batch)], f"stage {op.stage}")[0]
+        """The group's local activations, whose float tensors the received gradients match."""
+        return tuple(t for micro_batch in self._group(op)
+                     for t in as_message(state.outputs[(op.stage, micro_batch)], f"stage {op.stage}")[0])
+
+    def _grad_template(self, op: ins.RecvGrad, state: StepState) -> tuple[torch.Tensor, ...]:
+        """What the gradient message matches: the group's activations (+ the loss statistics)."""
+        activation = self._own_activation(op, state)
+        if self._carries_stats(op):
+            activation += (torch.empty(2, dtype=torch.float64, device=self.engine.device),)
+        return activation
 
     def _store_received(self, op: Any, received: tuple[tuple[torch.Tensor, ...], bool], state: StepState) -> None:
         tensors, was_tuple = received
-        if isinstance(op, ins.RecvGrad):
-            state.output_grads[(op.stage, op.micro_batch)] = tensors
-            return
-        if state.training:
-            tensors = tuple(_as_grad_leaf(t) for t in tensors)
-        state.inputs[(op.stage, op.micro_batch)] = (tensors, was_tuple)
+        if isinstance(op, ins.RecvGrad) and self._carries_stats(op):
+            tensors, state.loss_stats = tensors[:-1], tensors[-1].cpu()
+        group = self._group(op)
+        per = len(tensors) // len(group)
+        for n, micro_batch in enumerate(group):
+            part = tensors[n * per:(n + 1) * per]
+            if isinstance(op, ins.RecvGrad):
+                state.output_grads[(op.stage, micro_batch)] = part
+                continue
+            if state.training:
+                part = tuple(_as_grad_leaf(t) for t in part)
+            state.inputs[(op.stage, micro_batch)] = (part, was_tuple)
 
     def _paired(self, op: Any, nxt: Any) -> bool:
-        """A send followed by a receive from the same peer rank: post them together."""
+        """A send followed by a receive from the same peer rank, both moving messages: post them together."""
         return (isinstance(op, (ins.SendActivation, ins.SendGrad))
                 and isinstance(nxt, (ins.RecvActivation, ins.RecvGrad))
+                and self.schedule.transfers(op) and self.schedule.transfers(nxt)
                 and self.engine.stage_rank(op.peer_stage) == self.engine.stage_rank(nxt.peer_stage))
 
     def _exchange(self, send_op: Any, recv_op: Any, state: StepState) -> bool:
@@ -265,7 +325,7 @@ class Executor:
             return False
         send = self._send_payload(send_op, state)
         if isinstance(recv_op, ins.RecvGrad):
-            recv = ("grad", recv_op.stage, self._own_activation(recv_op, state))
+            recv = ("grad", recv_op.stage, self._grad_template(recv_op, state))
         else:
             recv = ("act", recv_op.peer_stage, None)
         peer = self.engine.stage_rank(send_op.peer_stage)
@@ -277,7 +337,12 @@ class Executor:
         return True
 
     def _restore_payload(self, op: Any, send: tuple, state: StepState) -> None:
-        if isinstance(op, ins.SendGrad):
-            state.input_grads[(op.stage, op.micro_batch)] = send[2]
-        elif not state.training:
-            state.outputs[(op.stage, op.micro_batch)] = from_message(send[2], send[3])
+        group = self._group(op)
+        tensors = send[2][:-1] if isinstance(op, ins.SendGrad) and self._carries_stats(op) else send[2]
+        per = len(tensors) // len(group)
+        for n, micro_batch in enumerate(group):
+            part = tensors[n * per:(n + 1) * per]
+            if isinstance(op, ins.SendGrad):
+                state.input_grads[(op.stage, micro_batch)] = part
+            elif not state.training:
+                state.outputs[(op.stage, micro_batch)] = from_message(part, send[3])

@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", type=int, required=True, help="pipeline degree p")
     parser.add_argument("--micro-batches", type=int, required=True, help="micro-batches m")
     parser.add_argument("--virtual", type=int, default=1, help="chunks per rank v")
+    parser.add_argument("--coalesce", type=int, default=1, help="micro-batches per message")
     for key, default in (("F", 1.0), ("B", 2.0), ("W", 0.0), ("comm", 0.0)):
         parser.add_argument(f"--cost-{key}", type=float, default=None,
                             help=f"cost of {key} (default {default}; zb_h1: F=B=W=1)")
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        schedule = build(args.name, args.stages, args.micro_batches, args.virtual)
+        schedule = build(args.name, args.stages, args.micro_batches, args.virtual, coalesce=args.coalesce)
         validate(schedule)
     except ScheduleError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -31,20 +31,24 @@ SCHEDULE_NAMES: tuple[str, ...] = tuple(_SCHEDULES)
 
 
 def build(name: str, num_stages: int, micro_batches: int, virtual_stages: int = 1, *,
-          split_backward: bool | None = None) -> Schedule:
+          split_backward: bool | None = None, coalesce: int = 1) -> Schedule:
     """Build the named schedule: every rank's full stream for one step.
 
     ``split_backward=None`` takes the schedule's own choice (only ``zb_h1`` splits);
     ``True`` on another training schedule runs each Backward as BackwardInput then
-    BackwardWeight at the same place.
+    BackwardWeight at the same place. ``coalesce=k`` builds the schedule over groups
+    of k micro-batches: each group's ops run back to back, one micro-batch at a time,
+    and its tensors cross between stages as one message.
     """
     if name not in _SCHEDULES:
         raise ScheduleError(
             f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
-    _check_sizes(name, num_stages, micro_batches, virtual_stages)
+    _check_sizes(name, num_stages, micro_batches, virtual_stages, coalesce)
     compute_order, training, split_default = _SCHEDULES[name]
     split = _resolve_split(name, training, split_default, split_backward)
-    order = compute_order(num_stages, micro_batches, virtual_stages)
+    order = compute_order(num_stages, micro_batches // coalesce, virtual_stages)
+    if coalesce > 1:
+        order = [_expand_groups(ops, coalesce) for ops in order]
     if split and not split_default:
         order = [_split_in_place(ops) for ops in order]
     streams = add_communication(order, num_stages, virtual_stages)
@@ -54,12 +58,18 @@ def build(name: str, num_stages: int, micro_batches: int, virtual_stages: int = 
     return Schedule(
         name=name, num_stages=num_stages, micro_batches=micro_batches,
         virtual_stages=virtual_stages, streams=tuple(tuple(s) for s in streams),
-        training=training, split_backward=split,
+        training=training, split_backward=split, coalesce=coalesce,
     )
 
 
-def _check_sizes(name: str, p: int, m: int, v: int) -> None:
-    for label, value in (("num_stages", p), ("micro_batches", m), ("virtual_stages", v)):
+def _expand_groups(ops: Sequence[ComputeInstruction], k: int) -> list[ComputeInstruction]:
+    """Group-level ops (micro_batch = group index) -> k ops each, one per micro-batch."""
+    return [type(op)(op.stage, op.micro_batch * k + q) for op in ops for q in range(k)]
+
+
+def _check_sizes(name: str, p: int, m: int, v: int, k: int) -> None:
+    for label, value in (("num_stages", p), ("micro_batches", m), ("virtual_stages", v),
+                         ("coalesce", k)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{label} must be an int, got {type(value).__name__} {value!r}")
         if value < 1:
@@ -68,7 +78,18 @@ def _check_sizes(name: str, p: int, m: int, v: int) -> None:
         raise ScheduleError(
             f"{name} runs one model chunk per rank, got virtual_stages={v}; "
             f"set virtual_stages=1 or use schedule 'interleaved_1f1b'")
+    if m % k:
+        raise ScheduleError(
+            f"micro_batches={m} is not a multiple of coalesce={k}; a message carries a "
+            f"whole group of coalesce micro-batches: pick a divisor of {m} for coalesce "
+            f"or change micro_batches")
     if name == "interleaved_1f1b":
+        if v > 1 and (m // k) % p:
+            raise ScheduleError(
+                f"interleaved_1f1b with coalesce={k} needs micro_batches/coalesce to be a "
+                f"multiple of num_stages={p} (groups go through in rounds of {p}), got "
+                f"{m}/{k}={m // k}; set micro_batches={k * p * -(-(m // k) // p)} or a "
+                f"smaller coalesce")
         interleaved.check(p, m, v)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipegrid.schedules.instructions import Instruction
+from pipegrid.schedules.instructions import Instruction, is_send, message_of
 
 __all__ = ["Schedule"]
 
@@ -31,6 +31,29 @@ class Schedule:
     """False for forward-only schedules (no backward, reduce or optimizer step)."""
     split_backward: bool = False
     """True when backward is split into BackwardInput + BackwardWeight."""
+    coalesce: int = 1
+    """Micro-batches per message: each group of this many consecutive micro-batches is
+    computed one by one but crosses between stages as one message (the schedule is built
+    over the groups). Fewer, larger messages for a longer fill and drain."""
+
+    def message_group(self, micro_batch: int) -> range:
+        """The micro-batches whose tensors travel in one message with ``micro_batch``'s."""
+        first = micro_batch - micro_batch % self.coalesce
+        return range(first, first + self.coalesce)
+
+    def transfers(self, op: Instruction) -> bool:
+        """Whether a send or receive moves its group's message.
+
+        A group's last send posts the message and its first receive takes it; the
+        other sends and receives of the group only mark their micro-batch's place.
+        """
+        group = self.message_group(op.micro_batch)  # type: ignore[union-attr]
+        return op.micro_batch == (group[-1] if is_send(op) else group[0])  # type: ignore[union-attr]
+
+    def message_key(self, op: Instruction) -> tuple[str, int, int]:
+        """``message_of(op)`` for the whole group: named by the group's first micro-batch."""
+        kind, stage, micro_batch = message_of(op)
+        return kind, stage, self.message_group(micro_batch)[0]
 
     @property
     def num_model_stages(self) -> int:
@@ -54,7 +77,8 @@ class Schedule:
         header = " " * label + " | " + " ".join(f"{i:>{width}}" for i in range(length))
         lines = [
             f"{self.name}: stages={self.num_stages} micro_batches={self.micro_batches} "
-            f"virtual_stages={self.virtual_stages}",
+            f"virtual_stages={self.virtual_stages}"
+            + (f" coalesce={self.coalesce}" if self.coalesce > 1 else ""),
             header,
         ]
         for rank, row in enumerate(cells):

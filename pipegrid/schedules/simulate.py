@@ -14,7 +14,7 @@ import networkx as nx
 from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, Forward, Instruction, is_compute, is_recv,
-    is_send, message_of,
+    is_send,
 )
 from pipegrid.schedules.schedule import Schedule
 
@@ -88,12 +88,12 @@ def build_graph(schedule: Schedule, comm: float = 0.0) -> nx.DiGraph:
             if is_compute(op):
                 key = (op.code, op.stage, op.micro_batch)  # type: ignore[union-attr]
                 compute[key] = (rank, position)
-            elif is_send(op):
-                sends[message_of(op)] = (rank, position)
+            elif is_send(op) and schedule.transfers(op):
+                sends[schedule.message_key(op)] = (rank, position)
     for rank, stream in enumerate(schedule.streams):
         for position, op in enumerate(stream):
             if is_recv(op):
-                source = sends.get(message_of(op))
+                source = sends.get(schedule.message_key(op))
                 if source is None:
                     raise ScheduleError(
                         f"rank {rank}, position {position} ({op}): no matching send; "

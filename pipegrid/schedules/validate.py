@@ -13,7 +13,6 @@ from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, Forward, Instruction, LoadMicroBatch,
     OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads,
     SendActivation, SendGrad, _MicroBatchOp, _RankOp, is_compute, is_recv, is_send,
-    message_of,
 )
 from pipegrid.schedules.schedule import Schedule
 
@@ -72,6 +71,9 @@ def _requirements(schedule: Schedule, rank: int, op: Instruction) -> list[tuple[
     elif isinstance(op, SendGrad):
         code = "I" if schedule.split_backward else "B"
         need.append(((code, s, mb), "the backward that produces it"))
+    if is_send(op) and schedule.transfers(op):  # the group's message takes every part
+        need += [((op.code, s, other), "the earlier sends of its message group")
+                 for other in schedule.message_group(mb) if other != mb]
     return need
 
 
@@ -164,9 +166,14 @@ def _expected(schedule: Schedule, rank: int) -> list[_Key]:
 
 
 def _check_execution(schedule: Schedule) -> None:
-    """Run every rank: sends never block, a receive blocks until its channel has a message."""
+    """Run every rank: sends never block, a receive blocks until its channel has a message.
+
+    With ``coalesce`` > 1 a group's last send posts its message and its first receive
+    takes it; the group's other receives need that first one to have run already.
+    """
     p = schedule.num_stages
     channels: dict[tuple[int, int], deque[tuple[_Key, int]]] = {}
+    taken: set[tuple[int, _Key]] = set()
     cursor = [0] * p
     progressed = True
     while progressed:
@@ -175,16 +182,22 @@ def _check_execution(schedule: Schedule) -> None:
             stream = schedule.streams[rank]
             while cursor[rank] < len(stream):
                 op = stream[cursor[rank]]
-                if is_send(op):
+                if is_send(op) and schedule.transfers(op):
                     dst = op.peer_stage % p  # type: ignore[union-attr]
                     queue = channels.setdefault((rank, dst), deque())
-                    queue.append((message_of(op), cursor[rank]))
+                    queue.append((schedule.message_key(op), cursor[rank]))
+                elif is_recv(op) and not schedule.transfers(op):
+                    if (rank, schedule.message_key(op)) not in taken:
+                        raise _fail(schedule, rank, cursor[rank],
+                                    f"receive comes before the first receive of its message "
+                                    f"group {list(schedule.message_group(op.micro_batch))}; "  # type: ignore[union-attr]
+                                    f"a group's receives must run in micro-batch order")
                 elif is_recv(op):
                     src = op.peer_stage % p  # type: ignore[union-attr]
                     queue = channels.get((src, rank))
                     if not queue:
                         break
-                    if queue[0][0] != message_of(op):
+                    if queue[0][0] != schedule.message_key(op):
                         sent = schedule.streams[src][queue[0][1]]
                         raise _fail(schedule, rank, cursor[rank],
                                     f"receive does not match the next message on the channel "
@@ -192,6 +205,7 @@ def _check_execution(schedule: Schedule) -> None:
                                     f"{queue[0][1]}) first; sends and receives between two "
                                     f"ranks must be issued in the same order")
                     queue.popleft()
+                    taken.add((rank, schedule.message_key(op)))
                 cursor[rank] += 1
                 progressed = True
     blocked = [r for r in range(p) if cursor[r] < len(schedule.streams[r])]

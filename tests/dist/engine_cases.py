@@ -27,9 +27,9 @@ def canonical_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def config(schedule: str, pipe: int, data: int, micro_batches: int, dtype: str = "float32",
-           optimizer: dict | None = None, grad_clip: float = 0.5, **extra: Any) -> dict:
+           optimizer: dict | None = None, grad_clip: float = 0.5, coalesce: int = 1, **extra: Any) -> dict:
     return {"topology": {"pipe": pipe, "data": data},
-            "schedule": {"name": schedule, "micro_batches": micro_batches,
+            "schedule": {"name": schedule, "micro_batches": micro_batches, "coalesce": coalesce,
                          "virtual_stages": 2 if schedule == "interleaved_1f1b" else 1},
             "optimizer": optimizer or {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9},
             "precision": {"dtype": dtype}, "train": {"grad_clip": grad_clip}, "comm": {"timeout_s": 60},
