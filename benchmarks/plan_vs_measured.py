@@ -4,7 +4,8 @@ Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` layer by layer (
 one thread), measures how much two busy processes slow each other (the CPU device model's
 contention factor), what one point-to-point message costs while both compute (the link
 latency) and the Adam step, predicts the pipe=2 1f1b step with the schedule
-simulator, then times pipegrid's engine on the same workloads and prints both.
+simulator (also with schedule.coalesce=4 on the overhead-bound workload), then times
+pipegrid's engine on the same workloads and prints both.
 
     python benchmarks/plan_vs_measured.py [--rounds 3] [--out benchmarks/results/plan_vs_measured.json]
 """
@@ -74,8 +75,8 @@ def measure_message_cost(w: dict) -> float:
     return max(with_msgs - without, 0.0) / 2
 
 
-def predict_workload(w: dict, contention: float) -> dict:
-    """Predicted seconds per step for pipe=2 1f1b from a profile taken here."""
+def predict_workload(w: dict, contention: float, coalesce: int = 1) -> dict:
+    """Predicted seconds per step for pipe=2 1f1b (``coalesce`` micro-batches per message)."""
     costs, adam_s = _profile(w)
     message_s = measure_message_cost(w)
     stage_params = sum(c.parameters for c in costs) // STAGES
@@ -85,7 +86,8 @@ def predict_workload(w: dict, contention: float) -> dict:
                         memory_bandwidth=stage_params * _ADAM_BYTES_PER_PARAM / (adam_s * contention))
     cluster = ClusterSpec("cpu_2", 1, STAGES, device, intra_gbytes_per_s=5.0, inter_gbytes_per_s=5.0,
                           intra_latency_us=message_s * 1e6, inter_latency_us=message_s * 1e6)
-    pred = predict(costs, Layout(pipe=STAGES, schedule="1f1b"), cluster, micro_batches=w["micro_batches"],
+    pred = predict(costs, Layout(pipe=STAGES, schedule="1f1b", coalesce=coalesce), cluster,
+                   micro_batches=w["micro_batches"],
                    optimizer=OptimizerSpec("adam", "float32"))
     return {"predicted_s": pred.step_s, "message_s": message_s, "pipeline_s": pred.pipeline_s, "optimizer_s": pred.optimizer_s,
             "bubble": pred.bubble_fraction, "costs": pred.costs,
@@ -99,9 +101,11 @@ def main() -> None:
     args = parser.parse_args()
     contention = measure_contention(STAGES)
     results = {}
-    for name, w in WORKLOADS.items():
-        pred = predict_workload(w, contention)
-        measured = [run_local(pipegrid_run, STAGES, (w, "1f1b"), timeout_s=600)[0] for _ in range(args.rounds)]
+    cases = [(name, w, 1) for name, w in WORKLOADS.items()] + [("overhead-bound coalesce=4", WORKLOADS["overhead-bound"], 4)]
+    for name, w, coalesce in cases:
+        pred = predict_workload(w, contention, coalesce)
+        measured = [run_local(pipegrid_run, STAGES, (w, "1f1b", coalesce), timeout_s=600)[0]
+                    for _ in range(args.rounds)]
         pred["measured_s"] = statistics.median(measured)
         pred["error"] = pred["predicted_s"] / pred["measured_s"] - 1
         results[name] = pred

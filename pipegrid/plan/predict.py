@@ -39,6 +39,8 @@ class Layout:
     """Sequences per micro-batch."""
     zero: bool = False
     """ZeRO-1: optimizer state and master weights sharded over the data axis."""
+    coalesce: int = 1
+    """Micro-batches per point-to-point message (``schedule.coalesce``)."""
 
     @property
     def devices(self) -> int:
@@ -46,7 +48,8 @@ class Layout:
 
     def label(self) -> str:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
-        return (f"p={self.pipe} d={self.data} t={self.tensor} {self.schedule}{v} "
+        c = f" c={self.coalesce}" if self.coalesce > 1 else ""
+        return (f"p={self.pipe} d={self.data} t={self.tensor} {self.schedule}{v}{c} "
                 f"b={self.micro_batch_size}{' zero1' if self.zero else ''}")
 
 
@@ -193,8 +196,9 @@ def predict(layers: Sequence[LayerCost], layout: Layout, cluster: ClusterSpec, *
     split = layout.schedule == "zb_h1"
     costs = _chunk_costs(chunks, cluster.device, t, tp_link, recompute, split)
     boundary = max(chunk[-1].output_bytes for chunk in chunks[:-1]) if p > 1 else 0.0
-    costs["comm"] = pp_link.time(boundary / t if scatter_gather else boundary) if p > 1 else 0.0
-    sim = simulate_step(layout.schedule, p, micro_batches, v, costs)
+    message = layout.coalesce * (boundary / t if scatter_gather else boundary)  # a group per message
+    costs["comm"] = pp_link.time(message) if p > 1 else 0.0
+    sim = simulate_step(layout.schedule, p, micro_batches, v, costs, coalesce=layout.coalesce)
     per_rank = [[chunks[r + k * p] for k in range(v)] for r in range(p)]
     params = [sum(l.parameters for c in cs for l in c) for cs in per_rank]
     grad_bytes = max(params) * DTYPE_BYTES[optimizer.dtype]

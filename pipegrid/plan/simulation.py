@@ -34,21 +34,27 @@ class StepSimulation:
 
 
 @lru_cache(maxsize=12)
-def _schedule(name: str, p: int, m: int, v: int) -> Schedule:
-    return build(name, p, m, v)
+def _schedule(name: str, p: int, m: int, v: int, k: int) -> Schedule:
+    return build(name, p, m, v, coalesce=k)
 
 
-def simulate_step(name: str, p: int, m: int, v: int, costs: Mapping[str, float]) -> StepSimulation:
-    """Simulate (or extrapolate) one step of schedule ``name`` with uniform stage ``costs``."""
+def simulate_step(name: str, p: int, m: int, v: int, costs: Mapping[str, float],
+                  coalesce: int = 1) -> StepSimulation:
+    """Simulate (or extrapolate) one step of schedule ``name`` with uniform stage ``costs``.
+
+    With ``coalesce`` k the steady state repeats per group of k micro-batches, so long
+    schedules are simulated at p and 2p groups and extended per group.
+    """
+    k = coalesce
     busy = m * v * (costs["F"] + costs["B"] + costs.get("W", 0.0))  # per rank
-    if p == 1 or m * v * p <= _DIRECT_OPS or m <= 2 * p:
-        result = simulate(_schedule(name, p, m, v), costs)
+    if p == 1 or m * v * p <= _DIRECT_OPS or m <= 2 * p * k:
+        result = simulate(_schedule(name, p, m, v, k), costs)
         return StepSimulation(result.makespan, result.bubble_fraction, result.peak_inflight, None)
-    m1, m2 = p, 2 * p
-    first = simulate(_schedule(name, p, m1, v), costs)
-    second = simulate(_schedule(name, p, m2, v), costs)
+    m1, m2 = p * k, 2 * p * k
+    first = simulate(_schedule(name, p, m1, v, k), costs)
+    second = simulate(_schedule(name, p, m2, v, k), costs)
     slope = (second.makespan - first.makespan) / (m2 - m1)
     makespan = second.makespan + slope * (m - m2)
-    peak = tuple(m if name == "gpipe" else k for k in second.peak_inflight)
+    peak = tuple(m if name == "gpipe" else n for n in second.peak_inflight)
     bubble = max(0.0, 1.0 - busy / makespan) if makespan > 0 else 0.0
     return StepSimulation(makespan, bubble, peak, (m1, m2))
