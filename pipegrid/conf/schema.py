@@ -126,6 +126,10 @@ class CommConfig:
     """Every collective and point-to-point wait fails after this many seconds."""
     dynamic_shapes: bool = False
     """Negotiate activation shapes for every micro-batch (variable sequence length)."""
+    bind_cores: bool = True
+    """Pin each local rank's threads to its own share of the host's cores (LOCAL_RANK of
+    LOCAL_WORLD_SIZE), when there are at least as many cores as ranks. Set false when
+    something else binds the processes (numactl, SLURM's --cpu-bind)."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "gloo", "nccl"):

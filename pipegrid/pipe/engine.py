@@ -29,6 +29,7 @@ from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
 from pipegrid.schedules import build, validate
+from pipegrid.topology.affinity import bind_cores
 from pipegrid.topology.grid import Topology
 from pipegrid.topology.groups import ProcessGroups, check_world_size
 
@@ -108,6 +109,8 @@ def init_distributed(config: Any = None) -> ProcessGroups:
     ``groups.tensor_parallel_group``), then pass the groups to :func:`initialize`.
     """
     cfg = to_train_config(config)
+    if cfg.comm.bind_cores:  # before joining, so gloo's threads start on this rank's cores
+        bind_cores()
     if not dist.is_initialized():
         _join_process_group(cfg)
     return ProcessGroups(Topology(**vars(cfg.topology)), timeout_s=cfg.comm.timeout_s)
