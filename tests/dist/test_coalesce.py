@@ -70,3 +70,19 @@ def test_step_loss_rides_on_gradient_messages_not_a_world_all_reduce():
     losses, _ = zip(*run_local(_loss_collectives, 4, (2,), timeout_s=60))
     alone = run_local(_loss_collectives, 2, (1,), timeout_s=60)[0][0]  # replica 0's data only
     assert len(set(losses)) == 1 and losses[0] != alone  # averaged with replica 1's, on every rank
+
+
+def _dynamic(coalesce):
+    engine = _engine(config("1f1b", 2, 1, 4, coalesce=coalesce, comm={"dynamic_shapes": True, "timeout_s": 30}))
+    losses = []
+    for step, seq_len in enumerate((6, 4, 5)):  # a new length every step, and within a group
+        batches = [gpt_batches(1, seq_len=seq_len - k % 2, seed=10 * step + k)[0] for k in range(4)]
+        losses.append(engine.train_batch(iter(batches)))
+    return losses
+
+
+def test_groups_with_changing_shapes_renegotiate_and_match_single_messages():
+    single = run_local(_dynamic, 2, (1,), timeout_s=60)
+    grouped = run_local(_dynamic, 2, (2,), timeout_s=60)
+    assert grouped[0] == grouped[1]
+    assert grouped[0] == pytest.approx(single[0], rel=1e-6)
