@@ -156,6 +156,7 @@ class PipelineEngine:
     def __init__(self, module: torch.nn.Module, config: TrainConfig, groups: ProcessGroups) -> None:
         self.config, self.groups, self.topology = config, groups, groups.topology
         self.pipe_rank = groups.stage_id
+        self._stage_ranks = [groups.stage_rank(s) for s in range(groups.topology.pipe)]  # asked per message
         self._check_module(module)
         self.device = self._device()
         self.dtype = _DTYPES[config.precision.dtype]
@@ -246,7 +247,7 @@ class PipelineEngine:
 
     def stage_rank(self, stage: int) -> int:
         """Global rank running model stage ``stage`` on this rank's data/tensor coordinate."""
-        return self.groups.stage_rank(stage % self.topology.pipe)
+        return self._stage_ranks[stage % self.topology.pipe]
 
     def to_device(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
