@@ -129,7 +129,8 @@ class CommConfig:
     bind_cores: bool = True
     """Pin each local rank's threads to its own share of the host's cores (LOCAL_RANK of
     LOCAL_WORLD_SIZE), when there are at least as many cores as ranks. Set false when
-    something else binds the processes (numactl, SLURM's --cpu-bind)."""
+    something else binds the processes (numactl, SLURM's --cpu-bind) or when several jobs
+    share the host without a cpuset each (they would all take the same cores)."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "gloo", "nccl"):
