@@ -297,14 +297,17 @@ class Executor:
             activation += (torch.empty(2, dtype=torch.float64, device=self.engine.device),)
         return activation
 
+    def _split(self, op: Any, tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+        """A group's message back into (micro-batch, its tensors), in group order."""
+        group = self._group(op)
+        per = len(tensors) // len(group)
+        return [(mb, tensors[n * per:(n + 1) * per]) for n, mb in enumerate(group)]
+
     def _store_received(self, op: Any, received: tuple[tuple[torch.Tensor, ...], bool], state: StepState) -> None:
         tensors, was_tuple = received
         if isinstance(op, ins.RecvGrad) and self._carries_stats(op):
             tensors, state.loss_stats = tensors[:-1], tensors[-1].cpu()
-        group = self._group(op)
-        per = len(tensors) // len(group)
-        for n, micro_batch in enumerate(group):
-            part = tensors[n * per:(n + 1) * per]
+        for micro_batch, part in self._split(op, tensors):
             if isinstance(op, ins.RecvGrad):
                 state.output_grads[(op.stage, micro_batch)] = part
                 continue
@@ -337,11 +340,8 @@ class Executor:
         return True
 
     def _restore_payload(self, op: Any, send: tuple, state: StepState) -> None:
-        group = self._group(op)
         tensors = send[2][:-1] if isinstance(op, ins.SendGrad) and self._carries_stats(op) else send[2]
-        per = len(tensors) // len(group)
-        for n, micro_batch in enumerate(group):
-            part = tensors[n * per:(n + 1) * per]
+        for micro_batch, part in self._split(op, tensors):
             if isinstance(op, ins.SendGrad):
                 state.input_grads[(op.stage, micro_batch)] = part
             elif not state.training:
