@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import datetime
 import functools
+import gc
 import logging
 import math
 import multiprocessing as mp
@@ -73,6 +74,9 @@ def _worker(fn: Callable[..., Any], args: tuple, rank: int, world_size: int, ini
         import torch.distributed as dist
 
         if backend is not None:
+            from pipegrid.topology.groups import import_before_joining
+
+            import_before_joining()
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         result = fn(*args)
@@ -281,6 +285,10 @@ def _run_in_place(fn: Callable[..., Any], args: tuple) -> Any:
         result = _rank_entry(fn, args, None)
         import torch.distributed as dist  # (after a failure, tearing down could block on peers)
 
+        # Free what ``fn`` left in reference cycles first: a process group still referenced
+        # outlives destroy_process_group, and its gloo threads alive at interpreter shutdown
+        # can abort the process ("terminate called without an active exception").
+        gc.collect()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         return result

@@ -31,7 +31,7 @@ from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_fl
 from pipegrid.schedules import build, validate
 from pipegrid.topology.affinity import bind_cores
 from pipegrid.topology.grid import Topology
-from pipegrid.topology.groups import ProcessGroups, check_world_size
+from pipegrid.topology.groups import ProcessGroups, check_world_size, import_before_joining
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -79,6 +79,7 @@ def _join_process_group(cfg: TrainConfig) -> None:
                 "torchrun --nproc-per-node N ... or pipegrid's local launcher (examples/train_gpt.py does it)")
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     check_world_size(Topology(**vars(cfg.topology)), int(os.environ["WORLD_SIZE"]))
+    import_before_joining()
     backend = cfg.comm.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -8,6 +8,7 @@ point-to-point layer and the engine's reduce/step hooks.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,23 +85,27 @@ class StepState:
 class Executor:
     """Executes ``schedule.streams[pipe_rank]`` against a PipelineModule and a P2P layer."""
 
+    # instruction type -> handler method (looked up per call: an instance may override one)
+    HANDLERS: dict[type, str] = {
+        ins.LoadMicroBatch: "_load", ins.Forward: "_forward", ins.Backward: "_backward",
+        ins.BackwardInput: "_backward", ins.BackwardWeight: "_backward_weight",
+        ins.SendActivation: "_send_activation", ins.RecvActivation: "_recv_activation",
+        ins.SendGrad: "_send_grad", ins.RecvGrad: "_recv_grad",
+        ins.ReduceTiedGrads: "_reduce_tied_grads", ins.ReduceGrads: "_reduce_grads",
+        ins.OptimizerStep: "_optimizer_step",
+    }
+
     def __init__(self, engine: Any, schedule: Schedule, pipe_rank: int) -> None:
-        self.engine = engine
+        # Weakly: the engine owns its executors, and no reference cycle may keep an engine
+        # (and so its process groups' threads) alive until a garbage collection; gloo
+        # threads still alive when the interpreter finalises can abort the process.
+        self.engine = weakref.proxy(engine)
         self.module = engine.module
         self.p2p = engine.p2p
         self.schedule = schedule
         self.pipe_rank = pipe_rank
         self.stream = schedule.streams[pipe_rank]
         self.last_stage = schedule.num_model_stages - 1
-        self.handlers: dict[type, Callable[[Any, StepState], None]] = {
-            ins.LoadMicroBatch: self._load, ins.Forward: self._forward, ins.Backward: self._backward,
-            ins.BackwardInput: self._backward, ins.BackwardWeight: self._backward_weight,
-            ins.SendActivation: self._send_activation, ins.RecvActivation: self._recv_activation,
-            ins.SendGrad: self._send_grad, ins.RecvGrad: self._recv_grad,
-            ins.ReduceTiedGrads: lambda op, st: engine.reduce_tied_grads(),
-            ins.ReduceGrads: lambda op, st: engine.reduce_data_parallel_grads(),
-            ins.OptimizerStep: lambda op, st: engine.optimizer_step(st.losses, self._stats(st)),
-        }
         # the last stage's loss statistics ride down the pipeline on each stage's last
         # gradient message, so no rank needs a collective to learn the step's loss
         self._last_grad_sent = self._last_of(ins.SendGrad)
@@ -143,11 +148,11 @@ class Executor:
         return state.loss_stats
 
     def _handler(self, op: Any, position: int) -> Callable[[Any, StepState], None]:
-        handler = self.handlers.get(type(op))
-        if handler is None:
+        name = self.HANDLERS.get(type(op))
+        if name is None:
             raise TypeError(f"rank {self.pipe_rank}: no handler for instruction {op!r} "
                             f"(type {type(op).__name__}) at position {position}")
-        return handler
+        return getattr(self, name)
 
     def _lost_peer_message(self, position: int, op: Any, error: BaseException) -> str:
         me = self.engine.groups.rank
@@ -263,6 +268,15 @@ class Executor:
             part, was_tuple = as_message(output, f"stage {op.stage}")
             tensors += part
         return ("grad" if isinstance(op, ins.SendGrad) else "act"), op.stage, tensors, was_tuple
+
+    def _reduce_tied_grads(self, op: ins.ReduceTiedGrads, state: StepState) -> None:
+        self.engine.reduce_tied_grads()
+
+    def _reduce_grads(self, op: ins.ReduceGrads, state: StepState) -> None:
+        self.engine.reduce_data_parallel_grads()
+
+    def _optimizer_step(self, op: ins.OptimizerStep, state: StepState) -> None:
+        self.engine.optimizer_step(state.losses, self._stats(state))
 
     def _send_activation(self, op: ins.SendActivation, state: StepState) -> None:
         if self.schedule.transfers(op):

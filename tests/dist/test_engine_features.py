@@ -154,3 +154,25 @@ def test_nonfinite_loss_skips_the_step_everywhere_with_skip():
 def test_nonfinite_loss_raises_naming_step_and_rank():
     with pytest.raises(WorkerError, match=r"rank \d: non-finite loss at step 1; .*train.on_nonfinite=skip"):
         run_local(_nonfinite, 2, ("raise",), timeout_s=60)
+
+
+def _dropped_engine():
+    import gc
+    import os
+    import weakref
+
+    gc.disable()  # only reference counting may free the engine
+    engine = _engine(config("1f1b", 2, 1, 2))
+    engine.train_batch(iter(gpt_batches(2)))
+    engine.eval_batch(iter(gpt_batches(2)))
+    gone = weakref.ref(engine)
+    del engine
+    dist.destroy_process_group()
+    return gone() is None, len(os.listdir("/proc/self/task"))
+
+
+def test_a_dropped_engine_frees_its_process_groups_at_once():
+    # An engine kept alive by a reference cycle keeps gloo's threads past
+    # destroy_process_group, into interpreter shutdown, where they can abort the process.
+    for freed, threads in run_local(_dropped_engine, 2, timeout_s=60):
+        assert freed and threads == 1

@@ -35,7 +35,6 @@ KILL_MID_STEP = textwrap.dedent('''
     import os, signal, sys, time, traceback
     import pipegrid as pg
     from pipegrid.launch import launch
-    from pipegrid.schedules import instructions as ins
     from tests.dist.engine_cases import N_LAYER, config, global_batches
     from tests.models import TinyGPT
 
@@ -47,15 +46,15 @@ KILL_MID_STEP = textwrap.dedent('''
         engine = pg.initialize(TinyGPT(N_LAYER, topology=topo),
                                config("1f1b", pipe, data, 2, comm={"timeout_s": timeout_s}))
         if rank == victim:  # dies in the backward of micro-batch 1 of the second step
-            handlers = engine._train_executor.handlers
-            backward = handlers[ins.Backward]
+            executor = engine._train_executor
+            backward = executor._backward
             def dying(op, state):
                 if engine.global_steps == 1 and op.micro_batch == 1:
                     with open(os.path.join(out, "killed-at"), "w") as f:
                         f.write(repr(time.time()))
                     os.kill(os.getpid(), signal.SIGKILL)
                 backward(op, state)
-            handlers[ins.Backward] = dying
+            executor._backward = dying
         d = topo.coord(rank).data
         try:
             for step in range(3):
