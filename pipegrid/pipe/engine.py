@@ -9,11 +9,14 @@ happens per instruction.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import importlib
 import inspect
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -70,6 +73,20 @@ def build_optimizer(spec: dict[str, Any], params: list[torch.nn.Parameter]) -> t
         return cls(params, **kwargs)
 
 
+def _leave_process_group() -> None:
+    """At exit, tear down the gloo group :func:`initialize` joined, while the interpreter is whole.
+
+    Gloo's threads still running at interpreter shutdown can abort the process, and a user
+    of pipegrid never called init_process_group, so never thinks of destroying it. Gloo's
+    teardown is local; NCCL's may wait on the peers, so an NCCL group, and any group after
+    an unhandled exception, is left to the process's end as torch leaves it.
+    """
+    if hasattr(sys, "last_value") or not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    gc.collect()  # a dropped engine's groups go with it
+    dist.destroy_process_group()
+
+
 def _join_process_group(cfg: TrainConfig) -> None:
     """Initialise torch.distributed from the environment (torchrun or the local launcher)."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
@@ -114,6 +131,8 @@ def init_distributed(config: Any = None) -> ProcessGroups:
         bind_cores()
     if not dist.is_initialized():
         _join_process_group(cfg)
+        atexit.unregister(_leave_process_group)  # once, however many jobs run in this process
+        atexit.register(_leave_process_group)
     return ProcessGroups(Topology(**vars(cfg.topology)), timeout_s=cfg.comm.timeout_s)
 
 

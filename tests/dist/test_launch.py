@@ -91,3 +91,35 @@ def test_torchrun_world_size_must_match(tmp_path):
     proc = run(tmp_path, *TORCHRUN, mode="ok", world_size=4)
     assert proc.returncode != 0
     assert "the job needs 4 processes but torchrun started WORLD_SIZE=2" in proc.stderr
+
+
+QUICKSTART_EXIT = textwrap.dedent('''
+    import atexit, os, sys
+    from torch import nn
+    import pipegrid as pg
+
+    def threads():  # registered first, so it runs after pipegrid's own exit handler
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        print("gloo threads at exit:", sum("gloo" in n for n in names), flush=True)
+    atexit.register(threads)
+
+    def main():
+        model = pg.PipelineModule([nn.Linear(4, 4), nn.Linear(4, 4)], loss_fn=nn.functional.mse_loss)
+        engine = pg.initialize(model, {"schedule": {"name": "1f1b", "micro_batches": 2},
+                                       "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1}})
+        import torch
+        return engine.train_batch(iter([(torch.ones(2, 4), torch.zeros(2, 4))] * 2))
+
+    print("loss", main(), flush=True)  # no destroy_process_group: the quickstart has none
+''')
+
+
+def test_a_script_that_never_destroys_the_group_exits_without_gloo_threads(tmp_path):
+    # gloo threads alive at interpreter shutdown can abort the process after a finished job
+    script = tmp_path / "quick.py"
+    script.write_text(QUICKSTART_EXIT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "gloo threads at exit: 0" in proc.stdout, proc.stdout
