@@ -24,7 +24,7 @@ _EXPORTS: dict[str, str] = {
     "build_reference": "pipegrid.pipe.module",
     "PipelineEngine": "pipegrid.pipe.engine",
     "initialize": "pipegrid.pipe.engine",
-    "init_distributed": "pipegrid.pipe.engine",
+    "init_distributed": "pipegrid.topology.join",
     "TrainConfig": "pipegrid.conf.schema",
 }
 
@@ -46,7 +46,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pipegrid.conf.schema import TrainConfig
-    from pipegrid.pipe.engine import PipelineEngine, init_distributed, initialize
+    from pipegrid.pipe.engine import PipelineEngine, initialize
+    from pipegrid.topology.join import init_distributed
     from pipegrid.pipe.module import PipelineModule, build_reference
     from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
     from pipegrid.schedules.errors import ScheduleError

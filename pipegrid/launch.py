@@ -74,7 +74,7 @@ def _worker(fn: Callable[..., Any], args: tuple, rank: int, world_size: int, ini
         import torch.distributed as dist
 
         if backend is not None:
-            from pipegrid.topology.groups import import_before_joining
+            from pipegrid.topology.join import import_before_joining
 
             import_before_joining()
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,

@@ -9,14 +9,10 @@ happens per instruction.
 
 from __future__ import annotations
 
-import atexit
-import datetime
-import gc
 import importlib
 import inspect
 import math
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,9 +28,9 @@ from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
 from pipegrid.schedules import build, validate
-from pipegrid.topology.affinity import bind_cores
 from pipegrid.topology.grid import Topology
-from pipegrid.topology.groups import ProcessGroups, check_world_size, import_before_joining
+from pipegrid.topology.groups import ProcessGroups
+from pipegrid.topology.join import init_distributed
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -71,69 +67,6 @@ def build_optimizer(spec: dict[str, Any], params: list[torch.nn.Parameter]) -> t
         return cls(params, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or dtype
         return cls(params, **kwargs)
-
-
-def _leave_process_group() -> None:
-    """At exit, tear down the gloo group :func:`initialize` joined, while the interpreter is whole.
-
-    Gloo's threads still running at interpreter shutdown can abort the process, and a user
-    of pipegrid never called init_process_group, so never thinks of destroying it. Gloo's
-    teardown is local; NCCL's may wait on the peers, so an NCCL group, and any group after
-    an unhandled exception, is left to the process's end as torch leaves it.
-    """
-    if hasattr(sys, "last_value") or not dist.is_initialized() or dist.get_backend() != "gloo":
-        return
-    gc.collect()  # a dropped engine's groups go with it
-    dist.destroy_process_group()
-
-
-def _join_process_group(cfg: TrainConfig) -> None:
-    """Initialise torch.distributed from the environment (torchrun or the local launcher)."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        if cfg.topology.pipe * cfg.topology.data * cfg.topology.tensor != 1:
-            raise RuntimeError(
-                "torch.distributed is not initialised and RANK/WORLD_SIZE are not set; start the job with "
-                "torchrun --nproc-per-node N ... or pipegrid's local launcher (examples/train_gpt.py does it)")
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    check_world_size(Topology(**vars(cfg.topology)), int(os.environ["WORLD_SIZE"]))
-    import_before_joining()
-    backend = cfg.comm.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    init_method = os.environ.get("PIPEGRID_INIT_METHOD")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = datetime.timedelta(seconds=cfg.comm.timeout_s)
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if init_method is None and restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun keeps one store across restarts: give every attempt its own key space,
-        # or a restarted group finds the dead attempt's addresses and never connects
-        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"pipegrid/attempt_{restart}", agent)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-        return
-    if init_method is None and "MASTER_ADDR" not in os.environ:
-        import tempfile  # one process, no launcher: a private file store
-
-        init_method = f"file://{tempfile.mkdtemp(prefix='pipegrid-')}/store"
-    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
-                            timeout=timeout)
-
-
-def init_distributed(config: Any = None) -> ProcessGroups:
-    """Join torch.distributed (if needed) and build the grid's process groups.
-
-    Call it first when the model itself needs a group (tensor-parallel layers take
-    ``groups.tensor_parallel_group``), then pass the groups to :func:`initialize`.
-    """
-    cfg = to_train_config(config)
-    if cfg.comm.bind_cores:  # before joining, so gloo's threads start on this rank's cores
-        bind_cores()
-    if not dist.is_initialized():
-        _join_process_group(cfg)
-        atexit.unregister(_leave_process_group)  # once, however many jobs run in this process
-        atexit.register(_leave_process_group)
-    return ProcessGroups(Topology(**vars(cfg.topology)), timeout_s=cfg.comm.timeout_s)
 
 
 def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None:

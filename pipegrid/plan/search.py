@@ -6,7 +6,6 @@ shortlist that fits in memory is timed by the schedule simulator and ranked by s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 

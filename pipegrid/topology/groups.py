@@ -16,19 +16,6 @@ from pipegrid.topology.grid import Topology
 _AXES = ("pipe", "data", "tensor")
 
 
-def import_before_joining() -> None:
-    """Import, while no default group exists, the torch modules that capture it when imported.
-
-    ``torch.distributed.nn.functional`` binds ``group.WORLD`` as default arguments. Imported
-    after the default group exists (torch._dynamo imports it lazily, e.g. on the first
-    meta-device op, which ``LayerSpec.num_parameters`` runs), it keeps that group alive past
-    ``destroy_process_group``: gloo's threads then live into interpreter shutdown, where they
-    can abort the process ("terminate called without an active exception").
-    """
-    if dist.is_available() and not dist.is_initialized():
-        import torch.distributed.nn.functional  # noqa: F401
-
-
 def check_world_size(topology: Topology, world_size: int) -> None:
     """Raise before any collective when the world cannot hold the topology."""
     if world_size != topology.world_size:

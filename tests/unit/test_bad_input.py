@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import pipegrid as pg
 from pipegrid.conf.schema import to_train_config
-from pipegrid.pipe.engine import _join_process_group
+from pipegrid.topology.join import _join_process_group
 from pipegrid.schedules import ScheduleError, build
 from pipegrid.topology.groups import check_world_size
 from tests.models import TinyGPT, gpt_layers
