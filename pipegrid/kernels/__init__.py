@@ -2,7 +2,7 @@
 
 The torch path (``buffers.py``) runs everywhere and is the reference; fused CuPy
 kernels (``cupy_kernels.py``, imported lazily) take over for CUDA tensors when CuPy
-is installed (``pip install pipegrid[cuda]``). See ``layout.py`` for the buffer scheme.
+is installed (``pip install "pipegrid[cuda12]"`` or ``[cuda13]``). See ``layout.py`` for the buffer scheme.
 """
 
 from pipegrid.kernels.backend import BACKENDS, select_backend

@@ -14,6 +14,7 @@ import torch
 __all__ = ["BACKENDS", "select_backend", "cupy_unavailable_reason"]
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "cupy")
+_INSTALL_HINT = 'pip install "pipegrid[cuda12]" (or "pipegrid[cuda13]": the extra matching your CUDA)'
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,11 +27,11 @@ def cupy_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device (torch.cuda.is_available() is False)"
     if importlib.util.find_spec("cupy") is None:
-        return "CuPy is not installed; install it with `pip install pipegrid[cuda]`"
+        return f"CuPy is not installed; install it with {_INSTALL_HINT}"
     try:
         import cupy
     except Exception as error:  # a broken install raises more than ImportError
-        return f"CuPy failed to import ({error}); reinstall it with `pip install pipegrid[cuda]`"
+        return f"CuPy failed to import ({error}); reinstall it with {_INSTALL_HINT}"
     try:
         if not cupy.cuda.is_available():
             return "cupy.cuda.is_available() is False (driver or CUDA runtime mismatch)"

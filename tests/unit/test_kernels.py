@@ -249,9 +249,9 @@ def test_cupy_backend_without_cuda_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backend_module.importlib.util, "find_spec", lambda name: None)
     message = reason()
-    assert "pip install pipegrid[cuda]" in message
+    assert "pip install \"pipegrid[cuda12]\"" in message
     monkeypatch.setattr(backend_module, "cupy_unavailable_reason", lambda: message)
-    with pytest.raises(RuntimeError, match=r"cannot run: CuPy is not installed.*pipegrid\[cuda\]"):
+    with pytest.raises(RuntimeError, match=r"cannot run: CuPy is not installed.*pipegrid\[cuda12\].*cuda13"):
         select_backend("cupy", "cuda:0")
     assert select_backend("auto", "cuda:0") == "torch"
 
