@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from pipegrid.schedules import gpipe, inference, interleaved, one_f_one_b, zero_bubble
 from pipegrid.schedules.errors import ScheduleError
+from pipegrid.schedules.fusion import pair_exchanges
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, ComputeInstruction, Forward, Instruction,
     LoadMicroBatch, OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads,
@@ -55,11 +56,11 @@ def build(name: str, num_stages: int, micro_batches: int, virtual_stages: int = 
     streams = order_receives(streams, num_stages)
     if training:
         streams = add_step(streams)
-    return Schedule(
+    return pair_exchanges(Schedule(
         name=name, num_stages=num_stages, micro_batches=micro_batches,
         virtual_stages=virtual_stages, streams=tuple(tuple(s) for s in streams),
         training=training, split_backward=split, coalesce=coalesce,
-    )
+    ))
 
 
 def _expand_groups(ops: Sequence[ComputeInstruction], k: int) -> list[ComputeInstruction]:
@@ -84,13 +85,13 @@ def _check_sizes(name: str, p: int, m: int, v: int, k: int) -> None:
             f"whole group of coalesce micro-batches: pick a divisor of {m} for coalesce "
             f"or change micro_batches")
     if name == "interleaved_1f1b":
-        if v > 1 and (m // k) % p:
+        interleaved.check(p, m, v)  # its own words first: coalesce matters only when set
+        if v > 1 and k > 1 and (m // k) % p:
             raise ScheduleError(
                 f"interleaved_1f1b with coalesce={k} needs micro_batches/coalesce to be a "
                 f"multiple of num_stages={p} (groups go through in rounds of {p}), got "
                 f"{m}/{k}={m // k}; set micro_batches={k * p * -(-(m // k) // p)} or a "
                 f"smaller coalesce")
-        interleaved.check(p, m, v)
 
 
 def _resolve_split(name: str, training: bool, default: bool, requested: bool | None) -> bool:

@@ -159,6 +159,15 @@ def test_refused_combinations_say_what_to_change(args: tuple, match: str) -> Non
     assert issubclass(ScheduleError, ValueError)
 
 
+def test_interleaved_refuses_in_its_own_words_and_names_coalesce_only_when_set() -> None:
+    with pytest.raises(ScheduleError) as info:
+        build("interleaved_1f1b", 4, 6, 2)
+    assert "interleaved_1f1b needs micro_batches to be a multiple of num_stages" in str(info.value)
+    assert "coalesce" not in str(info.value)  # the user never set it
+    with pytest.raises(ScheduleError, match=r"with coalesce=2 needs micro_batches/coalesce .* got 12/2=6"):
+        build("interleaved_1f1b", 4, 12, 2, coalesce=2)
+
+
 def _replace(schedule: Schedule, rank: int, stream: list) -> Schedule:
     streams = list(schedule.streams)
     streams[rank] = tuple(stream)
