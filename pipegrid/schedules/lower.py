@@ -9,7 +9,6 @@ from typing import Callable, Sequence
 
 from pipegrid.schedules import gpipe, inference, interleaved, one_f_one_b, zero_bubble
 from pipegrid.schedules.errors import ScheduleError
-from pipegrid.schedules.fusion import pair_exchanges
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, ComputeInstruction, Forward, Instruction,
     LoadMicroBatch, OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads,
@@ -56,11 +55,11 @@ def build(name: str, num_stages: int, micro_batches: int, virtual_stages: int = 
     streams = order_receives(streams, num_stages)
     if training:
         streams = add_step(streams)
-    return pair_exchanges(Schedule(
+    return Schedule(
         name=name, num_stages=num_stages, micro_batches=micro_batches,
         virtual_stages=virtual_stages, streams=tuple(tuple(s) for s in streams),
         training=training, split_backward=split, coalesce=coalesce,
-    ))
+    )
 
 
 def _expand_groups(ops: Sequence[ComputeInstruction], k: int) -> list[ComputeInstruction]:
