@@ -1,9 +1,13 @@
 """Tensor-parallel layers (Megatron-LM style): linear layers split by output or input
 features, a vocab-split embedding, and a cross-entropy that never gathers the full logits.
 
-Every layer takes ``group`` (a torch.distributed process group; ``None`` means the
-world group, as torch's own collectives do). With torch.distributed not initialised,
-or a one-rank group, every layer is dense and every collective an identity.
+Every layer takes ``group``, a torch.distributed process group: pass
+``groups.tensor_parallel_group`` (or ``dist.group.WORLD`` to split over every process).
+``None`` means no tensor parallelism, as :class:`~pipegrid.ProcessGroups` reports a
+one-rank group; unlike torch's collectives, it never means the world (at pipe=2,
+tensor=1 that would shard a layer over the pipeline stages). With ``None``, a one-rank
+group or torch.distributed not initialised, every layer is dense and every collective
+an identity.
 A sharded layer starts as this rank's slice of the dense layer's initialisation
 under the current RNG, so tensor=2 and tensor=1 start identical. The full dense
 layer is built transiently on every rank for that (as Megatron's CPU init does).
@@ -35,21 +39,20 @@ __all__ = [
     "vocab_parallel_cross_entropy",
 ]
 
-Group = Any  # a torch.distributed ProcessGroup, or None for the world group
+Group = Any  # a torch.distributed ProcessGroup, or None for none (dense)
 
 
 # ---- the group --------------------------------------------------------------------
 
 def _active(group: Group) -> Group:
     """The group collectives run on, or None when there is nothing to run (dense)."""
-    if not dist.is_available() or not dist.is_initialized():
+    if group is None or not dist.is_available() or not dist.is_initialized():
         return None
-    group = dist.group.WORLD if group is None else group
     return group if dist.get_world_size(group) > 1 else None
 
 
 def tensor_parallel_size(group: Group = None) -> int:
-    """Ranks in ``group`` (None: the world); 1 when torch.distributed is not initialised."""
+    """Ranks in ``group``; 1 for None or when torch.distributed is not initialised."""
     active = _active(group)
     return 1 if active is None else dist.get_world_size(active)
 

@@ -21,8 +21,13 @@ IN, OUT, VOCAB = 6, 8, 10
 
 
 def _shard(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """This rank's slice of ``t`` along ``dim`` (tensor group = the world of 2)."""
+    """This rank's slice of ``t`` along ``dim`` (tensor group = WORLD, the world of 2)."""
     return t.chunk(dist.get_world_size(), dim=dim)[dist.get_rank()]
+
+
+def WORLD():  # noqa: N802 - reads as the group it returns
+    """Split over every process: a layer's group=None means no tensor parallelism."""
+    return dist.group.WORLD
 
 
 def _grads(out: torch.Tensor, upstream: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -33,7 +38,7 @@ def _column_case(gather_output: bool) -> dict:
     torch.manual_seed(0)
     dense = nn.Linear(IN, OUT)
     torch.manual_seed(0)
-    layer = ColumnParallelLinear(IN, OUT, gather_output=gather_output)
+    layer = ColumnParallelLinear(IN, OUT, gather_output=gather_output, group=WORLD())
     x = torch.randn(3, 4, IN, requires_grad=True)
     upstream = torch.randn(3, 4, OUT)
     want = dense(x)
@@ -50,7 +55,7 @@ def _row_case(input_is_parallel: bool) -> dict:
     torch.manual_seed(1)
     dense = nn.Linear(OUT, IN)
     torch.manual_seed(1)
-    layer = RowParallelLinear(OUT, IN, input_is_parallel=input_is_parallel)
+    layer = RowParallelLinear(OUT, IN, input_is_parallel=input_is_parallel, group=WORLD())
     x = torch.randn(3, 4, OUT, requires_grad=True)
     upstream = torch.randn(3, 4, IN)
     want = dense(x)
@@ -67,7 +72,7 @@ def _embedding_case() -> dict:
     torch.manual_seed(2)
     dense = nn.Embedding(VOCAB, IN)
     torch.manual_seed(2)
-    layer = VocabParallelEmbedding(VOCAB, IN)
+    layer = VocabParallelEmbedding(VOCAB, IN, group=WORLD())
     ids = torch.tensor([[0, 4, 5, 9], [9, 3, 3, 7]])  # ids on both ranks' slices
     upstream = torch.randn(2, 4, IN)
     want, got = dense(ids), layer(ids)
@@ -84,15 +89,15 @@ def _cross_entropy_case(dtype: torch.dtype) -> dict:
     want = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
     (want_grad,) = torch.autograd.grad(want, logits)
     shard = _shard(logits.detach(), -1).requires_grad_()
-    got = vocab_parallel_cross_entropy(shard, labels)
+    got = vocab_parallel_cross_entropy(shard, labels, WORLD())
     (grad,) = torch.autograd.grad(got * 1.7, shard)
     return {"loss": (got, want), "logits_grad": (grad, _shard(want_grad * 1.7, -1))}
 
 
 def _divisibility_errors() -> list[str]:
     messages = []
-    for build in (lambda: ColumnParallelLinear(4, 5), lambda: RowParallelLinear(5, 4),
-                  lambda: VocabParallelEmbedding(7, 4)):
+    for build in (lambda: ColumnParallelLinear(4, 5, group=WORLD()), lambda: RowParallelLinear(5, 4, group=WORLD()),
+                  lambda: VocabParallelEmbedding(7, 4, group=WORLD())):
         try:
             build()
         except ValueError as error:
@@ -100,8 +105,19 @@ def _divisibility_errors() -> list[str]:
     return messages
 
 
+def _one_rank_tensor_group() -> dict:
+    """pipe=2, tensor=1: ProcessGroups' tensor group is one rank (None); a layer built on it is dense."""
+    groups = pg.ProcessGroups(pg.Topology(pipe=2))
+    torch.manual_seed(4)
+    dense = nn.Linear(IN, OUT)
+    torch.manual_seed(4)
+    layer = ColumnParallelLinear(IN, OUT, group=groups.tensor_parallel_group)
+    x = torch.randn(3, IN)
+    return {"init_weight": (layer.weight, dense.weight), "output": (layer(x), dense(x))}
+
+
 def _all_layer_cases() -> dict:
-    cases = {"column": _column_case(False), "column_gather": _column_case(True),
+    cases = {"one_rank_tensor_group": _one_rank_tensor_group(), "column": _column_case(False), "column_gather": _column_case(True),
              "row": _row_case(True), "row_split_input": _row_case(False), "embedding": _embedding_case(),
              "cross_entropy": _cross_entropy_case(torch.float32),
              "cross_entropy_float64": _cross_entropy_case(torch.float64)}
@@ -114,7 +130,7 @@ def layer_results() -> list[dict]:
     return run_local(_all_layer_cases, 2, timeout_s=60)
 
 
-@pytest.mark.parametrize("case", ["column", "column_gather", "row", "row_split_input", "embedding",
+@pytest.mark.parametrize("case", ["one_rank_tensor_group", "column", "column_gather", "row", "row_split_input", "embedding",
                                   "cross_entropy", "cross_entropy_float64"])
 def test_layer_matches_dense(layer_results, case):
     for rank, result in enumerate(layer_results):
