@@ -7,7 +7,6 @@ group, my tensor group, my pipeline neighbours" for the calling rank.
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch.distributed as dist
 
@@ -101,9 +100,3 @@ class ProcessGroups:
         return (f"ProcessGroups(rank={self.rank}, coord={tuple(self.coord)}, "
                 f"data={self.axis_ranks['data']}, pipe={self.axis_ranks['pipe']}, "
                 f"tensor={self.axis_ranks['tensor']})")
-
-
-def world_size_from_env() -> int | None:
-    """WORLD_SIZE as torchrun sets it, or None when not launched by torchrun."""
-    value = os.environ.get("WORLD_SIZE")
-    return int(value) if value else None
