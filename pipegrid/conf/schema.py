@@ -11,26 +11,30 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+LAYOUT_KEYS = ("topology.pipe", "topology.data", "topology.tensor", "schedule.virtual_stages")
+"""Keys a config may leave unset for :func:`pipegrid.initialize` to take from the module."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
 class TopologyConfig:
-    pipe: int = 1
-    """Pipeline stages (ranks along the pipe axis)."""
-    data: int = 1
-    """Data-parallel replicas."""
-    tensor: int = 1
-    """Tensor-parallel shards of each layer."""
+    pipe: Optional[int] = None
+    """Pipeline stages (ranks along the pipe axis). None (unset): the module's, else 1."""
+    data: Optional[int] = None
+    """Data-parallel replicas. None (unset): the module's topology's, else 1."""
+    tensor: Optional[int] = None
+    """Tensor-parallel shards of each layer. None (unset): the module's topology's, else 1."""
 
     @property
     def world_size(self) -> int:
-        """Processes the topology needs: pipe x data x tensor."""
-        return self.pipe * self.data * self.tensor
+        """Processes the topology needs: pipe x data x tensor (an unset size counts 1)."""
+        return (self.pipe or 1) * (self.data or 1) * (self.tensor or 1)
 
     def __post_init__(self) -> None:
         for name in ("pipe", "data", "tensor"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"topology.{name} must be a positive integer, got {value!r}")
 
@@ -41,8 +45,8 @@ class ScheduleConfig:
     """One of gpipe, 1f1b, interleaved_1f1b, zb_h1."""
     micro_batches: int = 4
     """Micro-batches per optimizer step (gradient accumulation steps)."""
-    virtual_stages: int = 1
-    """Model chunks per pipe rank (interleaved_1f1b only)."""
+    virtual_stages: Optional[int] = None
+    """Model chunks per pipe rank (interleaved_1f1b only). None (unset): the module's, else 1."""
     coalesce: int = 1
     """Micro-batches per message between stages: groups of this many go through the
     pipeline together, each still computed on its own (same results). Fewer messages
@@ -55,7 +59,8 @@ class ScheduleConfig:
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) \
                 or self.micro_batches < 1:
             raise ValueError(f"schedule.micro_batches must be an integer >= 1, got {self.micro_batches!r}")
-        if not isinstance(self.virtual_stages, int) or self.virtual_stages < 1:
+        if self.virtual_stages is not None and (isinstance(self.virtual_stages, bool)
+                                                or not isinstance(self.virtual_stages, int) or self.virtual_stages < 1):
             raise ValueError(f"schedule.virtual_stages must be an integer >= 1, got {self.virtual_stages!r}")
         if isinstance(self.coalesce, bool) or not isinstance(self.coalesce, int) or self.coalesce < 1:
             raise ValueError(f"schedule.coalesce must be an integer >= 1, got {self.coalesce!r}")
@@ -63,7 +68,7 @@ class ScheduleConfig:
             raise ValueError(f"schedule.micro_batches={self.micro_batches} must be a multiple of "
                              f"schedule.coalesce={self.coalesce}; pick a divisor of {self.micro_batches} "
                              "for schedule.coalesce")
-        if self.virtual_stages > 1 and self.name != "interleaved_1f1b":
+        if (self.virtual_stages or 1) > 1 and self.name != "interleaved_1f1b":
             raise ValueError(f"schedule.virtual_stages={self.virtual_stages} needs schedule.name=interleaved_1f1b "
                              f"(got {self.name!r}); set schedule.virtual_stages=1 or change the schedule")
 
@@ -182,11 +187,38 @@ class TrainConfig:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def __post_init__(self) -> None:
+        self._fill_layout()
         if "_target_" not in self.optimizer:
             raise ValueError("optimizer needs a _target_ (e.g. torch.optim.AdamW), "
                              f"got keys {sorted(self.optimizer)}")
         if self.lr_scheduler is not None and "_target_" not in self.lr_scheduler:
             raise ValueError("lr_scheduler needs a _target_ (e.g. torch.optim.lr_scheduler.LambdaLR)")
+
+    def _fill_layout(self) -> None:
+        """Unset (None) layout sizes read 1; which were unset is kept for :func:`pipegrid.initialize`.
+
+        Kept here, not as a field, so that library code, Hydra and ``vars()`` see plain
+        ints, and a dict, a DictConfig and a TrainConfig all tell "left out" from "1".
+        Idempotent (``__post_init__`` may run again after a merge).
+        """
+        unset = set(self.__dict__.get("_unset_layout", ()))
+        for key in LAYOUT_KEYS:
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) is None:
+                setattr(getattr(self, section), name, 1)
+                unset.add(key)
+        self.__dict__["_unset_layout"] = frozenset(unset)
+
+    def is_set(self, key: str) -> bool:
+        """Whether the config gave layout key ``key`` (e.g. ``"topology.pipe"``).
+
+        An unset key reads 1 until initialize() takes the module's; assigning any value
+        other than 1 afterwards counts as setting it.
+        """
+        if key not in LAYOUT_KEYS:
+            raise ValueError(f"{key!r} is not a layout key; those are {', '.join(LAYOUT_KEYS)}")
+        section, name = key.split(".")
+        return key not in self.__dict__.get("_unset_layout", ()) or getattr(getattr(self, section), name) != 1
 
 
 def to_train_config(config: Any = None) -> TrainConfig:

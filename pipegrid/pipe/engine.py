@@ -9,6 +9,7 @@ happens per instruction.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pipegrid import kernels
-from pipegrid.conf.schema import TrainConfig, to_train_config
+from pipegrid.conf.schema import TopologyConfig, TrainConfig, to_train_config
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe import trace as tracing
 from pipegrid.pipe.executor import Executor, StepState
@@ -28,7 +29,6 @@ from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
 from pipegrid.schedules import build, validate
-from pipegrid.topology.grid import Topology
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import init_distributed
 
@@ -69,18 +69,61 @@ def build_optimizer(spec: dict[str, Any], params: list[torch.nn.Parameter]) -> t
         return cls(params, **kwargs)
 
 
-def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Refuse a bad module or config on every rank before any process group exists."""
-    p, v = cfg.topology.pipe, cfg.schedule.virtual_stages
-    build(cfg.schedule.name, p, cfg.schedule.micro_batches, v,  # ScheduleError says what to change
-          coalesce=cfg.schedule.coalesce)
-    num_stages = getattr(module, "num_stages", None)
-    if num_stages is None:
+_AXES = ("pipe", "data", "tensor")
+
+
+def _module_grid(module: Any, groups: ProcessGroups | None) -> dict[str, tuple[int, str]]:
+    """axis -> (size, what says so): the module's cut, its topology, and the groups."""
+    grid = {"pipe": (module.num_stages, f"the module (cut into num_stages={module.num_stages})")}
+    if module.topology is not None:
+        grid.update({axis: (getattr(module.topology, axis), f"the module's {module.topology!r}") for axis in _AXES})
+    if groups is not None:
+        for axis in _AXES:
+            size = getattr(groups.topology, axis)
+            if axis in grid and grid[axis][0] != size:
+                raise ValueError(f"{grid[axis][1]} has {axis}={grid[axis][0]} but the groups were built for "
+                                 f"{groups.topology!r}; build the module and the groups from one topology")
+            grid[axis] = (size, f"the groups' {groups.topology!r}")
+    return grid
+
+
+def resolve_layout(cfg: TrainConfig, module: torch.nn.Module, groups: ProcessGroups | None = None) -> TrainConfig:
+    """``cfg`` with ``topology`` and ``schedule.virtual_stages`` taken from the module (and
+    ``groups``) wherever the config leaves them unset, so the grid is said once.
+
+    A value the config does set must equal the module's: a mismatch names both.
+    """
+    if getattr(module, "num_stages", None) is None:
         raise TypeError(f"initialize() needs a pipegrid.PipelineModule, got {type(module).__name__}")
-    if num_stages != p or module.virtual_stages != v:
-        raise ValueError(f"the module was cut into num_stages={num_stages} x virtual_stages="
-                         f"{module.virtual_stages} but the config asks for topology.pipe={p} x "
-                         f"schedule.virtual_stages={v}; build the module with the same topology")
+    grid = _module_grid(module, groups)
+    sizes = {}
+    for axis in _AXES:
+        given = getattr(cfg.topology, axis)
+        if axis not in grid:  # a module cut by num_stages alone says nothing of data or tensor
+            sizes[axis] = given  # (1 when unset)
+            continue
+        sizes[axis], source = grid[axis]
+        if cfg.is_set(f"topology.{axis}") and given != sizes[axis]:
+            raise ValueError(f"{source} has {axis}={sizes[axis]} but the config sets topology.{axis}={given}; "
+                             f"leave topology.{axis} out of the config (the module's grid is used) or build the "
+                             f"module with topology.{axis}={given}")
+    chunks, sched = module.virtual_stages, cfg.schedule
+    if cfg.is_set("schedule.virtual_stages") and sched.virtual_stages != chunks:
+        raise ValueError(f"the module was cut into virtual_stages={chunks} chunks per pipe rank but the config "
+                         f"sets schedule.virtual_stages={sched.virtual_stages}; leave it out of the config or build "
+                         f"the module with virtual_stages={sched.virtual_stages}")
+    if chunks > 1 and sched.name != "interleaved_1f1b":
+        raise ValueError(f"the module was cut into virtual_stages={chunks} chunks per pipe rank, which only "
+                         f"schedule.name=interleaved_1f1b runs, got {sched.name!r}; set schedule.name="
+                         "interleaved_1f1b or build the module with virtual_stages=1")
+    return dataclasses.replace(cfg, topology=TopologyConfig(**sizes),
+                               schedule=dataclasses.replace(sched, virtual_stages=chunks))
+
+
+def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Refuse a bad module or (resolved) config on every rank before any process group exists."""
+    build(cfg.schedule.name, cfg.topology.pipe, cfg.schedule.micro_batches,  # ScheduleError says what to change
+          cfg.schedule.virtual_stages, coalesce=cfg.schedule.coalesce)
     if module.loss_fn is None:
         raise ValueError("the PipelineModule has no loss_fn, which the last stage needs to train; "
                          "pass loss_fn=... (called as loss_fn(output, labels)) to PipelineModule")
@@ -88,14 +131,16 @@ def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None
 
 def initialize(module: torch.nn.Module, config: Any = None,
                groups: ProcessGroups | None = None) -> "PipelineEngine":
-    """Join torch.distributed if needed and return a PipelineEngine for ``module``."""
-    cfg = to_train_config(config)
+    """Join torch.distributed if needed and return a PipelineEngine for ``module``.
+
+    The grid (``topology``) and ``schedule.virtual_stages`` come from the module, and from
+    ``groups`` when given, unless the config sets them; a config that sets another value
+    is refused.
+    """
+    cfg = resolve_layout(to_train_config(config), module, groups)
     _check_before_collectives(module, cfg)
     if groups is None:
         groups = init_distributed(cfg)
-    elif groups.topology != Topology(**vars(cfg.topology)):
-        raise ValueError(f"groups were built for {groups.topology} but the config asks for "
-                         f"{Topology(**vars(cfg.topology))}; build both from the same config")
     engine = PipelineEngine(module, cfg, groups)
     if cfg.checkpoint.dir:  # a run started on an existing checkpoint directory resumes from it
         ckpt.check_writable(cfg.checkpoint.dir)
@@ -144,7 +189,12 @@ class PipelineEngine:
 
     # --- set-up ------------------------------------------------------------
     def _check_module(self, module: torch.nn.Module) -> None:
-        _check_before_collectives(module, self.config)
+        """What only the joined rank can check (initialize() checked the rest before any group)."""
+        if (module.num_stages, module.virtual_stages) != (self.topology.pipe, self.config.schedule.virtual_stages):
+            raise ValueError(f"the module was cut into num_stages={module.num_stages} x virtual_stages="
+                             f"{module.virtual_stages} but the engine runs pipe={self.topology.pipe} x "
+                             f"virtual_stages={self.config.schedule.virtual_stages}; use pipegrid.initialize(), "
+                             "which takes the layout from the module")
         if module.stage_id != self.pipe_rank:
             raise ValueError(f"rank {self.groups.rank} is pipe stage {self.pipe_rank} but its module holds "
                              f"stage {module.stage_id}; build the module after torch.distributed is "
@@ -169,8 +219,7 @@ class PipelineEngine:
         """One group per tied key and data/tensor coordinate, over the pipe ranks owning the key."""
         mine: dict[str, dist.ProcessGroup | None] = {}
         topo = self.topology
-        for key, stages in sorted(self.module.tied_keys().items()):
-            owners = sorted({s % topo.pipe for s in stages})
+        for key, owners in sorted(self.module.tied_pipe_ranks().items()):
             for data in range(topo.data):
                 for tensor in range(topo.tensor):
                     ranks = [topo.rank(pipe=r, data=data, tensor=tensor) for r in owners]
@@ -182,8 +231,8 @@ class PipelineEngine:
     def _params_counted_in_norm(self) -> list[torch.nn.Parameter]:
         """Local parameters, each counted once in the global norm (a tied copy only on its first owner)."""
         skip: set[int] = set()
-        for key, stages in self.module.tied_keys().items():
-            if min(s % self.topology.pipe for s in stages) != self.pipe_rank:
+        for key, owners in self.module.tied_pipe_ranks().items():
+            if owners[0] != self.pipe_rank:
                 skip.update(id(p) for p in self.module.tied_parameters(key))
         if self.groups.coord.tensor != 0:  # replicated over the tensor group: counted on tensor rank 0 only
             skip.update(id(p) for p in self.params if not getattr(p, "tensor_model_parallel", False))

@@ -74,10 +74,13 @@ def test_missing_loss_fn_fails_before_any_group(monkeypatch):
 
 def test_module_cut_for_another_layout(monkeypatch):
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    model = TinyGPT(3, topology=pg.Topology(pipe=2))
-    with pytest.raises(ValueError, match=r"num_stages=2 .* topology.pipe=4"):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = TinyGPT(3, num_stages=2)
+    with pytest.raises(ValueError, match=r"module \(cut into num_stages=2\) has pipe=2 but the config sets "
+                                         r"topology.pipe=4"):
         pg.initialize(model, {"topology": {"pipe": 4}, "schedule": {"micro_batches": 4}})
+    with pytest.raises(ValueError, match=r"cut into virtual_stages=1 chunks .* config sets schedule.virtual_stages=2"):
+        pg.initialize(model, _config(name="interleaved_1f1b", micro_batches=4, virtual_stages=2))
     assert not dist.is_initialized()
 
 
