@@ -414,11 +414,10 @@ class PipelineEngine:
             self.lr_scheduler.step()
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes on this rank: parameters, gradients, optimizer state, fp32 master weights, buffers."""
-        def nbytes(tensors: Iterable[torch.Tensor]) -> int:
-            return sum(t.numel() * t.element_size() for t in tensors)
-        report = {"parameters": nbytes(self.params),
-                  "gradients": nbytes(p for p in self.params),  # one gradient per parameter during a step
-                  **self.zero.memory()}
+        """Bytes of the storages this rank's training state allocates: parameters, gradients,
+        optimizer state, fp32 master weights, engine buffers; each storage counted once (a
+        flat buffer whole, padding included). Gradients that live only within a step are
+        those of the last step that created optimizer state (before any step: none)."""
+        report = self.zero.memory()
         report["total"] = sum(report.values())
         return report

@@ -5,13 +5,14 @@ optimizer state on every data rank. ``ZeroOptimizer`` (``zero.stage: 1``) keeps 
 flat fp32 master copy split evenly over the data group: gradients are
 reduce-scattered into the shards, the wrapped torch optimizer steps on this rank's
 shard only, and the updated parameters are all-gathered back. Both keep fp32 master
-weights when the model runs in bf16/fp16, and move bytes through pipegrid.kernels.
+weights when the model runs in bf16/fp16, move bytes through pipegrid.kernels, and
+hand checkpoints their state per parameter (``ParamState``), whatever the sharding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,18 @@ from pipegrid import kernels
 
 _BUCKET_ELEMENTS = 1 << 24  # all-reduce in flat buckets of at most this many elements
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+MASTER = "fp32_master"  # the fp32 master weight, kept beside the optimizer state in 16-bit training
+# param-group entries that say how this run's optimizer is built, not where training is
+_BUILD_KEYS = ("params", "param_names", "fused", "foreach", "capturable", "differentiable")
+
+
+class ParamState(NamedTuple):
+    """One parameter's optimizer state, independent of how the data axis shards it."""
+
+    elementwise: dict[str, torch.Tensor]
+    """One value per parameter element, shaped like it (Adam's moments, ``MASTER``)."""
+    scalars: dict[str, torch.Tensor]
+    """One value per parameter (Adam's ``step``)."""
 
 
 def buckets(tensors: list[torch.Tensor], max_elements: int = _BUCKET_ELEMENTS) -> Iterator[list[torch.Tensor]]:
@@ -51,6 +64,28 @@ def all_reduce_flat(tensors: list[torch.Tensor], group: Any, *, scale: float | N
         kernels.unpack(flat, layout, out=targets, backend=backend)
 
 
+def storage_bytes(kinds: dict[str, Iterable[torch.Tensor | None]]) -> dict[str, int]:
+    """Bytes of the storages behind each kind's tensors, each storage counted once, under
+    the first kind that holds it (a flat buffer's views count once, in full)."""
+    seen: set[int] = set()
+    report = {}
+    for kind, tensors in kinds.items():
+        total = 0
+        for t in tensors:
+            if t is None:
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        report[kind] = total
+    return report
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
 def _ensure_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     for p in params:
         if p.grad is None:
@@ -58,9 +93,25 @@ def _ensure_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params]  # type: ignore[misc]
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values()
-               for v in state.values() if isinstance(v, torch.Tensor))
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy that owns its storage: saving a view would write its whole base buffer."""
+    return t.detach().to("cpu", copy=True)
+
+
+def _load_torch_state(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, torch.Tensor]],
+                      hyperparameters: dict[str, Any]) -> None:
+    """Give ``optimizer`` per-parameter ``state`` (by parameter index) and the saved
+    hyperparameters (the learning rate a scheduler moved), through torch's own loader,
+    which casts each value to its parameter's dtype and device as the optimizer wants."""
+    template = optimizer.state_dict()["param_groups"]
+    saved = {k: v for k, v in hyperparameters.items() if k not in _BUILD_KEYS}
+    optimizer.load_state_dict({"state": state, "param_groups": [{**group, **saved} for group in template]})
+
+
+def _check_scalars(first: dict[str, torch.Tensor], other: dict[str, torch.Tensor], where: str) -> None:
+    if first.keys() != other.keys() or any(not torch.equal(first[k], other[k]) for k in first):
+        raise ValueError(f"{where}: the per-parameter optimizer values {sorted(first)} differ between parameters "
+                         "that ZeRO-1 steps as one shard; resume this checkpoint with zero.stage=0")
 
 
 class ReplicatedOptimizer:
@@ -75,6 +126,8 @@ class ReplicatedOptimizer:
         self.master = ([torch.nn.Parameter(p.detach().float().clone()) for p in params]
                        if low_precision else params)
         self.optimizer = factory(self.master)
+        self._step_memory: dict[str, int] | None = None
+        self._measured_states = -1
 
     def reduce_grads(self) -> None:
         """Average model gradients over the data group into the master gradients (fp32)."""
@@ -95,6 +148,8 @@ class ReplicatedOptimizer:
         if grad_coef != 1.0:
             torch._foreach_mul_(self.grads(), grad_coef)
         self.optimizer.step()
+        if len(self.optimizer.state) != self._measured_states:  # gradients are alive only now
+            self._step_memory, self._measured_states = self._allocated(), len(self.optimizer.state)
         if self.master is not self.params:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.master)
@@ -113,9 +168,45 @@ class ReplicatedOptimizer:
                 torch._foreach_copy_(self.master, self.params)
 
     def memory(self) -> dict[str, int]:
-        master = 0 if self.master is self.params else sum(p.numel() * 4 for p in self.master)
-        master_grads = 0 if self.master is self.params else sum(p.numel() * 4 for p in self.master)
-        return {"optimizer": _state_bytes(self.optimizer), "master_weights": master, "buffers": master_grads}
+        """Storage bytes by kind; gradients exist only within a step, so after the first
+        step this is what the last step that changed the state layout held."""
+        return dict(self._step_memory) if self._step_memory is not None else self._allocated()
+
+    def _allocated(self) -> dict[str, int]:
+        master = [] if self.master is self.params else self.master
+        return storage_bytes({"parameters": self.params, "gradients": [p.grad for p in self.params],
+                              "optimizer": _state_tensors(self.optimizer), "master_weights": master,
+                              "buffers": [p.grad for p in master]})  # fp32 gradients of the master copy
+
+    # --- checkpoints: state per parameter --------------------------------------------
+    def elementwise_keys(self) -> list[str]:
+        keys = {k for p in self.master for k, v in self.optimizer.state.get(p, {}).items()
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape == p.shape}
+        return sorted(keys | ({MASTER} if self.master is not self.params else set()))
+
+    def gather_param_states(self, indices: Sequence[int], dst: int) -> list[ParamState] | None:
+        """The state of ``params[i]`` for each index; every data rank holds it, so no collective."""
+        keys, states = self.elementwise_keys(), []
+        for i in indices:
+            state = {**self.optimizer.state.get(self.master[i], {}), MASTER: self.master[i]}
+            states.append(ParamState({k: _owned(state[k]) for k in keys if k in state},
+                                     {k: _owned(v) for k, v in state.items() if k not in keys and k != MASTER}))
+        return states
+
+    def load_param_states(self, read: Callable[[int], ParamState], hyperparameters: dict[str, Any]) -> None:
+        """Load every parameter's state from ``read(index)`` (saved at any sharding)."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for i, (param, master) in enumerate(zip(self.params, self.master)):
+                saved = read(i)
+                elementwise = dict(saved.elementwise)
+                fp32 = elementwise.pop(MASTER, None)
+                if master is not param:
+                    master.copy_(fp32 if fp32 is not None else param)
+                if elementwise or saved.scalars:
+                    state[i] = {**saved.scalars, **{k: v.view_as(master) for k, v in elementwise.items()}}
+        _load_torch_state(self.optimizer, state, hyperparameters)
+        self._measured_states = -1
 
     def state_dict(self) -> dict[str, Any]:
         state = {"optimizer": self.optimizer.state_dict()}
@@ -124,6 +215,7 @@ class ReplicatedOptimizer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checkpoints of format 1 (one file per rank), at the layout that wrote them."""
         self.optimizer.load_state_dict(state["optimizer"])
         if "master" in state and self.master is not self.params:
             with torch.no_grad():
@@ -172,16 +264,16 @@ class ZeroOptimizer:
         # in float32 the shard's gradient is this rank's slice of the flat gradient itself
         self.shard.grad = (torch.zeros_like(self.shard) if self.low_precision
                            else self.grad_flat[lo:lo + self.shard_size])
+        # reduce-scatter's output: a collective must not write into the buffer it reads
+        self._scattered = torch.empty(self.shard_size if data_size > 1 else 0, dtype=dtype, device=device)
         self.optimizer = factory([self.shard])
 
     def reduce_grads(self) -> None:
         """Reduce-scatter the gradients: this rank receives the mean of its shard."""
         lo, hi = self._range
         if self.data_size > 1:
-            # a separate output: the collective must not write into the buffer it reads
-            out = torch.empty(self.shard_size, dtype=self.grad_flat.dtype, device=self.grad_flat.device)
-            _reduce_scatter(out, self.grad_flat, group=self.group)
-            self.shard.grad.copy_(out).mul_(1.0 / self.data_size)
+            _reduce_scatter(self._scattered, self.grad_flat, group=self.group)
+            self.shard.grad.copy_(self._scattered).mul_(1.0 / self.data_size)
         elif self.low_precision:
             self.shard.grad.copy_(self.grad_flat[lo:hi])
 
@@ -202,11 +294,11 @@ class ZeroOptimizer:
             self.shard.grad.mul_(grad_coef)
         self.optimizer.step()
         lo, hi = self._range
-        own = self.shard.detach().to(self.param_flat.dtype)  # a copy: all-gather must not alias its output
-        if self.data_size > 1:
+        own = self.param_flat[lo:hi]
+        if self.low_precision:
+            own.copy_(self.shard.detach())  # (in float32 the shard is this very slice)
+        if self.data_size > 1:  # in place: this rank's input is its own slice of the output
             _all_gather(self.param_flat, own, group=self.group)
-        elif self.low_precision:
-            self.param_flat[lo:hi].copy_(own)
 
     def sync_master_from_params(self) -> None:
         """After loading model weights alone: the fp32 master shard follows them."""
@@ -220,18 +312,84 @@ class ZeroOptimizer:
         self.shard.grad.zero_()
 
     def memory(self) -> dict[str, int]:
-        shard_bytes = self.shard.numel() * 4
-        transient = self.shard.numel() * self.param_flat.element_size()  # reduce-scatter out / all-gather in
-        return {"optimizer": _state_bytes(self.optimizer),
-                "master_weights": shard_bytes if self.low_precision else 0,
-                # + the fp32 shard gradient (in float32 it is a view of the flat gradient)
-                "buffers": transient + (shard_bytes if self.low_precision else 0)}
+        """Storage bytes by kind (the flat buffers whole, padding included); all of it
+        lives between steps too."""
+        master = [self.shard] if self.low_precision else []
+        return storage_bytes({"parameters": self.params, "gradients": [p.grad for p in self.params],
+                              "optimizer": _state_tensors(self.optimizer), "master_weights": master,
+                              "buffers": [self._scattered, self.shard.grad]})
+
+    # --- checkpoints: state per parameter --------------------------------------------
+    def elementwise_keys(self) -> list[str]:
+        state = self.optimizer.state.get(self.shard, {})
+        keys = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == self.shard.shape}
+        return sorted(keys | ({MASTER} if self.low_precision else set()))
+
+    def gather_param_states(self, indices: Sequence[int], dst: int) -> list[ParamState] | None:
+        """Collective over the data group: the whole state of ``params[i]`` for each index,
+        assembled on data rank ``dst`` (None elsewhere) from every rank's piece of it.
+
+        Each rank writes its piece into a zeroed buffer spanning those parameters and the
+        buffers are summed onto ``dst``: adding zeros is exact, and only one layer's state
+        is ever gathered at a time.
+        """
+        keys, state = self.elementwise_keys(), self.optimizer.state.get(self.shard, {})
+        scalars = {k: v for k, v in state.items() if k not in keys}
+        first = min(self.layout.offsets[i] for i in indices)
+        last = max(self.layout.offsets[i] + self.layout.numels[i] for i in indices)
+        span = torch.zeros(len(keys), last - first, dtype=self.shard.dtype, device=self.shard.device)
+        lo, hi = self._range
+        start, end = max(first, lo), min(last, hi)
+        for row, key in zip(span, keys):
+            source = self.shard.detach() if key == MASTER else state[key]
+            if start < end:
+                row[start - first:end - first].copy_(source[start - lo:end - lo])
+        if keys and self.data_size > 1:
+            dist.reduce(span, dst=dist.get_global_rank(self.group, dst), group=self.group)
+        if self.data_rank != dst:
+            return None
+        states = []
+        for i in indices:
+            offset, numel, shape = self.layout.offsets[i], self.layout.numels[i], self.layout.shapes[i]
+            values = {k: _owned(row[offset - first:offset - first + numel].view(shape)) for k, row in zip(keys, span)}
+            states.append(ParamState(values, {k: _owned(v) for k, v in scalars.items()}))
+        return states
+
+    def load_param_states(self, read: Callable[[int], ParamState], hyperparameters: dict[str, Any]) -> None:
+        """Assemble this rank's shard of the state from ``read(index)`` (saved at any sharding).
+
+        Only the parameters overlapping the shard are read; a shard of padding alone
+        still reads one parameter, for the per-parameter values (``step``).
+        """
+        if not self.params:
+            return
+        lo, hi = self._range
+        spans = zip(self.layout.offsets, self.layout.numels)
+        pieces = [(i, max(o, lo), min(o + n, hi), o) for i, (o, n) in enumerate(spans) if max(o, lo) < min(o + n, hi)]
+        first = read(pieces[0][0] if pieces else 0)
+        shard = {k: torch.zeros(self.shard_size, dtype=v.dtype, device=self.shard.device)
+                 for k, v in first.elementwise.items()}
+        for i, start, end, offset in pieces:
+            saved = read(i)
+            _check_scalars(first.scalars, saved.scalars, f"parameter {i}")
+            if saved.elementwise.keys() != shard.keys():
+                raise ValueError(f"parameter {i} has optimizer state {sorted(saved.elementwise)}, parameter "
+                                 f"{pieces[0][0]} {sorted(shard)}; the checkpoint mixes optimizers")
+            for key, value in saved.elementwise.items():
+                shard[key][start - lo:end - lo].copy_(value.reshape(-1)[start - offset:end - offset])
+        fp32 = shard.pop(MASTER, None)
+        if self.low_precision:
+            with torch.no_grad():
+                self.shard.copy_(fp32 if fp32 is not None else self.param_flat[lo:hi])
+        state = {0: {**first.scalars, **shard}} if shard or first.scalars else {}
+        _load_torch_state(self.optimizer, state, hyperparameters)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "shard": self.shard.detach().clone(),
                 "data_rank": self.data_rank, "data_size": self.data_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checkpoints of format 1 (one file per rank), at the layout that wrote them."""
         if state.get("data_size") != self.data_size:
             raise ValueError(f"the ZeRO-1 optimizer state was saved with data={state.get('data_size')} shards, "
                              f"this run has data={self.data_size}; resume with the same topology.data or "

@@ -46,23 +46,26 @@ class OptimizerSpec:
 
 def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, zero: bool = False,
                   buffers: int = 0) -> dict[str, int]:
-    """Bytes on one rank holding ``parameters`` (its stages, its tensor shard).
+    """Bytes on one rank holding ``parameters`` (its stages, its tensor shard), as
+    ``engine.memory_report()`` counts them: the storages allocated during a step.
 
-    ZeRO-1 splits optimizer state and master weights over ``data`` ranks (padded to a
-    multiple of ``data``, as the engine's flat shards); gradients stay whole.
+    ZeRO-1 puts parameters and gradients in flat buffers padded to a multiple of ``data``
+    and splits optimizer state and master weights over the ``data`` ranks; gradients
+    stay whole. (The engine also pads each tensor to 16 bytes, which this ignores.)
     """
     if data < 1:
         raise ValueError(f"data must be >= 1, got {data}")
     width = DTYPE_BYTES[optimizer.dtype]
     sharded = -(-parameters // data) if zero else parameters
-    # the engine's own buffers (pipegrid/pipe/zero.py): without ZeRO, fp32 gradients of
-    # the master copy in 16-bit training; with ZeRO-1, a shard-sized collective buffer
-    # plus, in 16-bit training, the shard's fp32 gradient
-    engine_buffers = (sharded * width + sharded * optimizer.master_bytes if zero
+    held = sharded * data if zero else parameters  # the flat buffers' padding
+    # the engine's own buffers (pipegrid/pipe/zero.py): without ZeRO, the fp32 gradients
+    # of the master copy in 16-bit training; with ZeRO-1, reduce-scatter's shard-sized
+    # output (data > 1) and, in 16-bit training, the shard's fp32 gradient
+    engine_buffers = ((sharded * width if data > 1 else 0) + sharded * optimizer.master_bytes if zero
                       else parameters * optimizer.master_bytes)
     report = {
-        "parameters": parameters * width,
-        "gradients": parameters * width,
+        "parameters": held * width,
+        "gradients": held * width,
         "optimizer": sharded * optimizer.state_bytes,
         "master_weights": sharded * optimizer.master_bytes,
         "buffers": engine_buffers + int(buffers),
