@@ -14,9 +14,9 @@ from pipegrid.schedules.errors import ScheduleError
 __all__ = [
     "LoadMicroBatch", "Forward", "Backward", "BackwardInput", "BackwardWeight",
     "SendActivation", "RecvActivation", "SendGrad", "RecvGrad",
-    "ReduceTiedGrads", "ReduceGrads", "OptimizerStep",
+    "ReduceTiedGrads", "ReduceGrads", "OptimizerStep", "Exchange",
     "Instruction", "MicroBatchInstruction", "ComputeInstruction",
-    "parse_instruction", "is_compute", "is_send", "is_recv", "message_of",
+    "parse_instruction", "is_compute", "is_send", "is_recv", "message_of", "parts",
 ]
 
 
@@ -145,12 +145,33 @@ class OptimizerStep(_RankOp):
     code: ClassVar[str] = "STEP"
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """Sends and receives posted together as one group (one ``batch_isend_irecv``).
+
+    NCCL runs a rank's transfers in issue order, and a send completes only when its
+    receive runs: two ranks that each send before receiving from the other wait on
+    each other forever, and so does a ring of ranks that each send before receiving.
+    A group's members move at once. ``0SA2+0RG1`` sends stage 0's output of
+    micro-batch 2 and posts the receive of micro-batch 1's gradient; the data of a
+    receive is waited for only where it is read.
+    """
+
+    ops: "tuple[SendActivation | SendGrad | RecvActivation | RecvGrad, ...]"
+    """The group's sends and receives, in the order the rank would run them alone."""
+
+    code: ClassVar[str] = "X"
+
+    def __str__(self) -> str:
+        return "+".join(str(op) for op in self.ops)
+
+
 MicroBatchInstruction = Union[
     LoadMicroBatch, Forward, Backward, BackwardInput, BackwardWeight,
     SendActivation, RecvActivation, SendGrad, RecvGrad,
 ]
 ComputeInstruction = Union[Forward, Backward, BackwardInput, BackwardWeight]
-Instruction = Union[MicroBatchInstruction, ReduceTiedGrads, ReduceGrads, OptimizerStep]
+Instruction = Union[MicroBatchInstruction, Exchange, ReduceTiedGrads, ReduceGrads, OptimizerStep]
 
 _MICRO_BATCH_TYPES: dict[str, type] = {
     cls.code: cls
@@ -164,8 +185,14 @@ _COMPACT = re.compile(r"^(\d+)([A-Z]{1,2})(\d+)$")
 
 
 def parse_instruction(text: str) -> Instruction:
-    """Parse the compact form (``1F3``, ``2SA0``, ``STEP``) back into an instruction."""
+    """Parse the compact form (``1F3``, ``2SA0``, ``1SA3+1RG2``, ``STEP``) back into an instruction."""
     token = text.strip()
+    if "+" in token:
+        ops = tuple(parse_instruction(part) for part in token.split("+"))
+        if not all(is_send(op) or is_recv(op) for op in ops):
+            raise ScheduleError(f"cannot parse exchange {text!r}: expected sends and receives joined "
+                                "by '+', such as '0SA2+0RG1'")
+        return Exchange(ops)  # type: ignore[arg-type]
     if token in _RANK_TYPES:
         return _RANK_TYPES[token]()
     match = _COMPACT.match(token)
@@ -192,6 +219,11 @@ def is_send(op: Instruction) -> bool:
 def is_recv(op: Instruction) -> bool:
     """True for RecvActivation and RecvGrad."""
     return isinstance(op, (RecvActivation, RecvGrad))
+
+
+def parts(op: Instruction) -> tuple[Instruction, ...]:
+    """The single instructions ``op`` runs: an Exchange's send and receive, else ``op``."""
+    return op.ops if isinstance(op, Exchange) else (op,)
 
 
 def message_of(op: Instruction) -> tuple[str, int, int]:

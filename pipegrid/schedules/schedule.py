@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipegrid.schedules.instructions import Instruction, is_send, message_of
+from pipegrid.schedules.instructions import (
+    Backward, BackwardInput, Forward, Instruction, is_send, message_of,
+)
 
 __all__ = ["Schedule"]
 
@@ -54,6 +56,22 @@ class Schedule:
         """``message_of(op)`` for the whole group: named by the group's first micro-batch."""
         kind, stage, micro_batch = message_of(op)
         return kind, stage, self.message_group(micro_batch)[0]
+
+    def reads(self, op: Instruction) -> tuple[str, int, int] | None:
+        """The received message (``message_key``) compute ``op`` reads, if any.
+
+        A receive is posted where it stands; its rank waits for the data only here, at
+        the first op that reads it (the forward of its input, the backward of its
+        output's gradient), so a receive posted early never holds compute up.
+        """
+        if not isinstance(op, (Forward, Backward, BackwardInput)):
+            return None
+        stage, first = op.stage, self.message_group(op.micro_batch)[0]
+        if isinstance(op, Forward):
+            remote = stage > 0 and self.rank_of(stage - 1) != self.rank_of(stage)
+            return ("activation", stage, first) if remote else None
+        remote = stage < self.num_model_stages - 1 and self.rank_of(stage + 1) != self.rank_of(stage)
+        return ("grad", stage, first) if remote else None
 
     @property
     def num_model_stages(self) -> int:

@@ -14,7 +14,7 @@ import networkx as nx
 from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, Forward, Instruction, is_compute, is_recv,
-    is_send,
+    is_send, parts,
 )
 from pipegrid.schedules.schedule import Schedule
 
@@ -76,7 +76,11 @@ def _cost(op: Instruction, costs: Mapping[str, float]) -> float:
 
 
 def build_graph(schedule: Schedule, comm: float = 0.0) -> nx.DiGraph:
-    """Dependency DAG: nodes (rank, position), edge attribute ``latency``."""
+    """Dependency DAG: nodes (rank, position), edge attribute ``latency``.
+
+    A received message's edge ends at the op that reads it, not at its receive: a
+    receive is posted where it stands and only its reader waits for the data.
+    """
     graph = nx.DiGraph()
     compute: dict[tuple[str, int, int], _Node] = {}
     sends: dict[tuple[str, int, int], _Node] = {}
@@ -88,17 +92,19 @@ def build_graph(schedule: Schedule, comm: float = 0.0) -> nx.DiGraph:
             if is_compute(op):
                 key = (op.code, op.stage, op.micro_batch)  # type: ignore[union-attr]
                 compute[key] = (rank, position)
-            elif is_send(op) and schedule.transfers(op):
-                sends[schedule.message_key(op)] = (rank, position)
+            for part in parts(op):
+                if is_send(part) and schedule.transfers(part):
+                    sends[schedule.message_key(part)] = (rank, position)
     for rank, stream in enumerate(schedule.streams):
         for position, op in enumerate(stream):
-            if is_recv(op):
-                source = sends.get(schedule.message_key(op))
-                if source is None:
+            for part in filter(is_recv, parts(op)):
+                if schedule.message_key(part) not in sends:
                     raise ScheduleError(
-                        f"rank {rank}, position {position} ({op}): no matching send; "
+                        f"rank {rank}, position {position} ({part}): no matching send; "
                         f"run validate(schedule) for details\n{schedule.table()}")
-                graph.add_edge(source, (rank, position), latency=comm)
+            message = schedule.reads(op)
+            if message is not None and message in sends:
+                graph.add_edge(sends[message], (rank, position), latency=comm)
     _add_data_edges(graph, compute, schedule.split_backward)
     return graph
 

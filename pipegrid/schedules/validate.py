@@ -1,30 +1,34 @@
 """``validate``: check all ranks' streams together before anything runs.
 
-Structure (order, counts, loads, matching sends/receives), then an execution check:
-asynchronous sends, blocking receives, FIFO per directed rank pair (as NCCL matches).
+Structure (order, counts, loads, matching sends/receives), then the streams played out
+under each transport's rules (``transports.py``): gloo's (sends never block, FIFO per
+directed rank pair) and NCCL's (a rank's transfers in issue order, a send completes
+only when its receive runs, an Exchange as one group).
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 
 from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, Forward, Instruction, LoadMicroBatch,
     OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads,
-    SendActivation, SendGrad, _MicroBatchOp, _RankOp, is_compute, is_recv, is_send,
+    SendActivation, SendGrad, Exchange, _MicroBatchOp, _RankOp, is_compute, is_recv, is_send, parts,
 )
 from pipegrid.schedules.schedule import Schedule
+from pipegrid.schedules.transports import check_gloo, check_nccl
 
 __all__ = ["validate"]
 
 _Key = tuple[str, int, int]
 
 
-def _fail(schedule: Schedule, rank: int, position: int | None, message: str) -> ScheduleError:
+def _fail(schedule: Schedule, rank: int, position: int | None, message: str,
+          op: Instruction | None = None) -> ScheduleError:
     where = f"rank {rank}"
     if position is not None:
-        op = schedule.streams[rank][position]
+        op = op or schedule.streams[rank][position]
         where += f", position {position} ({op}"
         if isinstance(op, _MicroBatchOp):
             where += f": stage {op.stage}, micro-batch {op.micro_batch}"
@@ -40,7 +44,7 @@ def validate(schedule: Schedule) -> None:
             f"got {len(schedule.streams)}; build it with pipegrid.schedules.build")
     for rank in range(schedule.num_stages):
         _check_rank(schedule, rank)
-    _check_execution(schedule)
+    check_gloo(schedule)
 
 
 def _requirements(schedule: Schedule, rank: int, op: Instruction) -> list[tuple[_Key, str]]:
@@ -77,6 +81,16 @@ def _requirements(schedule: Schedule, rank: int, op: Instruction) -> list[tuple[
     return need
 
 
+def _exchange_problem(schedule: Schedule, op: Exchange) -> str | None:
+    """Why an Exchange's members may not be posted as one group, or None."""
+    if not op.ops or not all(is_send(part) or is_recv(part) for part in op.ops):
+        return "an Exchange groups sends and receives only"
+    if not all(schedule.transfers(part) for part in op.ops):
+        return ("every member of an Exchange must move a message (with coalesce: a group's last "
+                "send or first receive)")
+    return None
+
+
 def _allowed(schedule: Schedule, rank: int, op: Instruction) -> str | None:
     """Why ``op`` may not appear on ``rank`` at all, or None when it may."""
     p, last = schedule.num_stages, schedule.num_model_stages - 1
@@ -111,26 +125,35 @@ def _key(op: Instruction) -> _Key:
     return (op.code, -1, -1)  # type: ignore[union-attr]
 
 
+def _problem(schedule: Schedule, rank: int, op: Instruction, seen: Counter[_Key],
+             position: int, last_compute: int) -> str | None:
+    """What is wrong with running ``op`` (a single instruction) after ``seen``, or None."""
+    problem = _allowed(schedule, rank, op)
+    if problem is None and seen[_key(op)]:
+        problem = "appears twice; each instruction runs exactly once per step"
+    if problem is None and isinstance(op, _RankOp) and position < last_compute:
+        problem = f"comes before this rank's last compute (position {last_compute})"
+    if problem is None and isinstance(op, OptimizerStep):
+        if not (seen[_key(ReduceGrads())] and seen[_key(ReduceTiedGrads())]):
+            problem = "the optimizer step must come after TIED and REDUCE"
+    for needed, reason in ([] if problem else _requirements(schedule, rank, op)):
+        if not seen[needed]:
+            return f"runs before {reason} ({needed[1]}{needed[0]}{needed[2]})"
+    return problem
+
+
 def _check_rank(schedule: Schedule, rank: int) -> None:
     seen: Counter[_Key] = Counter()
     stream = schedule.streams[rank]
     last_compute = max((i for i, op in enumerate(stream) if is_compute(op)), default=-1)
     for position, op in enumerate(stream):
-        problem = _allowed(schedule, rank, op)
-        if problem is None and seen[_key(op)]:
-            problem = "appears twice; each instruction runs exactly once per step"
-        if problem is None and isinstance(op, _RankOp) and position < last_compute:
-            problem = f"comes before this rank's last compute (position {last_compute})"
-        if problem is None and isinstance(op, OptimizerStep):
-            if not (seen[_key(ReduceGrads())] and seen[_key(ReduceTiedGrads())]):
-                problem = "the optimizer step must come after TIED and REDUCE"
-        for needed, reason in ([] if problem else _requirements(schedule, rank, op)):
-            if not seen[needed]:
-                problem = f"runs before {reason} ({needed[1]}{needed[0]}{needed[2]})"
-                break
-        if problem:
-            raise _fail(schedule, rank, position, problem)
-        seen[_key(op)] += 1
+        if isinstance(op, Exchange) and _exchange_problem(schedule, op):
+            raise _fail(schedule, rank, position, _exchange_problem(schedule, op))
+        for part in parts(op):
+            problem = _problem(schedule, rank, part, seen, position, last_compute)
+            if problem:
+                raise _fail(schedule, rank, position, problem, part)
+            seen[_key(part)] += 1
     missing = [k for k in _expected(schedule, rank) if not seen[k]]
     if missing:
         names = ", ".join(k[0] if k[1] < 0 else f"{k[1]}{k[0]}{k[2]}" for k in missing[:8])
@@ -161,56 +184,3 @@ def _expected(schedule: Schedule, rank: int) -> list[_Key]:
     if schedule.training:
         keys += [("TIED", -1, -1), ("REDUCE", -1, -1), ("STEP", -1, -1)]
     return keys
-
-
-
-
-def _check_execution(schedule: Schedule) -> None:
-    """Run every rank: sends never block, a receive blocks until its channel has a message.
-
-    With ``coalesce`` > 1 a group's last send posts its message and its first receive
-    takes it; the group's other receives need that first one to have run already.
-    """
-    p = schedule.num_stages
-    channels: dict[tuple[int, int], deque[tuple[_Key, int]]] = {}
-    taken: set[tuple[int, _Key]] = set()
-    cursor = [0] * p
-    progressed = True
-    while progressed:
-        progressed = False
-        for rank in range(p):
-            stream = schedule.streams[rank]
-            while cursor[rank] < len(stream):
-                op = stream[cursor[rank]]
-                if is_send(op) and schedule.transfers(op):
-                    dst = op.peer_stage % p  # type: ignore[union-attr]
-                    queue = channels.setdefault((rank, dst), deque())
-                    queue.append((schedule.message_key(op), cursor[rank]))
-                elif is_recv(op) and not schedule.transfers(op):
-                    if (rank, schedule.message_key(op)) not in taken:
-                        raise _fail(schedule, rank, cursor[rank],
-                                    f"receive comes before the first receive of its message "
-                                    f"group {list(schedule.message_group(op.micro_batch))}; "  # type: ignore[union-attr]
-                                    f"a group's receives must run in micro-batch order")
-                elif is_recv(op):
-                    src = op.peer_stage % p  # type: ignore[union-attr]
-                    queue = channels.get((src, rank))
-                    if not queue:
-                        break
-                    if queue[0][0] != schedule.message_key(op):
-                        sent = schedule.streams[src][queue[0][1]]
-                        raise _fail(schedule, rank, cursor[rank],
-                                    f"receive does not match the next message on the channel "
-                                    f"from rank {src}: rank {src} sent {sent} (position "
-                                    f"{queue[0][1]}) first; sends and receives between two "
-                                    f"ranks must be issued in the same order")
-                    queue.popleft()
-                    taken.add((rank, schedule.message_key(op)))
-                cursor[rank] += 1
-                progressed = True
-    blocked = [r for r in range(p) if cursor[r] < len(schedule.streams[r])]
-    if blocked:
-        waits = "; ".join(f"rank {r} waits at position {cursor[r]} "
-                          f"({schedule.streams[r][cursor[r]]})" for r in blocked)
-        raise _fail(schedule, blocked[0], cursor[blocked[0]],
-                    f"deadlock: no rank can progress ({waits})")

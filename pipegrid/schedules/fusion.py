@@ -1,0 +1,104 @@
+"""Lowering pass: order every rank's transfers by one global message order, then post
+each run of adjacent transfers as one ``Exchange`` group.
+
+NCCL runs a rank's transfers in issue order on one stream, and a send completes only
+when its receive runs. Ranks that each send before receiving from the other (1F1B's
+steady state, with zero-bubble's W between) or a ring of ranks that each send on before
+receiving (interleaved chunks) then wait on each other forever. The cure is an order:
+
+1. Time the schedule once (unit costs, exact arithmetic, a positive message latency) so
+   that a message's ready time is later than that of every message it depends on.
+2. Sort all messages by (ready time, sender rank, sender position): one global order,
+   consistent with causality and with every sender's program order.
+3. On each rank keep compute and sends where they are and move each receive up to just
+   after the rank's last transfer that comes before it in the global order.
+
+Every rank then issues its transfers in the global order, so the earliest unfinished
+message heads both its sender's and its receiver's stream and always completes: no
+deadlock under NCCL (one stream per rank or per peer) or gloo, by construction. A
+receive posted early never holds compute up (only the op that reads the data waits),
+and transfers left adjacent are posted together, so they move at once::
+
+    before   rank r: F2 SA2 ............ RG1 B1     rank q: I1 SG1 W0 RA2 F2
+    after    rank r: F2 [SA2+RG1] ....... B1        rank q: I1 [SG1+RA2] W0 F2
+
+``validate`` plays the result out under both transports' rules anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+from pipegrid.schedules.instructions import Exchange, Instruction, is_recv, is_send
+from pipegrid.schedules.schedule import Schedule
+
+__all__ = ["order_transfers"]
+
+_Message = tuple[str, int, int]
+# unit costs; the latency only makes a message that depends on another strictly later
+_COSTS = {"F": Fraction(1), "B": Fraction(1), "W": Fraction(1), "comm": Fraction(1, 64)}
+
+
+def order_transfers(schedule: Schedule) -> Schedule:
+    """``schedule`` with each rank's transfers in the global message order, adjacent ones grouped."""
+    rank_of_message = _global_order(schedule)
+    streams = []
+    for rank, stream in enumerate(schedule.streams):
+        placed = _place_receives(schedule, stream, rank_of_message)
+        streams.append(tuple(_group_adjacent(schedule, placed)))
+    return dataclasses.replace(schedule, streams=tuple(streams))
+
+
+def _moves(schedule: Schedule, op: Instruction) -> bool:
+    return (is_send(op) or is_recv(op)) and schedule.transfers(op)
+
+
+def _global_order(schedule: Schedule) -> dict[_Message, int]:
+    """message -> its index in the one order every rank issues its transfers in."""
+    from pipegrid.schedules.simulate import simulate  # simulate imports the passes' module
+
+    result = simulate(schedule, _COSTS)
+    keyed = []
+    for rank, stream in enumerate(schedule.streams):
+        for position, op in enumerate(stream):
+            if _moves(schedule, op) and is_send(op):
+                keyed.append(((result.start[(rank, position)], rank, position), schedule.message_key(op)))
+    return {message: index for index, (_, message) in enumerate(sorted(keyed))}
+
+
+def _place_receives(schedule: Schedule, stream: tuple[Instruction, ...],
+                    order: dict[_Message, int]) -> list[Instruction]:
+    """Sends and compute stay; each moving receive goes right after the rank's last transfer
+    that precedes it in ``order`` (never later than where it was)."""
+    out: list[Instruction] = []
+    receives = [op for op in stream if _moves(schedule, op) and is_recv(op)]
+    receives.sort(key=lambda op: order[schedule.message_key(op)])
+    pending = list(receives)
+    for op in stream:
+        if _moves(schedule, op) and is_recv(op):
+            while op in pending:  # at the latest where it stood, after those ordered before it
+                out.append(pending.pop(0))
+            continue
+        if _moves(schedule, op):  # a send: every receive ordered before it goes first
+            while pending and order[schedule.message_key(pending[0])] < order[schedule.message_key(op)]:
+                out.append(pending.pop(0))
+        out.append(op)
+    assert not pending, "every receive is placed"
+    return out
+
+
+def _group_adjacent(schedule: Schedule, stream: list[Instruction]) -> list[Instruction]:
+    """Runs of adjacent transfers become one Exchange (a group only ever lets more move)."""
+    out: list[Instruction] = []
+    run: list[Instruction] = []
+    for op in [*stream, None]:
+        if op is not None and _moves(schedule, op):
+            run.append(op)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else Exchange(tuple(run)))  # type: ignore[arg-type]
+            run = []
+        if op is not None:
+            out.append(op)
+    return out
