@@ -1,10 +1,19 @@
-"""Point-to-point transfer of stage activations and gradients, with shape negotiation.
+"""Point-to-point transfer of stage activations and gradients, posted in groups.
 
-The first activation on a channel (model stage s -> s+1) carries a small header
-with the tensors' dtypes and shapes; later ones reuse it, and a changed shape is
-caught by the sender (or renegotiated every time with ``dynamic_shapes``). A tuple
-travels as one flat message; a single tensor travels as itself, with no copy.
-Messages on one directed rank pair are matched in issue order (FIFO), as NCCL does.
+``post(sends, receives)`` puts one group of transfers on the wire at once (one
+``batch_isend_irecv``) and returns a handle per receive, waited for only where its data
+is read, so compute overlaps communication. On NCCL every transfer goes through a
+batch, which keeps them all on the group's one communicator and stream: the order the
+schedule validator proves deadlock-free (``pipegrid.schedules.transports``). A lone
+``isend`` would go to a separate two-rank communicator, and the two ends of a message
+must meet on the same one.
+
+The first activation a stage sends carries a header with the tensors' dtypes and
+shapes (every one does with ``dynamic_shapes``). Headers travel on a channel of their
+own, a gloo tag or a gloo group beside NCCL, so they never sit in the data stream's
+order; a changed shape is caught by the sender. A tuple travels as one flat message, a
+single tensor as itself with no copy. A buffer handed to the transport stays referenced
+until its work completes (``wait_all``), as torch's own send path requires.
 """
 
 from __future__ import annotations
@@ -16,9 +25,12 @@ import torch.distributed as dist
 
 from pipegrid import kernels
 
+__all__ = ["MessageMeta", "Outgoing", "Incoming", "Received", "P2P"]
+
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64]
 _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+_HEADER_TAG = 1  # on a gloo data group, headers take their own tag: a FIFO channel of their own
 
 
 @dataclass(frozen=True)
@@ -58,149 +70,209 @@ class MessageMeta:
         return ", ".join(f"{str(d).replace('torch.', '')}{list(s)}" for s, d in zip(self.shapes, self.dtypes))
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to send: a stage's output ("act") or its input's gradient ("grad")."""
+
+    kind: str
+    stage: int
+    """The sending model stage."""
+    tensors: tuple[torch.Tensor, ...]
+    was_tuple: bool
+    dst: int
+    """Global rank of the receiver."""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message to receive; a gradient is sized by the local activation it belongs to."""
+
+    kind: str
+    stage: int
+    """For "act" the sending stage; for "grad" the receiving stage (whose output it is for)."""
+    src: int
+    """Global rank of the sender."""
+    activation: tuple[torch.Tensor, ...] = ()
+
+
+class Received:
+    """A posted receive: ``wait()`` blocks (on CUDA: the current stream) until it arrived."""
+
+    def __init__(self, work: dist.Work | None, buffer: torch.Tensor | None, layout: kernels.FlatLayout | None,
+                 was_tuple: bool, backend: str) -> None:
+        self._work, self._buffer, self._layout = work, buffer, layout
+        self._was_tuple, self._backend = was_tuple, backend
+        self._tensors: tuple[torch.Tensor, ...] | None = None if buffer is not None else ()
+
+    def wait(self) -> tuple[tuple[torch.Tensor, ...], bool]:
+        if self._tensors is None:
+            if self._work is not None:
+                self._work.wait()
+            buffer, layout = self._buffer, self._layout
+            self._tensors = ((buffer,) if layout is None  # type: ignore[assignment]
+                             else tuple(kernels.unpack(buffer, layout, backend=self._backend)))
+            self._work = self._buffer = None
+        return self._tensors, self._was_tuple  # type: ignore[return-value]
+
+
 class P2P:
     """Activation and gradient messages between this rank's stages and their neighbours."""
 
     def __init__(self, device: torch.device, dynamic_shapes: bool = False, kernels_backend: str = "torch",
-                 rank: int = 0, group: dist.ProcessGroup | None = None) -> None:
+                 rank: int = 0, group: dist.ProcessGroup | None = None,
+                 header_group: dist.ProcessGroup | None = None) -> None:
+        if device.type == "cuda" and header_group is None:
+            raise ValueError("P2P on CUDA needs header_group, a gloo group for the message headers "
+                             "(NCCL ignores tags, so headers cannot share its channel)")
         self.device = device
         self.dynamic_shapes = dynamic_shapes
         self.kernels_backend = kernels_backend
         self.rank = rank
         self.group = group
+        # headers: a gloo group of their own beside NCCL; else the data group's own header tag
+        self._header_group = header_group if header_group is not None else group
+        self._header_tag = 0 if header_group is not None else _HEADER_TAG
         self._sent_meta: dict[int, MessageMeta] = {}
         self._recv_meta: dict[int, MessageMeta] = {}
         self._layouts: dict[MessageMeta, kernels.FlatLayout] = {}
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
-    # --- activations -------------------------------------------------------
-    def send_activation(self, stage: int, tensors: tuple[torch.Tensor, ...], was_tuple: bool, dst: int) -> None:
-        meta = MessageMeta.of(tensors, was_tuple)
-        known = self._sent_meta.get(stage)
-        if known is None or self.dynamic_shapes:
-            header = meta.encode()
-            self._isend(torch.tensor([header.numel()], dtype=torch.int64), dst)
-            self._isend(header, dst)
-            self._sent_meta[stage] = meta
-        else:
-            self._check_same(stage, meta)
-        self._isend(self._flatten(tensors, meta), dst)
+    # --- one group of transfers --------------------------------------------
+    def post(self, sends: list[Outgoing], receives: list[Incoming]) -> list[Received]:
+        """Put ``sends`` and ``receives`` on the wire as one group; a handle per receive.
 
-    def _check_same(self, stage: int, meta: MessageMeta) -> None:
-        known = self._sent_meta[stage]
-        if known != meta:
-            raise ValueError(
-                f"rank {self.rank}: stage {stage} sends [{meta.describe()}] to stage {stage + 1}, which was set "
-                f"up for [{known.describe()}] by the first micro-batch; keep micro-batch shapes fixed "
-                "(pad to one length) or set comm.dynamic_shapes=true")
-
-    def recv_activation(self, src_stage: int, src: int) -> tuple[tuple[torch.Tensor, ...], bool]:
-        meta = self._recv_meta.get(src_stage)
-        if meta is None or self.dynamic_shapes:
-            length = torch.empty(1, dtype=torch.int64)
-            self._recv(length, src, host=True)
-            header = torch.empty(int(length.item()), dtype=torch.int64)
-            self._recv(header, src, host=True)
-            meta = self._recv_meta[src_stage] = MessageMeta.decode(header)
-        return self._receive_message(meta, src), meta.was_tuple
-
-    # --- gradients (layout known from the local activation: no header) -----------
-    def send_grad(self, stage: int, grads: tuple[torch.Tensor, ...], dst: int) -> None:
-        if grads:
-            self._isend(self._flatten(grads, MessageMeta.of(grads, True)), dst)
-
-    def recv_grad(self, stage: int, activation: tuple[torch.Tensor, ...], src: int) -> tuple[torch.Tensor, ...]:
-        meta = self._incoming_meta("grad", stage, activation)
-        return () if meta is None else self._receive_message(meta, src)
-
-    # --- a send and a receive with the same peer, posted together ------------
-    def exchange(self, send: tuple[str, int, tuple[torch.Tensor, ...], bool], dst: int,
-                 recv: tuple[str, int, tuple[torch.Tensor, ...] | None], src: int,
-                 ) -> tuple[tuple[torch.Tensor, ...], bool] | None:
-        """Post a send and the next receive in one ``batch_isend_irecv`` (as Megatron does).
-
-        ``send`` is (kind, stage, tensors, was_tuple); ``recv`` is (kind, stage, activation):
-        for a gradient, the local activation it belongs to. NCCL needs the pair in one
-        group call when both ranks send first; gloo gains one fewer trip through Python.
-        Returns None (nothing posted) when a header must travel first: the caller then
-        runs the two one after the other.
+        Headers go first on their own channel (sends never wait; a receive that needs
+        one waits for it here, as it cannot be sized without). Then every payload moves
+        in one ``batch_isend_irecv``.
         """
-        kind, stage, tensors, was_tuple = send
-        if not tensors:
-            return None
-        out_meta = MessageMeta.of(tensors, was_tuple)
-        in_meta = self._incoming_meta(*recv)
-        if in_meta is None or (kind == "act" and self._sent_meta.get(stage) is None) or self.dynamic_shapes:
-            return None
-        if kind == "act":
-            self._check_same(stage, out_meta)
-        payload = self._flatten(tensors, out_meta)
-        buffer, layout = self._receive_buffer(in_meta)
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, payload, dst, group=self.group),
-                                        dist.P2POp(dist.irecv, buffer, src, group=self.group)])
-        self._pending.append((works[0], payload))
-        works[1].wait()
-        received = (buffer,) if layout is None else tuple(kernels.unpack(buffer, layout,
-                                                                         backend=self.kernels_backend))
-        return received, in_meta.was_tuple
+        payloads = [(s, self._outgoing_payload(s)) for s in sends]
+        metas = [self._incoming_meta(r) for r in receives]
+        ops: list[dist.P2POp] = []
+        for send, payload in payloads:
+            if payload is not None:
+                ops.append(dist.P2POp(dist.isend, payload, send.dst, group=self.group))
+        handles: list[tuple[int, torch.Tensor, kernels.FlatLayout | None, bool] | None] = []
+        for receive, meta in zip(receives, metas):
+            if meta is None:
+                handles.append(None)
+                continue
+            buffer, layout = self._receive_buffer(meta)
+            handles.append((len(ops), buffer, layout, meta.was_tuple))
+            ops.append(dist.P2POp(dist.irecv, buffer, receive.src, group=self.group))
+        works = self._start(ops)
+        for work, op in zip(works, ops):
+            if op.op is dist.isend:
+                self._keep(work, op.tensor)
+        return [Received(None, None, None, True, self.kernels_backend) if h is None
+                else Received(works[h[0]], h[1], h[2], h[3], self.kernels_backend) for h in handles]
 
-    def can_exchange(self) -> bool:
-        """Paired posting needs both sides' shapes known up front: not with dynamic shapes."""
-        return not self.dynamic_shapes
+    def _start(self, ops: list[dist.P2POp]) -> list[dist.Work]:
+        if not ops:
+            return []
+        if len(ops) == 1 and self.device.type != "cuda":  # gloo: a lone op needs no batch
+            op = ops[0]
+            return [op.op(op.tensor, op.peer, group=self.group)]
+        return dist.batch_isend_irecv(ops)
 
-    def _incoming_meta(self, kind: str, stage: int, activation: tuple[torch.Tensor, ...] | None,
-                       ) -> MessageMeta | None:
-        if kind == "act":
-            return self._recv_meta.get(stage)
-        floats = tuple(t for t in activation or () if t.is_floating_point() or t.is_complex())
+    def _outgoing_payload(self, send: Outgoing) -> torch.Tensor | None:
+        if not send.tensors:
+            return None  # a gradient for inputs that need none: the receiver expects nothing
+        meta = MessageMeta.of(send.tensors, send.was_tuple)
+        if send.kind == "act":
+            known = self._sent_meta.get(send.stage)
+            if known is None or self.dynamic_shapes:
+                self._send_header(meta, send.dst)
+                self._sent_meta[send.stage] = meta
+            elif known != meta:
+                raise ValueError(
+                    f"rank {self.rank}: stage {send.stage} sends [{meta.describe()}] to stage {send.stage + 1}, "
+                    f"which was set up for [{known.describe()}] by the first micro-batch; keep micro-batch "
+                    "shapes fixed (pad to one length) or set comm.dynamic_shapes=true")
+        return self._flatten(send.tensors, meta)
+
+    def _incoming_meta(self, receive: Incoming) -> MessageMeta | None:
+        if receive.kind == "act":
+            meta = self._recv_meta.get(receive.stage)
+            if meta is None or self.dynamic_shapes:
+                meta = self._recv_meta[receive.stage] = self._recv_header(receive.src)
+            return meta
+        floats = tuple(t for t in receive.activation if t.is_floating_point() or t.is_complex())
         if not floats:
             return None
         return MessageMeta(tuple(tuple(t.shape) for t in floats), tuple(t.dtype for t in floats), True)
 
+    # --- headers: their own channel, never in the data stream's order --------
+    def _send_header(self, meta: MessageMeta, dst: int) -> None:
+        header = meta.encode()
+        length = torch.tensor([header.numel()], dtype=torch.int64)
+        for tensor in (length, header):
+            self._keep(dist.isend(tensor, dst, group=self._header_group, tag=self._header_tag), tensor)
+
+    def _recv_header(self, src: int) -> MessageMeta:
+        length = torch.empty(1, dtype=torch.int64)
+        dist.recv(length, src, group=self._header_group, tag=self._header_tag)
+        header = torch.empty(int(length.item()), dtype=torch.int64)
+        dist.recv(header, src, group=self._header_group, tag=self._header_tag)
+        return MessageMeta.decode(header)
+
+    # --- the single-message API (one group of one) ----------------------------
+    def send_activation(self, stage: int, tensors: tuple[torch.Tensor, ...], was_tuple: bool, dst: int) -> None:
+        self.post([Outgoing("act", stage, tensors, was_tuple, dst)], [])
+
+    def recv_activation(self, src_stage: int, src: int) -> tuple[tuple[torch.Tensor, ...], bool]:
+        return self.post([], [Incoming("act", src_stage, src)])[0].wait()
+
+    def send_grad(self, stage: int, grads: tuple[torch.Tensor, ...], dst: int) -> None:
+        self.post([Outgoing("grad", stage, grads, True, dst)], [])
+
+    def recv_grad(self, stage: int, activation: tuple[torch.Tensor, ...], src: int) -> tuple[torch.Tensor, ...]:
+        return self.post([], [Incoming("grad", stage, src, activation)])[0].wait()[0]
+
+    def exchange(self, send: tuple[str, int, tuple[torch.Tensor, ...], bool], dst: int,
+                 recv: tuple[str, int, tuple[torch.Tensor, ...] | None], src: int,
+                 ) -> tuple[tuple[torch.Tensor, ...], bool] | None:
+        """A send and a receive posted as one group; the received (tensors, was_tuple)."""
+        kind, stage, tensors, was_tuple = send
+        recv_kind, recv_stage, activation = recv
+        handle = self.post([Outgoing(kind, stage, tensors, was_tuple, dst)],
+                           [Incoming(recv_kind, recv_stage, src, activation or ())])[0]
+        return handle.wait()
+
+    def can_exchange(self) -> bool:
+        """A send and a receive can always be posted as one group (headers have their own channel)."""
+        return True
+
+    # --- plumbing ----------------------------------------------------------
     def _receive_buffer(self, meta: MessageMeta) -> tuple[torch.Tensor, kernels.FlatLayout | None]:
         if len(meta.shapes) == 1:
             return torch.empty(meta.shapes[0], dtype=meta.dtypes[0], device=self.device), None
         layout = self._layout(meta)
         return torch.empty(layout.total, dtype=layout.flat_dtype, device=self.device), layout
 
-    # --- plumbing ----------------------------------------------------------
     def _flatten(self, tensors: tuple[torch.Tensor, ...], meta: MessageMeta) -> torch.Tensor:
         if len(tensors) == 1:
             return tensors[0].detach().contiguous()
         return kernels.pack([t.detach() for t in tensors], layout=self._layout(meta),
                             backend=self.kernels_backend)
 
-    def _receive_message(self, meta: MessageMeta, src: int) -> tuple[torch.Tensor, ...]:
-        buffer, layout = self._receive_buffer(meta)
-        self._recv(buffer, src)
-        if layout is None:
-            return (buffer,)
-        return tuple(kernels.unpack(buffer, layout, backend=self.kernels_backend))
-
     def _layout(self, meta: MessageMeta) -> kernels.FlatLayout:
         if meta not in self._layouts:
             self._layouts[meta] = kernels.FlatLayout.from_shapes(meta.shapes, meta.dtypes)
         return self._layouts[meta]
 
-    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
-        if tensor.device != self.device:  # headers are built on the host
-            tensor = tensor.to(self.device)
-        work = dist.isend(tensor, dst, group=self.group)
+    def _keep(self, work: dist.Work, tensor: torch.Tensor) -> None:
+        """Hold a sent buffer until its work completes: the transport reads it until then."""
         self._pending.append((work, tensor))
         if len(self._pending) > 16:  # keep the list short without waiting on fresh sends
             self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
 
-    def _recv(self, tensor: torch.Tensor, src: int, host: bool = False) -> None:
-        if host and self.device.type == "cuda":
-            staged = tensor.to(self.device)
-            dist.recv(staged, src, group=self.group)
-            tensor.copy_(staged)
-        else:
-            dist.recv(tensor, src, group=self.group)
-
     def wait_all(self) -> None:
         """Block until every send of this step has left; their buffers may then be reused."""
-
-        for work, _ in self._pending:
+        pending, self._pending = self._pending, []
+        for work, _ in pending:
             work.wait()
+
+    def abandon(self) -> None:
+        """Forget unfinished sends without waiting: after a failure, waiting could only add
+        the transport's own error on top of the one that ended the step."""
         self._pending.clear()
