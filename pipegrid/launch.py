@@ -222,15 +222,11 @@ def torchrun_world_size() -> int | None:
     return int(os.environ["WORLD_SIZE"]) if is_torchrun() else None
 
 
-def uses_cuda(backend: str = "auto") -> bool:
-    """Whether a job with ``comm.backend=backend`` runs on GPUs (NCCL)."""
-    if backend not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"backend must be auto, gloo or nccl, got {backend!r}")
-    if backend != "auto":
-        return backend == "nccl"
-    import torch
+def uses_cuda(backend: str = "auto", local_ranks: int = 1) -> bool:
+    """Whether a job with ``comm.backend=backend`` and ``local_ranks`` ranks here runs on GPUs (NCCL)."""
+    from pipegrid.topology.join import resolve_backend  # the one rule, shared with joining
 
-    return torch.cuda.is_available()
+    return resolve_backend(backend, local_ranks)[0] == "nccl"
 
 
 def launch(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "auto",
@@ -256,7 +252,7 @@ def launch(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "
         return _run_in_place(fn, args)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    start_method = start_method or ("spawn" if uses_cuda(backend) else "fork")
+    start_method = start_method or ("spawn" if uses_cuda(backend, world_size) else "fork")
     if start_method == "fork" and "OMP_NUM_THREADS" not in os.environ:
         _reexec_with_one_omp_thread()
     log_file = next((h.baseFilename for h in logging.getLogger().handlers
