@@ -1,0 +1,193 @@
+"""``from_pretrained`` / ``from_config``: a transformers causal LM as a PipelineModule whose
+process holds only its own stages, read from a checkpoint or initialised as transformers
+initialises that model.
+
+Everything that can be wrong with the input (a missing directory, no safetensors, an
+architecture that cannot be pipelined, tensors that disagree with config.json, tensor
+parallelism) is checked from config.json and the safetensors headers alone, the same
+way on every rank, before any layer is built and before any collective.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipegrid.hf.layers import TIED_KEY, layer_specs
+from pipegrid.hf.plan import PlanEntry, plan_for, read_config_json
+from pipegrid.hf.skeleton import Skeleton
+from pipegrid.hf.weights import CheckpointWeights
+from pipegrid.pipe.module import PipelineModule
+from pipegrid.pipe.spec import TiedLayerSpec
+from pipegrid.topology.grid import Topology
+
+
+class CausalLMLoss:
+    """The model's own causal-LM loss of one micro-batch (transformers' ``ForCausalLMLoss``
+    for causal LMs): labels shifted inside, -100 ignored, mean over the counted tokens."""
+
+    def __init__(self, loss_function: Callable[..., torch.Tensor], vocab_size: int) -> None:
+        self.loss_function = loss_function
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size)
+
+
+class _CheckpointSource:
+    """Fills materialised modules from a checkpoint, one tensor at a time."""
+
+    def __init__(self, weights: CheckpointWeights) -> None:
+        self.weights = weights
+
+    def fill(self, skeleton: Skeleton, module: nn.Module, name: str) -> None:
+        tied = skeleton.tied_head_key()
+        for local, tensor in module.state_dict(keep_vars=True).items():
+            key = f"{name}.{local}"
+            if key != tied:
+                self.weights.read_into(tensor, key, skeleton.plan.base_prefix)
+                tensor._is_hf_initialized = True  # transformers' init then leaves it alone
+        skeleton.init_weights(module)  # what no checkpoint stores: rotary tables and other computed buffers
+
+
+class _RandomInit:
+    """Initialises materialised modules as transformers does (under the layer's seed)."""
+
+    def fill(self, skeleton: Skeleton, module: nn.Module, name: str) -> None:
+        skeleton.init_weights(module)
+
+
+class HFCausalLM(PipelineModule):
+    """A transformers causal LM cut into pipeline stages; this process holds only its own.
+
+    Build it with :func:`from_pretrained` or :func:`from_config`. Micro-batches are
+    ``(input_ids, labels)`` or ``((input_ids, attention_mask), labels)``; the loss is the
+    model's causal-LM loss. ``hf_state_dict()`` gives the local tensors under their
+    transformers names; :func:`pipegrid.hf.save_pretrained` writes them back.
+    """
+
+    def __init__(self, skeleton: Skeleton, topology: Topology | None = None, *,
+                 partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
+                 seed: int = 1234, **pipeline_kwargs: Any) -> None:
+        skeleton.materialise_unplanned()
+        loss = CausalLMLoss(skeleton.shell.loss_function, skeleton.config.vocab_size)
+        super().__init__(layer_specs(skeleton), loss_fn=loss, topology=topology, partition_method=partition_method,
+                         activation_checkpoint_interval=activation_checkpoint_interval, seed=seed,
+                         **pipeline_kwargs)
+        self.skeleton = skeleton
+
+    @property
+    def hf_config(self) -> Any:
+        """The transformers config of the whole model."""
+        return self.skeleton.config
+
+    def writes_tied_embedding(self) -> bool:
+        """The first pipe rank holding the tied embedding stores it (once, as transformers does)."""
+        owners = self.tied_pipe_ranks().get(TIED_KEY)
+        return bool(owners) and min(owners) == self.stage_id
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This process's tensors under their transformers names, each stored once in the model."""
+        tensors: dict[str, torch.Tensor] = {}
+        for stage in self.stage_ids:
+            for index, layer in self.local_layers(stage):
+                if isinstance(self.layer_specs[index], TiedLayerSpec) and not self.writes_tied_embedding():
+                    continue
+                for key, tensor in layer.hf_tensors():
+                    tensors.setdefault(key, tensor)
+        return tensors
+
+    def hf_shard_keys(self) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
+        """pipe rank -> (key, shape) of the tensors it stores: every rank's, from the skeleton alone."""
+        shards: dict[int, list[tuple[str, tuple[int, ...]]]] = {r: [] for r in range(self.num_stages)}
+        seen: set[str] = set()
+        for index, spec in enumerate(self.layer_specs):
+            owner = self.pipe_rank_of(self.layer_owner(index))
+            if isinstance(spec, TiedLayerSpec):
+                owner = min(self.tied_pipe_ranks()[spec.key])
+            for name in spec.hf_modules:
+                for local, tensor in self.skeleton.shell.get_submodule(name).state_dict().items():
+                    key = f"{name}.{local}"
+                    if key not in seen:
+                        seen.add(key)
+                        shards[owner].append((key, tuple(tensor.shape)))
+        return shards
+
+
+def _check_topology(topology: Topology | None) -> None:
+    if topology is not None and topology.tensor > 1:
+        raise ValueError(f"pipegrid.hf does not split transformers layers across a tensor group yet, got "
+                         f"topology.tensor={topology.tensor}; set topology.tensor=1 and use topology.data for "
+                         "more processes (tensor parallelism from the config's base_model_tp_plan is the next step)")
+
+
+def _dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
+    """As transformers' from_pretrained reads it: None is torch's default, "auto" the config's."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if dtype == "auto":
+        stored = getattr(config, "dtype", None)
+        return _dtype(stored, config) if stored not in (None, "auto") else torch.get_default_dtype()
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, its name or 'auto', got {dtype!r}")
+        return value
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, its name or 'auto', got {type(dtype).__name__}")
+    return dtype
+
+
+def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch.dtype | str | None = None,
+                    partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
+                    seed: int = 1234, attn_implementation: str | None = None,
+                    pp_plan: Mapping[str, PlanEntry] | None = None, **pipeline_kwargs: Any) -> HFCausalLM:
+    """A transformers checkpoint directory (config.json + safetensors) as pipeline stages.
+
+    Each process materialises only its own stages' modules and reads only their tensors.
+    ``dtype`` is what the weights are held in until the engine casts them (None: torch's
+    default, as in transformers; "auto": config.json's). ``pp_plan`` overrides the
+    config's ``base_model_pp_plan``. Other keywords go to :class:`PipelineModule`
+    (``virtual_stages``, ``num_stages``/``stage_id`` without a topology, ...).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    _check_topology(topology)
+    stored = read_config_json(path)
+    model_type = stored.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise ValueError(f"hf.from_pretrained: {path}/config.json names model_type {model_type!r}, which "
+                         f"transformers {transformers.__version__} does not know; upgrade transformers or fix "
+                         "config.json")
+    config = AutoConfig.from_pretrained(path)
+    weights = CheckpointWeights(path)
+    skeleton = Skeleton(config, plan_for(config, pp_plan), _CheckpointSource(weights), _dtype(dtype, config),
+                        attn_implementation)
+    weights.check(skeleton.expected_tensors(), skeleton.plan.base_prefix,
+                  where=f"{skeleton.plan.class_name} built from config.json")
+    return HFCausalLM(skeleton, topology, partition_method=partition_method,
+                      activation_checkpoint_interval=activation_checkpoint_interval, seed=seed, **pipeline_kwargs)
+
+
+def from_config(config: Any, topology: Topology | None = None, *, dtype: torch.dtype | str | None = None,
+                partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
+                seed: int = 1234, attn_implementation: str | None = None,
+                pp_plan: Mapping[str, PlanEntry] | None = None, **pipeline_kwargs: Any) -> HFCausalLM:
+    """A randomly initialised model of ``config`` (a transformers ``PretrainedConfig``) as pipeline stages.
+
+    Each module is initialised by the model's own ``_init_weights``; pipeline layer i
+    draws from ``seed + i`` (the tied embedding from ``seed``) whatever stage builds it,
+    so every layout starts from bit-identical weights.
+    """
+    _check_topology(topology)
+    config = copy.deepcopy(config)
+    skeleton = Skeleton(config, plan_for(config, pp_plan), _RandomInit(), _dtype(dtype, config), attn_implementation)
+    return HFCausalLM(skeleton, topology, partition_method=partition_method,
+                      activation_checkpoint_interval=activation_checkpoint_interval, seed=seed, **pipeline_kwargs)

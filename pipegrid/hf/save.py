@@ -1,0 +1,109 @@
+"""``save_pretrained(engine, out_dir)``: a directory ``AutoModelForCausalLM.from_pretrained``
+loads, written from any pipe x data layout by the stages themselves.
+
+Each pipe rank of data replica 0 writes its own layers as one safetensors shard; rank 0
+writes config.json, the shard index and (if given) the tokenizer. Everything goes to a
+temporary directory beside ``out_dir`` that is renamed into place once all shards are
+written, so an interrupted save leaves no half directory under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from pipegrid.hf.model import HFCausalLM
+from pipegrid.hf.weights import INDEX_FILE
+
+
+def shard_name(pipe_rank: int, num_stages: int) -> str:
+    return f"model-{pipe_rank + 1:05d}-of-{num_stages:05d}.safetensors"
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors safetensors accepts: a view into a flat (ZeRO) buffer is copied out, others are not."""
+    out = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu")
+        whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        out[key] = tensor.contiguous() if whole and tensor.is_contiguous() else tensor.clone()
+    return out
+
+
+def _index(module: HFCausalLM, dtype: torch.dtype) -> dict[str, Any]:
+    """The shard index, computed from the skeleton on rank 0 alone (no gathering)."""
+    weight_map, total = {}, 0
+    for rank, keys in module.hf_shard_keys().items():
+        for key, shape in keys:
+            weight_map[key] = shard_name(rank, module.num_stages)
+            total += torch.Size(shape).numel() * dtype.itemsize
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def _write_metadata(module: HFCausalLM, directory: str, dtype: torch.dtype, tokenizer: Any) -> None:
+    config = module.hf_config.__class__.from_dict(module.hf_config.to_dict())
+    config.architectures = [module.skeleton.plan.class_name]
+    config.dtype = dtype
+    config.save_pretrained(directory)
+    generation = getattr(module.skeleton.shell, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        json.dump(_index(module, dtype), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def _publish(tmp: str, out_dir: str) -> None:
+    """Move a previous ``out_dir`` aside, rename ``tmp`` into place, then delete the old one."""
+    old = f"{out_dir}.old-pipegrid"
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(engine: Any, out_dir: str, *, tokenizer: Any = None) -> str:
+    """Collective: write the engine's model as a transformers checkpoint directory; its path.
+
+    Weights are saved in the engine's compute dtype (``precision.dtype``), the tied
+    embedding once. ``tokenizer`` (anything with ``save_pretrained``) is saved with it.
+    """
+    module = engine.module
+    if not isinstance(module, HFCausalLM):
+        raise TypeError(f"hf.save_pretrained needs an engine over a pipegrid.hf model (hf.from_pretrained / "
+                        f"hf.from_config), got one over {type(module).__name__}; use engine.save_checkpoint")
+    topology, coord, rank = engine.topology, engine.groups.coord, engine.groups.rank
+    if topology.tensor > 1:
+        raise ValueError(f"hf.save_pretrained: topology.tensor={topology.tensor} is not supported by pipegrid.hf")
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.split(out_dir)
+    tmp = os.path.join(parent, f".{name}.tmp-pipegrid")
+    dtype = engine.dtype
+    if rank == 0:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    if coord.data == 0 and coord.tensor == 0:
+        tensors = _detached(module.hf_state_dict())
+        save_file(tensors, os.path.join(tmp, shard_name(engine.pipe_rank, module.num_stages)),
+                  metadata={"format": "pt"})
+    _barrier()
+    if rank == 0:
+        _write_metadata(module, tmp, dtype, tokenizer)
+        _publish(tmp, out_dir)
+    _barrier()
+    return out_dir

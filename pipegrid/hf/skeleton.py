@@ -1,0 +1,250 @@
+"""A transformers causal LM held on the meta device, of which each stage materialises only
+the modules it owns, plus the glue transformers' own forward code computes between them.
+
+The glue (attention masks for each layer type, rotary tables, position ids, embedding
+scales, logit soft-capping) is not re-implemented: a stage runs the base model's own
+``forward`` with its decoder layers swapped for recording stubs, and keeps the arguments
+each layer would have been called with. The LM head runs the causal LM's own ``forward``
+with the base model swapped for a stub returning the final hidden state. Whatever a
+family does between its modules, the pipeline therefore does the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from pipegrid.hf.plan import StagePlan, causal_lm_class, resolve
+
+LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's arguments besides its hidden state
+
+
+class WeightSource(Protocol):
+    """Fills a freshly materialised module: from a checkpoint, or with transformers' random init."""
+
+    def fill(self, skeleton: Skeleton, module: nn.Module, name: str) -> None: ...
+
+
+class _Captured(Exception):
+    """Raised by the last layer stub: the base model's forward has nothing more to tell."""
+
+
+class _LayerStub(nn.Module):
+    """Stands in for decoder layer ``index`` while the base model's forward runs: records its call."""
+
+    def __init__(self, index: int, last: int, record: dict[int, tuple], layer: nn.Module) -> None:
+        super().__init__()
+        self.index, self.last, self.record = index, last, record
+        for name, value in vars(layer).items():  # attributes the forward may read (attention_type, ...)
+            if not name.startswith("_") and name != "training" and not isinstance(value, (nn.Module, torch.Tensor)):
+                setattr(self, name, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.record[self.index] = (args, kwargs)
+        if self.index == self.last:
+            raise _Captured
+        return args[0] if args else kwargs["hidden_states"]
+
+
+class _ZeroEmbedding(nn.Module):
+    """Stands in for a position table another stage owns: the recorded calls do not depend on it."""
+
+    def __init__(self, table: nn.Embedding) -> None:
+        super().__init__()
+        self.dim, self.dtype = table.embedding_dim, table.weight.dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*ids.shape, self.dim, dtype=self.dtype, device=ids.device)
+
+
+class _HiddenOnly:
+    """What the base-model stub returns: the final hidden state, every other field None."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+    def __getitem__(self, index: Any) -> Any:
+        return (self.last_hidden_state,)[index]
+
+
+class _BaseStub(nn.Module):
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args: Any, **kwargs: Any) -> _HiddenOnly:
+        return _HiddenOnly(self.hidden)
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def _children_first(module: nn.Module) -> Iterator[nn.Module]:
+    """Modules in the order transformers' ``smart_apply`` initialises them."""
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
+
+
+class Skeleton:
+    """The causal LM built on the meta device (no storage), its plan, and the glue between stages."""
+
+    def __init__(self, config: Any, plan: dict, source: WeightSource, dtype: torch.dtype,
+                 attn_implementation: str | None = None) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        causal_lm_class(config)  # refuses a config that is no causal LM, naming it
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        with torch.device("meta"), no_init_weights():  # shapes only: initialising meta tensors is wasted time
+            self.shell = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        self.config = self.shell.config
+        self.dtype = dtype
+        self.plan: StagePlan = resolve(self.shell, plan)
+        self.base: nn.Module = getattr(self.shell, self.plan.base_prefix)
+        self.source = source
+        self._record: dict[int, tuple] = {}
+        layers = self.decoder_layers()
+        self._stubs = nn.ModuleList([_LayerStub(i, len(layers) - 1, self._record, layer)
+                                     for i, layer in enumerate(layers)])
+        self._cache: tuple[tuple, list[LayerCall]] | None = None
+        # modules outside the plan hold only buffers (checked by resolve): every stage needs them
+        self.unplanned = [module for name, module in self.base.named_children()
+                          if name not in (self.plan.embed, *self.plan.prefix, self.plan.layers, self.plan.norm)]
+
+    def materialise_unplanned(self) -> None:
+        """Give every stage the buffer-only modules outside the plan (rotary tables), computed afresh."""
+        for module in self.unplanned:
+            self.materialise_module(module, self.qualified_name(module))
+
+    # ---- naming and materialising -------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        return getattr(self.base, self.plan.layers)
+
+    def base_name(self, child: str) -> str:
+        """The qualified name of a base-model child, e.g. ``model.layers.3``."""
+        return f"{self.plan.base_prefix}.{child}"
+
+    def qualified_name(self, module: nn.Module) -> str:
+        return next(name for name, m in self.shell.named_modules() if m is module)
+
+    def materialise(self, name: str) -> nn.Module:
+        """The module at qualified ``name``, given storage and filled by the weight source (once)."""
+        module = self.shell.get_submodule(name)
+        return self.materialise_module(module, name)
+
+    def materialise_module(self, module: nn.Module, name: str) -> nn.Module:
+        if _on_meta(module):
+            module.to_empty(device="cpu")
+            self.source.fill(self, module, name)
+        return module
+
+    def tie_head(self, embedding: nn.Module) -> None:
+        """Give the (tied) LM head the embedding's weight, as transformers' ``tie_weights`` does."""
+        getattr(self.shell, self.plan.head).weight = embedding.weight
+
+    def tied_head_key(self) -> str | None:
+        return f"{self.plan.head}.weight" if self.plan.tied else None
+
+    def expected_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(key, shape) of every tensor a checkpoint of this model stores (a tied head's weight is not)."""
+        tied = self.tied_head_key()
+        return [(key, tuple(t.shape)) for key, t in self.shell.state_dict().items() if key != tied]
+
+    @torch.no_grad()
+    def init_weights(self, module: nn.Module) -> None:
+        """transformers' own initialisation of ``module``'s tensors not flagged as loaded."""
+        from transformers import initialization
+
+        with initialization.guard_torch_init_functions():
+            for sub in _children_first(module):
+                self.shell._init_weights(sub)
+
+    # ---- glue between stages ----------------------------------------------------------
+    def first_hidden(self, embeds: torch.Tensor, mask: torch.Tensor | None, training: bool) -> torch.Tensor:
+        """The hidden state decoder layer 0 receives, computed from ``embeds`` by the model's forward."""
+        return self._capture(embeds, mask, training)
+
+    def layer_call(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+                   training: bool) -> LayerCall:
+        """Decoder layer ``index``'s other arguments for a micro-batch of ``hidden``'s shape and ``mask``.
+
+        Computed once per micro-batch and stage (the first layer asks, the next ones reuse):
+        the arguments depend only on the shape, dtype, device and padding mask.
+        """
+        if self._cache is None or not self._same_key(self._cache[0], hidden, mask, training):
+            with torch.no_grad():
+                self._capture(hidden.detach(), mask, training)
+        assert self._cache is not None
+        return self._cache[1][index]
+
+    @staticmethod
+    def _key(hidden: torch.Tensor, mask: torch.Tensor | None, training: bool) -> tuple:
+        return (mask, tuple(hidden.shape), hidden.dtype, hidden.device, training)
+
+    def _same_key(self, key: tuple, hidden: torch.Tensor, mask: torch.Tensor | None, training: bool) -> bool:
+        other = self._key(hidden, mask, training)
+        return key[0] is other[0] and key[1:] == other[1:]
+
+    def _capture(self, embeds: torch.Tensor, mask: torch.Tensor | None, training: bool) -> torch.Tensor:
+        """Run the base model's forward on ``embeds`` with recording stubs; cache each layer's call."""
+        for module in self.unplanned:  # rotary tables follow the activations' device
+            if any(b.device != embeds.device for b in module.buffers()):
+                module.to(embeds.device)
+        swaps: dict[str, nn.Module] = {self.plan.layers: self._stubs}
+        for name, module in self.base.named_children():
+            if isinstance(module, nn.Embedding) and name != self.plan.embed and module.weight.is_meta:
+                swaps[name] = _ZeroEmbedding(module)
+        saved = {name: self.base._modules[name] for name in swaps}
+        was_training = self.base.training
+        self._record.clear()
+        self.base._modules.update(swaps)
+        self.base.training = training
+        try:
+            self.base(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            self.base._modules.update(saved)
+            self.base.training = was_training
+        return self._keep_calls(embeds, mask, training)
+
+    def _keep_calls(self, embeds: torch.Tensor, mask: torch.Tensor | None, training: bool) -> torch.Tensor:
+        count = len(self._stubs)
+        if len(self._record) != count:
+            raise RuntimeError(f"{self.plan.class_name}: its base model's forward called {len(self._record)} of "
+                               f"its {count} decoder layers in order; pipegrid.hf cannot pipeline a forward that "
+                               "skips or repeats layers")
+        calls, first = [], None
+        for index in range(count):
+            args, kwargs = self._record[index]
+            if args:
+                hidden, call = args[0], (args[1:], kwargs)
+            else:
+                kwargs = dict(kwargs)
+                hidden, call = kwargs.pop("hidden_states"), ((), kwargs)
+            first = hidden if index == 0 else first
+            calls.append(call)
+        self._record.clear()
+        self._cache = (self._key(embeds, mask, training), calls)
+        return first
+
+    def logits(self, hidden: torch.Tensor, training: bool) -> torch.Tensor:
+        """The causal LM's own forward from the final (normed) hidden state: head, scaling, soft-cap."""
+        prefix = self.plan.base_prefix
+        saved, was_training = self.shell._modules[prefix], self.shell.training
+        self.shell._modules[prefix] = _BaseStub(hidden)
+        self.shell.training = training
+        try:
+            output = self.shell()
+        finally:
+            self.shell._modules[prefix] = saved
+            self.shell.training = was_training
+        return output.logits if hasattr(output, "logits") else output[0]
