@@ -178,15 +178,13 @@ def _receive(rank: int, conn: mp_connection.Connection, proc: mp.process.BasePro
 
 
 def _stop_all(workers: list) -> None:
+    """SIGKILL the workers still alive (after a failure): one may be stopped (SIGSTOP) or
+    stuck in a collective, and SIGTERM may mean "save, then stop" to a worker's engine."""
     for proc in workers:
-        if proc.is_alive():
-            proc.terminate()
-    deadline = time.monotonic() + 5.0
-    for proc in workers:
-        proc.join(timeout=max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
             proc.kill()
-            proc.join(timeout=5.0)
+    for proc in workers:
+        proc.join(timeout=5.0)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from pipegrid import kernels
 from pipegrid.conf.schema import TopologyConfig, TrainConfig, to_train_config
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe import trace as tracing
-from pipegrid.pipe.executor import Executor, StepState
+from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure
 from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
@@ -291,10 +291,15 @@ class PipelineEngine:
 
     def _run(self, executor: Executor, state: StepState) -> StepState:
         trace = self.config.trace.enabled
+        # A failure leaves this step's sends pending, unwaited: their peer may be the one
+        # lost, and waiting would put the transport's error (or a hang) in place of the cause.
+        executor.run(state, trace=trace)
         try:
-            executor.run(state, trace=trace)
-        finally:
             self.p2p.wait_all()
+        except (dist.DistError, RuntimeError) as error:
+            if not is_transport_failure(error):
+                raise
+            raise PeerLostError(executor.lost_while_draining(error)) from error
         if trace:
             self._timeline = [(self.groups.rank, label, start, end) for label, start, end in state.events]
         return state

@@ -47,20 +47,19 @@ class PeerLostError(RuntimeError):
     """Communication with another rank failed mid-step; the message names that rank."""
 
 
-# gloo reports a lost peer as a plain RuntimeError from a send or receive
-_COMMUNICATING = (ins.SendActivation, ins.RecvActivation, ins.SendGrad, ins.RecvGrad)
-_COLLECTIVE = (ins.ReduceTiedGrads, ins.ReduceGrads, ins.OptimizerStep)
-# ...and from a collective, where a user error (a bad optimizer argument) may be a
-# RuntimeError too: only a transport failure's words count there
-_TRANSPORT_WORDS = ("connection", "closed", "reset by peer", "broken pipe", "timed out", "timeout",
-                    "read error", "write error")
+# NCCL and the stores raise DistError; gloo reports a lost peer as a plain RuntimeError
+# whose words say so. Any other error raised around a send, a receive or a collective
+# (pipegrid's own, a user's optimizer argument) is its own news and keeps its type.
+_TRANSPORT_WORDS = ("gloo/transport", "connection", "reset by peer", "broken pipe", "timed out",
+                    "pair closure", "read error", "write error")
 
 
-def _lost_a_peer(op: Any, error: BaseException) -> bool:
-    if isinstance(error, dist.DistError) or isinstance(op, _COMMUNICATING):
+def is_transport_failure(error: BaseException) -> bool:
+    """Whether ``error`` is torch.distributed's report of a lost or unreachable peer."""
+    if isinstance(error, dist.DistError):
         return True
     text = str(error).lower()
-    return isinstance(op, _COLLECTIVE) and any(word in text for word in _TRANSPORT_WORDS)
+    return isinstance(error, RuntimeError) and any(word in text for word in _TRANSPORT_WORDS)
 
 
 @dataclass
@@ -125,7 +124,7 @@ class Executor:
                     label = str(op) if done == 1 else f"{op}+{nxt}"
                     state.events.append((label, start, time.perf_counter()))
             except (dist.DistError, RuntimeError) as error:
-                if not _lost_a_peer(op, error):
+                if not is_transport_failure(error):
                     raise
                 raise PeerLostError(self._lost_peer_message(position, op, error)) from error
             position += done
@@ -160,11 +159,21 @@ class Executor:
             peer = f"rank {self.engine.stage_rank(op.peer_stage)} (stage {op.peer_stage})"
         else:
             peer = f"one of ranks {[r for r in self.engine.collective_peers(op) if r != me]}"
+        return self._lost(peer, f"during instruction {op} at position {position} of its stream", error)
+
+    def lost_while_draining(self, error: BaseException) -> str:
+        """The PeerLostError message for a send of this step that failed after the stream ran."""
+        peers = sorted({self.engine.stage_rank(op.peer_stage) for op in self.stream if hasattr(op, "peer_stage")}
+                       - {self.engine.groups.rank})
+        return self._lost(f"one of its pipeline neighbours, ranks {peers},", "while this step's sends drained",
+                          error)
+
+    def _lost(self, peer: str, when: str, error: BaseException) -> str:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return (f"rank {me} (pipe stage {self.pipe_rank}) lost {peer} during instruction {op} at position "
-                f"{position} of its stream: {first_line}. That rank has died or hung (its own log shows "
-                "why); the step was not applied. Restart from the last checkpoint (torchrun "
-                "--max-restarts does it) after fixing the cause.")
+        return (f"rank {self.engine.groups.rank} (pipe stage {self.pipe_rank}) lost {peer} {when}: "
+                f"{first_line}. That rank has died or hung (its own log shows why); the step was not "
+                "applied. Restart from the last checkpoint (torchrun --max-restarts does it) after "
+                "fixing the cause.")
 
     # --- data --------------------------------------------------------------
     def _batch(self, micro_batch: int, state: StepState) -> tuple[Any, Any]:

@@ -99,6 +99,24 @@ def test_eval_batch_returns_every_micro_batch_output_on_the_last_stage():
     assert again0 < loss0  # and the step helped
 
 
+def _internal_error_in_a_send():
+    engine = _engine(config("1f1b", 2, 1, 2, comm={"timeout_s": 5}))
+    if dist.get_rank() == 0:  # not a transport failure: an error of pipegrid's (or a user's) own
+        def broken(op, state):
+            raise RuntimeError("packing stage 0's output failed (an internal error)")
+        engine._train_executor._send_activation = broken
+    engine.train_batch(iter(gpt_batches(2)))
+
+
+def test_an_internal_error_around_a_send_keeps_its_own_type_and_words():
+    with pytest.raises(WorkerError) as info:
+        run_local(_internal_error_in_a_send, 2, timeout_s=30)
+    assert info.value.rank == 0  # the cause, not rank 1's PeerLostError that follows it
+    last = str(info.value).strip().splitlines()[-1]
+    assert last == "RuntimeError: packing stage 0's output failed (an internal error)", last
+    assert "PeerLostError" not in str(info.value) and "died or hung" not in str(info.value)
+
+
 def _short_iterator():
     engine = _engine(config("1f1b", 2, 1, 4))
     engine.train_batch(iter(gpt_batches(3)))

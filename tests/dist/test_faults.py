@@ -38,21 +38,21 @@ KILL_MID_STEP = textwrap.dedent('''
     from tests.dist.engine_cases import N_LAYER, config, global_batches
     from tests.models import TinyGPT
 
-    def work(out, pipe, data, victim, timeout_s):
+    def work(out, pipe, data, victim, timeout_s, how):
         rank = int(os.environ["RANK"])
         with open(os.path.join(out, f"pid-{rank}"), "w") as f:
             f.write(str(os.getpid()))
         topo = pg.Topology(pipe=pipe, data=data)
         engine = pg.initialize(TinyGPT(N_LAYER, topology=topo),
                                config("1f1b", pipe, data, 2, comm={"timeout_s": timeout_s}))
-        if rank == victim:  # dies in the backward of micro-batch 1 of the second step
+        if rank == victim:  # dies (or hangs) in the backward of micro-batch 1 of the second step
             executor = engine._train_executor
             backward = executor._backward
             def dying(op, state):
                 if engine.global_steps == 1 and op.micro_batch == 1:
                     with open(os.path.join(out, "killed-at"), "w") as f:
                         f.write(repr(time.time()))
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), getattr(signal, how))
                 backward(op, state)
             executor._backward = dying
         d = topo.coord(rank).data
@@ -65,8 +65,8 @@ KILL_MID_STEP = textwrap.dedent('''
             raise
 
     if __name__ == "__main__":
-        out, pipe, data, victim, timeout_s = sys.argv[1:]
-        launch(work, out, int(pipe), int(data), int(victim), float(timeout_s),
+        out, pipe, data, victim, timeout_s, how = sys.argv[1:]
+        launch(work, out, int(pipe), int(data), int(victim), float(timeout_s), how,
                world_size=int(pipe) * int(data), backend="gloo")
 ''')
 
@@ -91,22 +91,22 @@ def _assert_none_left(pids: list[int]) -> None:
     assert not [p for p in pids if _alive(p)], "workers left behind"
 
 
-def _kill_mid_step(out: Path, pipe: int, data: int, victim: int) -> subprocess.CompletedProcess:
+def _kill_mid_step(out: Path, pipe: int, data: int, victim: int, how: str = "SIGKILL") -> subprocess.CompletedProcess:
     script = out / "job.py"
     script.write_text(KILL_MID_STEP)
     proc = subprocess.run([sys.executable, str(script), str(out), str(pipe), str(data), str(victim),
-                           str(TIMEOUT_S)], cwd=out, env=_env(), capture_output=True, text=True, timeout=60)
+                           str(TIMEOUT_S), how], cwd=out, env=_env(), capture_output=True, text=True, timeout=60)
     _assert_none_left([int((out / f"pid-{r}").read_text()) for r in range(pipe * data)])
     return proc
 
 
-def _survivor_errors(out: Path, survivors: list[int]) -> dict[int, str]:
-    """Each survivor's own error (first line: type and message); each came within comm.timeout_s."""
+def _survivor_errors(out: Path, survivors: list[int], within_s: float = TIMEOUT_S) -> dict[int, str]:
+    """Each survivor's own final error (first line: type and message); each came within ``within_s``."""
     killed_at = float((out / "killed-at").read_text())
     errors = {}
     for rank in survivors:
         when, first_line = (out / f"error-{rank}").read_text().splitlines()[:2]
-        assert float(when) - killed_at < TIMEOUT_S, f"rank {rank} noticed after {float(when) - killed_at:.1f} s"
+        assert float(when) - killed_at < within_s, f"rank {rank} noticed after {float(when) - killed_at:.1f} s"
         errors[rank] = first_line
     return errors
 
@@ -117,6 +117,69 @@ def test_a_worker_killed_mid_step_ends_every_rank_and_the_launcher(tmp_path):
     assert "WorkerError: rank 1 was killed by signal 9" in proc.stderr
     error = _survivor_errors(tmp_path, [0])[0]
     assert error.startswith("PeerLostError: rank 0 (pipe stage 0) lost rank 1 (stage 1)"), error
+
+
+def test_a_worker_stopped_mid_step_ends_the_launcher_with_the_peer_named_last(tmp_path):
+    """SIGSTOP: the survivor times out; its PeerLostError is the launcher's last line (no
+    clean-up error after it) and the stopped worker is taken down with the others."""
+    proc = _kill_mid_step(tmp_path, pipe=2, data=1, victim=1, how="SIGSTOP")
+    assert proc.returncode != 0
+    error = _survivor_errors(tmp_path, [0], within_s=TIMEOUT_S + 2)[0]
+    assert error.startswith("PeerLostError: rank 0 (pipe stage 0) lost rank 1 (stage 1)"), error
+    assert "WorkerError: rank 0 raised" in proc.stderr and "During handling" not in proc.stderr
+    assert re.match(r"\S*PeerLostError: rank 0 \(pipe stage 0\) lost rank 1 \(stage 1\)",
+                    proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+
+
+# --- the same, two processes started by hand (no launcher): what the process itself prints ---
+
+RAW_PEER = textwrap.dedent('''
+    import os, signal, sys, time
+    import pipegrid as pg
+    from tests.dist.engine_cases import N_LAYER, config, global_batches
+    from tests.models import TinyGPT
+
+    out, how, timeout_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    rank = int(os.environ["RANK"])
+    engine = pg.initialize(TinyGPT(N_LAYER, topology=pg.Topology(pipe=2)),
+                           config("1f1b", 2, 1, 2, comm={"timeout_s": timeout_s}))
+    for step in range(100):
+        if rank == 1 and step == 2:
+            with open(os.path.join(out, "killed-at"), "w") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getpid(), getattr(signal, how))
+        try:
+            engine.train_batch(iter(global_batches(step, 1, 2)))
+        except BaseException:
+            with open(os.path.join(out, "noticed-at"), "w") as f:
+                f.write(repr(time.time()))
+            raise  # the process ends on whatever propagates: it must be the PeerLostError
+''')
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_lost_peer_is_the_last_error_a_process_prints(tmp_path, how):
+    script = tmp_path / "raw.py"
+    script.write_text(RAW_PEER)
+    env = {**_env(), "WORLD_SIZE": "2", INIT_METHOD_ENV: f"file://{tmp_path / 'store'}"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), how, str(TIMEOUT_S)], cwd=tmp_path,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        _, stderr = procs[0].communicate(timeout=60)
+        exited = time.time()
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    killed_at, noticed_at = (float((tmp_path / name).read_text()) for name in ("killed-at", "noticed-at"))
+    assert procs[0].returncode == 1, stderr[-3000:]
+    assert "During handling of the above exception" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.search(r"pipegrid.pipe.executor.PeerLostError: rank 0 \(pipe stage 0\) lost rank 1 \(stage 1\)",
+                     last), last
+    limit = TIMEOUT_S if how == "SIGKILL" else TIMEOUT_S + 2  # a stopped peer is found by the timeout
+    assert noticed_at - killed_at < limit, f"noticed after {noticed_at - killed_at:.1f} s"
+    print(f"\n{how}: error after {noticed_at - killed_at:.2f} s, exit after {exited - killed_at:.2f} s")
 
 
 @pytest.fixture(scope="module")
