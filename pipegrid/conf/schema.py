@@ -14,6 +14,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
 LAYOUT_KEYS = ("topology.pipe", "topology.data", "topology.tensor", "schedule.virtual_stages")
 """Keys a config may leave unset for :func:`pipegrid.initialize` to take from the module."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+KERNEL_BACKENDS = ("auto", "torch", "cupy")  # pipegrid.kernels.backend.BACKENDS (no torch import here)
 
 
 @dataclass
@@ -101,6 +102,20 @@ class PrecisionConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"precision.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        # checked whatever the dtype: a wrong value is a wrong config even where it is unused
+        if not self.initial_loss_scale > 0 or not self.min_loss_scale > 0:
+            raise ValueError("precision.initial_loss_scale and precision.min_loss_scale must be > 0, got "
+                             f"{self.initial_loss_scale} and {self.min_loss_scale}")
+        if self.min_loss_scale > self.initial_loss_scale:
+            raise ValueError(f"precision.min_loss_scale={self.min_loss_scale} is above precision.initial_loss_scale="
+                             f"{self.initial_loss_scale}; lower min_loss_scale or raise initial_loss_scale")
+        if not 0 < self.backoff_factor < 1:
+            raise ValueError(f"precision.backoff_factor must be in (0, 1) (the scale shrinks on overflow), "
+                             f"got {self.backoff_factor}")
+        for name in ("growth_interval", "hysteresis"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"precision.{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -164,6 +179,10 @@ class TraceConfig:
 class KernelsConfig:
     backend: str = "auto"
     """Flat-buffer kernels: auto, torch or cupy."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels.backend must be one of {', '.join(KERNEL_BACKENDS)}, got {self.backend!r}")
 
 
 def _adamw() -> dict[str, Any]:

@@ -93,3 +93,27 @@ def test_unknown_config_keys_and_types():
         to_train_config({"optimizer": {"lr": 1.0}})
     with pytest.raises(ValueError, match="train.on_nonfinite must be"):
         to_train_config({"train": {"on_nonfinite": "ignore"}})
+
+
+def test_kernels_backend_is_checked_in_the_schema():
+    from pipegrid.conf.schema import KERNEL_BACKENDS
+    from pipegrid.kernels.backend import BACKENDS
+
+    assert tuple(KERNEL_BACKENDS) == tuple(BACKENDS)  # the schema's copy cannot drift
+    with pytest.raises(ValueError, match=r"kernels.backend must be one of auto, torch, cupy, got 'cuda'"):
+        to_train_config({"kernels": {"backend": "cuda"}})
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"initial_loss_scale": 0.0}, r"initial_loss_scale and precision.min_loss_scale must be > 0"),
+    ({"min_loss_scale": 1e6}, r"min_loss_scale=1000000.0 is above precision.initial_loss_scale"),
+    ({"backoff_factor": 2.0}, r"backoff_factor must be in \(0, 1\)"),
+    ({"growth_interval": 0}, r"growth_interval must be an integer >= 1, got 0"),
+    ({"hysteresis": 0}, r"hysteresis must be an integer >= 1, got 0"),
+])
+def test_loss_scaler_values_fail_before_any_process_group(values, match):
+    with pytest.raises(ValueError, match=match):  # with the dict, before a module or a group is made
+        to_train_config({"precision": {"dtype": "float16", **values}})
+    with pytest.raises(ValueError, match=match):  # whatever the dtype
+        to_train_config({"precision": {"dtype": "float32", **values}})
+    assert not dist.is_initialized()

@@ -103,6 +103,13 @@ def test_value_checks_of_the_schema_run():
         _app(["schedule.name=pipedream"])
 
 
+@pytest.mark.parametrize("override,match", [("precision.backoff_factor=2", r"backoff_factor must be in \(0, 1\)"),
+                                            ("kernels.backend=cuda", "kernels.backend must be one of")])
+def test_values_hydra_lets_through_fail_in_the_schema(override, match):
+    with pytest.raises(ValueError, match=match):
+        _app(["precision=fp16", override])
+
+
 def test_world_size_must_match_the_topology():
     with pytest.raises(ValueError, match=r"topology needs 4 processes \(pipe=2 x data=2 x tensor=1\), got "
                                          r"WORLD_SIZE=8; change topology"):
