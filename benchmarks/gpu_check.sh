@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# pipegrid's GPU check: one command for a single-GPU machine with torch and CuPy installed
+# and no network. It runs tests/gpu, the kernel benchmark, the engine at pipe=1 (fp32 and
+# bf16, ZeRO-1 on and off, against a plain-torch CPU reference, and its per-step host
+# overhead against a plain loop) and the GPT example (model=gpt_small precision=bf16) for
+# tokens/s and MFU, then writes one table to $OUT/gpu_check.md (and .json) and prints it.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh        # on the GPU machine: ~5 minutes, at most 8
+#   OUT=/tmp/cpu bash benchmarks/gpu_check.sh --cpu  # every step, tiny, on the CPU (its test does this)
+#   bash benchmarks/gpu_check.sh --download          # here, with a network: fill .whl/ for the GPU machine
+#
+# What pipegrid needs beyond torch, CuPy and NumPy (hydra-core, omegaconf, antlr4) travels
+# as wheels in .whl/ (git-ignored): carry that folder; the script installs from it, offline.
+# Every step has a time limit, a failed step does not stop the others, and the exit status
+# is non-zero when any step failed. Set PIPEGRID_COMMIT to name the commit in the table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+MODE=gpu
+case "${1:-}" in
+  --cpu) MODE=cpu ;;
+  --download) MODE=download ;;
+  "") ;;
+  *) echo "usage: OUT=dir bash benchmarks/gpu_check.sh [--cpu | --download]" >&2; exit 2 ;;
+esac
+
+version_of() { "$PY" -m pip show "$1" 2>/dev/null | awk '/^Version:/ {print $2}'; }
+
+if [ "$MODE" = download ]; then
+  rm -rf .whl && mkdir -p .whl
+  "$PY" -m pip download --quiet --no-deps -d .whl "hydra-core==$(version_of hydra-core)" \
+      "omegaconf==$(version_of omegaconf)" || exit 1
+  # antlr4-python3-runtime 4.9.3 (what omegaconf pins) ships as source only: build its wheel here
+  "$PY" -m pip wheel --quiet --no-deps -w .whl "antlr4-python3-runtime==4.9.3" || exit 1
+  ls .whl
+  exit 0
+fi
+
+OUT=${OUT:-$ROOT/gpu_check_out}
+mkdir -p "$OUT"
+rm -f "$OUT/steps.tsv"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "gpu_check: hydra-core is missing and .whl/ holds no wheels; run 'bash benchmarks/gpu_check.sh --download'" \
+         "where there is a network and carry .whl" >&2
+    exit 1
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pipegrid-site \
+      .whl/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/pipegrid-site"
+fi
+
+# step NAME SECONDS COMMAND...: run it under a limit, log to $OUT/NAME.log, record the outcome
+step() {
+  local name=$1 limit=$2 start rc status
+  shift 2
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=timeout
+  elif { [ $rc -eq 0 ] || [ $rc -eq 5 ]; } && grep -qE "[0-9]+ skipped" "$OUT/$name.log" \
+       && ! grep -qE "[0-9]+ passed" "$OUT/$name.log"; then status=skip  # pytest: nothing could run here
+  elif [ $rc -ne 0 ]; then status=fail
+  else status=pass
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - start ))" "$name.log" >>"$OUT/steps.tsv"
+  echo "gpu_check: $name: $status ($(( $(date +%s) - start )) s)"
+}
+
+if [ "$MODE" = gpu ]; then
+  DEVICE=cuda; QUICK=(); KERNEL_ARGS=(--device cuda); GPT_STEPS=150
+  GPT_ARGS=(model=gpt_small precision=bf16 "train.steps=$GPT_STEPS" eval.interval=0 sample.length=0)
+else
+  DEVICE=cpu; QUICK=(--quick); KERNEL_ARGS=(--device cpu --quick --repeats 1)
+  GPT_ARGS=(model=gpt_tiny precision=fp32 train.steps=3 eval.interval=0 eval.batches=1 sample.length=0
+            data.micro_batch_size=4)
+fi
+
+step environment 60 "$PY" - "$OUT/env.json" <<'EOF'
+import json, os, subprocess, sys
+import torch
+env = {"torch": torch.__version__, "cuda": torch.version.cuda, "commit": os.environ.get("PIPEGRID_COMMIT", "?"),
+       "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"}
+if torch.cuda.is_available():
+    env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+try:
+    import cupy
+    env["cupy"] = cupy.__version__
+except Exception as error:  # absent or broken: the kernels fall back to torch, say why
+    env["cupy"] = f"none ({type(error).__name__})"
+from pipegrid.kernels.backend import cupy_unavailable_reason, select_backend
+env["kernels_backend"] = select_backend("auto", "cuda" if torch.cuda.is_available() else "cpu")
+env["cupy_reason"] = cupy_unavailable_reason()
+json.dump(env, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(env))
+EOF
+step gpu_tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
+step kernels 150 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --out "$OUT/kernels_$DEVICE.json"
+step engine 120 "$PY" benchmarks/gpu_engine.py --device "$DEVICE" "${QUICK[@]}" --out "$OUT/engine_$DEVICE.json"
+step gpt 150 "$PY" examples/train_gpt.py topology=single "${GPT_ARGS[@]}" "hydra.run.dir=$OUT/gpt"
+
+GPU_CHECK_GPT="${GPT_ARGS[*]}" "$PY" benchmarks/gpu_report.py "$OUT"

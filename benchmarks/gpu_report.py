@@ -1,0 +1,149 @@
+"""The one table ``benchmarks/gpu_check.sh`` ends with, from what its steps left in ``$OUT``.
+
+Reads ``steps.tsv`` (step, status, seconds, log), ``env.json``, ``kernels_*.json``,
+``engine_*.json`` and the GPT run's ``metrics.csv``; writes ``gpu_check.md`` and
+``gpu_check.json`` beside them and prints the table. A step that failed shows the last
+line of its log, so the table alone says what to fix.
+
+    python benchmarks/gpu_report.py "$OUT"
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+GOALS = {"copy_fraction": 0.80, "small_speedup": 3.0}  # issue: >= 80% of copy bw, >= 3x torch.cat
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _steps(out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in (out / "steps.tsv").read_text().splitlines() if (out / "steps.tsv").exists() else []:
+        name, status, seconds, log = (line.split("\t") + ["", "", "", ""])[:4]
+        tail = ""
+        if log and (out / log).exists():  # a failure's last words, or pytest's summary
+            lines = [x for x in (out / log).read_text(errors="replace").splitlines() if x.strip()]
+            tail = lines[-1][:200].replace("|", "/") if lines else ""
+            tail = "" if tail.startswith(("wrote", "{", "[")) else tail
+        rows.append({"step": name, "status": status, "seconds": float(seconds or 0), "log": log, "last_line": tail})
+    return rows
+
+
+def _kernel_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Headline numbers: the fused path on the largest buffers and on 1000 small tensors."""
+    rows = result["rows"]
+    best = "pipegrid/cupy" if "cupy" in result.get("backends", []) else "pipegrid/torch"
+    largest = max(r["total_mb"] for r in rows)
+    smallest = min(r["total_mb"] for r in rows)
+    out = []
+    for op, baselines in (("pack", ("torch.cat", "_flatten_dense_tensors")), ("unpack", ("split+copy_",))):
+        def time_of(method: str, tensors: int, mb: float, op: str = op) -> float | None:
+            return next((r["time_us"] for r in rows if (r["op"], r["method"], r["tensors"], r["total_mb"])
+                         == (op, method, tensors, mb)), None)
+        big = next((r for r in rows if (r["op"], r["method"], r["tensors"], r["total_mb"])
+                    == (op, best, 10, largest)), None)
+        small = time_of(best, 1000, smallest)
+        entry = {"op": op, "method": best, "large_mb": largest, "large_copy_fraction": big and big["copy_fraction"]}
+        for base in baselines:
+            other = time_of(base, 1000, smallest)
+            entry[f"small_vs_{base}"] = round(other / small, 2) if other and small else None
+        out.append(entry)
+    return out
+
+
+def _gpt(out: Path) -> dict[str, Any] | None:
+    found = sorted(out.glob("gpt/**/metrics.csv"))
+    if not found:
+        return None
+    with open(found[-1], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return None
+    tail = rows[len(rows) // 2:]  # the second half: warm-up and compilation behind it
+    result = {"steps": len(rows), "final_loss": float(rows[-1]["loss"]),
+              "tokens_per_s": statistics.median(float(r["tokens_per_s"]) for r in tail)}
+    if rows[-1].get("mfu"):
+        result["mfu"] = statistics.median(float(r["mfu"]) for r in tail if r.get("mfu"))
+    return result
+
+
+def build_report(out: Path) -> tuple[str, dict[str, Any]]:
+    """(markdown, data) for the run whose files are in ``out``."""
+    env = _json(out / "env.json") or {}
+    data: dict[str, Any] = {"env": env, "steps": _steps(out)}
+    kernels = next((k for k in map(_json, sorted(out.glob("kernels_*.json"))) if k), None)
+    engine = next((e for e in map(_json, sorted(out.glob("engine_*.json"))) if e), None)
+    data["kernels"] = _kernel_rows(kernels) if kernels else None
+    data["kernels_copy_gb_s"] = kernels and kernels.get("copy_gb_s")
+    data["engine"] = engine
+    data["gpt"] = _gpt(out)
+    lines = [f"# pipegrid GPU check: {env.get('device', 'unknown device')}", "",
+             f"torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, CuPy {env.get('cupy', 'none')}, "
+             f"NCCL {env.get('nccl', '?')}, commit {env.get('commit', '?')}", "",
+             "| step | status | seconds | note |", "|---|---|---:|---|"]
+    for s in data["steps"]:
+        lines.append(f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {s['last_line']} |")
+    lines += ["", *_kernel_lines(data), *_engine_lines(engine), *_gpt_lines(data["gpt"])]
+    return "\n".join(lines) + "\n", data
+
+
+def _kernel_lines(data: dict[str, Any]) -> list[str]:
+    if not data["kernels"]:
+        return ["kernels: no result"]
+    lines = [f"kernels (device copy bandwidth {data['kernels_copy_gb_s']} GB/s, read + write):", "",
+             "| op | path | largest buffer: of copy bw | 1000 small tensors: vs torch.cat | "
+             "vs _flatten_dense_tensors / split+copy_ |", "|---|---|---:|---:|---:|"]
+    for k in data["kernels"]:
+        base = k.get("small_vs_torch.cat")
+        other = k.get("small_vs__flatten_dense_tensors") or k.get("small_vs_split+copy_")
+        frac = k["large_copy_fraction"]
+        lines.append(f"| {k['op']} | {k['method']} | {'' if frac is None else f'{frac:.0%}'} "
+                     f"| {'' if base is None else f'{base}x'} | {'' if other is None else f'{other}x'} |")
+    return lines + [f"(goals: >= {GOALS['copy_fraction']:.0%} of copy bandwidth for large buffers, "
+                    f">= {GOALS['small_speedup']:g}x torch.cat for 1000 small tensors)", ""]
+
+
+def _engine_lines(engine: dict[str, Any] | None) -> list[str]:
+    if not engine:
+        return ["engine: no result", ""]
+    lines = ["engine at pipe=1 against plain torch (CPU float32 reference):", "",
+             "| dtype | zero.stage | loss rel. error | param rel. error | ok |", "|---|---|---:|---:|---|"]
+    for r in engine["correctness"]:
+        lines.append(f"| {r['dtype']} | {r['zero']} | {r['loss_rel_err']:.1e} | {r['param_rel_err']:.1e} | {r['ok']} |")
+    cost = engine["overhead"]
+    return lines + ["", f"per step ({cost['micro_batches']} micro-batches): plain loop {cost['plain_ms']:.2f} ms, "
+                        f"train_batch {cost['engine_ms']:.2f} ms: host overhead {cost['overhead_ms']:.2f} ms/step", ""]
+
+
+def _gpt_lines(gpt: dict[str, Any] | None) -> list[str]:
+    if not gpt:
+        return ["GPT example: no metrics"]
+    mfu = f", MFU {gpt['mfu']:.1%}" if "mfu" in gpt else ""
+    overrides = os.environ.get("GPU_CHECK_GPT", "model=gpt_small precision=bf16")
+    return [f"GPT example ({overrides}; {gpt['steps']} steps): "
+            f"{gpt['tokens_per_s']:,.0f} tokens/s{mfu}, final loss {gpt['final_loss']:.3f}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    out = Path((argv or sys.argv[1:])[0])
+    markdown, data = build_report(out)
+    (out / "gpu_check.md").write_text(markdown)
+    (out / "gpu_check.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(markdown)
+    return 0 if all(s["status"] in ("pass", "skip") for s in data["steps"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

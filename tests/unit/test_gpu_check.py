@@ -1,0 +1,82 @@
+"""benchmarks/gpu_check.sh's CPU-side logic: every step runs (tiny, on the CPU), the table
+is written, a failed step is named with its last words, missing wheels name the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_report  # noqa: E402
+
+STEPS = ["environment", "gpu_tests", "kernels", "engine", "gpt"]
+
+
+@pytest.mark.slow
+def test_cpu_mode_runs_every_step_and_writes_one_table(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "PIPEGRID_COMMIT": "test"}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    statuses = dict(line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines())
+    assert list(statuses) == STEPS
+    assert statuses["gpu_tests"] == "skip"  # no CUDA here: skipped, not failed
+    assert all(statuses[s] == "pass" for s in STEPS if s != "gpu_tests"), statuses
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["env"]["commit"] == "test" and data["env"]["kernels_backend"] == "torch"
+    assert {k["op"] for k in data["kernels"]} == {"pack", "unpack"}
+    assert all(row["ok"] for row in data["engine"]["correctness"])
+    assert data["engine"]["overhead"]["engine_ms"] > 0
+    assert data["gpt"]["steps"] == 3 and data["gpt"]["tokens_per_s"] > 0
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| gpt | pass |" in table and "host overhead" in table and "tokens/s" in table
+    assert table in run.stdout  # printed as well
+
+
+def test_a_failed_step_is_named_with_its_last_line_and_fails_the_run(tmp_path):
+    (tmp_path / "steps.tsv").write_text("environment\tpass\t1\tenvironment.log\n"
+                                        "kernels\tfail\t3\tkernels.log\ngpt\ttimeout\t150\tgpt.log\n")
+    (tmp_path / "environment.log").write_text("{}\n")
+    (tmp_path / "kernels.log").write_text("Traceback ...\nRuntimeError: CUDA error: no kernel image\n\n")
+    (tmp_path / "gpt.log").write_text("step 10/150\n")
+    (tmp_path / "env.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11.0"}))
+    markdown, data = gpu_report.build_report(tmp_path)
+    assert "| kernels | fail | 3 | RuntimeError: CUDA error: no kernel image |" in markdown
+    assert "| gpt | timeout | 150 | step 10/150 |" in markdown
+    assert "NVIDIA H200" in markdown and "kernels: no result" in markdown
+    assert gpu_report.main([str(tmp_path)]) == 1
+    assert (tmp_path / "gpu_check.md").read_text() == markdown
+
+
+def test_kernel_headlines_pick_the_fused_path_and_the_goal_cases():
+    rows = [{"op": op, "method": method, "tensors": tensors, "total_mb": mb, "time_us": time_us,
+             "copy_fraction": fraction}
+            for op, method, tensors, mb, time_us, fraction in [
+                ("pack", "pipegrid/cupy", 10, 1024.0, 500.0, 0.91), ("pack", "pipegrid/torch", 10, 1024.0, 600.0, 0.7),
+                ("pack", "torch.cat", 1000, 1.0, 400.0, 0.1), ("pack", "_flatten_dense_tensors", 1000, 1.0, 300.0, 0.1),
+                ("pack", "pipegrid/cupy", 1000, 1.0, 50.0, 0.8),
+                ("unpack", "pipegrid/cupy", 10, 1024.0, 520.0, 0.88), ("unpack", "split+copy_", 1000, 1.0, 900.0, 0.1),
+                ("unpack", "pipegrid/cupy", 1000, 1.0, 60.0, 0.7)]]
+    pack, unpack = gpu_report._kernel_rows({"rows": rows, "backends": ["torch", "cupy"]})
+    assert pack == {"op": "pack", "method": "pipegrid/cupy", "large_mb": 1024.0, "large_copy_fraction": 0.91,
+                    "small_vs_torch.cat": 8.0, "small_vs__flatten_dense_tensors": 6.0}
+    assert unpack["large_copy_fraction"] == 0.88 and unpack["small_vs_split+copy_"] == 15.0
+
+
+def test_missing_hydra_without_wheels_names_the_fix(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "gpu_check.sh", tmp_path / "benchmarks")
+    python = tmp_path / "python"  # a Python on which hydra cannot be imported
+    python.write_text(f'#!/bin/sh\ncase "$*" in *"import hydra"*) exit 1;; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    run = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": str(python), "OUT": str(tmp_path / "out")}, timeout=60)
+    assert run.returncode == 1
+    assert "hydra-core is missing and .whl/ holds no wheels" in run.stderr and "--download" in run.stderr
