@@ -1,10 +1,11 @@
-"""Checkpoints: one file per layer (by global index), optimizer shards, a manifest.
+"""Checkpoints: per layer (by global index) its weights and its optimizer state, a manifest.
 
-Layers are keyed by their global index, so a checkpoint written at one pipe/data
-degree loads at another. Every save goes to a temporary directory that is renamed
-into place once all ranks have written, and ``latest`` is replaced atomically, so
-an interrupted save leaves the previous checkpoint whole. Files load with
-``weights_only=True``: a checkpoint carrying pickled objects is refused.
+Weights and optimizer state are both keyed by layer, whatever stage or ZeRO-1 shard
+held them, so a checkpoint written at one pipe x data degree, ZeRO on or off, resumes
+at any other (same tensor degree). Every save goes to a temporary directory that is
+renamed into place once all ranks have written, and ``latest`` is replaced
+atomically, so an interrupted save leaves the previous checkpoint whole. Files load
+with ``weights_only=True``: a checkpoint carrying pickled objects is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch.distributed as dist
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+OPTIMIZER = "optimizer.pt"  # what every rank's optimizer shares: hyperparameters, loss scale, LR scheduler
+FORMAT = 2  # 1: optimizer state in one file per rank, loadable only at the layout that wrote it
 
 
 class CheckpointError(RuntimeError):
@@ -39,7 +42,13 @@ def tied_file(key: str, tensor_rank: int) -> str:
     return f"tied_{key}-tp{tensor_rank:02d}.pt"
 
 
-def optim_file(pipe: int, data: int, tensor: int) -> str:
+def optim_state_file(weights_file: str) -> str:
+    """The optimizer state of the parameters in ``weights_file`` (a layer or tied file)."""
+    return f"optim_{weights_file}"
+
+
+def legacy_optim_file(pipe: int, data: int, tensor: int) -> str:
+    """Format 1's per-rank optimizer file."""
     return f"optim-pp{pipe:03d}-dp{data:03d}-tp{tensor:02d}.pt"
 
 
@@ -70,19 +79,25 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_file(obj: Any, path: str) -> None:
-    """torch.save to a temporary name, then rename: a reader never sees half a file."""
+    """torch.save to a temporary name, then rename: a reader never sees half a file.
+
+    Tensors must own their storage (``owned``): torch.save writes a view's whole base.
+    """
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def load_file(path: str, previous: str | None = None) -> Any:
-    """torch.load with weights_only=True; a missing, truncated or unsafe file names itself."""
+def load_file(path: str, previous: str | None = None, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True; a missing, truncated or unsafe file names itself.
+
+    ``mmap``: tensors are views of the mapped file, read only where touched; copy what you keep.
+    """
     hint = f"; the previous whole checkpoint is {previous}" if previous else ""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file {path} is missing{hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - torch raises several types for bad files
         raise CheckpointError(f"cannot load checkpoint file {path}: {type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}{hint}") from None
@@ -178,6 +193,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def owned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor that is a view of a larger buffer (a ZeRO-1 flat buffer) copied out."""
+    return {k: v.detach().clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in state.items()}
+
+
 def barrier_fn() -> Callable[[], None]:
     return dist.barrier if dist.is_initialized() and dist.get_world_size() > 1 else (lambda: None)
 
@@ -189,8 +209,9 @@ def _layer_names(module: Any) -> list[str]:
     return [_class_name(layer) for layer in module.layer_specs]
 
 
-def _local_layer_files(engine: Any) -> list[tuple[str, torch.nn.Module]]:
-    """(file name, module) of the layers this rank's stages own, tied ones once per first owner."""
+def _stage_files(engine: Any, tied_on_every_owner: bool) -> list[tuple[str, torch.nn.Module]]:
+    """(weights file, module) of the layers on this rank's stages that hold state; a tied
+    module once, on its first owner when saving, on every owner when loading."""
     from pipegrid.pipe.spec import TiedLayerSpec
 
     module, tensor_rank = engine.module, engine.groups.coord.tensor
@@ -198,23 +219,38 @@ def _local_layer_files(engine: Any) -> list[tuple[str, torch.nn.Module]]:
     for stage in module.stage_ids:
         for index, layer in module.local_layers(stage):
             spec = module.layer_specs[index]
-            if isinstance(spec, TiedLayerSpec) or not isinstance(layer, torch.nn.Module):
-                continue
-            if layer.state_dict():
+            if not isinstance(spec, TiedLayerSpec) and isinstance(layer, torch.nn.Module) and layer.state_dict():
                 files.append((layer_file(index, tensor_rank), layer))
-    for key, stages in module.tied_keys().items():
-        if key in module.tied_modules and min(s % module.num_stages for s in stages) == engine.pipe_rank:
-            files.append((tied_file(key, tensor_rank), module.tied_modules[key]))
+    owners = module.tied_pipe_ranks()
+    for key, tied in module.tied_modules.items():
+        if tied_on_every_owner or owners[key][0] == engine.pipe_rank:
+            files.append((tied_file(key, tensor_rank), tied))
     return files
 
 
-def _tied_files_to_load(engine: Any) -> list[tuple[str, torch.nn.Module]]:
-    return [(tied_file(key, engine.groups.coord.tensor), mod) for key, mod in engine.module.tied_modules.items()]
+def _trained_parameters(engine: Any, files: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Per weights file: (optimizer state file, [(parameter name, index in engine.params)])."""
+    index = {id(p): i for i, p in enumerate(engine.params)}
+    listed = [(optim_state_file(name), [(n, index[id(p)]) for n, p in layer.named_parameters() if id(p) in index])
+              for name, layer in files]
+    return [(name, params) for name, params in listed if params]
 
 
-def _optim_name(engine: Any) -> str:
-    coord = engine.groups.coord
-    return optim_file(coord.pipe, coord.data if engine.zero.sharded else 0, coord.tensor)
+def _save_optimizer_states(engine: Any, tmp: str, files: list[tuple[str, torch.nn.Module]]) -> None:
+    """Collective over the data group under ZeRO-1: each layer's optimizer state, whole.
+
+    Data rank ``k % data`` writes the k-th file, so the writing (and, with ZeRO-1, the
+    gathering of one layer's shards at a time) is spread over the data ranks.
+    """
+    data_rank, data = engine.groups.coord.data, engine.topology.data
+    for k, (name, params) in enumerate(_trained_parameters(engine, files)):
+        writer = k % data
+        if not engine.zero.sharded and data_rank != writer:
+            continue  # every data rank holds the same state: only the writer reads it
+        states = engine.zero.gather_param_states([i for _, i in params], writer)
+        if data_rank == writer:
+            entries = {n: {"elementwise": s.elementwise, "scalars": s.scalars} for (n, _), s in zip(params, states)}
+            save_file({"params": entries}, os.path.join(tmp, name))
 
 
 def save_engine(engine: Any, directory: str) -> str:
@@ -223,17 +259,20 @@ def save_engine(engine: Any, directory: str) -> str:
     check_writable(directory)
 
     def write_shards(tmp: str) -> None:
+        files = _stage_files(engine, tied_on_every_owner=False)
         if coord.data == 0:
-            for name, layer in _local_layer_files(engine):
-                save_file(layer.state_dict(), os.path.join(tmp, name))
-        if engine.zero.sharded or coord.data == 0:
-            optim = {"zero": engine.zero.state_dict(), "scaler": engine.scaler.state_dict(),
-                     "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None}
-            save_file(optim, os.path.join(tmp, _optim_name(engine)))
+            for name, layer in files:
+                save_file(owned(layer.state_dict()), os.path.join(tmp, name))
+        _save_optimizer_states(engine, tmp, files)
+        if rank == 0:
+            group = {k: v for k, v in engine.optimizer.param_groups[0].items() if k != "params"}
+            save_file({"hyperparameters": group, "scaler": engine.scaler.state_dict(),
+                       "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None},
+                      os.path.join(tmp, OPTIMIZER))
         save_file({"rng": rng_state()}, os.path.join(tmp, rank_file(rank)))
 
     topo = engine.topology
-    manifest = {"step": engine.global_steps, "global_steps": engine.global_steps,
+    manifest = {"format": FORMAT, "step": engine.global_steps, "global_steps": engine.global_steps,
                 "skipped_steps": engine.skipped_steps, "consumed_micro_batches": engine.consumed_micro_batches,
                 "topology": {"pipe": topo.pipe, "data": topo.data, "tensor": topo.tensor},
                 "zero_stage": engine.config.zero.stage, "loss_scale": engine.scaler.scale,
@@ -254,25 +293,19 @@ def load_engine(engine: Any, directory: str, load_optimizer_states: bool = True)
     if saved_tensor != engine.topology.tensor:
         raise CheckpointError(f"checkpoint {path} has tensor={saved_tensor} shards per layer, this run has "
                               f"tensor={engine.topology.tensor}; resume with topology.tensor={saved_tensor}")
-    names = [(layer_file(i, engine.groups.coord.tensor), layer) for stage in engine.module.stage_ids
-             for i, layer in engine.module.local_layers(stage)
-             if isinstance(layer, torch.nn.Module) and layer.state_dict()
-             and not _is_tied(engine.module, i)] + _tied_files_to_load(engine)
+    files = _stage_files(engine, tied_on_every_owner=True)
     with torch.no_grad():
-        for name, layer in names:
+        for name, layer in files:
             layer.load_state_dict(load_file(os.path.join(path, name), previous))
     same_layout = (manifest["topology"] == {"pipe": engine.topology.pipe, "data": engine.topology.data,
                                             "tensor": engine.topology.tensor}
                    and manifest["zero_stage"] == engine.config.zero.stage)
-    if load_optimizer_states and same_layout:
-        _load_optimizer(engine, load_file(os.path.join(path, _optim_name(engine)), previous))
-    elif load_optimizer_states:
-        raise CheckpointError(
-            f"checkpoint {path} was written at {manifest['topology']} with zero.stage={manifest['zero_stage']}; "
-            f"optimizer shards do not fit this run's layout; resume with that layout, or pass "
-            "load_optimizer_states=False to load the model weights alone")
-    else:
+    if not load_optimizer_states:
         engine.zero.sync_master_from_params()
+    elif manifest.get("format", 1) == 1:
+        _load_format_1(engine, path, previous, manifest, same_layout)
+    else:
+        _load_optimizer_states(engine, path, previous, files)
     rank_path = os.path.join(path, rank_file(engine.groups.rank))
     if same_layout and os.path.exists(rank_path):
         set_rng_state(load_file(rank_path, previous)["rng"])
@@ -283,14 +316,47 @@ def load_engine(engine: Any, directory: str, load_optimizer_states: bool = True)
     return manifest["step"]
 
 
-def _is_tied(module: Any, index: int) -> bool:
-    from pipegrid.pipe.spec import TiedLayerSpec
+def _load_optimizer_states(engine: Any, path: str, previous: str | None,
+                           files: list[tuple[str, torch.nn.Module]]) -> None:
+    """Every local parameter's optimizer state from its layer's file, whatever layout wrote it."""
+    from pipegrid.pipe.zero import ParamState
 
-    return isinstance(module.layer_specs[index], TiedLayerSpec)
+    source = {i: (name, n) for name, params in _trained_parameters(engine, files) for n, i in params}
+    opened: dict[str, dict[str, Any]] = {}
+
+    def read(index: int) -> ParamState:
+        name, param = source[index]
+        if name not in opened:  # memory-mapped: a ZeRO-1 shard reads only its slice
+            opened[name] = load_file(os.path.join(path, name), previous, mmap=True)["params"]
+        if param not in opened[name]:
+            raise CheckpointError(f"checkpoint file {os.path.join(path, name)} has no optimizer state for "
+                                  f"parameter {param!r} (it has {sorted(opened[name])}); was it frozen when saved? "
+                                  "pass load_optimizer_states=False to load the weights alone")
+        entry = opened[name][param]
+        return ParamState(entry["elementwise"], entry["scalars"])
+
+    common = load_file(os.path.join(path, OPTIMIZER), previous)
+    engine.zero.load_param_states(read, common["hyperparameters"])
+    _load_schedule_state(engine, common)
 
 
-def _load_optimizer(engine: Any, state: dict[str, Any]) -> None:
-    engine.zero.load_state_dict(state["zero"])
+def _load_schedule_state(engine: Any, state: dict[str, Any]) -> None:
     engine.scaler.load_state_dict(state["scaler"])
     if engine.lr_scheduler is not None and state.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def _load_format_1(engine: Any, path: str, previous: str | None, manifest: dict[str, Any],
+                   same_layout: bool) -> None:
+    """A checkpoint written before optimizer state was keyed by layer: one file per rank."""
+    if not same_layout:
+        raise CheckpointError(
+            f"checkpoint {path} keeps its optimizer state per rank (format 1, written before pipegrid keyed it "
+            f"by layer), which loads only at the layout that wrote it: {manifest['topology']} with zero.stage="
+            f"{manifest['zero_stage']}; resume there and save once (the new checkpoint loads at any layout), "
+            "or pass load_optimizer_states=False to load the model weights alone")
+    coord = engine.groups.coord
+    name = legacy_optim_file(coord.pipe, coord.data if engine.zero.sharded else 0, coord.tensor)
+    state = load_file(os.path.join(path, name), previous)
+    engine.zero.load_state_dict(state["zero"])
+    _load_schedule_state(engine, state)

@@ -194,7 +194,8 @@ class ReplicatedOptimizer:
         return states
 
     def load_param_states(self, read: Callable[[int], ParamState], hyperparameters: dict[str, Any]) -> None:
-        """Load every parameter's state from ``read(index)`` (saved at any sharding)."""
+        """Load every parameter's state from ``read(index)`` (saved at any sharding); the
+        values read may be views of a memory-mapped file, so only copies are kept."""
         state: dict[int, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for i, (param, master) in enumerate(zip(self.params, self.master)):
@@ -203,16 +204,11 @@ class ReplicatedOptimizer:
                 fp32 = elementwise.pop(MASTER, None)
                 if master is not param:
                     master.copy_(fp32 if fp32 is not None else param)
-                if elementwise or saved.scalars:
-                    state[i] = {**saved.scalars, **{k: v.view_as(master) for k, v in elementwise.items()}}
+                if elementwise or saved.scalars:  # copies: ``read`` may hand out views of a mapped file
+                    values = {**saved.scalars, **{k: v.view_as(master) for k, v in elementwise.items()}}
+                    state[i] = {k: v.clone() for k, v in values.items()}
         _load_torch_state(self.optimizer, state, hyperparameters)
         self._measured_states = -1
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"optimizer": self.optimizer.state_dict()}
-        if self.master is not self.params:
-            state["master"] = [p.detach() for p in self.master]
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Checkpoints of format 1 (one file per rank), at the layout that wrote them."""
@@ -381,12 +377,9 @@ class ZeroOptimizer:
         if self.low_precision:
             with torch.no_grad():
                 self.shard.copy_(fp32 if fp32 is not None else self.param_flat[lo:hi])
-        state = {0: {**first.scalars, **shard}} if shard or first.scalars else {}
+        scalars = {k: v.clone() for k, v in first.scalars.items()}  # (``read`` may map a file)
+        state = {0: {**scalars, **shard}} if shard or scalars else {}
         _load_torch_state(self.optimizer, state, hyperparameters)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "shard": self.shard.detach().clone(),
-                "data_rank": self.data_rank, "data_size": self.data_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Checkpoints of format 1 (one file per rank), at the layout that wrote them."""
