@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from pipegrid.conf.schema import TrainConfig
 
@@ -33,6 +33,13 @@ class GPTModelConfig:
     """Hidden width."""
     dropout: float = 0.0
     """Dropout probability in attention and MLP."""
+
+    LAYERS_KNOB: ClassVar[str] = "model.n_layer"
+
+    def pipeline_layers(self) -> int:
+        """Layers examples/models/gpt.py's GPT lists for the pipeline to cut: token embedding,
+        positions, the n_layer blocks, final norm, tied head (tests/unit/test_conf.py pins it)."""
+        return self.n_layer + 4
 
     def __post_init__(self) -> None:
         _positive("model", vocab_size=self.vocab_size, seq_len=self.seq_len, n_layer=self.n_layer,
@@ -105,6 +112,13 @@ class MLPModelConfig:
     """Hidden width of every residual block."""
     depth: int = 4
     """Hidden blocks (the pipeline cuts between them)."""
+
+    LAYERS_KNOB: ClassVar[str] = "model.depth"
+
+    def pipeline_layers(self) -> int:
+        """Layers examples/train_mlp.py's model lists: input linear, the depth blocks, output
+        linear (tests/unit/test_conf.py pins it)."""
+        return self.depth + 2
 
     def __post_init__(self) -> None:
         _positive("model", in_features=self.in_features, width=self.width, depth=self.depth)

@@ -104,18 +104,19 @@ def check_layout(app: TrainConfig, world_size: int | None = None) -> None:
         raise ScheduleError(f"schedule {sched.name!r} cannot run with topology.pipe={topo.pipe}, "
                             f"schedule.micro_batches={sched.micro_batches}, schedule.virtual_stages="
                             f"{sched.virtual_stages}, schedule.coalesce={sched.coalesce}: {error}") from None
+    model = getattr(app, "model", None)
+    if hasattr(model, "pipeline_layers"):  # the app's model says how many layers it lists
+        _check_cut(app, layers=model.pipeline_layers(), knob=model.LAYERS_KNOB)
     if isinstance(app, GPTAppConfig):
-        _check_gpt(app)
+        _check_tensor_splits(app)
     elif isinstance(app, MLPAppConfig):
-        _check_cut(app, layers=app.model.depth + 2, knob="model.depth")
         if topo.tensor > 1:
             raise ValueError(f"the MLP example has no tensor-parallel layers, got topology.tensor={topo.tensor}; "
                              "set topology.tensor=1 (use topology.data for more processes)")
 
 
-def _check_gpt(app: GPTAppConfig) -> None:
+def _check_tensor_splits(app: GPTAppConfig) -> None:
     model, tensor = app.model, app.topology.tensor
-    _check_cut(app, layers=model.n_layer + 4, knob="model.n_layer")  # embed, positions, blocks, norm, head
     for name in ("vocab_size", "n_head", "n_embd"):
         value = getattr(model, name)
         if value % tensor:

@@ -50,18 +50,29 @@ def test_defaults_compose_to_the_app_dataclasses():
     assert gpt.optimizer["_target_"] == "torch.optim.AdamW"
 
 
+def _assert_preset_applied(app, group: str, option: str) -> None:
+    """Every key of the preset's YAML reached the checked app with the YAML's value."""
+    preset = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    section = getattr(app, group)
+    got = section if isinstance(section, dict) else vars(section)  # optimizer is free-form
+    assert preset and {key: got[key] for key in preset} == preset, (group, option, got)
+
+
 @pytest.mark.parametrize("schedule", _options("schedule"))
 @pytest.mark.parametrize("topology", _options("topology"))
 def test_every_schedule_and_topology_preset(schedule, topology):
     app = _app([f"schedule={schedule}", f"topology={topology}"])
-    assert app.schedule.name == schedule
+    _assert_preset_applied(app, "schedule", schedule)
+    _assert_preset_applied(app, "topology", topology)
+    assert all(app.is_set(f"topology.{axis}") for axis in ("pipe", "data", "tensor"))  # a preset sets the grid
 
 
-@pytest.mark.parametrize("group,option", [("model", "gpt_small"), ("optimizer", "sgd"), ("optimizer", "adamw"),
-                                          ("precision", "bf16"), ("precision", "fp16"), ("precision", "fp32")])
+@pytest.mark.parametrize("group,option", [("model", "gpt_small"), ("model", "gpt_tiny"), ("optimizer", "sgd"),
+                                          ("optimizer", "adamw"), ("precision", "bf16"), ("precision", "fp16"),
+                                          ("precision", "fp32")])
 def test_every_other_preset(group, option):
     app = _app([f"{group}={option}"])
-    assert OmegaConf.to_container(compose("gpt", overrides=[f"{group}={option}"]))[group] is not None
+    _assert_preset_applied(app, group, option)
     if group == "optimizer":  # a chosen optimizer replaces the default, keeps none of its keys
         assert set(app.optimizer) == set(OmegaConf.load(CONF_DIR / "optimizer" / f"{option}.yaml"))
 
@@ -134,6 +145,23 @@ def test_tensor_parallel_splits_must_divide(override, key, fix):
 def test_stages_need_layers():
     with pytest.raises(ValueError, match="raise model.n_layer or use fewer stages"):
         _app(["topology=pipe4", "schedule=interleaved_1f1b", "model.n_layer=2"])
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_the_layer_count_checked_is_the_example_models_own(size):
+    """check_layout cuts by model.pipeline_layers(): it must be what the example model lists."""
+    from examples.models.gpt import GPT, GPTConfig
+    from examples.train_mlp import mlp
+    from pipegrid.conf.apps import GPTModelConfig, MLPModelConfig
+
+    import pipegrid as pg
+
+    gpt = GPTModelConfig(vocab_size=8, seq_len=4, n_layer=size, n_head=1, n_embd=4)
+    assert gpt.pipeline_layers() == GPT(GPTConfig(**vars(gpt)), num_stages=1).num_layers
+    app = MLPAppConfig(model=MLPModelConfig(in_features=2, width=2, depth=size))
+    assert app.model.pipeline_layers() == mlp(app, pg.Topology()).num_layers
+    with pytest.raises(ValueError, match=rf"the model has {size + 2} pipeline layers .* raise model.depth"):
+        to_app_config({"topology": {"pipe": size + 3}, "model": {"depth": size}}, MLPAppConfig)
 
 
 def test_mlp_refuses_tensor_parallelism():
