@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import (
-    Backward, BackwardInput, BackwardWeight, ComputeInstruction, Forward, Instruction,
+    Backward, BackwardInput, BackwardWeight, ComputeInstruction, Exchange, Forward, Instruction,
     LoadMicroBatch, MicroBatchInstruction, OptimizerStep, RecvActivation, RecvGrad,
     ReduceGrads, ReduceTiedGrads, SendActivation, SendGrad, is_compute, is_recv, is_send,
-    message_of, parse_instruction,
+    message_of, parse_instruction, parts,
 )
 from pipegrid.schedules.lower import SCHEDULE_NAMES, build
 from pipegrid.schedules.render import to_chrome_trace, to_png, to_text
@@ -20,9 +20,9 @@ from pipegrid.schedules.validate import validate
 
 __all__ = [
     "Backward", "BackwardInput", "BackwardWeight", "ComputeInstruction", "DEFAULT_COSTS",
-    "Event", "Forward", "Instruction", "LoadMicroBatch", "MicroBatchInstruction",
+    "Event", "Exchange", "Forward", "Instruction", "LoadMicroBatch", "MicroBatchInstruction",
     "OptimizerStep", "RecvActivation", "RecvGrad", "ReduceGrads", "ReduceTiedGrads",
     "SCHEDULE_NAMES", "Schedule", "ScheduleError", "SendActivation", "SendGrad", "SimResult",
-    "build", "is_compute", "is_recv", "is_send", "message_of", "parse_instruction",
+    "build", "is_compute", "is_recv", "is_send", "message_of", "parse_instruction", "parts",
     "simulate", "to_chrome_trace", "to_png", "to_text", "validate",
 ]

@@ -1,0 +1,115 @@
+"""NCCL ordering, proved: every lowered schedule plays out under NCCL's rules (a rank's
+transfers in issue order, a send done only when its receive runs, a group as one) and
+gloo's, and a crossed order is caught."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+
+from pipegrid.schedules import (
+    SCHEDULE_NAMES, Exchange, Forward, RecvActivation, RecvGrad, ScheduleError, SendActivation, SendGrad,
+    build, parse_instruction, simulate, validate,
+)
+from pipegrid.schedules.fusion import order_transfers
+from pipegrid.schedules.instructions import is_compute, is_recv, is_send, parts
+from pipegrid.schedules.transports import check_gloo, check_nccl
+
+
+def _accepted(name: str, p: int, m: int, v: int, k: int):
+    try:
+        return build(name, p, m, v, coalesce=k)
+    except ScheduleError:
+        return None
+
+
+def _cases():
+    for name in SCHEDULE_NAMES:
+        virtuals = (1, 2, 3) if name in ("interleaved_1f1b", "inference") else (1,)
+        for p, m, v, k in itertools.product(range(1, 7), (1, 2, 3, 4, 5, 8), virtuals, (1, 2, 4)):
+            schedule = _accepted(name, p, m, v, k)
+            if schedule is not None:
+                yield pytest.param(schedule, id=f"{name}-p{p}-m{m}-v{v}-k{k}")
+
+
+@pytest.mark.parametrize("schedule", list(_cases()))
+def test_every_lowered_schedule_is_deadlock_free_under_both_transports(schedule):
+    ordered = order_transfers(schedule)
+    validate(ordered)  # structure, gloo's FIFO channels, NCCL with one stream per rank
+    check_nccl(ordered, per_pair=True)  # and with one stream per peer, as torch's lone isend/irecv
+    for before, after in zip(schedule.streams, ordered.streams):  # compute order untouched
+        assert [op for op in before if is_compute(op)] == [op for op in after if is_compute(op)]
+
+
+def test_both_ranks_sending_first_deadlocks_under_nccl_but_not_gloo():
+    raw = build("zb_h1", 2, 3)  # rank 0: F2 SA2 RG1; rank 1: I1 SG1 W0 RA2: both send first
+    check_gloo(raw)  # gloo: sends never block
+    with pytest.raises(ScheduleError, match=r"deadlock under NCCL's ordering .*rank 0 .*oldest unfinished "
+                                            r"transfer 0SA\d; rank 1 .*oldest unfinished transfer 1SG\d"):
+        check_nccl(raw)
+    fixed = order_transfers(raw)  # gradient 1 is ready before activation 2: rank 0 posts its receive first
+    assert Exchange((RecvGrad(0, 1), SendActivation(0, 2))) in fixed.streams[0]
+    check_nccl(fixed)
+
+
+def test_a_ring_of_ranks_each_sending_on_first_is_caught_and_ordered():
+    raw = build("inference", 3, 3, 2)  # 0 -> 1 -> 2 -> 0 (stage 2 feeds stage 3 on rank 0)
+    with pytest.raises(ScheduleError, match="deadlock under NCCL's ordering"):
+        check_nccl(raw)
+    check_nccl(raw, per_pair=True)  # one stream per peer breaks this ring: one stream per rank does not
+    check_nccl(order_transfers(raw))
+
+
+def test_groups_split_into_sends_then_receives_are_caught():
+    good = order_transfers(build("1f1b", 2, 4))
+    check_nccl(good)
+    split = tuple(tuple(part for op in stream for part in sorted(parts(op), key=lambda part: not is_send(part)))
+                  for stream in good.streams)  # every group apart, its sends first: both ranks send first
+    crossed = dataclasses.replace(good, streams=split)
+    check_gloo(crossed)
+    with pytest.raises(ScheduleError, match="deadlock under NCCL's ordering"):
+        check_nccl(crossed)
+
+
+def test_receives_out_of_the_senders_order_are_named():
+    good = build("gpipe", 2, 3)
+    stream = list(good.streams[1])
+    first, second = stream.index(RecvActivation(1, 0)), stream.index(RecvActivation(1, 1))
+    stream[first], stream[second] = stream[second], stream[first]
+    swapped = dataclasses.replace(good, streams=(good.streams[0], tuple(stream)))
+    with pytest.raises(ScheduleError, match=r"receive does not match the next message on the channel from rank 0: "
+                                            r"rank 0 sent 0SA0 \(position \d+\) first"):
+        check_gloo(swapped)
+
+
+def test_each_rank_issues_its_transfers_in_one_global_order():
+    ordered = order_transfers(build("interleaved_1f1b", 2, 8, 2))
+    times = simulate(build("interleaved_1f1b", 2, 8, 2), {"F": 1, "B": 1, "W": 1, "comm": 0.015625})
+    sent_at = {}
+    for rank, stream in enumerate(times.schedule.streams):
+        for position, op in enumerate(stream):
+            if is_send(op):
+                sent_at[ordered.message_key(op)] = (times.start[(rank, position)], rank, position)
+    for stream in ordered.streams:
+        keys = [sent_at[ordered.message_key(part)] for op in stream for part in parts(op)
+                if is_send(part) or is_recv(part)]
+        assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize("name,p,m,v", [("1f1b", 4, 8, 1), ("zb_h1", 3, 6, 1), ("interleaved_1f1b", 2, 4, 2),
+                                         ("gpipe", 3, 4, 1)])
+def test_posting_receives_early_costs_no_time(name, p, m, v):
+    """Only the op that reads a message waits for it: the simulated step is unchanged."""
+    raw = build(name, p, m, v)
+    costs = {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.3}
+    assert simulate(order_transfers(raw), costs).makespan == pytest.approx(simulate(raw, costs).makespan)
+
+
+def test_an_exchange_prints_and_parses_back():
+    group = Exchange((SendGrad(2, 3), RecvActivation(2, 5), RecvGrad(2, 1)))
+    assert str(group) == "2SG3+2RA5+2RG1" and parse_instruction(str(group)) == group
+    assert parts(group) == group.ops and parts(Forward(0, 1)) == (Forward(0, 1),)
+    with pytest.raises(ScheduleError, match="sends and receives joined by '\\+'"):
+        parse_instruction("0F1+0SA1")
