@@ -6,7 +6,8 @@ import torch.distributed as dist
 
 import pipegrid as pg
 from pipegrid.launch import WorkerError, run_local
-from tests.dist.engine_cases import N_LAYER, config, global_batches, run_reference
+from tests.dist.engine_cases import (N_LAYER, assert_matches_reference, canonical_state, config, global_batches,
+                                     run_reference)
 from tests.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
 
 
@@ -45,18 +46,40 @@ def test_the_grid_comes_from_the_module_for_every_config_kind():
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=1e-6)
 
 
-def _dynamic_shapes():
-    engine = _engine(config("1f1b", 2, 1, 3, comm={"dynamic_shapes": True, "timeout_s": 30}))
+def _dynamic_batches(step):
+    """A new sequence length every step and every micro-batch: (6, 5, 6), (4, 3, 4), (5, 4, 5)."""
+    seq_len = (6, 4, 5)[step]
+    return [gpt_batches(1, seq_len=seq_len - k % 2, seed=10 * step + k)[0] for k in range(3)]
+
+
+def _dynamic_shapes(cfg, steps):
+    engine = _engine(cfg)
+    losses = [engine.train_batch(iter(_dynamic_batches(step))) for step in range(steps)]
+    return {"losses": losses, "state": canonical_state(engine.module)}
+
+
+def _dynamic_shapes_reference(cfg, steps):
+    """One process, plain torch: the same micro-batches by gradient accumulation, SGD, clipping."""
+    model = pg.build_reference(gpt_layers(N_LAYER), loss_fn=cross_entropy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["optimizer"]["lr"], momentum=cfg["optimizer"]["momentum"])
     losses = []
-    for seq_len in (6, 4, 5):  # a new sequence length every step and every micro-batch
-        batches = [gpt_batches(1, seq_len=seq_len - k % 2, seed=k)[0] for k in range(3)]
-        losses.append(engine.train_batch(iter(batches)))
-    return losses
+    for step in range(steps):
+        batches, total = _dynamic_batches(step), 0.0
+        for ids, labels in batches:
+            loss = cross_entropy(model(ids), labels)
+            (loss / len(batches)).backward()
+            total += loss.item()
+        losses.append(total / len(batches))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"losses": losses, "state": canonical_state(model)}
 
 
-def test_dynamic_shapes_train_with_changing_sequence_length():
-    results = run_local(_dynamic_shapes, 2, timeout_s=60)
-    assert results[0] == results[1] and all(torch.isfinite(torch.tensor(results[0])))
+def test_dynamic_shapes_train_like_the_reference_with_changing_sequence_length():
+    cfg, steps = config("1f1b", 2, 1, 3, comm={"dynamic_shapes": True, "timeout_s": 30}), 3
+    results = run_local(_dynamic_shapes, 2, (cfg, steps), timeout_s=60)
+    assert_matches_reference(results, _dynamic_shapes_reference(cfg, steps), rtol=1e-5, atol=1e-6)
 
 
 def _changed_shape():
