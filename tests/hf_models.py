@@ -92,3 +92,36 @@ def reference_step(model: torch.nn.Module, batches: list, optimizer: torch.optim
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(batches)
+
+
+# ---- many families at once (one process): the generic path against each family's own forward ----
+_SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=4, vocab_size=VOCAB, max_position_embeddings=32, sliding_window=3, pad_token_id=None,
+              bos_token_id=0, eos_token_id=1, n_embed=16, n_layer=3, n_head=4)
+_DROPOUT = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "embed_dropout",
+            "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+
+# families whose config declares base_model_pp_plan (plus gpt2, by pipegrid's adapter): sliding
+# windows (mistral, gemma2/3), embedding scaling (gemma), logit soft-capping (gemma2), multipliers
+# (granite), parallel attention and partial rotary (gpt_neox, phi), q/k norms (qwen3, olmo2)
+SWEEP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "phi", "gpt_neox", "olmo2",
+         "granite", "starcoder2", "cohere", "gpt2")
+
+
+def sweep_config(model_type: str, **overrides: Any) -> Any:
+    """A tiny config of any family transformers knows, dropout off (only the keys it has are set)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    default = config_class()
+    # through the constructor, so derived fields (layer_types, sliding patterns) follow the sizes
+    kwargs = {key: value for key, value in {**_SMALL, **{k: 0.0 for k in _DROPOUT}, **overrides}.items()
+              if hasattr(default, key)}
+    return config_class(**kwargs)
+
+
+def save_config(config: Any, directory: str, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN)
+    model.save_pretrained(directory, max_shard_size="8KB")
+    return directory

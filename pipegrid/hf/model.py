@@ -49,7 +49,7 @@ class _CheckpointSource:
         for local, tensor in module.state_dict(keep_vars=True).items():
             key = f"{name}.{local}"
             if key != tied:
-                self.weights.read_into(tensor, key, skeleton.plan.base_prefix)
+                self.weights.read_into(tensor, key)
                 tensor._is_hf_initialized = True  # transformers' init then leaves it alone
         skeleton.init_weights(module)  # what no checkpoint stores: rotary tables and other computed buffers
 
@@ -170,8 +170,8 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
     weights = CheckpointWeights(path)
     skeleton = Skeleton(config, plan_for(config, pp_plan), _CheckpointSource(weights), _dtype(dtype, config),
                         attn_implementation)
-    weights.check(skeleton.expected_tensors(), skeleton.plan.base_prefix,
-                  where=f"{skeleton.plan.class_name} built from config.json")
+    weights.bind(skeleton.shell)
+    weights.check(skeleton.expected_tensors(), where=f"{skeleton.plan.class_name} built from config.json")
     return HFCausalLM(skeleton, topology, partition_method=partition_method,
                       activation_checkpoint_interval=activation_checkpoint_interval, seed=seed, **pipeline_kwargs)
 

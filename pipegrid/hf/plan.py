@@ -88,7 +88,9 @@ def causal_lm_class(config: Any) -> type:
 
 
 def plan_for(config: Any, pp_plan: Mapping[str, PlanEntry] | None = None) -> dict[str, PlanEntry]:
-    """The pipeline plan: ``pp_plan`` if given, else the config's, else pipegrid's adapter."""
+    """The pipeline plan: ``pp_plan`` if given, else the config's, else pipegrid's adapter
+    (a config of no causal LM is refused first, naming it)."""
+    causal_lm_class(config)
     if pp_plan is not None:
         return dict(pp_plan)
     declared = getattr(type(config), "base_model_pp_plan", None) or getattr(config, "base_model_pp_plan", None)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from pipegrid.hf.model import HFCausalLM
-from pipegrid.hf.weights import INDEX_FILE
+from pipegrid.hf.weights import INDEX_FILE, stored_layout
 
 
 def shard_name(pipe_rank: int, num_stages: int) -> str:
@@ -45,9 +45,10 @@ def _index(module: HFCausalLM, dtype: torch.dtype) -> dict[str, Any]:
     """The shard index, computed from the skeleton on rank 0 alone (no gathering)."""
     weight_map, total = {}, 0
     for rank, keys in module.hf_shard_keys().items():
-        for key, shape in keys:
+        shapes = {key: torch.empty(shape, device="meta") for key, shape in keys}
+        for key, tensor in stored_layout(module.skeleton.shell, shapes).items():
             weight_map[key] = shard_name(rank, module.num_stages)
-            total += torch.Size(shape).numel() * dtype.itemsize
+            total += tensor.numel() * dtype.itemsize
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 
 
@@ -75,32 +76,46 @@ def _publish(tmp: str, out_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _layout(target: Any) -> tuple[HFCausalLM, int, int, bool, torch.dtype]:
+    """(module, rank, pipe rank, whether this rank writes its stage's shard, dtype) for an engine,
+    or for a one-process model (all stages here, no other process)."""
+    if isinstance(target, HFCausalLM):
+        alone = not dist.is_initialized() or dist.get_world_size() == 1
+        if target.num_stages != 1 or not alone:
+            raise TypeError("hf.save_pretrained(model, ...) takes a model only when one process holds all of it; "
+                            "pass the engine (pg.initialize's result) to save a pipeline")
+        return target, 0, 0, True, next(target.parameters()).dtype
+    module = getattr(target, "module", None)
+    if not isinstance(module, HFCausalLM):
+        raise TypeError(f"hf.save_pretrained needs an engine over a pipegrid.hf model (hf.from_pretrained / "
+                        f"hf.from_config), got {type(target).__name__} over {type(module).__name__}; use "
+                        "engine.save_checkpoint for other models")
+    topology, coord = target.topology, target.groups.coord
+    if topology.tensor > 1:
+        raise ValueError(f"hf.save_pretrained: topology.tensor={topology.tensor} is not supported by pipegrid.hf")
+    return module, target.groups.rank, target.pipe_rank, coord.data == 0 and coord.tensor == 0, target.dtype
+
+
 def save_pretrained(engine: Any, out_dir: str, *, tokenizer: Any = None) -> str:
     """Collective: write the engine's model as a transformers checkpoint directory; its path.
 
     Weights are saved in the engine's compute dtype (``precision.dtype``), the tied
-    embedding once. ``tokenizer`` (anything with ``save_pretrained``) is saved with it.
+    embedding once, under the names transformers' own save_pretrained uses. ``tokenizer``
+    (anything with ``save_pretrained``) is saved with them. A model that one process
+    holds whole (``num_stages=1``) may be passed instead of an engine.
     """
-    module = engine.module
-    if not isinstance(module, HFCausalLM):
-        raise TypeError(f"hf.save_pretrained needs an engine over a pipegrid.hf model (hf.from_pretrained / "
-                        f"hf.from_config), got one over {type(module).__name__}; use engine.save_checkpoint")
-    topology, coord, rank = engine.topology, engine.groups.coord, engine.groups.rank
-    if topology.tensor > 1:
-        raise ValueError(f"hf.save_pretrained: topology.tensor={topology.tensor} is not supported by pipegrid.hf")
+    module, rank, pipe_rank, writes, dtype = _layout(engine)
     out_dir = os.path.abspath(out_dir)
     parent, name = os.path.split(out_dir)
     tmp = os.path.join(parent, f".{name}.tmp-pipegrid")
-    dtype = engine.dtype
     if rank == 0:
         os.makedirs(parent, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    if coord.data == 0 and coord.tensor == 0:
-        tensors = _detached(module.hf_state_dict())
-        save_file(tensors, os.path.join(tmp, shard_name(engine.pipe_rank, module.num_stages)),
-                  metadata={"format": "pt"})
+    if writes:
+        tensors = _detached(stored_layout(module.skeleton.shell, module.hf_state_dict()))
+        save_file(tensors, os.path.join(tmp, shard_name(pipe_rank, module.num_stages)), metadata={"format": "pt"})
     _barrier()
     if rank == 0:
         _write_metadata(module, tmp, dtype, tokenizer)

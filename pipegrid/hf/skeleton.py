@@ -49,15 +49,19 @@ class _LayerStub(nn.Module):
         return args[0] if args else kwargs["hidden_states"]
 
 
-class _ZeroEmbedding(nn.Module):
-    """Stands in for a position table another stage owns: the recorded calls do not depend on it."""
+class _Unowned(nn.Module):
+    """Stands in for a prefix module another stage owns while the base model's forward runs: the
+    recorded layer calls depend on shapes, not on its values. A position table gives zeros of its
+    width; anything else hands its input through."""
 
-    def __init__(self, table: nn.Embedding) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.dim, self.dtype = table.embedding_dim, table.weight.dtype
+        self.width = module.embedding_dim if isinstance(module, nn.Embedding) else None
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*ids.shape, self.dim, dtype=self.dtype, device=ids.device)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.width is None:
+            return x
+        return torch.zeros(*x.shape, self.width, device=x.device)
 
 
 class _HiddenOnly:
@@ -199,9 +203,10 @@ class Skeleton:
             if any(b.device != embeds.device for b in module.buffers()):
                 module.to(embeds.device)
         swaps: dict[str, nn.Module] = {self.plan.layers: self._stubs}
-        for name, module in self.base.named_children():
-            if isinstance(module, nn.Embedding) and name != self.plan.embed and module.weight.is_meta:
-                swaps[name] = _ZeroEmbedding(module)
+        for name in self.plan.prefix:
+            module = getattr(self.base, name)
+            if _on_meta(module):
+                swaps[name] = _Unowned(module)
         saved = {name: self.base._modules[name] for name in swaps}
         was_training = self.base.training
         self._record.clear()

@@ -4,6 +4,7 @@ Only headers are read up front (names, shapes, dtypes), so every rank can check 
 whole checkpoint against the model before anything is built; a stage then reads just
 its own tensors, opening the file for each one, so no more than one tensor of the file
 is mapped in at a time (resident memory follows the stage's weights, not the file's).
+Stored names map to the model's through transformers' own key mapping, both ways.
 """
 
 from __future__ import annotations
@@ -33,24 +34,37 @@ class CheckpointWeights:
         self.path = path
         self.files = _safetensors_files(path)
         self.tensors: dict[str, StoredTensor] = {}
+        self.names: dict[str, str] = {}  # model key -> stored name (see bind)
+        self.converted: list[str] = []
         for file in self.files:
             with safe_open(os.path.join(path, file), framework="pt") as handle:
                 for name in handle.keys():
                     view = handle.get_slice(name)
                     self.tensors[name] = StoredTensor(file, tuple(view.get_shape()), view.get_dtype())
 
-    def find(self, key: str, base_prefix: str) -> str | None:
-        """The stored name of model key ``key``: itself, or without/with the base-model prefix
-        (checkpoints of a bare base model, such as the original GPT-2's, lack it)."""
-        head = f"{base_prefix}."
-        candidates = [key, key[len(head):] if key.startswith(head) else head + key]
-        return next((name for name in candidates if name in self.tensors), None)
+    def bind(self, shell: torch.nn.Module) -> None:
+        """Name the stored tensors as ``shell`` names its own, with transformers' key mapping for that
+        model (legacy names such as GPT-NeoX's ``embed_out``; a missing or extra base-model prefix)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    def check(self, expected: Iterable[tuple[str, tuple[int, ...]]], base_prefix: str, where: str) -> None:
+        transforms = get_model_conversion_mapping(shell)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = shell.state_dict()
+        self.names, self.converted = {}, []  # converted: tensors transformers combines or splits while loading
+        for stored in self.tensors:
+            key, pattern = rename_source_key(stored, renamings, converters, shell.base_model_prefix, meta)
+            if pattern is not None:
+                self.converted.append(stored)
+            else:
+                self.names.setdefault(key, stored)
+
+    def check(self, expected: Iterable[tuple[str, tuple[int, ...]]], where: str) -> None:
         """Every expected (key, shape) is stored with that shape; else one error listing them all."""
         missing, wrong = [], []
         for key, shape in expected:
-            name = self.find(key, base_prefix)
+            name = self.names.get(key)
             if name is None:
                 missing.append(key)
             elif self.tensors[name].shape != tuple(shape):
@@ -59,17 +73,21 @@ class CheckpointWeights:
             raise ValueError(f"hf.from_pretrained: {len(wrong)} tensors of {self.path} disagree with its config.json "
                              f"({where}): {'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}. The weights were "
                              "saved for another configuration: restore the config.json they were saved with")
-        if missing:
+        if missing and self.converted:
             raise ValueError(
-                f"hf.from_pretrained: {self.path} lacks {len(missing)} tensors that {where} needs, e.g. "
-                f"{missing[:3]} (it has e.g. {sorted(self.tensors)[:3]}). A checkpoint whose tensors transformers "
-                "converts while loading (per-expert MoE weights, renamed legacy keys) is not read by pipegrid.hf "
-                "yet: load it once with AutoModelForCausalLM.from_pretrained and save_pretrained it in the "
-                "current layout, or use a complete checkpoint")
+                f"hf.from_pretrained: {self.path} stores {len(self.converted)} tensors that transformers converts while "
+                f"loading {where} (e.g. {self.converted[:2]}: per-expert MoE weights fused into one tensor); "
+                "pipegrid.hf reads tensors one by one and does not convert them yet. Use from_config for this "
+                "architecture, or a checkpoint stored in the model's own layout")
+        if missing:
+            raise ValueError(f"hf.from_pretrained: {self.path} lacks {len(missing)} tensors that {where} needs, e.g. "
+                             f"{missing[:3]} (it stores e.g. {sorted(self.tensors)[:3]}); the checkpoint is incomplete "
+                             "or of another model")
 
-    def read_into(self, target: torch.Tensor, key: str, base_prefix: str) -> None:
-        """Copy stored tensor ``key`` into ``target`` (casting its dtype), opening the file for it alone."""
-        name = self.find(key, base_prefix)
+    def read_into(self, target: torch.Tensor, key: str) -> None:
+        """Copy the tensor stored for model key ``key`` into ``target`` (casting its dtype), opening
+        the file for it alone."""
+        name = self.names.get(key)
         assert name is not None, f"{key} was checked to be stored"
         with safe_open(os.path.join(self.path, self.tensors[name].file), framework="pt") as handle:
             with torch.no_grad():
@@ -98,3 +116,11 @@ def _safetensors_files(path: str) -> list[str]:
                          "safetensors only. Convert once with AutoModelForCausalLM.from_pretrained(path)"
                          ".save_pretrained(new_path), which writes safetensors")
     return files
+
+
+def stored_layout(shell: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (model keys) under the names transformers' save_pretrained stores them by
+    (its legacy names, e.g. GPT-NeoX's ``embed_out``), so any transformers version loads them."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(shell, tensors)
