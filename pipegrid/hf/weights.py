@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
+READ_BLOCK = 16 * 2**20  # bytes of one tensor mapped in at a time
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,26 @@ class CheckpointWeights:
                              "or of another model")
 
     def read_into(self, target: torch.Tensor, key: str) -> None:
-        """Copy the tensor stored for model key ``key`` into ``target`` (casting its dtype), opening
-        the file for it alone."""
+        """Copy the tensor stored for model key ``key`` into ``target`` (casting its dtype).
+
+        Large tensors are read in row blocks of about ``READ_BLOCK`` bytes, the file opened for
+        each block: the pages mapped in at any moment stay bounded whatever the tensor's size.
+        """
         name = self.names.get(key)
         assert name is not None, f"{key} was checked to be stored"
-        with safe_open(os.path.join(self.path, self.tensors[name].file), framework="pt") as handle:
-            with torch.no_grad():
-                target.copy_(handle.get_tensor(name))
+        stored = self.tensors[name]
+        file = os.path.join(self.path, stored.file)
+        rows = stored.shape[0] if stored.shape else 1
+        row_bytes = max(1, target.numel() // max(rows, 1) * target.element_size())
+        step = max(1, READ_BLOCK // row_bytes)
+        with torch.no_grad():
+            if not stored.shape or rows <= step:
+                with safe_open(file, framework="pt") as handle:
+                    target.copy_(handle.get_tensor(name))
+                return
+            for start in range(0, rows, step):
+                with safe_open(file, framework="pt") as handle:
+                    target[start:start + step].copy_(handle.get_slice(name)[start:start + step])
 
 
 def _safetensors_files(path: str) -> list[str]:

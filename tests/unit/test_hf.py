@@ -204,3 +204,12 @@ def test_bad_inputs_and_dtypes():
             dtype="float33")
     assert next(hf.from_config(tiny_config("llama"), dtype="bfloat16").parameters()).dtype == torch.bfloat16
     assert "LlamaDecoderLayer" in model.describe() and "LMHead" in model.describe()
+
+
+def test_large_tensors_are_read_in_blocks(tmp_path, monkeypatch):
+    directory = save_tiny("llama", str(tmp_path / "llama"))
+    monkeypatch.setattr("pipegrid.hf.weights.READ_BLOCK", 100)  # a few rows at a time
+    loaded = hf.from_pretrained(directory).hf_state_dict()
+    stored = load_reference(directory).state_dict()
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, stored[key]), key
