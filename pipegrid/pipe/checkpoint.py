@@ -1,15 +1,18 @@
-"""Checkpoints: per layer (by global index) its weights and its optimizer state, a manifest.
+"""Checkpoints: one weights file per layer (by global index), optimizer shards, a manifest.
 
-Weights and optimizer state are both keyed by layer, whatever stage or ZeRO-1 shard
-held them, so a checkpoint written at one pipe x data degree, ZeRO on or off, resumes
-at any other (same tensor degree). Every save goes to a temporary directory that is
-renamed into place once all ranks have written, and ``latest`` is replaced
-atomically, so an interrupted save leaves the previous checkpoint whole. Files load
-with ``weights_only=True``: a checkpoint carrying pickled objects is refused.
+Weights are keyed by layer and optimizer state by parameter (``<layer>/<name>`` and the
+element range each shard file holds, listed in the manifest), whatever stage or ZeRO-1
+shard held them, so a checkpoint written at one pipe x data degree, ZeRO on or off,
+resumes at any other (same tensor degree): each rank reslices what its own parameters
+need. Every save goes to a temporary directory that is renamed into place once all
+ranks have written, and ``latest`` is replaced atomically, so an interrupted save
+leaves the previous checkpoint whole. Files load with ``weights_only=True``: a
+checkpoint carrying pickled objects is refused.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -19,6 +22,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from pipegrid.pipe.zero import ParamState
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -42,9 +47,9 @@ def tied_file(key: str, tensor_rank: int) -> str:
     return f"tied_{key}-tp{tensor_rank:02d}.pt"
 
 
-def optim_state_file(weights_file: str) -> str:
-    """The optimizer state of the parameters in ``weights_file`` (a layer or tied file)."""
-    return f"optim_{weights_file}"
+def optim_shard_file(pipe: int, data: int, tensor: int) -> str:
+    """One rank's optimizer state: its ZeRO-1 shard, or its share of the replicated state."""
+    return f"optim_shard-pp{pipe:03d}-dp{data:03d}-tp{tensor:02d}.pt"
 
 
 def legacy_optim_file(pipe: int, data: int, tensor: int) -> str:
@@ -228,49 +233,46 @@ def _stage_files(engine: Any, tied_on_every_owner: bool) -> list[tuple[str, torc
     return files
 
 
-def _trained_parameters(engine: Any, files: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, list[tuple[str, int]]]]:
-    """Per weights file: (optimizer state file, [(parameter name, index in engine.params)])."""
-    index = {id(p): i for i, p in enumerate(engine.params)}
-    listed = [(optim_state_file(name), [(n, index[id(p)]) for n, p in layer.named_parameters() if id(p) in index])
-              for name, layer in files]
-    return [(name, params) for name, params in listed if params]
+def _parameter_keys(engine: Any, tied_on_every_owner: bool = True) -> list[str | None]:
+    """Per entry of ``engine.params``, what keys its optimizer state in any layout:
+    ``<layer file stem>/<name in the layer>`` (None: a tied copy another rank saves)."""
+    keys = {id(p): f"{name[:-len('.pt')]}/{n}" for name, layer in _stage_files(engine, tied_on_every_owner)
+            for n, p in layer.named_parameters()}
+    return [keys.get(id(p)) for p in engine.params]
 
 
-def _save_optimizer_states(engine: Any, tmp: str, files: list[tuple[str, torch.nn.Module]]) -> None:
-    """Collective over the data group under ZeRO-1: each layer's optimizer state, whole.
+def _local_pieces(engine: Any, keys: list[str | None]) -> dict[str, dict[str, Any]]:
+    """What this rank writes: ``key -> {"range", "elementwise", "scalars"}``. A ZeRO-1 rank
+    writes its shard; without ZeRO the data ranks split the (identical) parameters into
+    contiguous runs of about equal size, so every rank writes a share."""
+    pieces = [piece for piece in engine.zero.local_param_states() if keys[piece[0]] is not None]
+    if not engine.zero.sharded:
+        starts = [0, *itertools.accumulate(p.numel() for p in engine.params)]
+        share = lambda i: starts[i] * engine.topology.data // max(starts[-1], 1)  # noqa: E731
+        pieces = [piece for piece in pieces if share(piece[0]) == engine.groups.coord.data]
+    return {keys[i]: {"range": [start, end], "elementwise": state.elementwise, "scalars": state.scalars}
+            for i, start, end, state in pieces}
 
-    Data rank ``k % data`` writes the k-th file, so the writing (and, with ZeRO-1, the
-    gathering of one layer's shards at a time) is spread over the data ranks.
-    """
-    data_rank, data = engine.groups.coord.data, engine.topology.data
-    for k, (name, params) in enumerate(_trained_parameters(engine, files)):
-        writer = k % data
-        if not engine.zero.sharded and data_rank != writer:
-            continue  # every data rank holds the same state: only the writer reads it
-        states = engine.zero.gather_param_states([i for _, i in params], writer)
-        if data_rank == writer:
-            entries = {n: {"elementwise": s.elementwise, "scalars": s.scalars} for (n, _), s in zip(params, states)}
-            save_file({"params": entries}, os.path.join(tmp, name))
+
+def _write_optimizer_shard(engine: Any, tmp: str, keys: list[str | None]) -> dict[str, dict[str, list[int]]]:
+    """Collective: write this rank's pieces; return every rank's ``{file: {key: [start, end]}}``."""
+    coord = engine.groups.coord
+    name = optim_shard_file(coord.pipe, coord.data, coord.tensor)
+    pieces = _local_pieces(engine, keys)
+    if pieces:
+        save_file({"params": pieces}, os.path.join(tmp, name))
+    mine = {name: {key: piece["range"] for key, piece in pieces.items()}} if pieces else {}
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return mine
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {file: ranges for shards in everyone for file, ranges in shards.items()}
 
 
 def save_engine(engine: Any, directory: str) -> str:
     """Collective: write the engine's whole state as checkpoint ``step_<global_steps>``."""
     coord, rank = engine.groups.coord, engine.groups.rank
     check_writable(directory)
-
-    def write_shards(tmp: str) -> None:
-        files = _stage_files(engine, tied_on_every_owner=False)
-        if coord.data == 0:
-            for name, layer in files:
-                save_file(owned(layer.state_dict()), os.path.join(tmp, name))
-        _save_optimizer_states(engine, tmp, files)
-        if rank == 0:
-            group = {k: v for k, v in engine.optimizer.param_groups[0].items() if k != "params"}
-            save_file({"hyperparameters": group, "scaler": engine.scaler.state_dict(),
-                       "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None},
-                      os.path.join(tmp, OPTIMIZER))
-        save_file({"rng": rng_state()}, os.path.join(tmp, rank_file(rank)))
-
     topo = engine.topology
     manifest = {"format": FORMAT, "step": engine.global_steps, "global_steps": engine.global_steps,
                 "skipped_steps": engine.skipped_steps, "consumed_micro_batches": engine.consumed_micro_batches,
@@ -278,6 +280,22 @@ def save_engine(engine: Any, directory: str) -> str:
                 "zero_stage": engine.config.zero.stage, "loss_scale": engine.scaler.scale,
                 "layers": _layer_names(engine.module), "client_state": engine.client_state,
                 "schedule": engine.config.schedule.name, "world_size": topo.world_size}
+
+    def write_shards(tmp: str) -> None:
+        files = _stage_files(engine, tied_on_every_owner=False)
+        if coord.data == 0:
+            for name, layer in files:
+                save_file(owned(layer.state_dict()), os.path.join(tmp, name))
+        keys = _parameter_keys(engine, tied_on_every_owner=False)
+        # rank 0 writes the manifest after every shard: it lists where each parameter's state is
+        manifest["optimizer_shards"] = _write_optimizer_shard(engine, tmp, keys)
+        if rank == 0:
+            group = {k: v for k, v in engine.optimizer.param_groups[0].items() if k != "params"}
+            save_file({"hyperparameters": group, "scaler": engine.scaler.state_dict(),
+                       "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None},
+                      os.path.join(tmp, OPTIMIZER))
+        save_file({"rng": rng_state()}, os.path.join(tmp, rank_file(rank)))
+
     return save(directory, engine.global_steps, rank, write_shards, manifest, barrier_fn())
 
 
@@ -305,7 +323,7 @@ def load_engine(engine: Any, directory: str, load_optimizer_states: bool = True)
     elif manifest.get("format", 1) == 1:
         _load_format_1(engine, path, previous, manifest, same_layout)
     else:
-        _load_optimizer_states(engine, path, previous, files)
+        _load_optimizer_states(engine, path, previous, manifest, _parameter_keys(engine))
     rank_path = os.path.join(path, rank_file(engine.groups.rank))
     if same_layout and os.path.exists(rank_path):
         set_rng_state(load_file(rank_path, previous)["rng"])
@@ -316,27 +334,51 @@ def load_engine(engine: Any, directory: str, load_optimizer_states: bool = True)
     return manifest["step"]
 
 
-def _load_optimizer_states(engine: Any, path: str, previous: str | None,
-                           files: list[tuple[str, torch.nn.Module]]) -> None:
-    """Every local parameter's optimizer state from its layer's file, whatever layout wrote it."""
-    from pipegrid.pipe.zero import ParamState
+class ShardReader:
+    """Every parameter's optimizer state from a checkpoint's shard files, whatever layout
+    wrote them: the pieces the manifest lists, memory-mapped (only what is read is read)."""
 
-    source = {i: (name, n) for name, params in _trained_parameters(engine, files) for n, i in params}
-    opened: dict[str, dict[str, Any]] = {}
+    def __init__(self, path: str, manifest: dict[str, Any], previous: str | None = None) -> None:
+        self.path, self.previous = path, previous
+        self.where: dict[str, list[tuple[int, int, str]]] = {}
+        for file, ranges in manifest["optimizer_shards"].items():
+            for key, (start, end) in ranges.items():
+                self.where.setdefault(key, []).append((start, end, file))
+        self._opened: dict[str, dict[str, Any]] = {}
 
-    def read(index: int) -> ParamState:
-        name, param = source[index]
-        if name not in opened:  # memory-mapped: a ZeRO-1 shard reads only its slice
-            opened[name] = load_file(os.path.join(path, name), previous, mmap=True)["params"]
-        if param not in opened[name]:
-            raise CheckpointError(f"checkpoint file {os.path.join(path, name)} has no optimizer state for "
-                                  f"parameter {param!r} (it has {sorted(opened[name])}); was it frozen when saved? "
-                                  "pass load_optimizer_states=False to load the weights alone")
-        entry = opened[name][param]
-        return ParamState(entry["elementwise"], entry["scalars"])
+    def read(self, key: str, numel: int) -> ParamState:
+        """The whole state of parameter ``key`` (``numel`` elements), flattened."""
+        pieces = sorted(self.where.get(key, []))
+        if numel == 0:
+            return ParamState({}, {})
+        covered = 0
+        for start, end, file in pieces:
+            if start != covered:
+                break
+            covered = end
+        if covered != numel:
+            raise CheckpointError(f"checkpoint {self.path} holds elements {[p[:2] for p in pieces]} of the "
+                                  f"optimizer state of {key!r}, which has {numel}; the checkpoint is of another "
+                                  "model or incomplete: pass load_optimizer_states=False to load the weights alone")
+        states = [self._file(file)[key] for _, _, file in pieces]
+        if len(states) == 1:  # whole: hand out the mapped values, the optimizer copies what it keeps
+            return ParamState(states[0]["elementwise"], states[0]["scalars"])
+        elementwise = {k: torch.cat([s["elementwise"][k] for s in states]) for k in states[0]["elementwise"]}
+        return ParamState(elementwise, states[0]["scalars"])
 
+    def _file(self, name: str) -> dict[str, Any]:
+        if name not in self._opened:
+            self._opened[name] = load_file(os.path.join(self.path, name), self.previous, mmap=True)["params"]
+        return self._opened[name]
+
+
+def _load_optimizer_states(engine: Any, path: str, previous: str | None, manifest: dict[str, Any],
+                           keys: list[str]) -> None:
+    """Every local parameter's optimizer state, resliced from the shards of whatever layout wrote them."""
+    reader = ShardReader(path, manifest, previous)
     common = load_file(os.path.join(path, OPTIMIZER), previous)
-    engine.zero.load_param_states(read, common["hyperparameters"])
+    engine.zero.load_param_states(lambda i: reader.read(keys[i], engine.params[i].numel()),
+                                  common["hyperparameters"])
     _load_schedule_state(engine, common)
 
 
@@ -348,13 +390,13 @@ def _load_schedule_state(engine: Any, state: dict[str, Any]) -> None:
 
 def _load_format_1(engine: Any, path: str, previous: str | None, manifest: dict[str, Any],
                    same_layout: bool) -> None:
-    """A checkpoint written before optimizer state was keyed by layer: one file per rank."""
+    """A checkpoint written before optimizer state was keyed by parameter: one file per rank."""
     if not same_layout:
         raise CheckpointError(
             f"checkpoint {path} keeps its optimizer state per rank (format 1, written before pipegrid keyed it "
-            f"by layer), which loads only at the layout that wrote it: {manifest['topology']} with zero.stage="
-            f"{manifest['zero_stage']}; resume there and save once (the new checkpoint loads at any layout), "
-            "or pass load_optimizer_states=False to load the model weights alone")
+            f"by parameter), which loads only at the layout that wrote it: {manifest['topology']} with "
+            f"zero.stage={manifest['zero_stage']}; resume there and save once (the new checkpoint loads at any "
+            "layout), or pass load_optimizer_states=False to load the model weights alone")
     coord = engine.groups.coord
     name = legacy_optim_file(coord.pipe, coord.data if engine.zero.sharded else 0, coord.tensor)
     state = load_file(os.path.join(path, name), previous)

@@ -11,7 +11,7 @@ hand checkpoints their state per parameter (``ParamState``), whatever the shardi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +30,7 @@ class ParamState(NamedTuple):
     """One parameter's optimizer state, independent of how the data axis shards it."""
 
     elementwise: dict[str, torch.Tensor]
-    """One value per parameter element, shaped like it (Adam's moments, ``MASTER``)."""
+    """One value per parameter element (Adam's moments, ``MASTER``), flattened or shaped like it."""
     scalars: dict[str, torch.Tensor]
     """One value per parameter (Adam's ``step``)."""
 
@@ -91,11 +91,6 @@ def _ensure_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return [p.grad for p in params]  # type: ignore[misc]
-
-
-def _owned(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy that owns its storage: saving a view would write its whole base buffer."""
-    return t.detach().to("cpu", copy=True)
 
 
 def _load_torch_state(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, torch.Tensor]],
@@ -184,14 +179,15 @@ class ReplicatedOptimizer:
                 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape == p.shape}
         return sorted(keys | ({MASTER} if self.master is not self.params else set()))
 
-    def gather_param_states(self, indices: Sequence[int], dst: int) -> list[ParamState] | None:
-        """The state of ``params[i]`` for each index; every data rank holds it, so no collective."""
-        keys, states = self.elementwise_keys(), []
-        for i in indices:
-            state = {**self.optimizer.state.get(self.master[i], {}), MASTER: self.master[i]}
-            states.append(ParamState({k: _owned(state[k]) for k in keys if k in state},
-                                     {k: _owned(v) for k, v in state.items() if k not in keys and k != MASTER}))
-        return states
+    def local_param_states(self) -> list[tuple[int, int, int, ParamState]]:
+        """(parameter index, first element, end element, its state flattened) for every
+        parameter: views, no copies."""
+        keys, pieces = self.elementwise_keys(), []
+        for i, master in enumerate(self.master):
+            state = {**self.optimizer.state.get(master, {}), MASTER: master.detach()}
+            pieces.append((i, 0, master.numel(), ParamState({k: state[k].reshape(-1) for k in keys if k in state},
+                                            {k: v for k, v in state.items() if k not in keys and k != MASTER})))
+        return pieces
 
     def load_param_states(self, read: Callable[[int], ParamState], hyperparameters: dict[str, Any]) -> None:
         """Load every parameter's state from ``read(index)`` (saved at any sharding); the
@@ -203,7 +199,7 @@ class ReplicatedOptimizer:
                 elementwise = dict(saved.elementwise)
                 fp32 = elementwise.pop(MASTER, None)
                 if master is not param:
-                    master.copy_(fp32 if fp32 is not None else param)
+                    master.copy_(fp32.view_as(master) if fp32 is not None else param)
                 if elementwise or saved.scalars:  # copies: ``read`` may hand out views of a mapped file
                     values = {**saved.scalars, **{k: v.view_as(master) for k, v in elementwise.items()}}
                     state[i] = {k: v.clone() for k, v in values.items()}
@@ -321,35 +317,21 @@ class ZeroOptimizer:
         keys = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == self.shard.shape}
         return sorted(keys | ({MASTER} if self.low_precision else set()))
 
-    def gather_param_states(self, indices: Sequence[int], dst: int) -> list[ParamState] | None:
-        """Collective over the data group: the whole state of ``params[i]`` for each index,
-        assembled on data rank ``dst`` (None elsewhere) from every rank's piece of it.
-
-        Each rank writes its piece into a zeroed buffer spanning those parameters and the
-        buffers are summed onto ``dst``: adding zeros is exact, and only one layer's state
-        is ever gathered at a time.
-        """
+    def local_param_states(self) -> list[tuple[int, int, int, ParamState]]:
+        """(parameter index, first element, end element, state of those elements, flattened)
+        for each parameter the shard overlaps: views of the shard's state, so saving them
+        together writes each state tensor once, exactly the shard."""
         keys, state = self.elementwise_keys(), self.optimizer.state.get(self.shard, {})
+        flat = {k: self.shard.detach() if k == MASTER else state[k] for k in keys}
         scalars = {k: v for k, v in state.items() if k not in keys}
-        first = min(self.layout.offsets[i] for i in indices)
-        last = max(self.layout.offsets[i] + self.layout.numels[i] for i in indices)
-        span = torch.zeros(len(keys), last - first, dtype=self.shard.dtype, device=self.shard.device)
         lo, hi = self._range
-        start, end = max(first, lo), min(last, hi)
-        for row, key in zip(span, keys):
-            source = self.shard.detach() if key == MASTER else state[key]
+        pieces = []
+        for i, (offset, numel) in enumerate(zip(self.layout.offsets, self.layout.numels)):
+            start, end = max(offset, lo), min(offset + numel, hi)
             if start < end:
-                row[start - first:end - first].copy_(source[start - lo:end - lo])
-        if keys and self.data_size > 1:
-            dist.reduce(span, dst=dist.get_global_rank(self.group, dst), group=self.group)
-        if self.data_rank != dst:
-            return None
-        states = []
-        for i in indices:
-            offset, numel, shape = self.layout.offsets[i], self.layout.numels[i], self.layout.shapes[i]
-            values = {k: _owned(row[offset - first:offset - first + numel].view(shape)) for k, row in zip(keys, span)}
-            states.append(ParamState(values, {k: _owned(v) for k, v in scalars.items()}))
-        return states
+                state = ParamState({k: v[start - lo:end - lo] for k, v in flat.items()}, scalars)
+                pieces.append((i, start - offset, end - offset, state))
+        return pieces
 
     def load_param_states(self, read: Callable[[int], ParamState], hyperparameters: dict[str, Any]) -> None:
         """Assemble this rank's shard of the state from ``read(index)`` (saved at any sharding).
