@@ -105,9 +105,10 @@ def new_model_config(cfg: HFAppConfig, tokenizer: Any) -> Any:
 
     m = cfg.model
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-                       max_position_embeddings=cfg.data.seq_len, tie_word_embeddings=True, bos_token_id=None,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                       num_key_value_heads=m.num_kv_heads, max_position_embeddings=cfg.data.seq_len,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
 
 
 def token_ids(cfg: HFAppConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +168,9 @@ def train(cfg: HFAppConfig, tokenizer: Any, train_ids: torch.Tensor, val_ids: to
 def generate(cfg: HFAppConfig, directory: str) -> list[str]:
     """Plain transformers, one process: load what the pipeline saved and continue the prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     inputs = tokenizer([cfg.generate.prompt] * cfg.generate.lines, return_tensors="pt", add_special_tokens=False)

@@ -76,8 +76,8 @@ class CheckpointWeights:
                              "saved for another configuration: restore the config.json they were saved with")
         if missing and self.converted:
             raise ValueError(
-                f"hf.from_pretrained: {self.path} stores {len(self.converted)} tensors that transformers converts while "
-                f"loading {where} (e.g. {self.converted[:2]}: per-expert MoE weights fused into one tensor); "
+                f"hf.from_pretrained: {self.path} stores {len(self.converted)} tensors that transformers converts "
+                f"while loading {where} (e.g. {self.converted[:2]}: per-expert MoE weights fused into one tensor); "
                 "pipegrid.hf reads tensors one by one and does not convert them yet. Use from_config for this "
                 "architecture, or a checkpoint stored in the model's own layout")
         if missing:

@@ -146,7 +146,7 @@ def test_composes_with_zero_interleaving_and_activation_checkpointing(checkpoint
          "config": _config("1f1b", 2, 2, 2, optimizer=ADAM, zero={"stage": 1})},
         {"dir": checkpoints["gpt2"], "padded": True, "save": str(tmp_path / "zero-tied"),
          "config": _config("gpipe", 2, 2, 2, optimizer=ADAM, zero={"stage": 1})},
-        {"dir": checkpoints["qwen2"], "padded": True,
+        {"dir": checkpoints["qwen2"], "padded": True, "save": str(tmp_path / "interleaved"),
          "config": _config("interleaved_1f1b", 2, 2, 4), "model": {"activation_checkpoint_interval": 1}},
     ]
     per_rank = run_local(_run_cases, 4, (cases,), timeout_s=240)
