@@ -224,13 +224,18 @@ def _stage_files(engine: Any, tied_on_every_owner: bool) -> list[tuple[str, torc
     for stage in module.stage_ids:
         for index, layer in module.local_layers(stage):
             spec = module.layer_specs[index]
-            if not isinstance(spec, TiedLayerSpec) and isinstance(layer, torch.nn.Module) and layer.state_dict():
+            if not isinstance(spec, TiedLayerSpec) and isinstance(layer, torch.nn.Module) and _has_state(layer):
                 files.append((layer_file(index, tensor_rank), layer))
     owners = module.tied_pipe_ranks()
     for key, tied in module.tied_modules.items():
         if tied_on_every_owner or owners[key][0] == engine.pipe_rank:
             files.append((tied_file(key, tensor_rank), tied))
     return files
+
+
+def _has_state(layer: torch.nn.Module) -> bool:
+    """Whether the layer has parameters or buffers (cheaper than building its state_dict)."""
+    return next(itertools.chain(layer.parameters(), layer.buffers()), None) is not None
 
 
 def _parameter_keys(engine: Any, tied_on_every_owner: bool = True) -> list[str | None]:
