@@ -194,17 +194,19 @@ def train(cfg: GPTAppConfig, run_dir: str) -> dict[str, Any]:
     csv_path = os.path.join(run_dir, cfg.metrics_file) if rank0 and cfg.metrics_file else None
     progress = Progress(cfg, engine, start, csv_path)
     loss = math.nan
-    with logging_redirect_tqdm():
-        for step in range(start + 1, cfg.train.steps + 1):
-            tic = time.perf_counter()
-            loss = engine.train_batch(iter(step_batches(corpus.train, cfg, cfg.train.seed + step, data_rank)))
-            seconds = time.perf_counter() - tic
-            val = None
-            if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.train.steps:
-                val = validation_loss(engine, corpus, cfg, data_rank)
-            progress.step(step, loss, seconds, val)
-            _maybe_save(engine, cfg, step)
-    progress.close()
+    try:  # a stop signal (train.save_on_signal) ends train_batch in pipegrid.Preempted: exit 0, resumable
+        with logging_redirect_tqdm():
+            for step in range(start + 1, cfg.train.steps + 1):
+                tic = time.perf_counter()
+                loss = engine.train_batch(iter(step_batches(corpus.train, cfg, cfg.train.seed + step, data_rank)))
+                seconds = time.perf_counter() - tic
+                val = None
+                if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.train.steps:
+                    val = validation_loss(engine, corpus, cfg, data_rank)
+                progress.step(step, loss, seconds, val)
+                _maybe_save(engine, cfg, step)
+    finally:
+        progress.close()
     if cfg.trace.enabled:  # the last training step's timeline (evaluation would replace it)
         _write_trace(engine, cfg.trace.path or os.path.join(run_dir, "trace.json"))
     return _finish(engine, groups, corpus, cfg, loss)

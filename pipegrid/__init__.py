@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "initialize": "pipegrid.pipe.engine",
     "init_distributed": "pipegrid.topology.join",
     "TrainConfig": "pipegrid.conf.schema",
+    "Preempted": "pipegrid.pipe.preemption",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pipegrid.pipe.engine import PipelineEngine, initialize
     from pipegrid.topology.join import init_distributed
     from pipegrid.pipe.module import PipelineModule, build_reference
+    from pipegrid.pipe.preemption import Preempted
     from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
     from pipegrid.schedules.errors import ScheduleError
     from pipegrid.topology.grid import Coord, ProcessTopology, Topology

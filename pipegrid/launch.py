@@ -25,6 +25,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -40,10 +41,14 @@ _GRACE_S = 1.0  # after a first failure, how long to wait for the others (to nam
 class WorkerError(RuntimeError):
     """A local worker raised or died; the message carries its rank and traceback."""
 
-    def __init__(self, rank: int, message: str) -> None:
+    def __init__(self, rank: int, message: str, signal_number: int = 0) -> None:
         super().__init__(message)
         self.rank = rank
         self.when = 0.0  # wall-clock time of the failure, to find the first one
+        self.signal = signal_number
+        """The signal that killed the worker (0: it raised, or exited)."""
+        self.forwarded = False
+        """Whether the launcher had received that signal and passed it on to its workers."""
 
 
 def is_torchrun() -> bool:
@@ -87,11 +92,23 @@ def _worker(fn: Callable[..., Any], args: tuple, rank: int, world_size: int, ini
         # plain pickle copies tensor bytes; multiprocessing's own pickler would
         # share them through file descriptors that die with this process
         conn.send_bytes(pickle.dumps(("ok", result)))
-    except BaseException:  # noqa: BLE001 - every failure must reach the launcher
-        conn.send_bytes(pickle.dumps(("error", (time.time(), traceback.format_exc()))))
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            _report_error(conn)
+        # a clean exit (pipegrid.Preempted after a save on a signal): the launcher re-raises it
+        conn.send_bytes(pickle.dumps(("exit", stop)))
         conn.close()
-        os._exit(1)
+        os._exit(0)
+    except BaseException:  # noqa: BLE001 - every failure must reach the launcher
+        _report_error(conn)
     conn.close()
+
+
+def _report_error(conn: mp_connection.Connection) -> None:
+    """Send the exception being handled to the launcher and end this worker."""
+    conn.send_bytes(pickle.dumps(("error", (time.time(), traceback.format_exc()))))
+    conn.close()
+    os._exit(1)
 
 
 def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, timeout_s: float = 60.0,
@@ -101,7 +118,10 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, time
     ``backend`` initialises torch.distributed in each worker (None: ``fn`` does it
     itself, e.g. through ``pipegrid.initialize``, reading the environment). A rank
     that raises or dies ends the run at once with :class:`WorkerError`; a run that
-    outlives ``timeout_s`` is killed and raises ``TimeoutError``.
+    outlives ``timeout_s`` is killed and raises ``TimeoutError``. A rank that exits
+    cleanly (``SystemExit`` with status 0, e.g. ``pipegrid.Preempted``) is waited for
+    like one that returns, and its exception is raised here once all are done. SIGTERM,
+    SIGUSR1 and SIGUSR2 sent to this process are passed on to the workers meanwhile.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -121,9 +141,43 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, time
                 workers.append(proc)
                 conns.append(parent_end)
         try:
-            return _collect(workers, conns, timeout_s)
+            with _forwarding_signals(workers) as received:
+                try:
+                    return _collect(workers, conns, timeout_s)
+                except WorkerError as error:
+                    error.forwarded = error.signal in received
+                    raise
         finally:
             _stop_all(workers)
+
+
+# Sent to a launcher by name (kill, SLURM, a scheduler) rather than to its process group:
+# passed on to the workers, whose engines save and stop (train.save_on_signal). SIGINT and
+# SIGHUP from a terminal reach the workers directly (same process group).
+_FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def _forwarding_signals(workers: list) -> Iterator[list[int]]:
+    """While the block runs, pass SIGTERM, SIGUSR1 and SIGUSR2 sent to this process on to
+    ``workers``; the block gets the list of the signals passed on."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may install
+        yield received
+        return
+
+    def forward(number: int, frame: Any) -> None:
+        received.append(number)
+        for proc in workers:
+            with contextlib.suppress(ProcessLookupError, TypeError):  # exited, or not started
+                os.kill(proc.pid, number)
+
+    previous = {number: signal.signal(number, forward) for number in _FORWARDED}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _collect(workers: list, conns: list, timeout_s: float) -> list[Any]:
@@ -134,6 +188,7 @@ def _collect(workers: list, conns: list, timeout_s: float) -> list[Any]:
     one, the cause, is raised.
     """
     results: dict[int, Any] = {}
+    exits: dict[int, SystemExit] = {}
     errors: list[tuple[float, WorkerError]] = []
     deadline = time.monotonic() + timeout_s
     pending = dict(enumerate(conns))
@@ -154,8 +209,12 @@ def _collect(workers: list, conns: list, timeout_s: float) -> list[Any]:
                 except WorkerError as error:
                     errors.append((getattr(error, "when", time.time()), error))
                     deadline = min(deadline, time.monotonic() + _GRACE_S)
+                except SystemExit as stop:  # a clean exit: wait for the others
+                    exits[rank] = stop
     if errors:
         raise min(errors, key=lambda item: item[0])[1]
+    if exits:  # e.g. every rank saved on a signal and raised pipegrid.Preempted: so does the launcher
+        raise exits[min(exits)]
     return [results[r] for r in range(len(workers))]
 
 
@@ -165,16 +224,26 @@ def _receive(rank: int, conn: mp_connection.Connection, proc: mp.process.BasePro
     except EOFError:
         proc.join(timeout=1.0)
         code = proc.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        error = WorkerError(rank, f"rank {rank} {how} before returning a result")
+        killed = -code if code is not None and code < 0 else 0
+        how = f"was killed by signal {killed} ({_signal_name(killed)})" if killed else f"exited with code {code}"
+        error = WorkerError(rank, f"rank {rank} {how} before returning a result", killed)
         error.when = time.time() - 0.5  # a death has no timestamp; assume it preceded the peers' errors
         raise error from None
+    if status == "exit":
+        raise payload
     if status == "error":
         when, text = payload
         error = WorkerError(rank, f"rank {rank} raised:\n{text}")
         error.when = when
         raise error
     return payload
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown"
 
 
 def _stop_all(workers: list) -> None:
@@ -240,6 +309,10 @@ def launch(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "
     (same arguments, same Hydra output directory), because forked workers inherit an
     OpenMP runtime that was configured when torch was imported. Only rank 0 logs
     below WARNING. A failed worker raises :class:`WorkerError` with its traceback.
+    SIGTERM, SIGUSR1 and SIGUSR2 sent to this process reach the workers; when every
+    worker then exits cleanly (``pipegrid.Preempted`` after a save) so does this call, by
+    re-raising it, and when they die by the signal this call exits with status 128 + its
+    number, as the signal would have ended it.
     """
     _export_submitit_environment()
     started = torchrun_world_size()
@@ -255,8 +328,13 @@ def launch(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "
         _reexec_with_one_omp_thread()
     log_file = next((h.baseFilename for h in logging.getLogger().handlers
                      if isinstance(h, logging.FileHandler)), None)
-    results = run_local(_rank_entry, world_size, (fn, args, log_file), timeout_s=timeout_s, backend=None,
-                        start_method=start_method)
+    try:
+        results = run_local(_rank_entry, world_size, (fn, args, log_file), timeout_s=timeout_s, backend=None,
+                            start_method=start_method)
+    except WorkerError as error:
+        if error.forwarded:  # the workers ended by the signal sent to the job: so does the launcher's status
+            raise SystemExit(128 + error.signal) from None
+        raise
     return results[0]
 
 

@@ -7,6 +7,7 @@ onto this schema by :func:`to_train_config`, so a typo'd key fails with its name
 from __future__ import annotations
 
 import dataclasses
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,6 +16,15 @@ LAYOUT_KEYS = ("topology.pipe", "topology.data", "topology.tensor", "schedule.vi
 """Keys a config may leave unset for :func:`pipegrid.initialize` to take from the module."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 KERNEL_BACKENDS = ("auto", "torch", "cupy")  # pipegrid.kernels.backend.BACKENDS (no torch import here)
+
+
+def signal_number(name: str) -> int:
+    """``"SIGTERM"`` (or ``"TERM"``) -> its number; ValueError naming the choices otherwise."""
+    full = (name if name.upper().startswith("SIG") else f"SIG{name}").upper()
+    if full in ("SIGKILL", "SIGSTOP") or not hasattr(signal.Signals, full):
+        raise ValueError(f"train.save_on_signal: {name!r} is not a signal a process can handle; use names such "
+                         "as SIGTERM, SIGUSR1, SIGUSR2 (an empty list disables saving on a signal)")
+    return int(getattr(signal.Signals, full))
 
 
 @dataclass
@@ -130,8 +140,15 @@ class RunConfig:
     """Steps between log lines."""
     on_nonfinite: str = "raise"
     """What a NaN/inf loss does in float32/bf16: raise, or skip the step."""
+    save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals after which every rank finishes the step in flight, saves it to checkpoint.dir and
+    exits 0 (train_batch raises pipegrid.Preempted); without checkpoint.dir the run ends at once
+    saying nothing was saved. Inside a submitit job its preemption signal (SIGUSR2) joins the
+    list. [] leaves every signal alone (and spares the per-step flag all-reduce)."""
 
     def __post_init__(self) -> None:
+        for name in self.save_on_signal:
+            signal_number(name)
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if self.on_nonfinite not in ("raise", "skip"):

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import logging
 import math
+import signal
+import weakref
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -24,8 +27,9 @@ from pipegrid import kernels
 from pipegrid.conf.schema import TopologyConfig, TrainConfig, to_train_config
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe import trace as tracing
-from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure
+from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure, lost_peer_message
 from pipegrid.pipe.p2p import P2P
+from pipegrid.pipe.preemption import Preempted, SignalWatch
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
 from pipegrid.schedules import build, validate
@@ -186,6 +190,10 @@ class PipelineEngine:
         self._timeline: list[tuple[int, str, float, float]] = []
         self._train_executor = Executor(self, self.schedule, self.pipe_rank)
         self._eval_executor = Executor(self, self.eval_schedule, self.pipe_rank)
+        self._last_save: tuple[int, str] | None = None  # (step, directory) of the newest save
+        self._stop = SignalWatch(config.train.save_on_signal, saves=bool(config.checkpoint.dir), rank=groups.rank)
+        self._stop.arm()
+        weakref.finalize(self, self._stop.disarm)  # (the handlers hold the watch, never the engine)
 
     # --- set-up ------------------------------------------------------------
     def _check_module(self, module: torch.nn.Module) -> None:
@@ -270,7 +278,40 @@ class PipelineEngine:
         every, directory = self.config.checkpoint.interval, self.config.checkpoint.dir
         if directory and every > 0 and self.global_steps % every == 0:
             self.save_checkpoint(directory)
+        if self._stop.armed and self._stop.saves:
+            self._stop_if_signalled(loss)
         return loss
+
+    @property
+    def stop_requested(self) -> str | None:
+        """The stop signal this rank noted (e.g. "SIGTERM"), which the ranks agree on at the end
+        of the step in flight; None when none (see ``train.save_on_signal``)."""
+        return signal.Signals(self._stop.received).name if self._stop.received else None
+
+    def _stop_if_signalled(self, loss: float) -> None:
+        """Collective: agree whether any rank noted a stop signal; if one did, every rank saves
+        this step (unless its interval save just did) and raises Preempted."""
+        flag = torch.tensor([self._stop.received], dtype=torch.int64, device=self.device)
+        if self.topology.world_size > 1:
+            try:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            except (dist.DistError, RuntimeError) as error:
+                if not is_transport_failure(error):
+                    raise
+                peers = f"one of ranks {[r for r in range(self.topology.world_size) if r != self.groups.rank]}"
+                raise PeerLostError(lost_peer_message(self.groups.rank, self.pipe_rank, peers, "while agreeing "
+                                                      "on a stop signal", error, applied=True)) from error
+        number = int(flag.item())
+        if not number:
+            return
+        step = self.global_steps
+        path = self._last_save[1] if self._last_save and self._last_save[0] == step else self.save_checkpoint()
+        name = signal.Signals(number).name
+        message = f"pipegrid: {name}: saved step {step} to {path}; run the same command to resume from it"
+        if self.groups.rank == 0:
+            logging.getLogger("pipegrid").warning(message)
+        self._stop.chain(number)  # a handler ours replaced (submitit's requeue) runs after the save
+        raise Preempted(message, name, step, path, loss)
 
     @torch.no_grad()
     def eval_batch(self, data_iter: Iterable | None = None, return_outputs: bool = False) -> Any:
@@ -314,7 +355,9 @@ class PipelineEngine:
 
     def save_checkpoint(self, directory: str | None = None) -> str:
         """Collective: write checkpoint ``step_<global_steps>`` under ``directory`` and point ``latest`` at it."""
-        return ckpt.save_engine(self, directory or self._checkpoint_dir())
+        path = ckpt.save_engine(self, directory or self._checkpoint_dir())
+        self._last_save = (self.global_steps, path)
+        return path
 
     def load_checkpoint(self, directory: str | None = None, load_optimizer_states: bool = True) -> int | None:
         """Load the newest whole checkpoint (any pipe/data degree for the model); its step or None."""

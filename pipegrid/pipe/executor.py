@@ -62,6 +62,16 @@ def is_transport_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(word in text for word in _TRANSPORT_WORDS)
 
 
+def lost_peer_message(rank: int, pipe_rank: int, peer: str, when: str, error: BaseException,
+                      applied: bool = False) -> str:
+    """What a PeerLostError says: who lost whom, when, the transport's words, and what to do."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    step = "the step was applied" if applied else "the step was not applied"
+    return (f"rank {rank} (pipe stage {pipe_rank}) lost {peer} {when}: {first_line}. That rank has died or "
+            f"hung (its own log shows why); {step}. Restart from the last checkpoint (torchrun "
+            "--max-restarts does it) after fixing the cause.")
+
+
 @dataclass
 class StepState:
     """Everything one ``train_batch``/``eval_batch`` call keeps between instructions."""
@@ -169,11 +179,7 @@ class Executor:
                           error)
 
     def _lost(self, peer: str, when: str, error: BaseException) -> str:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return (f"rank {self.engine.groups.rank} (pipe stage {self.pipe_rank}) lost {peer} {when}: "
-                f"{first_line}. That rank has died or hung (its own log shows why); the step was not "
-                "applied. Restart from the last checkpoint (torchrun --max-restarts does it) after "
-                "fixing the cause.")
+        return lost_peer_message(self.engine.groups.rank, self.pipe_rank, peer, when, error)
 
     # --- data --------------------------------------------------------------
     def _batch(self, micro_batch: int, state: StepState) -> tuple[Any, Any]:

@@ -290,9 +290,11 @@ def test_a_second_save_of_the_same_step_killed_midway_leaves_a_whole_checkpoint(
 # --- resume after a kill: examples/train_gpt.py, exact losses ----------------------------
 
 GPT_JOB = textwrap.dedent('''
-    """examples/train_gpt.py with two hooks: rank 0 appends each step's exact loss to
-    $LOSS_FILE; rank $KILL_RANK SIGKILLs itself before step $KILL_AT + 1 (first attempt only)."""
-    import os, runpy, signal, sys
+    """examples/train_gpt.py with hooks: rank 0 appends each step's exact loss to $LOSS_FILE;
+    rank $KILL_RANK SIGKILLs itself before step $KILL_AT + 1 (first attempt only); rank
+    $STOP_RANK sends $STOP_SIGNAL to its parent (the launcher, or torchrun's agent) during
+    step $STOP_AT + 1 and goes on once its own engine has the signal passed on."""
+    import os, runpy, signal, sys, time
     import pipegrid as pg
 
     _train_batch = pg.PipelineEngine.train_batch
@@ -304,6 +306,14 @@ GPT_JOB = textwrap.dedent('''
         if (os.environ.get("KILL_AT") and first_attempt and self.global_steps == int(os.environ["KILL_AT"])
                 and self.groups.rank == int(os.environ["KILL_RANK"])):
             os.kill(os.getpid(), signal.SIGKILL)
+        if (os.environ.get("STOP_AT") and self.global_steps == int(os.environ["STOP_AT"])
+                and self.groups.rank == int(os.environ["STOP_RANK"])):
+            with open(os.environ["LOSS_FILE"] + ".signalled", "w") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getppid(), getattr(signal, os.environ["STOP_SIGNAL"]))
+            deadline = time.monotonic() + 10  # (without checkpoint.dir the signal ends this process)
+            while self.stop_requested is None and time.monotonic() < deadline:
+                time.sleep(0.01)
         loss = _train_batch(self, data_iter)
         if self.groups.rank == 0:
             with open(os.environ["LOSS_FILE"], "a") as f:
@@ -312,7 +322,12 @@ GPT_JOB = textwrap.dedent('''
 
     pg.PipelineEngine.train_batch = train_batch
     sys.argv[0] = os.path.join(os.environ["PYTHONPATH"], "examples", "train_gpt.py")
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as stop:  # how the script ends: the launcher here, each rank under torchrun
+        with open(os.environ["LOSS_FILE"] + ".exits", "a") as f:
+            f.write(f"{os.environ.get('RANK', 'launcher')} {type(stop).__name__} {stop.code}\\n")
+        raise
 ''')
 # dropout on: the RNG state must come back from the checkpoint too
 GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.seq_len=16", "model.dropout=0.1",
@@ -329,9 +344,10 @@ def _gpt(root: Path, name: str, *args: str, prefix: tuple = (sys.executable,), e
     losses = root / f"{name}.losses"
     proc = subprocess.Popen([*prefix, str(script), *GPT, f"hydra.run.dir={root / name}", *args], cwd=root,
                             env={**_env(), "LOSS_FILE": str(losses), **(env or {})}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = "", ""
     try:
-        _, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:  # hung: take torchrun's workers (no parent-death signal) with it
             os.killpg(proc.pid, signal.SIGKILL)
@@ -339,7 +355,8 @@ def _gpt(root: Path, name: str, *args: str, prefix: tuple = (sys.executable,), e
         pid_file = Path(f"{losses}.pids")
         for pid in filter(_alive, map(int, pid_file.read_text().split() if pid_file.exists() else [])):
             os.kill(pid, signal.SIGKILL)
-    (root / f"{name}.stderr").write_text(stderr or "")
+    (root / f"{name}.stderr").write_text(stderr or "")  # (and $LOSS_FILE.exits: how the script ended)
+    (root / f"{name}.stdout").write_text(stdout or "")
     pairs = [line.split() for line in losses.read_text().splitlines()] if losses.exists() else []
     return proc.returncode, [(int(step), float(loss)) for step, loss in pairs]
 
@@ -374,6 +391,60 @@ def test_torchrun_restarts_the_group_from_the_last_checkpoint(tmp_path, straight
                         prefix=TORCHRUN, env=KILL, timeout=30)
     assert code == 0, (tmp_path / "elastic.stderr").read_text()[-3000:]
     assert losses == straight_run[:3] + straight_run[2:]  # attempt 0: steps 1-3; attempt 1: 3-6
+
+
+# --- preemption: a signal saves the step in flight, the same command resumes ------------
+
+STOP = {"STOP_AT": "2", "STOP_RANK": "1", "STOP_SIGNAL": "SIGTERM"}  # during step 3, via rank 1's parent
+
+
+def _exits(root: Path, name: str) -> list[str]:
+    path = root / f"{name}.losses.exits"
+    return sorted(path.read_text().splitlines()) if path.exists() else []
+
+
+def _said(root: Path, name: str) -> str:
+    return (root / f"{name}.stdout").read_text() + (root / f"{name}.stderr").read_text()
+
+
+def test_sigterm_to_the_launcher_saves_the_step_in_flight_and_the_same_command_resumes(tmp_path, straight_run):
+    ckpt_args = (f"checkpoint.dir={tmp_path / 'ckpt'}",)
+    code, first = _gpt(tmp_path, "first", *ckpt_args, env=STOP)
+    assert code == 0, _said(tmp_path, "first")[-3000:]
+    assert _exits(tmp_path, "first") == ["launcher Preempted 0"]
+    saved = tmp_path / "ckpt" / "step_00000003"
+    assert f"pipegrid: SIGTERM: saved step 3 to {saved}; run the same command to resume" in _said(tmp_path, "first")
+    assert ckpt.whole_checkpoints(str(tmp_path / "ckpt")) == ["step_00000003"]  # the step in flight
+    assert first == straight_run[:2]  # step 3 ended in the save, not in a returned loss
+    code, resumed = _gpt(tmp_path, "resumed", *ckpt_args)
+    assert code == 0, _said(tmp_path, "resumed")[-3000:]
+    assert resumed == straight_run[3:]  # steps 4-6, bit for bit
+
+
+def test_sigterm_without_a_checkpoint_dir_ends_the_run_at_once_saying_nothing_was_saved(tmp_path):
+    code, losses = _gpt(tmp_path, "unsaved", env=STOP)
+    assert code == 128 + signal.SIGTERM, _said(tmp_path, "unsaved")[-3000:]  # as the signal would end it
+    assert "pipegrid: SIGTERM received; checkpoint.dir is not set, so nothing was saved; exiting" in \
+        _said(tmp_path, "unsaved")
+    assert "Traceback" not in _said(tmp_path, "unsaved")
+    assert [step for step, _ in losses] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_the_step_in_flight_and_torchrun_resumes(tmp_path, straight_run):
+    """torchrun's agent passes SIGTERM on to its workers (then waits --shutdown-timeout, 30 s,
+    before a SIGKILL); each worker saves and exits 0. torchrun itself still ends with its
+    SignalException (status 1): that is torch's."""
+    ckpt_args = (f"checkpoint.dir={tmp_path / 'ckpt'}",)
+    torchrun = TORCHRUN[:-1]  # no restarts
+    code, first = _gpt(tmp_path, "first", *ckpt_args, prefix=torchrun, env=STOP, timeout=90)
+    assert _exits(tmp_path, "first") == ["0 Preempted 0", "1 Preempted 0"], _said(tmp_path, "first")[-3000:]
+    assert "SignalException" in _said(tmp_path, "first") and code != 0
+    assert "pipegrid: SIGTERM: saved step 3" in _said(tmp_path, "first")
+    assert ckpt.whole_checkpoints(str(tmp_path / "ckpt")) == ["step_00000003"] and first == straight_run[:2]
+    code, resumed = _gpt(tmp_path, "resumed", *ckpt_args, prefix=torchrun, timeout=90)
+    assert code == 0, _said(tmp_path, "resumed")[-3000:]
+    assert resumed == straight_run[3:]
 
 
 # --- security ----------------------------------------------------------------------
