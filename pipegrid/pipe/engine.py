@@ -9,10 +9,8 @@ happens per instruction.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
-import logging
 import math
 import signal
 import weakref
@@ -24,12 +22,14 @@ import torch
 import torch.distributed as dist
 
 from pipegrid import kernels
-from pipegrid.conf.schema import TopologyConfig, TrainConfig, to_train_config
+from pipegrid.conf.schema import TrainConfig, to_train_config
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe import trace as tracing
-from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure, lost_peer_message
+from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure
 from pipegrid.pipe.p2p import P2P
-from pipegrid.pipe.preemption import Preempted, SignalWatch
+from pipegrid.pipe import preemption
+from pipegrid.pipe.layout import resolve_layout
+from pipegrid.pipe.preemption import SignalWatch
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
 from pipegrid.schedules import build, validate
@@ -71,57 +71,6 @@ def build_optimizer(spec: dict[str, Any], params: list[torch.nn.Parameter]) -> t
         return cls(params, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or dtype
         return cls(params, **kwargs)
-
-
-_AXES = ("pipe", "data", "tensor")
-
-
-def _module_grid(module: Any, groups: ProcessGroups | None) -> dict[str, tuple[int, str]]:
-    """axis -> (size, what says so): the module's cut, its topology, and the groups."""
-    grid = {"pipe": (module.num_stages, f"the module (cut into num_stages={module.num_stages})")}
-    if module.topology is not None:
-        grid.update({axis: (getattr(module.topology, axis), f"the module's {module.topology!r}") for axis in _AXES})
-    if groups is not None:
-        for axis in _AXES:
-            size = getattr(groups.topology, axis)
-            if axis in grid and grid[axis][0] != size:
-                raise ValueError(f"{grid[axis][1]} has {axis}={grid[axis][0]} but the groups were built for "
-                                 f"{groups.topology!r}; build the module and the groups from one topology")
-            grid[axis] = (size, f"the groups' {groups.topology!r}")
-    return grid
-
-
-def resolve_layout(cfg: TrainConfig, module: torch.nn.Module, groups: ProcessGroups | None = None) -> TrainConfig:
-    """``cfg`` with ``topology`` and ``schedule.virtual_stages`` taken from the module (and
-    ``groups``) wherever the config leaves them unset, so the grid is said once.
-
-    A value the config does set must equal the module's: a mismatch names both.
-    """
-    if getattr(module, "num_stages", None) is None:
-        raise TypeError(f"initialize() needs a pipegrid.PipelineModule, got {type(module).__name__}")
-    grid = _module_grid(module, groups)
-    sizes = {}
-    for axis in _AXES:
-        given = getattr(cfg.topology, axis)
-        if axis not in grid:  # a module cut by num_stages alone says nothing of data or tensor
-            sizes[axis] = given  # (1 when unset)
-            continue
-        sizes[axis], source = grid[axis]
-        if cfg.is_set(f"topology.{axis}") and given != sizes[axis]:
-            raise ValueError(f"{source} has {axis}={sizes[axis]} but the config sets topology.{axis}={given}; "
-                             f"leave topology.{axis} out of the config (the module's grid is used) or build the "
-                             f"module with topology.{axis}={given}")
-    chunks, sched = module.virtual_stages, cfg.schedule
-    if cfg.is_set("schedule.virtual_stages") and sched.virtual_stages != chunks:
-        raise ValueError(f"the module was cut into virtual_stages={chunks} chunks per pipe rank but the config "
-                         f"sets schedule.virtual_stages={sched.virtual_stages}; leave it out of the config or build "
-                         f"the module with virtual_stages={sched.virtual_stages}")
-    if chunks > 1 and sched.name != "interleaved_1f1b":
-        raise ValueError(f"the module was cut into virtual_stages={chunks} chunks per pipe rank, which only "
-                         f"schedule.name=interleaved_1f1b runs, got {sched.name!r}; set schedule.name="
-                         "interleaved_1f1b or build the module with virtual_stages=1")
-    return dataclasses.replace(cfg, topology=TopologyConfig(**sizes),
-                               schedule=dataclasses.replace(sched, virtual_stages=chunks))
 
 
 def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -190,7 +139,8 @@ class PipelineEngine:
         self._timeline: list[tuple[int, str, float, float]] = []
         self._train_executor = Executor(self, self.schedule, self.pipe_rank)
         self._eval_executor = Executor(self, self.eval_schedule, self.pipe_rank)
-        self._last_save: tuple[int, str] | None = None  # (step, directory) of the newest save
+        self.last_save: tuple[int, str] | None = None
+        """(step, directory) of this engine's newest checkpoint."""
         self._stop = SignalWatch(config.train.save_on_signal, saves=bool(config.checkpoint.dir), rank=groups.rank)
         self._stop.arm()
         weakref.finalize(self, self._stop.disarm)  # (the handlers hold the watch, never the engine)
@@ -279,7 +229,7 @@ class PipelineEngine:
         if directory and every > 0 and self.global_steps % every == 0:
             self.save_checkpoint(directory)
         if self._stop.armed and self._stop.saves:
-            self._stop_if_signalled(loss)
+            preemption.stop_if_signalled(self, self._stop, loss)  # collective; may raise Preempted
         return loss
 
     @property
@@ -287,31 +237,6 @@ class PipelineEngine:
         """The stop signal this rank noted (e.g. "SIGTERM"), which the ranks agree on at the end
         of the step in flight; None when none (see ``train.save_on_signal``)."""
         return signal.Signals(self._stop.received).name if self._stop.received else None
-
-    def _stop_if_signalled(self, loss: float) -> None:
-        """Collective: agree whether any rank noted a stop signal; if one did, every rank saves
-        this step (unless its interval save just did) and raises Preempted."""
-        flag = torch.tensor([self._stop.received], dtype=torch.int64, device=self.device)
-        if self.topology.world_size > 1:
-            try:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            except (dist.DistError, RuntimeError) as error:
-                if not is_transport_failure(error):
-                    raise
-                peers = f"one of ranks {[r for r in range(self.topology.world_size) if r != self.groups.rank]}"
-                raise PeerLostError(lost_peer_message(self.groups.rank, self.pipe_rank, peers, "while agreeing "
-                                                      "on a stop signal", error, applied=True)) from error
-        number = int(flag.item())
-        if not number:
-            return
-        step = self.global_steps
-        path = self._last_save[1] if self._last_save and self._last_save[0] == step else self.save_checkpoint()
-        name = signal.Signals(number).name
-        message = f"pipegrid: {name}: saved step {step} to {path}; run the same command to resume from it"
-        if self.groups.rank == 0:
-            logging.getLogger("pipegrid").warning(message)
-        self._stop.chain(number)  # a handler ours replaced (submitit's requeue) runs after the save
-        raise Preempted(message, name, step, path, loss)
 
     @torch.no_grad()
     def eval_batch(self, data_iter: Iterable | None = None, return_outputs: bool = False) -> Any:
@@ -356,7 +281,7 @@ class PipelineEngine:
     def save_checkpoint(self, directory: str | None = None) -> str:
         """Collective: write checkpoint ``step_<global_steps>`` under ``directory`` and point ``latest`` at it."""
         path = ckpt.save_engine(self, directory or self._checkpoint_dir())
-        self._last_save = (self.global_steps, path)
+        self.last_save = (self.global_steps, path)
         return path
 
     def load_checkpoint(self, directory: str | None = None, load_optimizer_states: bool = True) -> int | None:

@@ -22,9 +22,13 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipegrid.conf.schema import signal_number
+import torch
+import torch.distributed as dist
 
-__all__ = ["Preempted", "SignalWatch"]
+from pipegrid.conf.schema import signal_number
+from pipegrid.pipe.executor import PeerLostError, is_transport_failure, lost_peer_message
+
+__all__ = ["Preempted", "SignalWatch", "stop_if_signalled"]
 
 log = logging.getLogger("pipegrid")
 
@@ -114,3 +118,31 @@ class SignalWatch:
         previous: Callable[..., Any] | Any = self._previous.get(number)
         if callable(previous) and previous is not signal.default_int_handler:
             previous(number, None)
+
+
+def stop_if_signalled(engine: Any, watch: SignalWatch, loss: float) -> None:
+    """Collective, at the end of ``engine.train_batch``: agree whether any rank noted a stop
+    signal; if one did, every rank saves this step (unless its interval save just did) and
+    raises :class:`Preempted`. One int64 all-reduce over the world when nothing is due."""
+    flag = torch.tensor([watch.received], dtype=torch.int64, device=engine.device)
+    world, rank = engine.topology.world_size, engine.groups.rank
+    if world > 1:
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        except (dist.DistError, RuntimeError) as error:
+            if not is_transport_failure(error):
+                raise
+            peers = f"one of ranks {[r for r in range(world) if r != rank]}"
+            raise PeerLostError(lost_peer_message(rank, engine.pipe_rank, peers, "while agreeing on a stop signal",
+                                                  error, applied=True)) from error
+    number = int(flag.item())
+    if not number:
+        return
+    step, last = engine.global_steps, engine.last_save
+    path = last[1] if last is not None and last[0] == step else engine.save_checkpoint()
+    name = signal.Signals(number).name
+    message = f"pipegrid: {name}: saved step {step} to {path}; run the same command to resume from it"
+    if rank == 0:
+        log.warning(message)
+    watch.chain(number)  # a handler ours replaced (submitit's requeue) runs after the save
+    raise Preempted(message, name, step, path, loss)

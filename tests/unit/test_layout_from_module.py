@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import pipegrid as pg
 from pipegrid.conf.schema import ScheduleConfig, TopologyConfig, TrainConfig, to_train_config
-from pipegrid.pipe.engine import resolve_layout
+from pipegrid.pipe.layout import resolve_layout
 from tests.models import TinyGPT
 
 KINDS = ("dict", "DictConfig", "TrainConfig")
