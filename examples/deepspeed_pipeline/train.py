@@ -28,7 +28,7 @@ from pipegrid.compat.deepspeed.pipe import PipelineModule  # was: from deepspeed
 class AlexNet(nn.Module):
     """AlexNet for 32x32 images: five convolutions, then three linear layers (``width`` scales them)."""
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
+    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.5) -> None:
         super().__init__()
         c = [max(1, int(n * width)) for n in (64, 192, 384, 256, 256, 1024)]
         self.features = nn.Sequential(
@@ -43,8 +43,8 @@ class AlexNet(nn.Module):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
         self.classifier = nn.Sequential(
-            nn.Dropout(0.5), nn.Linear(c[4] * 2 * 2, c[5]), nn.ReLU(inplace=True),
-            nn.Dropout(0.5), nn.Linear(c[5], c[5]), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(c[4] * 2 * 2, c[5]), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(c[5], c[5]), nn.ReLU(inplace=True),
             nn.Linear(c[5], num_classes),
         )
 
@@ -77,6 +77,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1138, help="PRNG seed")
     parser.add_argument("--images", type=int, default=512, help="size of the (random) training set")
     parser.add_argument("--width", type=float, default=1.0, help="scale AlexNet's channels and hidden sizes")
+    parser.add_argument("--dropout", type=float, default=0.5, help="AlexNet's dropout probability")
     parser = deepspeed.add_config_arguments(parser)
     return parser.parse_args()
 
@@ -89,7 +90,7 @@ def join_layers(net: AlexNet) -> list:
 def train_pipe(args: argparse.Namespace, part: str = "parameters") -> None:
     torch.manual_seed(args.seed)
     deepspeed.runtime.utils.set_random_seed(args.seed)
-    net = AlexNet(num_classes=10, width=args.width)
+    net = AlexNet(num_classes=10, width=args.width, dropout=args.dropout)
     net = PipelineModule(layers=join_layers(net), loss_fn=nn.CrossEntropyLoss(),
                          num_stages=args.pipeline_parallel_size, partition_method=part,
                          activation_checkpoint_interval=0)

@@ -61,6 +61,7 @@ CASES = {
         "optimizer": {"type": "Adagrad", "params": {"lr": 0.05}}}},
 }
 DEFECT = {"pipe": 2, "config": {**BASE, "optimizer": SGD, "gradient_clipping": CLIP}}
+CRASH = {"pipe": 2, "partition": "parameters", "may_fail": True, "config": {**BASE, "optimizer": SGD}}
 FUSED_ADAM = {  # DeepSpeed's default Adam: its FusedAdam kernel, decoupled weight decay unless adam_w_mode=false
     "fp32-fusedadam-adamw-mode": {"pipe": 2, "config": {
         **BASE, "optimizer": {"type": "Adam", "params": {"lr": 0.01, "weight_decay": 0.1}}}},
@@ -70,7 +71,8 @@ FUSED_ADAM = {  # DeepSpeed's default Adam: its FusedAdam kernel, decoupled weig
 
 
 def _env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +85,20 @@ def deepspeed_importable() -> None:
 
 
 def _fused_adam_built() -> bool:
-    """DeepSpeed JIT-compiles FusedAdam's CPU kernel on first use (minutes on 2 cores): use it if already built."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
+    """DeepSpeed JIT-compiles FusedAdam's CPU kernel on first use (minutes on 2 cores): use it if already built
+    (where torch.utils.cpp_extension keeps JIT builds)."""
+    from torch.utils.cpp_extension import get_default_build_root
 
-        return any(Path(_get_build_directory("fused_adam", False)).glob("fused_adam*.so"))
-    except Exception:  # noqa: BLE001 - a private torch helper; no build found is the safe answer
-        return False
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    flavour = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+    folder = Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{flavour}" / "fused_adam"
+    return any(folder.glob("fused_adam*.so"))
 
 
 @pytest.fixture(scope="module")
 def side_by_side(deepspeed_importable, tmp_path_factory):
     """Every case under DeepSpeed, then under the adapter: one torchrun job of 2 ranks each."""
-    cases = {**CASES, "defect": DEFECT, **(FUSED_ADAM if _fused_adam_built() else {})}
+    cases = {**CASES, "defect": DEFECT, "crash": CRASH, **(FUSED_ADAM if _fused_adam_built() else {})}
     names, specs = list(cases), list(cases.values())
     root = tmp_path_factory.mktemp("side_by_side")
     runs = {flavour: launch(flavour, specs, root / flavour) for flavour in ("deepspeed", "pipegrid")}
@@ -127,9 +130,9 @@ def test_trains_like_deepspeed(side_by_side, name):
 @pytest.mark.parametrize("name", list(FUSED_ADAM))
 def test_deepspeed_fused_adam_is_torch_adamw_or_adam(side_by_side, name):
     if name not in side_by_side:
-        pytest.skip("DeepSpeed's FusedAdam CPU kernel is not built (it JIT-compiles for minutes on first use); build it "
-                    "with: DS_ACCELERATOR=cpu python -c 'from deepspeed.ops.op_builder.cpu import FusedAdamBuilder; "
-                    "FusedAdamBuilder().load()'")
+        pytest.skip("DeepSpeed's FusedAdam CPU kernel is not built (it JIT-compiles for minutes on first use); "
+                    "build it with: DS_ACCELERATOR=cpu python -c 'from deepspeed.ops.op_builder.cpu import "
+                    "FusedAdamBuilder; FusedAdamBuilder().load()'")
     for rank, (theirs, ours) in enumerate(zip(side_by_side[name]["deepspeed"], side_by_side[name]["pipegrid"])):
         _assert_same(theirs, ours, False, f"{name} rank {rank}")
 
@@ -151,22 +154,18 @@ def test_deepspeed_fp32_clipping_leaves_later_stages_out_of_the_norm(side_by_sid
 
 
 @pytest.mark.slow
-def test_deepspeed_seed_layers_with_parameters_partition_crashes_on_python_311(deepspeed_importable, tmp_path):
-    case = {"pipe": 1, "partition": "parameters", "config": {**BASE, "optimizer": SGD}}
+def test_deepspeed_seed_layers_with_parameters_partition_crashes_on_python_311(side_by_side):
+    """DeepSpeed seeds layer i with base_seed + i where i is a NumPy integer from its partitioner; Python >= 3.11's
+    random.seed refuses those. pipegrid builds the same weights as with any other cut."""
     if sys.version_info < (3, 11):
         pytest.skip("random.seed accepts NumPy integers before Python 3.11")
-    with pytest.raises(RuntimeError, match="The only supported seed types are"):
-        launch("deepspeed", [case], tmp_path, nproc=1)
-    ours = run_local(_build_and_report, 1, ("parameters",), timeout_s=120)[0]  # pipegrid: the same model builds
-    assert ours == run_local(_build_and_report, 1, ("uniform",), timeout_s=120)[0]
-
-
-def _build_and_report(partition: str) -> dict:
-    from pipegrid.compat.deepspeed import pipe
-
-    model = pipe.PipelineModule(layers(pipe), num_stages=1, loss_fn=nn.CrossEntropyLoss(), seed_layers=True,
-                                base_seed=11, partition_method=partition)
-    return {k: v.sum().item() for k, v in canonical(model).items()}
+    for rank in range(2):
+        assert "The only supported seed types are" in side_by_side["crash"]["deepspeed"][rank]["error"]
+    ours = {k: v for rank in side_by_side["crash"]["pipegrid"] for k, v in rank["start"].items()}
+    uniform = {k: v for rank in side_by_side["defect"]["pipegrid"] for k, v in rank["start"].items()}
+    assert ours.keys() == uniform.keys()
+    for key, value in ours.items():
+        assert torch.equal(value, uniform[key]), key
 
 
 # --- the adapter on its own (no DeepSpeed) ------------------------------------------------
@@ -302,3 +301,24 @@ def test_bad_configs_fail_before_any_process_group(tmp_path):
     with pytest.raises(ValueError, match="seed_fn is not supported"):
         pipe.PipelineModule(layers(pipe), num_stages=1, seed_fn=print)
     assert not dist.is_initialized()
+
+
+def _fp16_scales(stages: list[int]) -> list[tuple]:
+    from pipegrid.compat import deepspeed
+    from pipegrid.compat.deepspeed import pipe
+
+    out = []
+    for stage in stages:
+        model = pipe.PipelineModule(layers(pipe), num_stages=1, loss_fn=nn.CrossEntropyLoss(), seed_layers=True)
+        config = {**BASE, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": stage},
+                  "fp16": {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1}}
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config, training_data=RandomClassification(size=16))
+        losses = torch.stack([engine.train_batch() for _ in range(3)])
+        out.append((type(engine.scaler).__name__, engine.scaler.scale, engine.skipped_steps,
+                    bool(torch.isfinite(losses).all())))
+    return out
+
+
+def test_fp16_follows_deepspeeds_loss_scale_rule():
+    """Window 1: DeepSpeed raises the scale after the 2nd and 3rd clean steps (x4); pipegrid's own rule would x8."""
+    assert run_local(_fp16_scales, 1, ([0, 1],), timeout_s=120)[0] == [("DeepSpeedLossScaler", 2.0 ** 10, 0, True)] * 2

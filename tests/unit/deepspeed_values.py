@@ -1,6 +1,6 @@
 """DeepSpeed's own answers, computed in a separate process (``python -m tests.unit.deepspeed_values``):
-JSON requests on stdin, JSON answers on stdout's last line (after ``MARK``). The compat tests compare pipegrid's with these,
-so DeepSpeed is imported once, never into the test process.
+JSON requests on stdin, JSON answers on stdout's last line (after ``MARK``). The compat tests
+compare pipegrid's with these, so DeepSpeed is imported once, never into the test process.
 
 Requests: ``schedules`` (lr and betas after construction and each step), ``scalers`` (loss
 scale after each update, DynamicLossScaler and FP16_Optimizer's rule), ``partitions``
@@ -57,7 +57,8 @@ def scaler(request: dict) -> list[Any]:
                                  raise_error_at_min_scale=args["raise_error_at_min_scale"])
         update, current = impl.update_scale, (lambda: impl.cur_scale)
     else:  # FP16_Optimizer._update_scale, on an object holding only its config
-        config = LossScaleConfig(torch.float16, dynamic_loss_scale=args["dynamic"], static_loss_scale=args["init_scale"],
+        config = LossScaleConfig(torch.float16, dynamic_loss_scale=args["dynamic"],
+                                 static_loss_scale=args["init_scale"],
                                  dynamic_loss_args={"init_scale": args["init_scale"],
                                                     "scale_window": args["scale_window"],
                                                     "min_scale": args["min_scale"]},

@@ -64,7 +64,8 @@ OVERFLOWS = [False, False, False, True, False, True, True, True, False, False, F
              True, True, True, True, True, True, True]
 SCALERS = [
     {"kind": "dynamic", "args": DYNAMIC, "overflows": OVERFLOWS},
-    {"kind": "dynamic", "args": {**DYNAMIC, "consecutive_hysteresis": True, "delayed_shift": 3}, "overflows": OVERFLOWS},
+    {"kind": "dynamic", "args": {**DYNAMIC, "consecutive_hysteresis": True, "delayed_shift": 3},
+     "overflows": OVERFLOWS},
     {"kind": "dynamic", "args": {**DYNAMIC, "delayed_shift": 1, "scale_window": 2}, "overflows": OVERFLOWS},
     {"kind": "fp16_optimizer", "args": {**DYNAMIC, "dynamic": True, "scale_window": 2}, "overflows": OVERFLOWS},
     {"kind": "fp16_optimizer", "args": {**DYNAMIC, "dynamic": False, "init_scale": 64.0}, "overflows": OVERFLOWS[:8]},
@@ -87,7 +88,7 @@ BATCHES = [{"config": c, "data": d} for c, d in [
 def deepspeed_says() -> dict:
     requests = {"schedules": SCHEDULES, "scalers": SCALERS, "partitions": PARTITIONS, "topologies": TOPOLOGIES,
                 "batches": BATCHES}
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-m", "tests.unit.deepspeed_values"], input=json.dumps(requests),
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     if done.returncode != 0 and ("No module named 'deepspeed'" in done.stderr or "ImportError" in done.stderr):

@@ -82,7 +82,8 @@ FUSED = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
      {"_target_": "torch.optim.Adam", "foreach": True}),
     ({"type": "Adam", "params": {"fp32_optimizer_states": True}}, {"_target_": "torch.optim.AdamW", **FUSED}),
     ({"type": "Adagrad", "params": {"lr": 0.1}}, {"_target_": "torch.optim.Adagrad", "lr": 0.1}),
-    ({"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}, {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}),
+    ({"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+     {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}),
     ({"type": "RMSprop", "params": {"lr": 0.01}}, {"_target_": "torch.optim.RMSprop", "lr": 0.01}),
 ])
 def test_optimizer_types_and_defaults(section, expected):
@@ -249,7 +250,8 @@ def test_logging_clipping_and_loader_keys():
            dataloader_drop_last=True, zero_force_ds_cpu_optimizer=False, prescale_gradients=False,
            gradient_predivide_factor=1.0, sparse_gradients=False)
     assert t.config.train.grad_clip == 1.0 and t.config.train.log_interval == 5 and t.config.trace.enabled
-    assert (t.steps_per_print, t.wall_clock_breakdown, t.memory_breakdown, t.dataloader_drop_last) == (5, True, True, True)
+    assert (t.steps_per_print, t.wall_clock_breakdown, t.memory_breakdown, t.dataloader_drop_last) == \
+        (5, True, True, True)
     assert tr(steps_per_print=None).steps_per_print is None  # DeepSpeed: no progress lines
 
 

@@ -205,8 +205,9 @@ class OneCycle(_DeepSpeedSchedule):
     with ``cycle_momentum`` (and an optimizer with betas) beta1 moves inversely, beta2 set to 0.99."""
 
     def __init__(self, optimizer: Any, cycle_min_lr: float | Sequence[float], cycle_max_lr: float | Sequence[float],
-                 decay_lr_rate: float = 0., cycle_first_step_size: int = 2000, cycle_second_step_size: int | None = None,
-                 cycle_first_stair_count: int = 0, cycle_second_stair_count: int | None = None,
+                 decay_lr_rate: float = 0., cycle_first_step_size: int = 2000,
+                 cycle_second_step_size: int | None = None, cycle_first_stair_count: int = 0,
+                 cycle_second_stair_count: int | None = None,
                  decay_step_size: int = 0, cycle_momentum: bool = True, cycle_min_mom: float = 0.8,
                  cycle_max_mom: float = 0.9, decay_mom_rate: float = 0., last_batch_iteration: int = -1) -> None:
         _fresh_start(last_batch_iteration)
