@@ -97,15 +97,17 @@ def reference_step(model: torch.nn.Module, batches: list, optimizer: torch.optim
 # ---- many families at once (one process): the generic path against each family's own forward ----
 _SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               head_dim=4, vocab_size=VOCAB, max_position_embeddings=32, sliding_window=3, pad_token_id=None,
-              bos_token_id=0, eos_token_id=1, n_embed=16, n_layer=3, n_head=4)
+              bos_token_id=0, eos_token_id=1, n_embed=16, n_layer=3, n_head=4, num_experts=4, num_experts_per_tok=2,
+              moe_intermediate_size=16, shared_expert_intermediate_size=16)
 _DROPOUT = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "embed_dropout",
             "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
 
 # families whose config declares base_model_pp_plan (plus gpt2, by pipegrid's adapter): sliding
 # windows (mistral, gemma2/3), embedding scaling (gemma), logit soft-capping (gemma2), multipliers
-# (granite), parallel attention and partial rotary (gpt_neox, phi), q/k norms (qwen3, olmo2)
+# (granite), parallel attention and partial rotary (gpt_neox, phi), q/k norms (qwen3, olmo2), experts whose
+# stored per-expert tensors transformers stacks while loading (qwen2_moe)
 SWEEP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "phi", "gpt_neox", "olmo2",
-         "granite", "starcoder2", "cohere", "gpt2")
+         "granite", "starcoder2", "cohere", "qwen2_moe", "gpt2")
 
 
 def sweep_config(model_type: str, **overrides: Any) -> Any:

@@ -51,6 +51,7 @@ class _CheckpointSource:
             if key != tied:
                 self.weights.read_into(tensor, key)
                 tensor._is_hf_initialized = True  # transformers' init then leaves it alone
+        self.weights.release()
         skeleton.init_weights(module)  # what no checkpoint stores: rotary tables and other computed buffers
 
 
