@@ -11,9 +11,7 @@ planning the split. Best of ``--repeats`` after 3 warm-up rounds, per row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -23,6 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.record import write_record  # noqa: E402
 from pipegrid.pipe.split_backward import backward_input, backward_weight  # noqa: E402
 
 SHAPES = [(8, 64, 16), (8, 512, 16)]  # (layers, hidden, batch)
@@ -73,12 +72,7 @@ def main() -> None:
               f"{r['weight_ms']:.2f} | {r['input_plus_weight_ms']:.2f} | "
               f"{r['input_plus_weight_ms'] / r['full_ms']:.2f} |" for r in rows]
     print("\n".join(table))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "commit": commit, "cpus": os.cpu_count(), "threads": 1,
-                   "torch": torch.__version__, "repeats": args.repeats, "rows": rows, "table": "\n".join(table)},
-                  f, indent=2)
+    write_record(args.out, rows, table, threads=1, repeats=args.repeats)
 
 
 if __name__ == "__main__":
