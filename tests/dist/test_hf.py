@@ -193,3 +193,23 @@ def test_pipegrid_checkpoint_at_pipe2_loads_at_pipe3(checkpoints, tmp_path):
     for got, want, before in zip(loaded, saved, fresh):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert not torch.allclose(got, before), "the checkpoint's trained weights were not loaded"
+
+
+def _resume(directory: str, checkpoint: str | None, until: int) -> tuple[int, list[float]]:
+    """Train until global step ``until``, resuming from ``checkpoint`` (checkpoint.dir) when it holds one."""
+    extra = {"checkpoint": {"dir": checkpoint, "interval": 2}} if checkpoint else {}
+    cfg = _config("1f1b", 2, 1, 2, optimizer=ADAM, **extra)
+    engine = pg.initialize(hf.from_pretrained(directory, topology=pg.Topology(pipe=2), attn_implementation=ATTN),
+                           cfg)
+    start = engine.global_steps
+    losses = [engine.train_batch(iter(_step_batches(step, 1, 2, padded=True))) for step in range(start, until)]
+    return start, losses
+
+
+def test_resume_from_a_pipegrid_checkpoint_continues_the_same_losses(checkpoints, tmp_path):
+    directory = checkpoints["llama"]
+    _, straight = run_local(_resume, 2, (directory, None, 4), timeout_s=120)[-1]
+    first = run_local(_resume, 2, (directory, str(tmp_path), 3), timeout_s=120)[-1]  # saves at step 2
+    resumed = run_local(_resume, 2, (directory, str(tmp_path), 4), timeout_s=120)[-1]
+    assert first == (0, straight[:3])
+    assert resumed == (2, straight[2:])  # weights, Adam state and data position back: identical losses
