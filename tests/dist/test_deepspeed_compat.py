@@ -11,6 +11,8 @@ AlexNet script, checkpoints, eval, errors) needs no DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -193,14 +195,17 @@ def _surface(tmp: str) -> dict:
     model = pipe.PipelineModule(layers(pipe), num_stages=2, loss_fn=nn.CrossEntropyLoss(), seed_layers=True,
                                 base_seed=3, partition_method="uniform")
     config = {**BASE, "optimizer": {"type": "Adam", "params": {"lr": 0.01}}, "gradient_clipping": 1.0,
-              "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}}
+              "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}, "steps_per_print": 2,
+              "wall_clock_breakdown": True, "memory_breakdown": True}
     engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=config,
                                                                 training_data=RandomClassification(size=24))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        losses = [engine.train_batch() for _ in range(2)]
     out = {"first": engine.is_first_stage(), "last": engine.is_last_stage(), "loader": loader is not None,
            "scheduler": type(scheduler).__name__, "optimizer": type(optimizer).__name__,
            "sizes": (engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(),
-                     engine.gradient_accumulation_steps())}
-    losses = [engine.train_batch() for _ in range(2)]
+                     engine.gradient_accumulation_steps()), "printed": printed.getvalue()}
     out["loss_type"] = (type(losses[0]).__name__, losses[0].dtype)
     data = RandomClassification(size=8, seed=9)
     batches = [(data.x[i:i + 4], data.y[i:i + 4]) for i in (0, 4)]
@@ -227,6 +232,10 @@ def test_engine_surface_eval_and_checkpoints(tmp_path):
     assert first["loader"] and last["loader"]  # both stages that read data got the repeating loader
     assert first["scheduler"] == "WarmupLR" and first["optimizer"] == "AdamW" and first["sizes"] == (8, 4, 2)
     assert first["loss_type"] == ("Tensor", torch.float32)
+    lines = first["printed"].splitlines()  # DeepSpeed's progress lines at steps_per_print, on rank 0 only
+    assert re.match(r"steps: 2 loss: [\d.]+ iter time \(s\): [\d.]+ samples/sec: [\d.]+$", lines[0]), lines
+    assert re.match(r"time \(ms\) \| forward: [\d.]+ \| backward: [\d.]+ \| send: ", lines[1]), lines
+    assert lines[2].startswith("memory (MiB) | parameters: ") and last["printed"] == ""
     assert first["eval"][0] == last["eval"][0] and first["eval"][1] is None and last["eval"][1] == (4, 4)
     assert (tmp_path / "latest").read_text() == "global_step2" and (tmp_path / "global_step2").is_dir()
     for rank in results:

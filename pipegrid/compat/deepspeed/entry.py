@@ -173,6 +173,9 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     if translation.activation_checkpoint_interval > 0:  # the config overrides the module, as on DeepSpeed
         model.activation_checkpoint_interval = translation.activation_checkpoint_interval
     cfg = translation.config  # translate() set the topology from the module's, explicitly
+    if cfg.checkpoint.dir:
+        raise ValueError("pipegrid.checkpoint.dir is not for the DeepSpeed adapter: save and resume with "
+                         "engine.save_checkpoint(dir, tag) / engine.load_checkpoint(dir) as on DeepSpeed")
     cfg.comm.dynamic_shapes = bool(getattr(model, "dynamic_shape", False)) or cfg.comm.dynamic_shapes
     if (seconds := _timeout_s(None)) is not None:
         cfg.comm.timeout_s = seconds
