@@ -8,8 +8,8 @@
   layer's file; at load a rank reads the files of the parameters its stage or shard needs.
 
 Both load through the same ``ZeroOptimizer.load_param_states`` / ``ReplicatedOptimizer``
-code, so only the save and the file layout differ. A 16-block residual MLP (h=96, 1.2M
-parameters, 4.7 MB of fp32 weights, Adam) is saved at pipe=1 x data=2 with ZeRO-1, and
+code, so only the save and the file layout differ. A 16-block residual MLP (h=128, 1.05M
+parameters, 4.2 MB of fp32 weights, Adam) is saved at pipe=1 x data=2 with ZeRO-1, and
 loaded at the same layout and at pipe=2 x data=1 without ZeRO. Peak memory is the rise of
 each rank's resident set (VmHWM after ``clear_refs``) over its size before the save/load.
 
@@ -40,17 +40,10 @@ from pipegrid.launch import run_local  # noqa: E402
 from pipegrid.pipe import checkpoint as ckpt  # noqa: E402
 from pipegrid.pipe.zero import MASTER, ParamState  # noqa: E402
 
-HIDDEN, BLOCKS = 96, 16
+from benchmarks.memory import Block  # noqa: E402  (x + fc2(relu(fc1(x))), fc1: h -> 2h)
+
+HIDDEN, BLOCKS = 128, 16
 SAVE_AT, LOAD_AT = (1, 2, 1), [(1, 2, 1), (2, 1, 0)]  # (pipe, data, zero.stage)
-
-
-class Block(nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(hidden, 4 * hidden), nn.Linear(4 * hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(torch.relu(self.fc1(x)))
 
 
 def _engine(layout: tuple[int, int, int]) -> pg.PipelineEngine:

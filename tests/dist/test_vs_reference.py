@@ -11,7 +11,6 @@ world size run in one ``run_local`` call (one start-up), the reference in this p
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import pipegrid as pg
 from examples.models.gpt import GPT, GPTConfig
 from pipegrid.launch import run_local
 from tests.dist.engine_cases import N_LAYER, assert_matches_reference, canonical_state, config, global_batches
+from tests.dist.test_tensor_parallel import _assert_matches_dense, _state  # shards put back together
 from tests.models import TinyGPT, gpt_batches
 from tests.reference import PlainGPT, PlainTinyGPT, evaluate, load_named, train
 
@@ -117,9 +117,7 @@ def _tensor(case: dict, _directory: str) -> dict:
                 virtual_stages=cfg["schedule"]["virtual_stages"])
     engine = pg.initialize(model, cfg, groups=groups)
     losses = _fit(engine, case)
-    state = {re.sub(r"^stages\.\d+\.", "", name): (p.detach().clone(), getattr(p, "partition_dim", None))
-             for name, p in engine.module.named_parameters()}
-    return {"losses": losses, "state": state, "coord": tuple(groups.coord)}
+    return {"losses": losses, "state": _state(engine.module), "coord": tuple(groups.coord)}
 
 
 def _run_cases(cases: dict[str, dict], directory: str) -> dict[str, dict]:
@@ -196,36 +194,16 @@ def test_weights_saved_at_pipe_2_train_on_at_pipe_4(results):
     assert_matches_reference(per_rank, reference, rtol=1e-5, atol=1e-6)
 
 
-def _assert_tensor_parallel(per_rank: list[dict], reference: dict) -> None:
-    """Every rank has the reference losses; each (pipe, data) group's tensor shards, put
-    back together along their split dimension, are the reference parameters."""
-    for result in per_rank:
-        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
-                                   rtol=1e-5, atol=1e-6, msg=lambda e: f"{result['coord']} losses: {e}")
-    by_group: dict[tuple[int, int], list[dict]] = {}
-    for result in sorted(per_rank, key=lambda r: r["coord"]):  # (pipe, data, tensor): tensor ranks in order
-        by_group.setdefault(result["coord"][:2], []).append(result["state"])
-    seen = set()
-    for group, states in by_group.items():
-        for name, (_, dim) in states[0].items():
-            shards = [state[name][0] for state in states]
-            whole = torch.cat(shards, dim=dim) if dim is not None else shards[0]
-            torch.testing.assert_close(whole, reference["state"][name], rtol=1e-5, atol=1e-6,
-                                       msg=lambda e: f"(pipe, data)={group} {name}: {e}")
-            seen.add(name)
-    assert seen == set(reference["state"])
-
-
 @pytest.mark.parametrize("schedule", ["gpipe", "interleaved_1f1b", "zb_h1"])
 def test_tensor_parallel_schedules_match_the_dense_reference(results, schedule):
     name = f"tensor2-{schedule}"
-    _assert_tensor_parallel(results[name], _reference(CASES[name], PlainGPT(GPT_CFG)))
+    _assert_matches_dense(results[name], _reference(CASES[name], PlainGPT(GPT_CFG)))
 
 
 @pytest.mark.slow
 def test_pipe_data_tensor_2x2x2_matches_the_dense_reference(tmp_path):
     per_rank = run_local(_tensor, 8, (GRID_2X2X2, str(tmp_path)), timeout_s=300)
-    _assert_tensor_parallel(per_rank, _reference(GRID_2X2X2, PlainGPT(GPT_CFG)))
+    _assert_matches_dense(per_rank, _reference(GRID_2X2X2, PlainGPT(GPT_CFG)))
 
 
 # bf16 / fp16: the layouts add the 16-bit gradients in different orders (the tied
