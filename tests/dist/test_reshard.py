@@ -4,7 +4,7 @@ Checkpoints written at pipe x data x ZeRO = 2 x 2 x 1 and 4 x 1 x 0 resume at th
 layouts (pipe 2 <-> 4, data 2 -> 1, 1 -> 2, 2 -> 4, ZeRO on <-> off) and continue the
 run that never stopped: the plain-torch reference training all steps with Adam. A load
 at one layout followed by a save reproduces every saved value bit for bit (bf16 master
-weights included), however differently the new layout shards it. Format-1 checkpoints (optimizer state per rank) still resume at
+weights included; the tensor-parallel GPT too), however differently the new layout shards it. Format-1 checkpoints (optimizer state per rank) still resume at
 their own layout and are refused, with the fix named, at another.
 """
 
@@ -17,15 +17,17 @@ import torch
 import torch.distributed as dist
 
 import pipegrid as pg
+from examples.models.gpt import GPT, GPTConfig
 from pipegrid.launch import run_local
 from pipegrid.pipe import checkpoint as ckpt
 from tests.dist.engine_cases import N_LAYER, canonical_state, config, global_batches
 from tests.models import TinyGPT
-from tests.reference import PlainTinyGPT, train
+from tests.reference import PlainGPT, PlainTinyGPT, train
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2, "eps": 1e-5}  # eps: see test_zero_precision.py
 GLOBAL_MICRO_BATCHES = 4  # the same global batch at every data degree
 BEFORE, AFTER = 2, 2  # steps before the save, steps after the resume
+GPT_CFG = GPTConfig(vocab_size=16, seq_len=6, n_layer=2, n_head=2, n_embd=8)
 RESUMES = [((2, 2, 1), (4, 1, 0)), ((2, 2, 1), (1, 4, 1)), ((4, 1, 0), (2, 2, 1))]  # (pipe, data, zero) from -> to
 
 
@@ -38,6 +40,19 @@ def _config(layout: tuple[int, int, int], dtype: str = "float32") -> dict:
 def _engine(layout, dtype="float32", directory=None):
     cfg = _config(layout, dtype)
     engine = pg.initialize(TinyGPT(N_LAYER, topology=pg.Topology(pipe=layout[0], data=layout[1])), cfg)
+    if directory is not None:
+        assert engine.load_checkpoint(directory) == BEFORE
+    return engine
+
+
+def _tensor_parallel_engine(layout, directory=None):
+    """The example GPT split over tensor=2, at (pipe, data, zero)."""
+    pipe, data, zero = layout
+    cfg = config("1f1b", pipe, data, GLOBAL_MICRO_BATCHES // data, optimizer=ADAM, zero={"stage": zero})
+    cfg["topology"]["tensor"] = 2
+    groups = pg.init_distributed(cfg)
+    model = GPT(GPT_CFG, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
+    engine = pg.initialize(model, cfg, groups=groups)
     if directory is not None:
         assert engine.load_checkpoint(directory) == BEFORE
     return engine
@@ -89,6 +104,11 @@ def _all_cases(root):
         for target in ((4, 1, 0), (1, 4, 1)):
             _engine(target, dtype, os.path.join(root, f"trip-{dtype}")).save_checkpoint(
                 os.path.join(root, f"trip-{dtype}-{target}"))
+    engine = _tensor_parallel_engine((2, 1, 0))  # tensor=2: pipe 2 -> 1, data 1 -> 2, ZeRO off -> on
+    _train(engine, BEFORE)
+    engine.save_checkpoint(os.path.join(root, "trip-tensor2"))
+    _tensor_parallel_engine((1, 2, 1), os.path.join(root, "trip-tensor2")).save_checkpoint(
+        os.path.join(root, "trip-tensor2-(1, 2, 1)"))
     out["format_1"] = _format_1(os.path.join(root, "format-1"))
     return out
 
@@ -120,16 +140,16 @@ def _assert_continues(result, reference, what):
                                    msg=lambda m: f"{what} parameter {name}: {m}")
 
 
-def _assert_same_checkpoint(saved, resaved):
+def _assert_same_checkpoint(saved, resaved, parameters):
     """The weights files, the shared optimizer file and every parameter's optimizer state
-    (assembled from whichever shards hold it) are equal, bit for bit."""
+    (assembled from whichever shards hold it; ``parameters`` of them) are equal, bit for bit."""
     names = sorted(n for n in os.listdir(saved) if n.startswith(("layer_", "tied_")) or n == ckpt.OPTIMIZER)
     assert len(names) > 2 and all(os.path.exists(os.path.join(resaved, n)) for n in names)
     for name in names:
         a, b = (torch.load(os.path.join(d, name), weights_only=True) for d in (saved, resaved))
         _assert_same_tree(a, b, name, owned=True)
     a, b = (ckpt.ShardReader(d, ckpt.read_manifest(d)) for d in (saved, resaved))
-    assert a.where.keys() == b.where.keys() and len(a.where) == len(list(PlainTinyGPT(N_LAYER).parameters()))
+    assert a.where.keys() == b.where.keys() and len(a.where) == parameters
     for key, pieces in a.where.items():
         numel = max(end for _, end, _ in pieces)
         _assert_same_tree(a.read(key, numel)._asdict(), b.read(key, numel)._asdict(), key, owned=False)
@@ -166,4 +186,8 @@ def test_resume_at_another_layout(tmp_path):
     for dtype in ("float32", "bfloat16"):
         saved = ckpt.latest_step_dir(str(tmp_path / f"trip-{dtype}"))
         for target in ((4, 1, 0), (1, 4, 1)):
-            _assert_same_checkpoint(saved, ckpt.latest_step_dir(str(tmp_path / f"trip-{dtype}-{target}")))
+            _assert_same_checkpoint(saved, ckpt.latest_step_dir(str(tmp_path / f"trip-{dtype}-{target}")),
+                                    len(list(PlainTinyGPT(N_LAYER).parameters())))
+    _assert_same_checkpoint(ckpt.latest_step_dir(str(tmp_path / "trip-tensor2")),  # each tensor rank's parameters
+                            ckpt.latest_step_dir(str(tmp_path / "trip-tensor2-(1, 2, 1)")),
+                            2 * len(list(PlainGPT(GPT_CFG).parameters())))
