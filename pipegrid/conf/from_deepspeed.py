@@ -143,6 +143,26 @@ def translate(ds_config: str | os.PathLike | dict, world_size: int, pipe: int = 
     except ValueError as error:
         problems.append(str(error))
         train = micro = acc = 1
+    native, extras = _sections(ds, use_config_optimizer, use_config_scheduler, pipe, problems, notes)
+    native["topology"] = {"pipe": pipe, "data": data, "tensor": tensor}
+    native["schedule"] = {"name": "1f1b", "micro_batches": acc, "virtual_stages": 1}
+    overrides = ds.get("pipegrid") or {}
+    if not isinstance(overrides, dict):
+        problems.append(f"pipegrid (native overrides) must be a JSON object, got {overrides!r}")
+    config = None
+    if not problems:
+        try:
+            config = to_train_config(_merge(native, copy.deepcopy(overrides)))
+        except (ValueError, TypeError) as error:
+            problems.append(f"pipegrid section: {error}")
+    if problems:
+        raise DeepSpeedConfigError(problems)
+    return DeepSpeedTranslation(config, train, micro, acc, notes=notes, **extras)
+
+
+def _sections(ds: dict, use_config_optimizer: bool, use_config_scheduler: bool, pipe: int, problems: list[str],
+              notes: list[str]) -> tuple[dict, dict]:
+    """The TrainConfig sections other than topology and schedule, and the translation's other fields."""
     stage = keys.zero_stage_of(ds, problems)
     optimizer = keys.optimizer_spec(ds.get("optimizer"), problems) if use_config_optimizer else None
     allow_untested = keys.scalar(ds, "zero_allow_untested_optimizer", bool, False, problems)
@@ -150,35 +170,21 @@ def translate(ds_config: str | os.PathLike | dict, world_size: int, pipe: int = 
         problems.append(refusal)
     scheduler = keys.scheduler_spec(ds.get("scheduler"), problems) if use_config_scheduler else None
     precision, scaler, on_nonfinite = keys.precision_of(ds, stage, problems, notes)
-    interval = keys.pipeline_interval(ds, pipe, problems)
+    if on_nonfinite == "raise" and precision["dtype"] == "float32":
+        notes.append("fp32: a NaN/inf loss stops training with an error (DeepSpeed would apply the step)")
     clip = keys.scalar(ds, "gradient_clipping", float, 0.0, problems)
     steps_per_print = keys.scalar(ds, "steps_per_print", int, 10, problems, minimum=1)
     flags = {k: keys.scalar(ds, k, bool, False, problems)
              for k in ("wall_clock_breakdown", "memory_breakdown", "dataloader_drop_last")}
     keys.scalar(ds, "zero_force_ds_cpu_optimizer", bool, True, problems)
-    native = {"topology": {"pipe": pipe, "data": data, "tensor": tensor},
-              "schedule": {"name": "1f1b", "micro_batches": acc, "virtual_stages": 1},
-              "optimizer": optimizer or {"_target_": "torch.optim.SGD", "lr": 0.0},
+    native = {"optimizer": optimizer or {"_target_": "torch.optim.SGD", "lr": 0.0},
               "lr_scheduler": scheduler, "zero": {"stage": stage}, "precision": precision,
               "train": {"grad_clip": clip, "log_interval": steps_per_print or 10, "on_nonfinite": on_nonfinite},
               "trace": {"enabled": flags["wall_clock_breakdown"]}}
-    extra = ds.get("pipegrid") or {}
-    if not isinstance(extra, dict):
-        problems.append(f"pipegrid (native overrides) must be a JSON object, got {extra!r}")
-        extra = {}
-    config = None
-    if not problems:
-        try:
-            config = to_train_config(_merge(native, copy.deepcopy(extra)))
-        except (ValueError, TypeError) as error:
-            problems.append(f"pipegrid section: {error}")
-    if problems:
-        raise DeepSpeedConfigError(problems)
-    if on_nonfinite == "raise" and precision["dtype"] == "float32":
-        notes.append("fp32: a NaN/inf loss stops training with an error (DeepSpeed would apply the step)")
-    return DeepSpeedTranslation(config, train, micro, acc, steps_per_print, flags["wall_clock_breakdown"],
-                                flags["memory_breakdown"], flags["dataloader_drop_last"], interval, scaler,
-                                use_config_optimizer and optimizer is not None, notes)
+    extras = {"steps_per_print": steps_per_print, **flags, "loss_scaler": scaler,
+              "activation_checkpoint_interval": keys.pipeline_interval(ds, pipe, problems),
+              "has_optimizer": use_config_optimizer and optimizer is not None}
+    return native, extras
 
 
 def from_deepspeed(ds_config: str | os.PathLike | dict, world_size: int, pipe: int = 1,

@@ -150,7 +150,37 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                distributed_port: int = 29500, mpu: Any = None, dist_init_required: bool | None = None,
                collate_fn: Callable | None = None, config: Any = None, mesh_param: Any = None,
                config_params: Any = None) -> tuple[PipelineEngine, Any, Any, Any]:
-    """DeepSpeed's initialize for a PipelineModule: (engine, optimizer, training_dataloader, lr_scheduler)."""
+    """DeepSpeed's initialize for a PipelineModule: (engine, optimizer, training_dataloader, lr_scheduler).
+
+    Every config problem is raised before any process group is made (a DeepSpeed script has
+    usually joined torch.distributed already; the engine's groups come after the checks).
+    """
+    _check_arguments(model, mpu, mesh_param, lr_scheduler)
+    ds = _resolve_config(args, config, config_params)
+    topology = _topology(model)
+    translation = translate(ds, world_size=_world_size(), pipe=topology.pipe, tensor=topology.tensor,
+                            use_config_optimizer=optimizer is None, use_config_scheduler=lr_scheduler is None)
+    translation = _client_pieces(translation, optimizer, model, ds)
+    if model_parameters is not None:
+        _check_parameters(model_parameters, model, "model_parameters")
+    cfg = _finish_config(translation, model)
+    init_distributed(dist_init_required=dist_init_required)
+    if translation.activation_checkpoint_interval > 0:  # the config overrides the module, as on DeepSpeed
+        model.activation_checkpoint_interval = translation.activation_checkpoint_interval
+    engine = pg.initialize(model, cfg)
+    if translation.loss_scaler is not None:  # DeepSpeed's fp16 rule in place of pipegrid's own
+        engine.scaler = DeepSpeedLossScaler(**translation.loss_scaler)
+    if lr_scheduler is not None:
+        engine.lr_scheduler = lr_scheduler(engine.optimizer)
+    loader = None
+    if training_data is not None:
+        loader = build_data_loader(training_data, translation.micro_batch_size, engine.groups.coord.data,
+                                   topology.data, translation.dataloader_drop_last, collate_fn)
+    adapter = PipelineEngine(engine, translation, loader)
+    return adapter, adapter.optimizer, adapter.training_dataloader, engine.lr_scheduler
+
+
+def _check_arguments(model: Any, mpu: Any, mesh_param: Any, lr_scheduler: Any) -> None:
     if model is None:
         raise ValueError("deepspeed.initialize requires a model")
     if not isinstance(model, pg.PipelineModule):
@@ -162,32 +192,16 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                                      or isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler)):
         raise TypeError("lr_scheduler= must be a callable taking the optimizer (pipegrid builds its own optimizer, so "
                         "a scheduler built on yours would drive nothing); or use the config's \"scheduler\"")
-    ds = _resolve_config(args, config, config_params)
-    topology = _topology(model)
-    translation = translate(ds, world_size=_world_size(), pipe=topology.pipe, tensor=topology.tensor,
-                            use_config_optimizer=optimizer is None, use_config_scheduler=lr_scheduler is None)
-    translation = _client_pieces(translation, optimizer, model, ds)
-    if model_parameters is not None:
-        _check_parameters(model_parameters, model, "model_parameters")
-    init_distributed(dist_init_required=dist_init_required)  # (a DeepSpeed script has joined already)
-    if translation.activation_checkpoint_interval > 0:  # the config overrides the module, as on DeepSpeed
-        model.activation_checkpoint_interval = translation.activation_checkpoint_interval
-    cfg = translation.config  # translate() set the topology from the module's, explicitly
+
+
+def _finish_config(translation: DeepSpeedTranslation, model: Any) -> Any:
+    """The TrainConfig translate() made (with the module's topology, explicitly), plus the module's
+    dynamic_shape and DEEPSPEED_TIMEOUT."""
+    cfg = translation.config
     if cfg.checkpoint.dir:
         raise ValueError("pipegrid.checkpoint.dir is not for the DeepSpeed adapter: save and resume with "
                          "engine.save_checkpoint(dir, tag) / engine.load_checkpoint(dir) as on DeepSpeed")
     cfg.comm.dynamic_shapes = bool(getattr(model, "dynamic_shape", False)) or cfg.comm.dynamic_shapes
     if (seconds := _timeout_s(None)) is not None:
         cfg.comm.timeout_s = seconds
-    engine = pg.initialize(model, cfg)
-    if translation.loss_scaler is not None:  # DeepSpeed's fp16 rule in place of pipegrid's own
-        engine.scaler = DeepSpeedLossScaler(**translation.loss_scaler)
-    if lr_scheduler is not None:
-        engine.lr_scheduler = lr_scheduler(engine.optimizer)
-    loader = None
-    if training_data is not None:
-        coord = engine.groups.coord
-        loader = build_data_loader(training_data, translation.micro_batch_size, coord.data, topology.data,
-                                   translation.dataloader_drop_last, collate_fn)
-    adapter = PipelineEngine(engine, translation, loader)
-    return adapter, adapter.optimizer, adapter.training_dataloader, engine.lr_scheduler
+    return cfg
