@@ -3,7 +3,7 @@
 ZeRO-1 under gpipe, interleaved_1f1b and zb_h1; bf16 and fp16 at pipe 1, 2, 3 and
 pipe x data with ZeRO-1; tensor=2 under gpipe, interleaved_1f1b and zb_h1 and once on a
 2 x 2 x 2 grid; ``eval_batch(return_outputs=True)`` after training for every schedule at
-data=2; ``comm.dynamic_shapes``; gradient clipping that bites; weights saved at one pipe
+data=1 and data=2; ``comm.dynamic_shapes``; gradient clipping that bites; weights saved at one pipe
 degree and trained on at another; activation checkpointing under zb_h1. The cases of one
 world size run in one ``run_local`` call (one start-up), the reference in this process.
 """
@@ -48,6 +48,7 @@ CASES = {
     **{f"zero1-{s}": _case("train", s, 2, 2, zero=1, optimizer=ADAM, evaluate=True)
        for s in ("gpipe", "interleaved_1f1b", "zb_h1")},
     "eval-1f1b": _case("train", "1f1b", 2, 2, evaluate=True),
+    **{f"eval-{s}-data1": _case("train", s, 2, 1, evaluate=True) for s in ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")},
     "dynamic-shapes": _case("train", "1f1b", 2, 2, dynamic=True, evaluate=True),
     "clip-bites": _case("train", "zb_h1", 2, 2, clip=0.05),
     "recompute-zb_h1": _case("train", "zb_h1", 2, 2, recompute=1),
@@ -166,7 +167,8 @@ def _assert_eval(per_rank: list[dict], reference: dict, data: int) -> None:
 
 
 @pytest.mark.parametrize("name", ["zero1-gpipe", "zero1-interleaved_1f1b", "zero1-zb_h1", "eval-1f1b",
-                                  "dynamic-shapes", "recompute-zb_h1"])
+                                  "eval-gpipe-data1", "eval-1f1b-data1", "eval-interleaved_1f1b-data1",
+                                  "eval-zb_h1-data1", "dynamic-shapes", "recompute-zb_h1"])
 def test_training_and_evaluation_match_the_reference(results, name):
     case = CASES[name]
     reference = _reference(case)
