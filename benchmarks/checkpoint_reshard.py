@@ -87,8 +87,9 @@ def _gather_layer(zero, indices: list[int], dst: int) -> list[ParamState] | None
     span = torch.zeros(len(keys), last - first, dtype=zero.shard.dtype)
     (lo, hi), start, end = zero._range, max(first, zero._range[0]), min(last, zero._range[1])
     for row, key in zip(span, keys):
+        source = zero.shard.detach() if key == MASTER else state[key]
         if start < end:
-            row[start - first:end - first].copy_((zero.shard.detach() if key == MASTER else state[key])[start - lo:end - lo])
+            row[start - first:end - first].copy_(source[start - lo:end - lo])
     dist.reduce(span, dst=dist.get_global_rank(zero.group, dst), group=zero.group)
     if zero.data_rank != dst:
         return None

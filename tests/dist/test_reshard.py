@@ -4,7 +4,8 @@ Checkpoints written at pipe x data x ZeRO = 2 x 2 x 1 and 4 x 1 x 0 resume at th
 layouts (pipe 2 <-> 4, data 2 -> 1, 1 -> 2, 2 -> 4, ZeRO on <-> off) and continue the
 run that never stopped: the plain-torch reference training all steps with Adam. A load
 at one layout followed by a save reproduces every saved value bit for bit (bf16 master
-weights included; the tensor-parallel GPT too), however differently the new layout shards it. Format-1 checkpoints (optimizer state per rank) still resume at
+weights included; the tensor-parallel GPT too), however differently the new layout
+shards it. Format-1 checkpoints (optimizer state per rank) still resume at
 their own layout and are refused, with the fix named, at another.
 """
 

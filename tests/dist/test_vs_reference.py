@@ -48,7 +48,8 @@ CASES = {
     **{f"zero1-{s}": _case("train", s, 2, 2, zero=1, optimizer=ADAM, evaluate=True)
        for s in ("gpipe", "interleaved_1f1b", "zb_h1")},
     "eval-1f1b": _case("train", "1f1b", 2, 2, evaluate=True),
-    **{f"eval-{s}-data1": _case("train", s, 2, 1, evaluate=True) for s in ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")},
+    **{f"eval-{s}-data1": _case("train", s, 2, 1, evaluate=True)
+       for s in ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")},
     "dynamic-shapes": _case("train", "1f1b", 2, 2, dynamic=True, evaluate=True),
     "clip-bites": _case("train", "zb_h1", 2, 2, clip=0.05),
     "recompute-zb_h1": _case("train", "zb_h1", 2, 2, recompute=1),
