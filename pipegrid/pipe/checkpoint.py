@@ -252,9 +252,9 @@ def _local_pieces(engine: Any, keys: list[str | None]) -> dict[str, dict[str, An
     contiguous runs of about equal size, so every rank writes a share."""
     pieces = [piece for piece in engine.zero.local_param_states() if keys[piece[0]] is not None]
     if not engine.zero.sharded:
-        starts = [0, *itertools.accumulate(p.numel() for p in engine.params)]
-        share = lambda i: starts[i] * engine.topology.data // max(starts[-1], 1)  # noqa: E731
-        pieces = [piece for piece in pieces if share(piece[0]) == engine.groups.coord.data]
+        sizes = [p.numel() for p in engine.params]
+        starts, total, data = [0, *itertools.accumulate(sizes)], max(sum(sizes), 1), engine.topology.data
+        pieces = [piece for piece in pieces if starts[piece[0]] * data // total == engine.groups.coord.data]
     return {keys[i]: {"range": [start, end], "elementwise": state.elementwise, "scalars": state.scalars}
             for i, start, end, state in pieces}
 

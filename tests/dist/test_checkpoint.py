@@ -85,6 +85,11 @@ def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path):
     torch.save({"weight": torch.zeros(1), "evil": _Pickled()}, layer)  # not weights-only
     with pytest.raises(WorkerError, match=r"layer_00003-tp00.pt: UnpicklingError"):
         run_local(_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)
+    layer.write_bytes(good)
+    shard = step_dir / ckpt.optim_shard_file(1, 0, 0)  # the optimizer state, memory-mapped at load
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(WorkerError, match=r"cannot load checkpoint file .*optim_shard-pp001-dp000-tp00.pt"):
+        run_local(_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)
 
 
 class _Pickled:
