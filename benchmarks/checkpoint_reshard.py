@@ -41,6 +41,7 @@ from pipegrid.pipe import checkpoint as ckpt  # noqa: E402
 from pipegrid.pipe.zero import MASTER, ParamState  # noqa: E402
 
 from benchmarks.memory import Block  # noqa: E402  (x + fc2(relu(fc1(x))), fc1: h -> 2h)
+from benchmarks.record import write_record  # noqa: E402
 
 HIDDEN, BLOCKS = 128, 16
 SAVE_AT, LOAD_AT = (1, 2, 1), [(1, 2, 1), (2, 1, 0)]  # (pipe, data, zero.stage)
@@ -187,14 +188,11 @@ def main() -> None:
     lines = ["| format | " + " | ".join(c for c, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for approach, m in medians.items():
         lines.append(f"| {approach} | " + " | ".join(f"{m[k] * scale:.1f}" for _, k, scale in columns) + " |")
-    table = "\n".join(lines)
     print(f"optimizer state of a {BLOCKS}-block MLP (h={HIDDEN}), Adam, saved at pipe x data x zero = "
           f"{'x'.join(map(str, SAVE_AT))}; medians of {args.rounds} rounds (load AxBxC = pipe x data x zero)")
-    print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "hidden": HIDDEN, "blocks": BLOCKS, "save_at": SAVE_AT,
-                   "load_at": LOAD_AT, "rounds": rounds, "medians": medians, "table": table}, f, indent=2)
+    print("\n".join(lines))
+    write_record(args.out, [{"format": a, **m} for a, m in medians.items()], lines, hidden=HIDDEN, blocks=BLOCKS,
+                 save_at=SAVE_AT, load_at=LOAD_AT, rounds=rounds)
     print(f"wrote {args.out}")
 
 

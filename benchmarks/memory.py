@@ -1,4 +1,5 @@
-"""Bytes per rank from ``engine.memory_report()`` for data = 1, 2, 4, ZeRO off and on.
+"""Bytes per rank from ``engine.memory_report()`` for data = 1, 2, 4, ZeRO off and on: the
+tensor storages the training state allocates, each counted once.
 
 The model is a 16-block residual MLP (h=256, ~4.2M parameters) with Adam, pipe=1, so
 each data rank holds the whole model and the optimizer state is what ZeRO-1 divides.
@@ -9,10 +10,8 @@ each data rank holds the whole model and the optimizer state is what ZeRO-1 divi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -22,6 +21,8 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pipegrid as pg  # noqa: E402
 from pipegrid.launch import run_local  # noqa: E402
+
+from benchmarks.record import write_record  # noqa: E402
 
 HIDDEN, BLOCKS = 256, 16
 KEYS = ("parameters", "gradients", "optimizer", "master_weights", "buffers", "total")
@@ -62,12 +63,8 @@ def main() -> None:
     for r in rows:
         cells = " | ".join(f"{r[k] / 2**20:.2f}" for k in KEYS)
         lines.append(f"| {r['dtype']} | {r['zero']} | {r['data']} | {cells} |")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "hidden": HIDDEN, "blocks": BLOCKS, "rows": rows,
-                   "table": table}, f, indent=2)
+    print("\n".join(lines))
+    write_record(args.out, rows, lines, hidden=HIDDEN, blocks=BLOCKS)
     print(f"wrote {args.out}")
 
 
