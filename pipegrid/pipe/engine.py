@@ -14,7 +14,6 @@ import inspect
 import math
 import signal
 import weakref
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -34,7 +33,7 @@ from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
 from pipegrid.schedules import build, validate
 from pipegrid.topology.groups import ProcessGroups
-from pipegrid.topology.join import init_distributed
+from pipegrid.topology.join import header_group, init_distributed, local_cuda_device
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -120,7 +119,10 @@ class PipelineEngine:
         validate(self.schedule)
         validate(self.eval_schedule)
         self.kernels_backend = kernels.select_backend(config.kernels.backend, self.device)
-        self.p2p = P2P(self.device, config.comm.dynamic_shapes, self.kernels_backend, rank=groups.rank)
+        self.p2p = P2P(self.device, config.comm.dynamic_shapes, self.kernels_backend, rank=groups.rank,
+                       header_group=header_group(config.comm.timeout_s))
+        if self.device.type == "cuda":  # NCCL: a batch of transfers that is the group's first
+            dist.barrier(device_ids=[self.device.index])  # call must include every rank
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.zero = self._build_optimizer()
         self.optimizer = self.zero.optimizer  # the wrapped torch optimizer (param_groups, LR)
@@ -160,9 +162,9 @@ class PipelineEngine:
 
     def _device(self) -> torch.device:
         if dist.get_backend() == "nccl":
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
+            device = local_cuda_device()
+            torch.cuda.set_device(device)
+            return device
         return torch.device("cpu")
 
     def _build_optimizer(self) -> ReplicatedOptimizer | ZeroOptimizer:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipegrid.pipe.p2p import Incoming, Outgoing, Received
 from pipegrid.pipe.split_backward import WeightGradState, backward_input, backward_weight
 from pipegrid.schedules import instructions as ins
 from pipegrid.schedules.schedule import Schedule
@@ -41,6 +42,9 @@ def _as_grad_leaf(t: torch.Tensor) -> torch.Tensor:
     """A received activation becomes a leaf that collects its gradient (floats only)."""
     t = t.detach()
     return t.requires_grad_(True) if t.is_floating_point() or t.is_complex() else t
+
+
+_RANK_OPS = (ins.ReduceTiedGrads, ins.ReduceGrads, ins.OptimizerStep)
 
 
 class PeerLostError(RuntimeError):
@@ -88,6 +92,8 @@ class StepState:
     weight_grads: dict[Key, WeightGradState] = field(default_factory=dict)
     loss_stats: torch.Tensor | None = None
     """(mean loss over this step's micro-batches, any non-finite) from the last stage."""
+    pending: dict[tuple[str, int, int], tuple[Any, Received]] = field(default_factory=dict)
+    """Posted receives not yet read: message -> (its receive instruction, the handle)."""
     events: list[tuple[str, float, float]] = field(default_factory=list)
 
 
@@ -98,8 +104,8 @@ class Executor:
     HANDLERS: dict[type, str] = {
         ins.LoadMicroBatch: "_load", ins.Forward: "_forward", ins.Backward: "_backward",
         ins.BackwardInput: "_backward", ins.BackwardWeight: "_backward_weight",
-        ins.SendActivation: "_send_activation", ins.RecvActivation: "_recv_activation",
-        ins.SendGrad: "_send_grad", ins.RecvGrad: "_recv_grad",
+        ins.SendActivation: "_transfer", ins.RecvActivation: "_transfer", ins.SendGrad: "_transfer",
+        ins.RecvGrad: "_transfer", ins.Exchange: "_transfer",
         ins.ReduceTiedGrads: "_reduce_tied_grads", ins.ReduceGrads: "_reduce_grads",
         ins.OptimizerStep: "_optimizer_step",
     }
@@ -121,28 +127,24 @@ class Executor:
         self._last_grad_received = self._last_of(ins.RecvGrad)
 
     def run(self, state: StepState, trace: bool = False) -> StepState:
-        position = 0
-        while position < len(self.stream):
-            op = self.stream[position]
-            nxt = self.stream[position + 1] if position + 1 < len(self.stream) else None
+        for position, op in enumerate(self.stream):
             try:
                 start = time.perf_counter() if trace else 0.0
-                done = 2 if self._paired(op, nxt) and self._exchange(op, nxt, state) else 1
-                if done == 1:
-                    self._handler(op, position)(op, state)
+                self._handler(op, position)(op, state)
                 if trace:
-                    label = str(op) if done == 1 else f"{op}+{nxt}"
-                    state.events.append((label, start, time.perf_counter()))
+                    state.events.append((str(op), start, time.perf_counter()))
+            except PeerLostError:
+                raise
             except (dist.DistError, RuntimeError) as error:
                 if not is_transport_failure(error):
                     raise
                 raise PeerLostError(self._lost_peer_message(position, op, error)) from error
-            position += done
+        assert not state.pending, f"rank {self.pipe_rank}: received but never read: {sorted(state.pending)}"
         return state
 
     def _last_of(self, kind: type) -> dict[int, int]:
         """stage -> the micro-batch of that stage's last message-moving ``kind`` op in the stream."""
-        return {op.stage: op.micro_batch for op in self.stream
+        return {op.stage: op.micro_batch for op in map(ins.parts, self.stream) for op in op
                 if isinstance(op, kind) and self.schedule.transfers(op)}
 
     def _carries_stats(self, op: Any) -> bool:
@@ -163,18 +165,28 @@ class Executor:
                             f"(type {type(op).__name__}) at position {position}")
         return getattr(self, name)
 
+    def _peer_names(self, op: Any) -> str:
+        """Who ``op`` talks to: its transfers' peers, the sender of what it reads, or a collective's."""
+        if isinstance(op, _RANK_OPS):
+            return f"one of ranks {[r for r in self.engine.collective_peers(op) if r != self.engine.groups.rank]}"
+        stages = {part.peer_stage for part in ins.parts(op) if hasattr(part, "peer_stage")}
+        message = self.schedule.reads(op)
+        if message is not None:
+            stages.add(message[1] - 1 if message[0] == "activation" else message[1] + 1)
+        peers = {self.engine.stage_rank(stage): stage for stage in sorted(stages)}
+        if len(peers) == 1:
+            (rank, stage), = peers.items()
+            return f"rank {rank} (stage {stage})"
+        return f"one of ranks {sorted(peers)}"
+
     def _lost_peer_message(self, position: int, op: Any, error: BaseException) -> str:
-        me = self.engine.groups.rank
-        if hasattr(op, "peer_stage"):
-            peer = f"rank {self.engine.stage_rank(op.peer_stage)} (stage {op.peer_stage})"
-        else:
-            peer = f"one of ranks {[r for r in self.engine.collective_peers(op) if r != me]}"
-        return self._lost(peer, f"during instruction {op} at position {position} of its stream", error)
+        return self._lost(self._peer_names(op), f"during instruction {op} at position {position} of its stream",
+                          error)
 
     def lost_while_draining(self, error: BaseException) -> str:
         """The PeerLostError message for a send of this step that failed after the stream ran."""
-        peers = sorted({self.engine.stage_rank(op.peer_stage) for op in self.stream if hasattr(op, "peer_stage")}
-                       - {self.engine.groups.rank})
+        peers = sorted({self.engine.stage_rank(part.peer_stage) for op in self.stream for part in ins.parts(op)
+                        if hasattr(part, "peer_stage")} - {self.engine.groups.rank})
         return self._lost(f"one of its pipeline neighbours, ranks {peers},", "while this step's sends drained",
                           error)
 
@@ -203,7 +215,15 @@ class Executor:
             state.inputs[(0, op.micro_batch)] = as_message(inputs, "data_iter inputs")
 
     # --- compute -----------------------------------------------------------
+    def _read_received(self, op: Any, state: StepState) -> None:
+        """Wait for (and unpack) the posted message ``op`` reads, the first time any op reads it."""
+        message = self.schedule.reads(op)
+        if message in state.pending:
+            receive, handle = state.pending.pop(message)
+            self._store_received(receive, handle.wait(), state)
+
     def _forward(self, op: ins.Forward, state: StepState) -> None:
+        self._read_received(op, state)
         key = (op.stage, op.micro_batch)
         if key not in state.inputs:  # the previous stage ran on this rank: hand over locally
             prev = (op.stage - 1, op.micro_batch)
@@ -230,6 +250,7 @@ class Executor:
 
     def _backward(self, op: Any, state: StepState) -> None:
         """Backward (B), or its input-gradient half (I) whose weight half waits for W."""
+        self._read_received(op, state)
         key = (op.stage, op.micro_batch)
         output = state.outputs.pop(key)
         if op.stage == self.last_stage:
@@ -293,26 +314,24 @@ class Executor:
     def _optimizer_step(self, op: ins.OptimizerStep, state: StepState) -> None:
         self.engine.optimizer_step(state.losses, self._stats(state))
 
-    def _send_activation(self, op: ins.SendActivation, state: StepState) -> None:
-        if self.schedule.transfers(op):
-            _, _, tensors, was_tuple = self._send_payload(op, state)
-            self.p2p.send_activation(op.stage, tensors, was_tuple, self.engine.stage_rank(op.peer_stage))
+    def _transfer(self, op: Any, state: StepState) -> None:
+        """Post a send, a receive or an Exchange group as one group; receives are read later."""
+        moving = [part for part in ins.parts(op) if self.schedule.transfers(part)]
+        sends = [self._outgoing(part, state) for part in moving if ins.is_send(part)]
+        receives = [part for part in moving if ins.is_recv(part)]
+        handles = self.p2p.post(sends, [self._incoming(part, state) for part in receives])
+        for receive, handle in zip(receives, handles):
+            state.pending[self.schedule.message_key(receive)] = (receive, handle)
 
-    def _send_grad(self, op: ins.SendGrad, state: StepState) -> None:
-        if self.schedule.transfers(op):
-            _, _, grads, _ = self._send_payload(op, state)
-            self.p2p.send_grad(op.stage, grads, self.engine.stage_rank(op.peer_stage))
+    def _outgoing(self, op: Any, state: StepState) -> Outgoing:
+        kind, stage, tensors, was_tuple = self._send_payload(op, state)
+        return Outgoing(kind, stage, tensors, was_tuple, self.engine.stage_rank(op.peer_stage))
 
-    def _recv_activation(self, op: ins.RecvActivation, state: StepState) -> None:
-        if self.schedule.transfers(op):
-            received = self.p2p.recv_activation(op.peer_stage, self.engine.stage_rank(op.peer_stage))
-            self._store_received(op, received, state)
-
-    def _recv_grad(self, op: ins.RecvGrad, state: StepState) -> None:
-        if self.schedule.transfers(op):
-            activation = self._grad_template(op, state)
-            grads = self.p2p.recv_grad(op.stage, activation, self.engine.stage_rank(op.peer_stage))
-            self._store_received(op, (grads, True), state)
+    def _incoming(self, op: Any, state: StepState) -> Incoming:
+        src = self.engine.stage_rank(op.peer_stage)
+        if isinstance(op, ins.RecvGrad):
+            return Incoming("grad", op.stage, src, self._grad_template(op, state))
+        return Incoming("act", op.peer_stage, src)
 
     def _own_activation(self, op: ins.RecvGrad, state: StepState) -> tuple[torch.Tensor, ...]:
         """The group's local activations, whose float tensors the received gradients match."""
@@ -343,35 +362,3 @@ class Executor:
             if state.training:
                 part = tuple(_as_grad_leaf(t) for t in part)
             state.inputs[(op.stage, micro_batch)] = (part, was_tuple)
-
-    def _paired(self, op: Any, nxt: Any) -> bool:
-        """A send followed by a receive from the same peer rank, both moving messages: post them together."""
-        return (isinstance(op, (ins.SendActivation, ins.SendGrad))
-                and isinstance(nxt, (ins.RecvActivation, ins.RecvGrad))
-                and self.schedule.transfers(op) and self.schedule.transfers(nxt)
-                and self.engine.stage_rank(op.peer_stage) == self.engine.stage_rank(nxt.peer_stage))
-
-    def _exchange(self, send_op: Any, recv_op: Any, state: StepState) -> bool:
-        """Run a paired send and receive in one batch; False (nothing done) when headers must go first."""
-        if not self.p2p.can_exchange():
-            return False
-        send = self._send_payload(send_op, state)
-        if isinstance(recv_op, ins.RecvGrad):
-            recv = ("grad", recv_op.stage, self._grad_template(recv_op, state))
-        else:
-            recv = ("act", recv_op.peer_stage, None)
-        peer = self.engine.stage_rank(send_op.peer_stage)
-        received = self.p2p.exchange(send, peer, recv, peer)
-        if received is None:  # put the payload back for the one-by-one path
-            self._restore_payload(send_op, send, state)
-            return False
-        self._store_received(recv_op, received, state)
-        return True
-
-    def _restore_payload(self, op: Any, send: tuple, state: StepState) -> None:
-        tensors = send[2][:-1] if isinstance(op, ins.SendGrad) and self._carries_stats(op) else send[2]
-        for micro_batch, part in self._split(op, tensors):
-            if isinstance(op, ins.SendGrad):
-                state.input_grads[(op.stage, micro_batch)] = part
-            elif not state.training:
-                state.outputs[(op.stage, micro_batch)] = from_message(part, send[3])

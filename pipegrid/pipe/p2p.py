@@ -215,33 +215,6 @@ class P2P:
         dist.recv(header, src, group=self._header_group, tag=self._header_tag)
         return MessageMeta.decode(header)
 
-    # --- the single-message API (one group of one) ----------------------------
-    def send_activation(self, stage: int, tensors: tuple[torch.Tensor, ...], was_tuple: bool, dst: int) -> None:
-        self.post([Outgoing("act", stage, tensors, was_tuple, dst)], [])
-
-    def recv_activation(self, src_stage: int, src: int) -> tuple[tuple[torch.Tensor, ...], bool]:
-        return self.post([], [Incoming("act", src_stage, src)])[0].wait()
-
-    def send_grad(self, stage: int, grads: tuple[torch.Tensor, ...], dst: int) -> None:
-        self.post([Outgoing("grad", stage, grads, True, dst)], [])
-
-    def recv_grad(self, stage: int, activation: tuple[torch.Tensor, ...], src: int) -> tuple[torch.Tensor, ...]:
-        return self.post([], [Incoming("grad", stage, src, activation)])[0].wait()[0]
-
-    def exchange(self, send: tuple[str, int, tuple[torch.Tensor, ...], bool], dst: int,
-                 recv: tuple[str, int, tuple[torch.Tensor, ...] | None], src: int,
-                 ) -> tuple[tuple[torch.Tensor, ...], bool] | None:
-        """A send and a receive posted as one group; the received (tensors, was_tuple)."""
-        kind, stage, tensors, was_tuple = send
-        recv_kind, recv_stage, activation = recv
-        handle = self.post([Outgoing(kind, stage, tensors, was_tuple, dst)],
-                           [Incoming(recv_kind, recv_stage, src, activation or ())])[0]
-        return handle.wait()
-
-    def can_exchange(self) -> bool:
-        """A send and a receive can always be posted as one group (headers have their own channel)."""
-        return True
-
     # --- plumbing ----------------------------------------------------------
     def _receive_buffer(self, meta: MessageMeta) -> tuple[torch.Tensor, kernels.FlatLayout | None]:
         if len(meta.shapes) == 1:

@@ -28,20 +28,22 @@ and transfers left adjacent are posted together, so they move at once::
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
+from collections import deque
 
-from pipegrid.schedules.instructions import Exchange, Instruction, is_recv, is_send
+from pipegrid.schedules.instructions import Exchange, Instruction, is_recv, is_send, parts
 from pipegrid.schedules.schedule import Schedule
 
 __all__ = ["order_transfers"]
 
 _Message = tuple[str, int, int]
 # unit costs; the latency only makes a message that depends on another strictly later
-_COSTS = {"F": Fraction(1), "B": Fraction(1), "W": Fraction(1), "comm": Fraction(1, 64)}
+_COSTS = {"F": 64, "B": 64, "W": 64, "comm": 1}  # integers: exact, and fast
 
 
 def order_transfers(schedule: Schedule) -> Schedule:
     """``schedule`` with each rank's transfers in the global message order, adjacent ones grouped."""
+    flat = tuple(tuple(part for op in stream for part in parts(op)) for stream in schedule.streams)
+    schedule = dataclasses.replace(schedule, streams=flat)  # groups apart: the pass may run again
     rank_of_message = _global_order(schedule)
     streams = []
     for rank, stream in enumerate(schedule.streams):
@@ -56,33 +58,53 @@ def _moves(schedule: Schedule, op: Instruction) -> bool:
 
 def _global_order(schedule: Schedule) -> dict[_Message, int]:
     """message -> its index in the one order every rank issues its transfers in."""
-    from pipegrid.schedules.simulate import simulate  # simulate imports the passes' module
+    keyed = sorted((when, message) for message, when in _ready_times(schedule).items())
+    return {message: index for index, (_, message) in enumerate(keyed)}
 
-    result = simulate(schedule, _COSTS)
-    keyed = []
-    for rank, stream in enumerate(schedule.streams):
-        for position, op in enumerate(stream):
-            if _moves(schedule, op) and is_send(op):
-                keyed.append(((result.start[(rank, position)], rank, position), schedule.message_key(op)))
-    return {message: index for index, (_, message) in enumerate(sorted(keyed))}
+
+def _ready_times(schedule: Schedule) -> dict[_Message, tuple[int, int, int]]:
+    """message -> (time its send is posted, sender rank, sender position), every rank played out
+    at ``_COSTS``: an op starts when its rank is free and the message it reads has arrived."""
+    costs = {"F": _COSTS["F"], "B": _COSTS["B"], "I": _COSTS["B"], "W": _COSTS["W"]}
+    ready: dict[_Message, tuple[int, int, int]] = {}
+    clock, cursor = [0] * schedule.num_stages, [0] * schedule.num_stages
+    progressed = True
+    while progressed:
+        progressed = False
+        for rank, stream in enumerate(schedule.streams):
+            while cursor[rank] < len(stream):
+                op = stream[cursor[rank]]
+                message = schedule.reads(op)
+                if message is not None:
+                    if message not in ready:
+                        break  # its sender has not got there yet
+                    clock[rank] = max(clock[rank], ready[message][0] + _COSTS["comm"])
+                if _moves(schedule, op) and is_send(op):
+                    ready[schedule.message_key(op)] = (clock[rank], rank, cursor[rank])
+                clock[rank] += costs.get(getattr(op, "code", ""), 0)
+                cursor[rank] += 1
+                progressed = True
+    return ready
 
 
 def _place_receives(schedule: Schedule, stream: tuple[Instruction, ...],
                     order: dict[_Message, int]) -> list[Instruction]:
-    """Sends and compute stay; each moving receive goes right after the rank's last transfer
-    that precedes it in ``order`` (never later than where it was)."""
+    """Sends and compute stay; each moving receive goes just before the first of the rank's
+    sends that follows it in ``order``, and never later than where it stood."""
     out: list[Instruction] = []
-    receives = [op for op in stream if _moves(schedule, op) and is_recv(op)]
-    receives.sort(key=lambda op: order[schedule.message_key(op)])
-    pending = list(receives)
+    receives = sorted((op for op in stream if _moves(schedule, op) and is_recv(op)),
+                      key=lambda op: order[schedule.message_key(op)])
+    pending, placed = deque(receives), set()
     for op in stream:
         if _moves(schedule, op) and is_recv(op):
-            while op in pending:  # at the latest where it stood, after those ordered before it
-                out.append(pending.pop(0))
+            while op not in placed:  # where it stood, after those ordered before it
+                placed.add(pending[0])
+                out.append(pending.popleft())
             continue
         if _moves(schedule, op):  # a send: every receive ordered before it goes first
             while pending and order[schedule.message_key(pending[0])] < order[schedule.message_key(op)]:
-                out.append(pending.pop(0))
+                placed.add(pending[0])
+                out.append(pending.popleft())
         out.append(op)
     assert not pending, "every receive is placed"
     return out

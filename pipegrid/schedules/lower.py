@@ -1,4 +1,4 @@
-"""Lowering passes and ``build``: compute-only order -> + load/send/recv -> + reduce/step.
+"""Lowering passes and ``build``: compute-only order -> + load/send/recv -> + reduce/step -> one transfer order.
 
 Each schedule module only orders Forward/Backward per rank; everything else is added here.
 """
@@ -9,14 +9,15 @@ from typing import Callable, Sequence
 
 from pipegrid.schedules import gpipe, inference, interleaved, one_f_one_b, zero_bubble
 from pipegrid.schedules.errors import ScheduleError
+from pipegrid.schedules.fusion import order_transfers
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, ComputeInstruction, Forward, Instruction,
     LoadMicroBatch, OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads,
-    SendActivation, SendGrad, is_recv, is_send, message_of,
+    SendActivation, SendGrad,
 )
 from pipegrid.schedules.schedule import Schedule
 
-__all__ = ["build", "SCHEDULE_NAMES", "add_communication", "order_receives", "add_step"]
+__all__ = ["build", "SCHEDULE_NAMES", "add_communication", "add_step"]
 
 _ComputeOrder = Callable[[int, int, int], list[list[ComputeInstruction]]]
 # name -> (compute order, training, split backward by default)
@@ -52,14 +53,13 @@ def build(name: str, num_stages: int, micro_batches: int, virtual_stages: int = 
     if split and not split_default:
         order = [_split_in_place(ops) for ops in order]
     streams = add_communication(order, num_stages, virtual_stages)
-    streams = order_receives(streams, num_stages)
     if training:
         streams = add_step(streams)
-    return Schedule(
+    return order_transfers(Schedule(
         name=name, num_stages=num_stages, micro_batches=micro_batches,
         virtual_stages=virtual_stages, streams=tuple(tuple(s) for s in streams),
         training=training, split_backward=split, coalesce=coalesce,
-    )
+    ))
 
 
 def _expand_groups(ops: Sequence[ComputeInstruction], k: int) -> list[ComputeInstruction]:
@@ -146,62 +146,6 @@ def add_communication(order: Sequence[Sequence[ComputeInstruction]], num_stages:
                 stream.append(op)
         streams.append(stream)
     return streams
-
-
-def _peer_rank(op: Instruction, num_stages: int) -> int:
-    return op.peer_stage % num_stages  # type: ignore[union-attr]
-
-
-
-
-def order_receives(streams: Sequence[Sequence[Instruction]],
-                   num_stages: int) -> list[list[Instruction]]:
-    """Pass 2: make each directed channel FIFO, as NCCL matches by issue order.
-
-    A channel carries activations and grads both only when p=2 with v>1. Where the
-    receiver would take them in another order than they were sent, a receive is
-    hoisted to just before the next one in send order (never later than its consumer).
-    """
-    out = [list(stream) for stream in streams]
-    for dst in range(num_stages):
-        for src in range(num_stages):
-            if src != dst:
-                out[dst] = _order_channel(out[src], out[dst], src, dst, num_stages)
-    return out
-
-
-def _order_channel(src_stream: list[Instruction], dst_stream: list[Instruction],
-                   src: int, dst: int, num_stages: int) -> list[Instruction]:
-    sent = [message_of(op) for op in src_stream
-            if is_send(op) and _peer_rank(op, num_stages) == dst]
-    on_channel = [i for i, op in enumerate(dst_stream)
-                  if is_recv(op) and _peer_rank(op, num_stages) == src]
-    if [message_of(dst_stream[i]) for i in on_channel] == sent:
-        return dst_stream
-    by_message = {message_of(dst_stream[i]): dst_stream[i] for i in on_channel}
-    if set(by_message) != set(sent):
-        return dst_stream  # unmatched: leave it for validate() to report
-    removed = set(on_channel)
-    kept = [op for i, op in enumerate(dst_stream) if i not in removed]
-    # consumer of a receive = the first kept op after it in the original stream
-    kept_index = {i: n for n, i in enumerate(i for i in range(len(dst_stream)) if i not in removed)}
-    consumer: dict[tuple[str, int, int], int] = {}
-    for i in on_channel:
-        nxt = next(j for j in range(i + 1, len(dst_stream)) if j not in removed)
-        consumer[message_of(dst_stream[i])] = kept_index[nxt]
-    slots: list[int] = [0] * len(sent)
-    bound = len(kept)
-    for k in range(len(sent) - 1, -1, -1):
-        bound = min(bound, consumer[sent[k]])
-        slots[k] = bound
-    result: list[Instruction] = []
-    k = 0
-    for n, op in enumerate(kept):
-        while k < len(sent) and slots[k] == n:
-            result.append(by_message[sent[k]])
-            k += 1
-        result.append(op)
-    return result
 
 
 def add_step(streams: Sequence[Sequence[Instruction]]) -> list[list[Instruction]]:

@@ -45,6 +45,7 @@ def validate(schedule: Schedule) -> None:
     for rank in range(schedule.num_stages):
         _check_rank(schedule, rank)
     check_gloo(schedule)
+    check_nccl(schedule)
 
 
 def _requirements(schedule: Schedule, rank: int, op: Instruction) -> list[tuple[_Key, str]]:

@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 import pipegrid as pg
 from pipegrid.launch import WorkerError, run_local
+from pipegrid.schedules import Exchange, build
 from tests.dist.engine_cases import (N_LAYER, assert_matches_reference, canonical_state, config, global_batches,
                                      run_reference)
 from tests.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
@@ -127,7 +128,7 @@ def _internal_error_in_a_send():
     if dist.get_rank() == 0:  # not a transport failure: an error of pipegrid's (or a user's) own
         def broken(op, state):
             raise RuntimeError("packing stage 0's output failed (an internal error)")
-        engine._train_executor._send_activation = broken
+        engine._train_executor._transfer = broken
     engine.train_batch(iter(gpt_batches(2)))
 
 
@@ -156,17 +157,18 @@ def _traced():
                                           "gamma": 0.5}))
     engine.train_batch(iter(gpt_batches(4)))
     first = engine.last_timeline()
-    engine.train_batch(iter(gpt_batches(4)))  # shapes known: sends pair with the next receive
-    paired = [label for _, label, _, _ in engine.last_timeline() if "+" in label]
-    return first, engine.optimizer.param_groups[0]["lr"], paired
+    engine.train_batch(iter(gpt_batches(4)))
+    grouped = [label for _, label, _, _ in engine.last_timeline() if "+" in label]
+    return first, engine.optimizer.param_groups[0]["lr"], grouped
 
 
 def test_trace_records_every_instruction_and_lr_scheduler_steps():
     results = run_local(_traced, 2, timeout_s=60)
-    expected_pairs = [["0SA1+0RG0", "0SA2+0RG1", "0SA3+0RG2"], ["1SG0+1RA1", "1SG1+1RA2", "1SG2+1RA3"]]
-    for rank, (timeline, lr, paired) in enumerate(results):
+    schedule = build("1f1b", 2, 4)  # the groups the executor posts are the schedule's own
+    for rank, (timeline, lr, grouped) in enumerate(results):
         assert lr == pytest.approx(0.125)  # two StepLR steps of 0.5 from 0.5
-        assert paired == expected_pairs[rank]
+        assert grouped == [str(op) for op in schedule.streams[rank] if isinstance(op, Exchange)]
+        assert len(grouped) == 3 and [label for _, label, _, _ in timeline] == list(map(str, schedule.streams[rank]))
         labels = [label for _, label, _, _ in timeline]
         assert all(r == rank for r, _, _, _ in timeline)
         assert labels[-1] == "STEP" and sum(lb.startswith(f"{rank}F") for lb in labels) == 4

@@ -14,7 +14,7 @@ import pytest
 from pipegrid.schedules import (
     SCHEDULE_NAMES, Backward, BackwardInput, BackwardWeight, Forward, LoadMicroBatch,
     OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads, Schedule,
-    ScheduleError, SendActivation, SendGrad, build, parse_instruction, simulate, validate,
+    ScheduleError, SendActivation, SendGrad, build, parse_instruction, parts, simulate, validate,
 )
 from pipegrid.schedules import interleaved, zero_bubble
 
@@ -108,7 +108,7 @@ def test_zb_h1_uses_split_backward_and_others_do_not() -> None:
 
 def test_inference_is_forward_only() -> None:
     schedule = build("inference", 3, 5)
-    kinds = {type(op) for stream in schedule.streams for op in stream}
+    kinds = {type(part) for stream in schedule.streams for op in stream for part in parts(op)}
     assert kinds == {LoadMicroBatch, Forward, SendActivation, RecvActivation}
     assert simulate(schedule).peak_inflight == (1, 1, 1)
     chunked = build("inference", 2, 5, 3)  # eval of an interleaved model, any m
@@ -119,12 +119,12 @@ def test_inference_is_forward_only() -> None:
 # --- the stream shape the engine relies on -------------------------------------------
 
 def test_streams_layout_one_f_one_b() -> None:
-    schedule = build("1f1b", 2, 2)
+    schedule = build("1f1b", 2, 2)  # both ranks send, then receive: one group each
     assert [str(op) for op in schedule.streams[0]] == [
-        "0L0", "0F0", "0SA0", "0L1", "0F1", "0SA1", "0RG0", "0B0", "0RG1", "0B1",
+        "0L0", "0F0", "0SA0", "0L1", "0F1", "0SA1+0RG0", "0B0", "0RG1", "0B1",
         "TIED", "REDUCE", "STEP"]
     assert [str(op) for op in schedule.streams[1]] == [
-        "1RA0", "1L0", "1F0", "1B0", "1SG0", "1RA1", "1L1", "1F1", "1B1", "1SG1",
+        "1RA0", "1L0", "1F0", "1B0", "1RA1+1SG0", "1L1", "1F1", "1B1", "1SG1",
         "TIED", "REDUCE", "STEP"]
 
 
@@ -169,14 +169,19 @@ def test_interleaved_refuses_in_its_own_words_and_names_coalesce_only_when_set()
 
 
 def _replace(schedule: Schedule, rank: int, stream: list) -> Schedule:
-    streams = list(schedule.streams)
+    streams = [_flat(s) for s in schedule.streams]
     streams[rank] = tuple(stream)
     return dataclasses.replace(schedule, streams=tuple(streams))
 
 
+def _flat(stream: tuple) -> list:
+    """A stream with its Exchange groups apart: each instruction on its own (validate takes both)."""
+    return [part for op in stream for part in parts(op)]
+
+
 def test_missing_receive_is_caught() -> None:
     good = build("1f1b", 3, 4)
-    stream = [op for op in good.streams[1] if op != RecvActivation(1, 2)]
+    stream = [op for op in _flat(good.streams[1]) if op != RecvActivation(1, 2)]
     with pytest.raises(ScheduleError, match=r"rank 1, position \d+ \(1F2: stage 1, "
                        r"micro-batch 2\): runs before its RecvActivation") as info:
         validate(_replace(good, 1, stream))
@@ -185,7 +190,7 @@ def test_missing_receive_is_caught() -> None:
 
 def test_backward_before_forward_is_caught() -> None:
     good = build("gpipe", 2, 2)
-    stream = list(good.streams[1])
+    stream = _flat(good.streams[1])
     i, j = stream.index(Forward(1, 0)), stream.index(Backward(1, 0))
     stream[i], stream[j] = stream[j], stream[i]
     with pytest.raises(ScheduleError, match=r"rank 1.*1B0.*before its forward"):
@@ -194,7 +199,7 @@ def test_backward_before_forward_is_caught() -> None:
 
 def test_swapped_order_that_deadlocks_is_caught() -> None:
     good = build("gpipe", 2, 2)
-    stream = list(good.streams[0])
+    stream = _flat(good.streams[0])
     # rank 0 waits for the grad of mb 0 before sending mb 1's activation that rank 1 needs first
     a = stream.index(SendActivation(0, 1))
     moved = stream[a - 2:a + 1]  # 0L1 0F1 0SA1
@@ -210,7 +215,7 @@ def test_swapped_order_that_deadlocks_is_caught() -> None:
 
 def test_mismatched_channel_order_is_caught() -> None:
     good = build("gpipe", 2, 3)
-    stream = list(good.streams[1])
+    stream = _flat(good.streams[1])
     stream.remove(RecvActivation(1, 1))
     stream.insert(stream.index(RecvActivation(1, 0)), RecvActivation(1, 1))  # 1RA1 1RA0 1F0
     with pytest.raises(ScheduleError, match=r"rank 1, position 0 \(1RA1.*does not match "

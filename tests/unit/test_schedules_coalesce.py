@@ -11,7 +11,7 @@ import pytest
 from pipegrid.conf.schema import ScheduleConfig
 from pipegrid.schedules import (
     SCHEDULE_NAMES, Forward, RecvActivation, ScheduleError, SendActivation, build, is_recv, is_send,
-    simulate, validate,
+    parts, simulate, validate,
 )
 
 
@@ -38,7 +38,8 @@ def test_one_message_per_group_and_direction(name: str) -> None:
     p, m, k = 3, 12, 4
     schedule = build(name, p, m, coalesce=k)
     for rank, stream in enumerate(schedule.streams):
-        moving = [op for op in stream if (is_send(op) or is_recv(op)) and schedule.transfers(op)]
+        moving = [part for op in stream for part in parts(op)
+                  if (is_send(part) or is_recv(part)) and schedule.transfers(part)]
         directions = (rank > 0) + (rank < p - 1)  # neighbours
         assert len(moving) == 2 * directions * m // k  # each way: activations and gradients
         for op in moving:  # the last send of a group posts it, the first receive takes it
