@@ -256,9 +256,10 @@ class Executor:
         if op.stage == self.last_stage:
             tensors, grads = [self.engine.scaled_loss(output)], [None]
         else:
-            received = state.output_grads.pop(key)
+            received = state.output_grads.pop(key)  # one gradient per float output, in order
             outs, _ = as_message(output, f"stage {op.stage}")
-            pairs = [(t, g) for t, g in zip(outs, received) if t.requires_grad]
+            floats = [t for t in outs if t.is_floating_point() or t.is_complex()]
+            pairs = [(t, g) for t, g in zip(floats, received) if t.requires_grad]
             tensors, grads = [t for t, _ in pairs], [g for _, g in pairs]
         inputs, _ = state.inputs.pop(key)
         if isinstance(op, ins.BackwardInput):
