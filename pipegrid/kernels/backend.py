@@ -1,13 +1,15 @@
 """Choose the kernel backend (config key ``kernels.backend``): torch or fused CuPy.
 
-``auto`` takes CuPy for CUDA tensors when CuPy can run there and torch otherwise;
-naming ``cupy`` where it cannot run is an error that says why.
+``auto`` takes CuPy for CUDA tensors when whichever CuPy is installed (``cupy-cuda12x`` or
+``cupy-cuda13x``) can compile and run a kernel there, and otherwise the torch path, saying
+why once per process; naming ``cupy`` where it cannot run is an error that says why.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 
 import torch
 
@@ -37,7 +39,19 @@ def cupy_unavailable_reason() -> str | None:
             return "cupy.cuda.is_available() is False (driver or CUDA runtime mismatch)"
     except Exception as error:
         return f"CuPy cannot reach the CUDA driver ({error})"
+    try:  # compile and run one kernel: a CuPy for another CUDA major, or without NVRTC, fails here
+        if int(cupy.arange(4, dtype=cupy.int64).sum()) != 6:
+            return "CuPy's test kernel returned a wrong sum"
+    except Exception as error:
+        return (f"CuPy cannot compile or run a kernel ({type(error).__name__}: {error}); install the "
+                f"CuPy for this machine's CUDA: {_INSTALL_HINT}")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _say_fallback(reason: str) -> None:
+    logging.getLogger("pipegrid.kernels").warning(
+        "kernels.backend=auto uses the torch path for CUDA tensors: %s", reason)
 
 
 def select_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
@@ -62,4 +76,5 @@ def select_backend(name: str = "auto", device: torch.device | str | None = None)
         return "cupy"
     if name == "cupy":
         raise RuntimeError(f"kernels.backend=cupy cannot run: {reason}; or set kernels.backend=auto")
+    _say_fallback(reason)
     return "torch"

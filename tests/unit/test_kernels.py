@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -283,3 +284,33 @@ def test_misuse_errors_name_the_fix() -> None:
         sum_of_squares([torch.arange(3)])
     with pytest.raises(ValueError, match="disagrees with layout"):
         pack(tensors, layout=layout, dtype=torch.float16)
+
+
+def test_auto_falls_back_to_torch_on_cuda_saying_why_once(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(backend_module, "cupy_unavailable_reason", lambda: "CuPy is not installed; install it")
+    backend_module._say_fallback.cache_clear()
+    with caplog.at_level("WARNING", logger="pipegrid.kernels"):
+        assert select_backend("auto", "cuda:0") == "torch"
+        assert select_backend("auto", "cuda:1") == "torch"
+    said = [r.getMessage() for r in caplog.records if r.name == "pipegrid.kernels"]
+    assert said == ["kernels.backend=auto uses the torch path for CUDA tensors: CuPy is not installed; install it"]
+
+
+def test_a_cupy_that_cannot_run_a_kernel_is_named(monkeypatch) -> None:
+    class BrokenCupy:  # what a CuPy built for another CUDA major (or without NVRTC) does
+        int64 = "int64"
+
+        class cuda:
+            @staticmethod
+            def is_available() -> bool:
+                return True
+
+        @staticmethod
+        def arange(*args, **kwargs):
+            raise RuntimeError("nvrtc: error: failed to load builtins for compute_90")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backend_module.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "cupy", BrokenCupy)
+    reason = backend_module.cupy_unavailable_reason.__wrapped__()
+    assert "cannot compile or run a kernel (RuntimeError: nvrtc: error" in reason and "cuda13" in reason
