@@ -10,22 +10,22 @@ from torch import nn
 
 import pipegrid as pg
 from pipegrid.launch import run_local
-from pipegrid.pipe.zero import storage_bytes
 from pipegrid.plan.memory import OptimizerSpec, memory_report
 
 WIDTH, DEPTH = 64, 6  # every tensor a multiple of 16 bytes: the engine's flat buffers add no alignment padding
 
 
-def _live_storage_bytes() -> int:
-    """Every tensor storage alive in this process, each counted once (a census, not the engine's books)."""
+def _live_storages() -> dict[int, int]:
+    """Every tensor storage alive in this process, by address: a census, not the engine's books."""
     gc.collect()
     with warnings.catch_warnings():  # isinstance() touches deprecated torch.distributed aliases
         warnings.simplefilter("ignore")
         tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    return storage_bytes({"all": tensors})["all"]
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
 
 
 def _measured(data, zero, dtype, optimizer):
+    before = _live_storages()  # (a forked worker also holds whatever the test process held)
     layers = [pg.LayerSpec(nn.Linear, WIDTH, WIDTH) for _ in range(DEPTH)]
     model = pg.PipelineModule(layers, loss_fn=nn.functional.mse_loss, topology=pg.Topology(data=data))
     engine = pg.initialize(model, {"topology": {"data": data}, "zero": {"stage": zero},
@@ -34,7 +34,8 @@ def _measured(data, zero, dtype, optimizer):
     x = torch.randn(2, WIDTH)
     engine.train_batch(iter([(x, x)]))
     del x
-    return engine.memory_report(), _live_storage_bytes(), sum(p.numel() for p in model.parameters())
+    new = sum(size for address, size in _live_storages().items() if address not in before)
+    return engine.memory_report(), new, sum(p.numel() for p in model.parameters())
 
 
 ADAM = ("adam", {"_target_": "torch.optim.Adam", "lr": 1e-3})
