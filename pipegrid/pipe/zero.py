@@ -329,8 +329,8 @@ class ZeroOptimizer:
         for i, (offset, numel) in enumerate(zip(self.layout.offsets, self.layout.numels)):
             start, end = max(offset, lo), min(offset + numel, hi)
             if start < end:
-                state = ParamState({k: v[start - lo:end - lo] for k, v in flat.items()}, scalars)
-                pieces.append((i, start - offset, end - offset, state))
+                piece = ParamState({k: v[start - lo:end - lo] for k, v in flat.items()}, scalars)
+                pieces.append((i, start - offset, end - offset, piece))
         return pieces
 
     def load_param_states(self, read: Callable[[int], ParamState], hyperparameters: dict[str, Any]) -> None:
