@@ -311,11 +311,8 @@ class PipelineEngine:
 
     def reduce_tied_grads(self) -> None:
         for key, group in sorted(self._tied_groups.items()):
-            params = self.module.tied_parameters(key)
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            all_reduce_flat([p.grad for p in params], group, backend=self.kernels_backend)
+            grads = [self.zero.grad_of(p) for p in self.module.tied_parameters(key)]  # fp32 in 16-bit
+            all_reduce_flat(grads, group, backend=self.kernels_backend)
 
     def reduce_data_parallel_grads(self) -> None:
         self.zero.reduce_grads()

@@ -7,6 +7,12 @@ reduce-scattered into the shards, the wrapped torch optimizer steps on this rank
 shard only, and the updated parameters are all-gathered back. Both keep fp32 master
 weights when the model runs in bf16/fp16, move bytes through pipegrid.kernels, and
 hand checkpoints their state per parameter (``ParamState``), whatever the sharding.
+
+In bf16/fp16 the gradients accumulate in fp32 (as Megatron's ``main_grad`` and
+DeepSpeed's bf16 optimizer do): each micro-batch's 16-bit gradient is added into an
+fp32 buffer as soon as autograd has it, and freed. Summed in 16 bits, the micro-batches
+and a tied layer's copies add up in another order on every layout, and the rounding
+differs; in fp32 every layout trains alike, as in float32.
 """
 
 from __future__ import annotations
@@ -86,6 +92,22 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
+def _accumulate_in_fp32(params: list[torch.nn.Parameter], target: Callable[[int], torch.Tensor | None],
+                        start: Callable[[int, torch.Tensor], None]) -> list[Any]:
+    """Add each 16-bit gradient autograd accumulates into parameter i's fp32 gradient
+    (``target(i)``, or ``start(i, grad)`` makes it) and free the 16-bit one."""
+    def hook(i: int) -> Callable[[torch.Tensor], None]:
+        def add(param: torch.Tensor) -> None:
+            grad, param.grad = param.grad, None
+            main = target(i)
+            if main is None:
+                start(i, grad.float())
+            else:
+                main.add_(grad)
+        return add
+    return [p.register_post_accumulate_grad_hook(hook(i)) for i, p in enumerate(params)]
+
+
 def _ensure_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     for p in params:
         if p.grad is None:
@@ -117,22 +139,27 @@ class ReplicatedOptimizer:
     def __init__(self, params: list[torch.nn.Parameter], factory: Factory, data_group: Any, data_size: int,
                  backend: str = "auto") -> None:
         self.params, self.group, self.data_size, self.backend = params, data_group, data_size, backend
+        self._index = {id(p): i for i, p in enumerate(params)}
         low_precision = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
         self.master = ([torch.nn.Parameter(p.detach().float().clone()) for p in params]
                        if low_precision else params)
+        if low_precision:  # the master copy's .grad is the fp32 gradient, made by the first micro-batch
+            def start(i: int, grad: torch.Tensor) -> None:
+                self.master[i].grad = grad
+            self._hooks = _accumulate_in_fp32(params, lambda i: self.master[i].grad, start)
         self.optimizer = factory(self.master)
         self._step_memory: dict[str, int] | None = None
         self._measured_states = -1
 
+    def grad_of(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The tensor holding ``param``'s gradient of this step (fp32 in 16-bit training)."""
+        return _ensure_grads([self.master[self._index[id(param)]]])[0]
+
     def reduce_grads(self) -> None:
-        """Average model gradients over the data group into the master gradients (fp32)."""
-        grads = _ensure_grads(self.params)
-        if self.master is self.params and self.data_size == 1:
-            return
-        scale = 1.0 / self.data_size if self.data_size > 1 else None
-        targets = _ensure_grads(self.master)
-        all_reduce_flat(grads, self.group, scale=scale, out=targets, dtype=targets[0].dtype if targets else None,
-                        backend=self.backend)
+        """Average the gradients (the master copy's, fp32, in 16-bit training) over the data group."""
+        grads = _ensure_grads(self.master)
+        if self.data_size > 1:
+            all_reduce_flat(grads, self.group, scale=1.0 / self.data_size, backend=self.backend)
 
     def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
         """Master gradients (of the parameters whose ``id`` is in ``counted``, if given)."""
@@ -169,9 +196,9 @@ class ReplicatedOptimizer:
 
     def _allocated(self) -> dict[str, int]:
         master = [] if self.master is self.params else self.master
-        return storage_bytes({"parameters": self.params, "gradients": [p.grad for p in self.params],
+        return storage_bytes({"parameters": self.params, "gradients": [p.grad for p in self.master],
                               "optimizer": _state_tensors(self.optimizer), "master_weights": master,
-                              "buffers": [p.grad for p in master]})  # fp32 gradients of the master copy
+                              "buffers": []})
 
     # --- checkpoints: state per parameter --------------------------------------------
     def elementwise_keys(self) -> list[str]:
@@ -214,6 +241,14 @@ class ReplicatedOptimizer:
                 torch._foreach_copy_(self.master, state["master"])
 
 
+def _views_at(flat: torch.Tensor, layout: kernels.FlatLayout) -> list[torch.Tensor]:
+    """Views of ``flat`` at ``layout``'s element offsets, whatever ``flat``'s dtype: the fp32
+    gradient buffer lines up element for element with the 16-bit parameter buffer, so a
+    shard's range means the same elements in both."""
+    return [torch.as_strided(flat, shape, stride, flat.storage_offset() + offset)
+            for shape, stride, offset in zip(layout.shapes, layout.strides, layout.offsets)]
+
+
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -234,40 +269,44 @@ class ZeroOptimizer:
                  data_rank: int, backend: str = "auto") -> None:
         self.params, self.group, self.backend = params, data_group, backend
         self.data_size, self.data_rank = data_size, data_rank
+        self._index = {id(p): i for i, p in enumerate(params)}
         device = params[0].device if params else torch.device("cpu")
         dtype = params[0].dtype if params else torch.float32
         if any(p.dtype != dtype for p in params):
             raise TypeError(f"ZeRO-1 needs one parameter dtype per stage, got {sorted({str(p.dtype) for p in params})}")
         self.layout = kernels.FlatLayout.from_tensors(params)
         self.shard_size = -(-self.layout.total // data_size)  # padded: every rank owns an equal shard
+        self.low_precision = dtype != torch.float32 and dtype != torch.float64
+        grad_dtype = torch.float32 if self.low_precision else dtype  # 16-bit gradients accumulate in fp32
         self.param_flat = torch.zeros(self.shard_size * data_size, dtype=dtype, device=device)
-        self.grad_flat = torch.zeros_like(self.param_flat)
+        self.grad_flat = torch.zeros(self.shard_size * data_size, dtype=grad_dtype, device=device)
+        self._grad_views = _views_at(self.grad_flat, self.layout)  # element for element with the parameters
         with torch.no_grad():
-            for p, view, grad in zip(params, kernels.views(self.param_flat, self.layout),
-                                     kernels.views(self.grad_flat, self.layout)):
+            for p, view, grad in zip(params, kernels.views(self.param_flat, self.layout), self._grad_views):
                 view.copy_(p)
                 p.data = view  # the parameter now lives in the flat buffer
-                p.grad = grad
+                p.grad = None if self.low_precision else grad  # float32: autograd writes in place
+        if self.low_precision:
+            self._hooks = _accumulate_in_fp32(params, lambda i: self._grad_views[i],
+                                              lambda i, grad: self._grad_views[i].copy_(grad))
         lo = data_rank * self.shard_size
         self._range = (lo, lo + self.shard_size)
         own = self.param_flat[lo:lo + self.shard_size]
-        self.low_precision = dtype != torch.float32 and dtype != torch.float64
         self.shard = torch.nn.Parameter(own.detach().float().clone() if self.low_precision else own)
-        # in float32 the shard's gradient is this rank's slice of the flat gradient itself
-        self.shard.grad = (torch.zeros_like(self.shard) if self.low_precision
-                           else self.grad_flat[lo:lo + self.shard_size])
+        self.shard.grad = self.grad_flat[lo:lo + self.shard_size]  # this rank's slice of the flat gradient
         # reduce-scatter's output: a collective must not write into the buffer it reads
-        self._scattered = torch.empty(self.shard_size if data_size > 1 else 0, dtype=dtype, device=device)
+        self._scattered = torch.empty(self.shard_size if data_size > 1 else 0, dtype=grad_dtype, device=device)
         self.optimizer = factory([self.shard])
+
+    def grad_of(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The tensor holding ``param``'s gradient of this step (fp32 in 16-bit training)."""
+        return self._grad_views[self._index[id(param)]]
 
     def reduce_grads(self) -> None:
         """Reduce-scatter the gradients: this rank receives the mean of its shard."""
-        lo, hi = self._range
         if self.data_size > 1:
             _reduce_scatter(self._scattered, self.grad_flat, group=self.group)
             self.shard.grad.copy_(self._scattered).mul_(1.0 / self.data_size)
-        elif self.low_precision:
-            self.shard.grad.copy_(self.grad_flat[lo:hi])
 
     def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
         """This rank's slices of the gradient (only the parameters in ``counted``, if given)."""
@@ -300,16 +339,15 @@ class ZeroOptimizer:
                 self.shard.copy_(self.param_flat[lo:hi])
 
     def zero_grad(self) -> None:
-        self.grad_flat.zero_()  # the parameters' .grad are views of it and stay in place
-        self.shard.grad.zero_()
+        self.grad_flat.zero_()  # the gradients (and the shard's) are views of it and stay in place
 
     def memory(self) -> dict[str, int]:
         """Storage bytes by kind (the flat buffers whole, padding included); all of it
         lives between steps too."""
         master = [self.shard] if self.low_precision else []
-        return storage_bytes({"parameters": self.params, "gradients": [p.grad for p in self.params],
+        return storage_bytes({"parameters": self.params, "gradients": [self.grad_flat],
                               "optimizer": _state_tensors(self.optimizer), "master_weights": master,
-                              "buffers": [self._scattered, self.shard.grad]})
+                              "buffers": [self._scattered]})
 
     # --- checkpoints: state per parameter --------------------------------------------
     def elementwise_keys(self) -> list[str]:

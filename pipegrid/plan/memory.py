@@ -56,16 +56,14 @@ def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, z
     if data < 1:
         raise ValueError(f"data must be >= 1, got {data}")
     width = DTYPE_BYTES[optimizer.dtype]
+    grad_width = max(width, 4)  # 16-bit training accumulates its gradients in fp32
     sharded = -(-parameters // data) if zero else parameters
     held = sharded * data if zero else parameters  # the flat buffers' padding
-    # the engine's own buffers (pipegrid/pipe/zero.py): without ZeRO, the fp32 gradients
-    # of the master copy in 16-bit training; with ZeRO-1, reduce-scatter's shard-sized
-    # output (data > 1) and, in 16-bit training, the shard's fp32 gradient
-    engine_buffers = ((sharded * width if data > 1 else 0) + sharded * optimizer.master_bytes if zero
-                      else parameters * optimizer.master_bytes)
+    # the engine's own buffer (pipegrid/pipe/zero.py): ZeRO-1's reduce-scatter output
+    engine_buffers = sharded * grad_width if zero and data > 1 else 0
     report = {
         "parameters": held * width,
-        "gradients": held * width,
+        "gradients": held * grad_width,
         "optimizer": sharded * optimizer.state_bytes,
         "master_weights": sharded * optimizer.master_bytes,
         "buffers": engine_buffers + int(buffers),
