@@ -59,20 +59,22 @@ class Progress:
         self.file = open(csv_path, "a", newline="") if csv_path else None  # noqa: SIM115 - see close()
         self.csv = csv.writer(self.file) if self.file else None
         if self.csv and self.file.tell() == 0:
-            self.csv.writerow(["step", "loss", "val_loss", "tokens_per_s", "lr", "elapsed_s"])
+            self.csv.writerow(["step", "loss", "val_loss", "tokens_per_s", "lr", "elapsed_s", "mfu"])
         self.board = _tensorboard(csv_path)
 
     def step(self, step: int, loss: float, seconds: float, val: float | None) -> None:
         tokens_per_s = self.tokens_per_step / seconds
         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
-        if self.peak:
-            postfix["mfu"] = f"{self.engine.module.estimate_mfu(tokens_per_s, self.peak):.1%}"
+        mfu = self.engine.module.estimate_mfu(tokens_per_s, self.peak) if self.peak else None
+        if mfu is not None:
+            postfix["mfu"] = f"{mfu:.1%}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update()
         if not self.on:
             return
         values = {"loss": loss, "val_loss": val, "tokens_per_s": tokens_per_s,
-                  "lr": self.engine.optimizer.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - self.began}
+                  "lr": self.engine.optimizer.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - self.began,
+                  "mfu": mfu}
         self.csv.writerow([step, *("" if v is None else f"{v:.6g}" for v in values.values())])
         self.file.flush()
         for key, value in values.items():
@@ -82,8 +84,9 @@ class Progress:
             now = time.perf_counter()
             rate = self.tokens_per_step * (step - self.last_log_step) / (now - self.last_log)
             self.last_log, self.last_log_step = now, step
-            log.info("step %d/%d: loss %.4f%s, %.0f tokens/s", step, self.cfg.train.steps, loss,
-                     "" if val is None else f", validation loss {val:.4f}", rate)
+            log.info("step %d/%d: loss %.4f%s, %.0f tokens/s%s", step, self.cfg.train.steps, loss,
+                     "" if val is None else f", validation loss {val:.4f}", rate,
+                     "" if mfu is None else f", MFU {mfu:.1%}")
 
     def close(self) -> None:
         self.bar.close()
