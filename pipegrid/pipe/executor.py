@@ -1,22 +1,22 @@
 """Runs one rank's instruction stream: one small handler per instruction type.
 
-The stream comes from ``pipegrid.schedules`` as is (one source of truth); the
+The stream comes from ``pipegrid.schedules`` as is (one source of truth): what moves
+together, and which gradient message carries the step's loss, is written in it. The
 handlers only move tensors between the stage module, the data iterator, the
-point-to-point layer and the engine's reduce/step hooks.
+point-to-point layer and the reduce/step hooks of ``StepHooks`` (the engine).
 """
 
 from __future__ import annotations
 
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from pipegrid.pipe.p2p import Incoming, Outgoing, Received
+from pipegrid.pipe.p2p import P2P, Incoming, Outgoing, Received
 from pipegrid.pipe.split_backward import WeightGradState, backward_input, backward_weight
 from pipegrid.schedules import instructions as ins
 from pipegrid.schedules.schedule import Schedule
@@ -76,12 +76,44 @@ def lost_peer_message(rank: int, pipe_rank: int, peer: str, when: str, error: Ba
             "--max-restarts does it) after fixing the cause.")
 
 
+class StepHooks(Protocol):
+    """What the executor asks of whoever runs it, once per step or per micro-batch
+    (``PipelineEngine`` is one); everything per instruction is the executor's own."""
+
+    device: torch.device
+
+    def to_device(self, value: Any) -> Any:
+        """A data-iterator value on the device, floats in the model's dtype."""
+
+    def scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss backward starts from (fp16: times the loss scale)."""
+
+    def collective_peers(self, op: Any) -> list[int]:
+        """Global ranks a reduce/step instruction talks to (to name one that is lost)."""
+
+    def reduce_tied_grads(self) -> None:
+        """Sum tied layers' gradients over the ranks that hold a copy."""
+
+    def reduce_data_parallel_grads(self) -> None:
+        """All-reduce (ZeRO-1: reduce-scatter) gradients over the data axis."""
+
+    def optimizer_step(self, losses: dict[int, torch.Tensor], loss_stats: torch.Tensor | None) -> float:
+        """Clip and step; the step's mean loss over the global batch (from ``loss_stats``
+        when every rank has them, else from an all-reduce of ``losses``)."""
+
+
 @dataclass
 class StepState:
     """Everything one ``train_batch``/``eval_batch`` call keeps between instructions."""
 
     training: bool
     data_iter: Iterator | None
+    hooks: StepHooks
+    """The engine's reduce/step/loss hooks for this call."""
+    keep_outputs: bool = False
+    """eval: keep every micro-batch's last-stage output in ``results``."""
+    step_loss: float | None = None
+    """The step's mean loss, once OptimizerStep has it."""
     batches: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     inputs: dict[Key, tuple[tuple[torch.Tensor, ...], bool]] = field(default_factory=dict)
     outputs: dict[Key, Any] = field(default_factory=dict)
@@ -110,21 +142,27 @@ class Executor:
         ins.OptimizerStep: "_optimizer_step",
     }
 
-    def __init__(self, engine: Any, schedule: Schedule, pipe_rank: int) -> None:
-        # Weakly: the engine owns its executors, and no reference cycle may keep an engine
-        # (and so its process groups' threads) alive until a garbage collection; gloo
-        # threads still alive when the interpreter finalises can abort the process.
-        self.engine = weakref.proxy(engine)
-        self.module = engine.module
-        self.p2p = engine.p2p
+    def __init__(self, schedule: Schedule, pipe_rank: int, module: Any, p2p: P2P,
+                 stage_ranks: Sequence[int], rank: int) -> None:
+        """``stage_ranks[r]``: the global rank of pipe rank r in this rank's pipeline; ``rank``: this
+        rank's. The executor keeps no reference to the engine: its hooks come with each call."""
+        self.module = module
+        self.p2p = p2p
         self.schedule = schedule
         self.pipe_rank = pipe_rank
+        self.rank = rank
+        self.stage_ranks = tuple(stage_ranks)
         self.stream = schedule.streams[pipe_rank]
         self.last_stage = schedule.num_model_stages - 1
-        # the last stage's loss statistics ride down the pipeline on each stage's last
-        # gradient message, so no rank needs a collective to learn the step's loss
-        self._last_grad_sent = self._last_of(ins.SendGrad)
-        self._last_grad_received = self._last_of(ins.RecvGrad)
+        self._reads = {op: schedule.reads(op) for op in self.stream if schedule.reads(op)}  # op -> message it waits for
+        # the step's loss comes on the gradient messages the schedule marks (``2SG3*``); a
+        # schedule without marks (and more than one rank) leaves it to an all-reduce on every rank
+        self._stats_by_message = schedule.num_stages == 1 or any(
+            getattr(part, "loss", False) for stream in schedule.streams for op in stream for part in ins.parts(op))
+
+    def stage_rank(self, stage: int) -> int:
+        """Global rank running model stage ``stage`` in this rank's pipeline (the placement's)."""
+        return self.stage_ranks[self.schedule.rank_of(stage)]
 
     def run(self, state: StepState, trace: bool = False) -> StepState:
         for position, op in enumerate(self.stream):
@@ -138,21 +176,15 @@ class Executor:
             except (dist.DistError, RuntimeError) as error:
                 if not is_transport_failure(error):
                     raise
-                raise PeerLostError(self._lost_peer_message(position, op, error)) from error
+                raise PeerLostError(self._lost_peer_message(position, op, error, state.hooks)) from error
         assert not state.pending, f"rank {self.pipe_rank}: received but never read: {sorted(state.pending)}"
         return state
 
-    def _last_of(self, kind: type) -> dict[int, int]:
-        """stage -> the micro-batch of that stage's last message-moving ``kind`` op in the stream."""
-        return {op.stage: op.micro_batch for op in map(ins.parts, self.stream) for op in op
-                if isinstance(op, kind) and self.schedule.transfers(op)}
-
-    def _carries_stats(self, op: Any) -> bool:
-        last = self._last_grad_sent if isinstance(op, ins.SendGrad) else self._last_grad_received
-        return last.get(op.stage) == op.micro_batch
-
     def _stats(self, state: StepState) -> torch.Tensor | None:
-        """This rank's copy of the loss statistics: its own on the last stage, else received."""
+        """This rank's copy of the loss statistics: its own on the last stage, else received;
+        None on every rank when the schedule sends them on no message (an all-reduce then)."""
+        if not self._stats_by_message:
+            return None
         if self.last_stage in self.schedule.stages_of(self.pipe_rank):
             losses = torch.stack([state.losses[mb].double().cpu() for mb in sorted(state.losses)])
             return torch.stack([losses.mean(), (~torch.isfinite(losses)).any().double()])
@@ -165,33 +197,33 @@ class Executor:
                             f"(type {type(op).__name__}) at position {position}")
         return getattr(self, name)
 
-    def _peer_names(self, op: Any) -> str:
+    def _peer_names(self, op: Any, hooks: StepHooks) -> str:
         """Who ``op`` talks to: its transfers' peers, the sender of what it reads, or a collective's."""
         if isinstance(op, _RANK_OPS):
-            return f"one of ranks {[r for r in self.engine.collective_peers(op) if r != self.engine.groups.rank]}"
+            return f"one of ranks {[r for r in hooks.collective_peers(op) if r != self.rank]}"
         stages = {part.peer_stage for part in ins.parts(op) if hasattr(part, "peer_stage")}
         message = self.schedule.reads(op)
         if message is not None:
             stages.add(message[1] - 1 if message[0] == "activation" else message[1] + 1)
-        peers = {self.engine.stage_rank(stage): stage for stage in sorted(stages)}
+        peers = {self.stage_rank(stage): stage for stage in sorted(stages)}
         if len(peers) == 1:
             (rank, stage), = peers.items()
             return f"rank {rank} (stage {stage})"
         return f"one of ranks {sorted(peers)}"
 
-    def _lost_peer_message(self, position: int, op: Any, error: BaseException) -> str:
-        return self._lost(self._peer_names(op), f"during instruction {op} at position {position} of its stream",
-                          error)
+    def _lost_peer_message(self, position: int, op: Any, error: BaseException, hooks: StepHooks) -> str:
+        return self._lost(self._peer_names(op, hooks), f"during instruction {op} at position {position} of its "
+                          "stream", error)
 
     def lost_while_draining(self, error: BaseException) -> str:
         """The PeerLostError message for a send of this step that failed after the stream ran."""
-        peers = sorted({self.engine.stage_rank(part.peer_stage) for op in self.stream for part in ins.parts(op)
-                        if hasattr(part, "peer_stage")} - {self.engine.groups.rank})
+        peers = sorted({self.stage_rank(part.peer_stage) for op in self.stream for part in ins.parts(op)
+                        if hasattr(part, "peer_stage")} - {self.rank})
         return self._lost(f"one of its pipeline neighbours, ranks {peers},", "while this step's sends drained",
                           error)
 
     def _lost(self, peer: str, when: str, error: BaseException) -> str:
-        return lost_peer_message(self.engine.groups.rank, self.pipe_rank, peer, when, error)
+        return lost_peer_message(self.rank, self.pipe_rank, peer, when, error)
 
     # --- data --------------------------------------------------------------
     def _batch(self, micro_batch: int, state: StepState) -> tuple[Any, Any]:
@@ -206,7 +238,7 @@ class Executor:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"data_iter must yield (inputs, labels) pairs, got {type(batch).__name__}"
                                 + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-            state.batches[micro_batch] = self.engine.to_device(batch)
+            state.batches[micro_batch] = state.hooks.to_device(batch)
         return state.batches[micro_batch]
 
     def _load(self, op: ins.LoadMicroBatch, state: StepState) -> None:
@@ -217,8 +249,8 @@ class Executor:
     # --- compute -----------------------------------------------------------
     def _read_received(self, op: Any, state: StepState) -> None:
         """Wait for (and unpack) the posted message ``op`` reads, the first time any op reads it."""
-        message = self.schedule.reads(op)
-        if message in state.pending:
+        message = self._reads.get(op)
+        if message is not None and message in state.pending:
             receive, handle = state.pending.pop(message)
             self._store_received(receive, handle.wait(), state)
 
@@ -241,7 +273,7 @@ class Executor:
         _, labels = self._batch(micro_batch, state)
         if self.module.loss_fn is None:
             raise RuntimeError("the last stage needs a loss_fn: pass loss_fn=... to PipelineModule")
-        if not state.training and self.engine.keep_outputs:
+        if state.keep_outputs:
             state.results[micro_batch] = output.detach() if isinstance(output, torch.Tensor) else output
         loss = self.module.loss_fn(output, labels)
         state.losses[micro_batch] = loss.detach()
@@ -254,7 +286,7 @@ class Executor:
         key = (op.stage, op.micro_batch)
         output = state.outputs.pop(key)
         if op.stage == self.last_stage:
-            tensors, grads = [self.engine.scaled_loss(output)], [None]
+            tensors, grads = [state.hooks.scaled_loss(output)], [None]
         else:
             received = state.output_grads.pop(key)  # one gradient per float output, in order
             outs, _ = as_message(output, f"stage {op.stage}")
@@ -294,12 +326,12 @@ class Executor:
             key = (op.stage, micro_batch)
             if isinstance(op, ins.SendGrad):
                 tensors += state.input_grads.pop(key)
-                if micro_batch == op.micro_batch and self._carries_stats(op):
+                if micro_batch == op.micro_batch and op.loss:
                     stats = self._stats(state)
                     if stats is None:
                         raise RuntimeError(f"rank {self.pipe_rank}: no loss statistics to pass on with {op} "
                                            "(a pipegrid bug: the next stage's last gradient message brings them)")
-                    tensors += (stats.to(self.engine.device),)
+                    tensors += (stats.to(state.hooks.device),)
                 continue
             output = state.outputs[key] if state.training else state.outputs.pop(key)
             part, was_tuple = as_message(output, f"stage {op.stage}")
@@ -307,13 +339,13 @@ class Executor:
         return ("grad" if isinstance(op, ins.SendGrad) else "act"), op.stage, tensors, was_tuple
 
     def _reduce_tied_grads(self, op: ins.ReduceTiedGrads, state: StepState) -> None:
-        self.engine.reduce_tied_grads()
+        state.hooks.reduce_tied_grads()
 
     def _reduce_grads(self, op: ins.ReduceGrads, state: StepState) -> None:
-        self.engine.reduce_data_parallel_grads()
+        state.hooks.reduce_data_parallel_grads()
 
     def _optimizer_step(self, op: ins.OptimizerStep, state: StepState) -> None:
-        self.engine.optimizer_step(state.losses, self._stats(state))
+        state.step_loss = state.hooks.optimizer_step(state.losses, self._stats(state))
 
     def _transfer(self, op: Any, state: StepState) -> None:
         """Post a send, a receive or an Exchange group as one group; receives are read later."""
@@ -326,10 +358,10 @@ class Executor:
 
     def _outgoing(self, op: Any, state: StepState) -> Outgoing:
         kind, stage, tensors, was_tuple = self._send_payload(op, state)
-        return Outgoing(kind, stage, tensors, was_tuple, self.engine.stage_rank(op.peer_stage))
+        return Outgoing(kind, stage, tensors, was_tuple, self.stage_rank(op.peer_stage))
 
     def _incoming(self, op: Any, state: StepState) -> Incoming:
-        src = self.engine.stage_rank(op.peer_stage)
+        src = self.stage_rank(op.peer_stage)
         if isinstance(op, ins.RecvGrad):
             return Incoming("grad", op.stage, src, self._grad_template(op, state))
         return Incoming("act", op.peer_stage, src)
@@ -342,8 +374,8 @@ class Executor:
     def _grad_template(self, op: ins.RecvGrad, state: StepState) -> tuple[torch.Tensor, ...]:
         """What the gradient message matches: the group's activations (+ the loss statistics)."""
         activation = self._own_activation(op, state)
-        if self._carries_stats(op):
-            activation += (torch.empty(2, dtype=torch.float64, device=self.engine.device),)
+        if op.loss:
+            activation += (torch.empty(2, dtype=torch.float64, device=state.hooks.device),)
         return activation
 
     def _split(self, op: Any, tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
@@ -354,7 +386,7 @@ class Executor:
 
     def _store_received(self, op: Any, received: tuple[tuple[torch.Tensor, ...], bool], state: StepState) -> None:
         tensors, was_tuple = received
-        if isinstance(op, ins.RecvGrad) and self._carries_stats(op):
+        if isinstance(op, ins.RecvGrad) and op.loss:
             tensors, state.loss_stats = tensors[:-1], tensors[-1].cpu()
         for micro_batch, part in self._split(op, tensors):
             if isinstance(op, ins.RecvGrad):

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipegrid.pipe.partition import owner_of, partition
 from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
+from pipegrid.schedules.placement import Placement
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipegrid.topology.grid import Topology
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["PipelineModule", "StageChunk", "build_reference", "profile_layer_costs"]
 
 Layer = LayerSpec | nn.Module | Callable[..., Any]
-_LAYOUT_ONLY = ("topology", "num_stages", "stage_id", "virtual_stages", "partition_method",
+_LAYOUT_ONLY = ("topology", "num_stages", "stage_id", "virtual_stages", "stage_placement", "partition_method",
                 "partition_costs", "profile_input")
 
 
@@ -142,6 +143,16 @@ def _pipe_size(topology: Topology | None, num_stages: int | None) -> int:
     return stages
 
 
+def _placement(kind: str, pipe: int, chunks: int) -> Placement:
+    if kind not in ("loop", "v"):
+        raise ValueError(f"stage_placement must be 'loop' (stage s on pipe rank s % num_stages) or 'v' (pipe rank r "
+                         f"holds stages r and 2*num_stages-1-r, for schedules zb_v and dualpipev), got {kind!r}")
+    if kind == "v" and chunks != 2:
+        raise ValueError(f"stage_placement='v' places 2 chunks per pipe rank, got virtual_stages={chunks}; pass "
+                         "virtual_stages=2 (or stage_placement='loop')")
+    return Placement(kind, pipe, chunks)
+
+
 def _own_stage_id(topology: Topology | None, pipe: int, stage_id: int | None) -> int:
     if stage_id is None:
         if dist.is_available() and dist.is_initialized():
@@ -165,8 +176,10 @@ def _own_stage_id(topology: Topology | None, pipe: int, stage_id: int | None) ->
 class PipelineModule(nn.Module):
     """A model given as a list of layers, of which this process builds only its stages.
 
-    Model stages number ``num_stages * virtual_stages``; pipe rank r holds stages
-    ``r, r + p, ...`` (``stage_ids``), each a ``StageChunk`` in ``self.stages``.
+    Model stages number ``num_stages * virtual_stages``; ``stage_placement`` says which
+    pipe rank holds each (``self.placement``): ``"loop"`` gives rank r stages ``r, r + p,
+    ...``, ``"v"`` (for zb_v and dualpipev, 2 chunks) stages ``r`` and ``2p-1-r``. This
+    rank's are ``stage_ids``, each a ``StageChunk`` in ``self.stages``.
     Layer i is built under ``seed + i``; a tied key's module once per process under
     ``seed`` + its first index, so every layout starts bit-identical to
     ``build_reference``. ``self.parameters()`` yields every local parameter once.
@@ -177,7 +190,7 @@ class PipelineModule(nn.Module):
                  stage_id: int | None = None, partition_method: str | Sequence[float] = "parameters",
                  activation_checkpoint_interval: int = 0, seed: int = 1234,
                  virtual_stages: int = 1, partition_costs: Sequence[float] | None = None,
-                 profile_input: Any = None) -> None:
+                 profile_input: Any = None, stage_placement: str = "loop") -> None:
         super().__init__()
         self.layer_specs = _check_layers(layers)
         self.num_layers = len(self.layer_specs)
@@ -191,9 +204,10 @@ class PipelineModule(nn.Module):
             raise ValueError(f"virtual_stages must be an int >= 1, got {virtual_stages!r}")
         self.num_stages = _pipe_size(topology, num_stages)
         self.virtual_stages = virtual_stages
-        self.num_model_stages = self.num_stages * virtual_stages
+        self.placement = _placement(stage_placement, self.num_stages, virtual_stages)
+        self.num_model_stages = self.placement.num_stages
         self.stage_id = _own_stage_id(topology, self.num_stages, stage_id)
-        self.stage_ids = [self.stage_id + k * self.num_stages for k in range(virtual_stages)]
+        self.stage_ids = self.placement.stages_of(self.stage_id)
         self.parts = self._partition(partition_method, partition_costs, profile_input)
         self._tied_first: dict[str, int] = {  # key -> index of its first layer
             layer.key: i for i, layer in reversed(list(enumerate(self.layer_specs)))
@@ -306,7 +320,7 @@ class PipelineModule(nn.Module):
 
     def pipe_rank_of(self, stage: int) -> int:
         """The pipe rank holding model stage ``stage``."""
-        return self._checked_stage(stage) % self.num_stages
+        return self.placement.rank_of(self._checked_stage(stage))
 
     # ---- tied weights ----------------------------------------------------------------
 
@@ -319,8 +333,9 @@ class PipelineModule(nn.Module):
         return {key: sorted(stages) for key, stages in owners.items()}
 
     def tied_pipe_ranks(self) -> dict[str, list[int]]:
-        """Tied key -> sorted pipe ranks owning it (the group whose gradients are summed)."""
-        return {key: sorted({s % self.num_stages for s in stages})
+        """Tied key -> sorted pipe ranks owning it (the group whose gradients are summed; one
+        rank when every copy lands there, as the embedding and head do on rank 0 of a V)."""
+        return {key: sorted({self.placement.rank_of(s) for s in stages})
                 for key, stages in self.tied_keys().items()}
 
     def tied_parameters(self, key: str) -> list[nn.Parameter]:
@@ -351,7 +366,7 @@ class PipelineModule(nn.Module):
                 if key:
                     seen.add(key)
             mark = "*" if s in self.stage_ids else ""
-            rows.append((f"{s}{mark}", str(s % self.num_stages),
+            rows.append((f"{s}{mark}", str(self.placement.rank_of(s)),
                          f"{lo}-{hi - 1}" if hi - lo > 1 else str(lo), f"{total:,}",
                          ", ".join(names)))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]

@@ -1,5 +1,6 @@
 """Measured timelines: merge every rank's executed instructions into one Chrome trace
-(opens in Perfetto) and a PNG, and compare the measured bubble with the simulator's."""
+(opens in Perfetto) and a PNG of the measured step above its simulation, and compare the
+measured bubble with the simulator's."""
 
 from __future__ import annotations
 
@@ -10,39 +11,38 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pipegrid.schedules import simulate
-from pipegrid.schedules.render import to_chrome_trace, to_png
+from pipegrid.schedules import SimResult, simulate
+from pipegrid.schedules.render import measured_bubble, to_chrome_trace, to_png
+
+__all__ = ["measured_bubble", "simulated", "simulated_bubble", "write_trace"]
 
 Event = tuple[int, str, float, float]
 _COMPUTE = ("F", "B", "I", "W")
 
 
 def _kind(label: str) -> str:
-    letters = "".join(c for c in label if c.isalpha())
+    letters = label.strip("0123456789")
     return letters if letters in _COMPUTE else ""
 
 
-def measured_bubble(events: list[Event]) -> float:
-    """Idle share of the step on each rank (time outside F/B/I/W), averaged over ranks."""
-    if not events:
-        return 0.0
-    start, end = min(e[2] for e in events), max(e[3] for e in events)
-    span = end - start
-    ranks = sorted({e[0] for e in events})
-    busy = {r: sum(e[3] - e[2] for e in events if e[0] == r and _kind(e[1])) for r in ranks}
-    return sum(1.0 - busy[r] / span for r in ranks) / len(ranks) if span > 0 else 0.0
+def simulated(schedule: Any, events: list[Event]) -> SimResult:
+    """The simulator's step for the same schedule, fed the measured mean op durations (seconds).
+
+    A full backward B is costed as the measured B; a split one as I and W apart.
+    """
+    means = {kind: statistics.mean(durations) for kind in _COMPUTE
+             if (durations := [e[3] - e[2] for e in events if _kind(e[1]) == kind])}
+    costs = {"F": means.get("F", 1.0), "B": 2.0 * means.get("F", 1.0), "W": 0.0, "comm": 0.0}
+    if "I" in means:  # split: B is the input half, W the weight half, a full B their sum
+        costs["B"], costs["W"] = means["I"], means.get("W", 0.0)
+    elif "B" in means:
+        costs["B"] = means["B"]
+    return simulate(schedule, costs)
 
 
 def simulated_bubble(schedule: Any, events: list[Event]) -> float:
     """The simulator's bubble for the same schedule, fed the measured mean op durations."""
-    costs = {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.0}
-    for kind in _COMPUTE:
-        durations = [e[3] - e[2] for e in events if _kind(e[1]) == kind]
-        if durations:
-            costs["B" if kind == "I" else kind] = statistics.mean(durations)
-    if not schedule.split_backward:
-        costs["W"] = 0.0
-    return simulate(schedule, costs).bubble_fraction
+    return float(simulated(schedule, events).bubble_fraction)
 
 
 def write_trace(engine: Any, path: str) -> dict[str, float] | None:
@@ -65,10 +65,11 @@ def write_trace(engine: Any, path: str) -> dict[str, float] | None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(to_chrome_trace(events, us_per_unit=1e6), f)
-    try:
-        to_png(events, os.path.splitext(path)[0] + ".png", title="pipegrid measured timeline")
-    except ImportError:  # matplotlib is the optional [viz] extra
-        pass
     pipeline = [engine.topology.rank(pipe=p, data=0, tensor=0) for p in range(engine.topology.pipe)]
     one = [(pipeline.index(r), label, s, e) for r, label, s, e in events if r in pipeline]
-    return {"measured_bubble": measured_bubble(one), "simulated_bubble": simulated_bubble(engine.schedule, one)}
+    sim = simulated(engine.schedule, one)
+    try:
+        to_png(sim, os.path.splitext(path)[0] + ".png", measured=one, seconds=True)
+    except ImportError:  # matplotlib is the optional [viz] extra
+        pass
+    return {"measured_bubble": measured_bubble(one), "simulated_bubble": float(sim.bubble_fraction)}

@@ -16,10 +16,11 @@ from pipegrid.plan.model import (
     DTYPE_BYTES, LayerCost, TransformerConfig, megatron_flops_per_step, transformer_layers,
 )
 from pipegrid.plan.simulation import simulate_step
+from pipegrid.schedules import Placement, registry
 from pipegrid.topology.grid import Topology
 
 __all__ = ["Layout", "Prediction", "predict", "predict_transformer", "ring_allreduce_s",
-           "split_chunks", "micro_batches_of"]
+           "split_chunks", "micro_batches_of", "placement_of"]
 
 _OPTIMIZER_BYTES_PER_PARAM = 28  # Adam: read+write master, m, v (24) + read grad, write param
 
@@ -34,7 +35,7 @@ class Layout:
     schedule: str = "1f1b"
     """A ``pipegrid.schedules`` name."""
     virtual_stages: int = 1
-    """Model chunks per pipe rank (interleaved_1f1b only)."""
+    """Model chunks per pipe rank (interleaved_1f1b: any; zb_v, dualpipev: 2)."""
     micro_batch_size: int = 1
     """Sequences per micro-batch."""
     zero: bool = False
@@ -103,6 +104,12 @@ class Prediction:
         if self.hardware_flops is None:
             return None
         return self.hardware_flops / self.step_s / self.layout.devices / 1e12
+
+
+def placement_of(layout: Layout) -> Placement:
+    """Which pipe rank holds each of the layout's model chunks (the schedule's placement)."""
+    spec = registry.get(layout.schedule)
+    return Placement(spec.placement_for(layout.virtual_stages), layout.pipe, layout.virtual_stages)
 
 
 def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
@@ -193,19 +200,19 @@ def predict(layers: Sequence[LayerCost], layout: Layout, cluster: ClusterSpec, *
     dp_link = cluster.slowest_link(hosts, topo.axis_groups("data"), ring=True)
     pp_link = cluster.slowest_link(hosts, topo.axis_groups("pipe"), ring=False)
     chunks = split_chunks(layers, p * v)
-    split = layout.schedule == "zb_h1"
-    costs = _chunk_costs(chunks, cluster.device, t, tp_link, recompute, split)
+    placement = placement_of(layout)
+    costs = _chunk_costs(chunks, cluster.device, t, tp_link, recompute, registry.get(layout.schedule).split_backward)
     boundary = max(chunk[-1].output_bytes for chunk in chunks[:-1]) if p > 1 else 0.0
     message = layout.coalesce * (boundary / t if scatter_gather else boundary)  # a group per message
     costs["comm"] = pp_link.time(message) if p > 1 else 0.0
     sim = simulate_step(layout.schedule, p, micro_batches, v, costs, coalesce=layout.coalesce)
-    per_rank = [[chunks[r + k * p] for k in range(v)] for r in range(p)]
+    per_rank = [[chunks[s] for s in placement.stages_of(r)] for r in range(p)]
     params = [sum(l.parameters for c in cs for l in c) for cs in per_rank]
     grad_bytes = max(params) * DTYPE_BYTES[optimizer.dtype]
     data_sync = ring_allreduce_s(grad_bytes, d, dp_link)  # ZeRO-1: reduce-scatter + all-gather, same volume
     shard = max(params) / (d if layout.zero else 1)
     optimizer_s = shard * _OPTIMIZER_BYTES_PER_PARAM / cluster.device.memory_bandwidth
-    memory, peak = _busiest_memory(per_rank, params, sim.peak_inflight, layout, optimizer, recompute)
+    memory, peak = _busiest_memory(per_rank, params, sim.peak_inflight, layout, optimizer, recompute, placement)
     notes = [] if sim.extrapolated_from is None else \
         ["simulated at m={},{} and extended linearly".format(*sim.extrapolated_from)]
     return Prediction(layout=layout, micro_batches=micro_batches,
@@ -217,11 +224,11 @@ def predict(layers: Sequence[LayerCost], layout: Layout, cluster: ClusterSpec, *
 
 
 def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], inflight: Sequence[int],
-                    layout: Layout, optimizer: OptimizerSpec, recompute: bool) -> tuple[dict[str, int], int]:
-    p = layout.pipe
+                    layout: Layout, optimizer: OptimizerSpec, recompute: bool,
+                    placement: Placement) -> tuple[dict[str, int], int]:
     best: tuple[int, dict[str, int]] = (-1, {})
     for rank, chunks in enumerate(per_rank):
-        counts = [inflight[rank + k * p] for k in range(layout.virtual_stages)]
+        counts = [inflight[s] for s in placement.stages_of(rank)]  # each chunk's own peak: an upper bound
         report = memory_report(params[rank], optimizer, data=layout.data, zero=layout.zero)
         report["activations"] = activation_bytes(chunks, counts, recompute)
         peak = report["total"] + report["activations"]

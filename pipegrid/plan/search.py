@@ -13,8 +13,9 @@ from pipegrid.plan.hardware import ClusterSpec
 from pipegrid.plan.memory import OptimizerSpec, activation_bytes, memory_report
 from pipegrid.plan.model import LayerCost, TransformerConfig, transformer_layers
 from pipegrid.plan.predict import (
-    Layout, Prediction, _chunk_costs, micro_batches_of, predict_transformer, split_chunks,
+    Layout, Prediction, _chunk_costs, micro_batches_of, placement_of, predict_transformer, split_chunks,
 )
+from pipegrid.schedules import ScheduleError, registry
 
 __all__ = ["SearchSpace", "candidates", "search", "explain"]
 
@@ -23,10 +24,11 @@ __all__ = ["SearchSpace", "candidates", "search", "explain"]
 class SearchSpace:
     """What the search may choose."""
 
-    schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+    schedules: tuple[str, ...] = tuple(name for name, spec in registry.SCHEDULES.items() if spec.hints)
+    """Every schedule the registry gives planner hints for."""
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4)
     virtual_stages: tuple[int, ...] = (2, 4)
-    """Chunks per rank tried for interleaved_1f1b."""
+    """Chunks per rank tried for schedules that run any number (interleaved_1f1b)."""
     zero: tuple[bool, ...] = (False, True)
     shortlist: int = 8
     """How many screened candidates the simulator times."""
@@ -56,12 +58,26 @@ def candidates(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace)
 
 
 def _schedules(space: SearchSpace, layers: int, p: int, m: int) -> list[tuple[str, int]]:
+    """(schedule, chunks per rank) the registry accepts here; several chunks only when the
+    layers split evenly into p x v of them."""
     if p == 1:  # every schedule is the same loop on one stage
         return [("1f1b", 1)]
-    out = [(name, 1) for name in space.schedules if name != "interleaved_1f1b"]
-    if "interleaved_1f1b" in space.schedules and m % p == 0:
-        out += [("interleaved_1f1b", v) for v in space.virtual_stages if layers % (p * v) == 0]
+    out = []
+    for name in space.schedules:
+        spec = registry.get(name)
+        for v in (spec.chunks or space.virtual_stages) if spec.hints else ():
+            if (v == 1 or layers % (p * v) == 0) and _accepts(spec, p, m, v):
+                out.append((name, v))
     return out
+
+
+def _accepts(spec: registry.ScheduleSpec, p: int, m: int, v: int) -> bool:
+    try:
+        if spec.check is not None:
+            spec.check(p, m, v, 1)
+    except ScheduleError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=16)
@@ -77,15 +93,13 @@ def _screen(cfg: TransformerConfig, layout: Layout, cluster: ClusterSpec,
     intra, inter = cluster.links()
     tp = intra if layout.tensor <= cluster.devices_per_host else inter
     c = _chunk_costs(chunks, cluster.device, layout.tensor, tp, cfg.recompute, True)
-    f, b, w = c["F"], c["B"], c["W"]
-    if layout.schedule == "zb_h1":
-        pipeline = m * (f + b + w) + (p - 1) * max(f + b - w, 0.0)
-    else:
-        pipeline = (m * v + p - 1) * (f + b + w)
-    inflight = m if layout.schedule == "gpipe" else min(m, 2 * p if v > 1 else p)
-    params = sum(l.parameters for chunk in chunks[::p] for l in chunk)
+    hints = registry.get(layout.schedule).hints
+    assert hints is not None, "candidates() proposes only schedules with planner hints"
+    pipeline = hints.pipeline(p, m, v, c["F"], c["B"], c["W"])
+    first = [chunks[s] for s in placement_of(layout).stages_of(0)]  # rank 0: the most held in 1F1B
+    params = sum(l.parameters for chunk in first for l in chunk)
     static = memory_report(params, optimizer, data=layout.data, zero=layout.zero)["total"]
-    held = activation_bytes(chunks[::p], [inflight] * v, cfg.recompute)
+    held = activation_bytes(first, [hints.held(p, m, v)] * v, cfg.recompute)
     return pipeline, static + held <= cluster.device.memory_bytes
 
 

@@ -2,8 +2,9 @@
 
 ``pipegrid.schedules.simulate`` is the one source of truth for timing. A 64-stage schedule
 with hundreds of micro-batches has ~10^5 ops, too many to simulate per candidate, but past
-m = p a schedule's makespan grows by the same amount per extra micro-batch (the steady
-state), so it is simulated at m = p and m = 2p and extended along that line.
+m = p (2p for a V) a schedule's makespan grows by the same amount per extra micro-batch
+(the steady state), so it is simulated there and p micro-batches later and extended along
+that line.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from pipegrid.schedules import Schedule, build, simulate
+from pipegrid.schedules import Schedule, build, registry, simulate
 
 __all__ = ["StepSimulation", "simulate_step"]
 
@@ -42,19 +43,24 @@ def simulate_step(name: str, p: int, m: int, v: int, costs: Mapping[str, float],
                   coalesce: int = 1) -> StepSimulation:
     """Simulate (or extrapolate) one step of schedule ``name`` with uniform stage ``costs``.
 
-    With ``coalesce`` k the steady state repeats per group of k micro-batches, so long
-    schedules are simulated at p and 2p groups and extended per group.
+    Past the schedule's steady size (``PlannerHints.steady`` x p micro-batches: p, or 2p
+    for a V) each micro-batch adds the same time, so a long schedule is simulated there and
+    p micro-batches later and extended along that line. With ``coalesce`` k the steady
+    state repeats per group of k micro-batches: the sizes are counted in groups.
     """
-    k = coalesce
+    k, hints = coalesce, registry.get(name).hints
     busy = m * v * (costs["F"] + costs["B"] + costs.get("W", 0.0))  # per rank
-    if p == 1 or m * v * p <= _DIRECT_OPS or m <= 2 * p * k:
+    m1 = (hints.steady if hints else 1) * p * k
+    m2 = m1 + p * k
+    if p == 1 or m * v * p <= _DIRECT_OPS or m <= m2:
         result = simulate(_schedule(name, p, m, v, k), costs)
         return StepSimulation(result.makespan, result.bubble_fraction, result.peak_inflight, None)
-    m1, m2 = p * k, 2 * p * k
     first = simulate(_schedule(name, p, m1, v, k), costs)
     second = simulate(_schedule(name, p, m2, v, k), costs)
     slope = (second.makespan - first.makespan) / (m2 - m1)
     makespan = second.makespan + slope * (m - m2)
-    peak = tuple(m if name == "gpipe" else n for n in second.peak_inflight)
+    # a schedule that holds every micro-batch (GPipe, by its planner hints) holds all m; the rest have settled
+    holds_all = hints is not None and hints.held(p, m, v) >= m
+    peak = tuple(m if holds_all and n == m2 else n for n in second.peak_inflight)
     bubble = max(0.0, 1.0 - busy / makespan) if makespan > 0 else 0.0
     return StepSimulation(makespan, bubble, peak, (m1, m2))

@@ -11,7 +11,9 @@ import sys
 from typing import Sequence
 
 from pipegrid.schedules.errors import ScheduleError
-from pipegrid.schedules.lower import SCHEDULE_NAMES, build
+from pipegrid.schedules.lower import build
+from pipegrid.schedules.placement import PLACEMENTS
+from pipegrid.schedules.registry import SCHEDULE_NAMES, SCHEDULES
 from pipegrid.schedules.render import to_chrome_trace, to_png, to_text
 from pipegrid.schedules.simulate import simulate
 from pipegrid.schedules.validate import validate
@@ -20,14 +22,18 @@ from pipegrid.schedules.validate import validate
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipegrid.schedules",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=SCHEDULE_NAMES)
+    parser.add_argument("name", choices=SCHEDULE_NAMES,
+                        help="; ".join(f"{spec.name}: {spec.summary}" for spec in SCHEDULES.values()))
     parser.add_argument("--stages", type=int, required=True, help="pipeline degree p")
     parser.add_argument("--micro-batches", type=int, required=True, help="micro-batches m")
-    parser.add_argument("--virtual", type=int, default=1, help="chunks per rank v")
+    parser.add_argument("--virtual", type=int, default=None,
+                        help="chunks per rank v (default: the schedule's own, else 1)")
+    parser.add_argument("--placement", choices=PLACEMENTS, default=None,
+                        help="stage -> rank map (default: the schedule's own; inference takes any)")
     parser.add_argument("--coalesce", type=int, default=1, help="micro-batches per message")
     for key, default in (("F", 1.0), ("B", 2.0), ("W", 0.0), ("comm", 0.0)):
         parser.add_argument(f"--cost-{key}", type=float, default=None,
-                            help=f"cost of {key} (default {default}; zb_h1: F=B=W=1)")
+                            help=f"cost of {key} (default {default}; split-backward schedules: F=B=W=1)")
     parser.add_argument("--streams", action="store_true",
                         help="also print every rank's instruction stream")
     parser.add_argument("--png", help="write the timeline picture here (needs matplotlib)")
@@ -38,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        schedule = build(args.name, args.stages, args.micro_batches, args.virtual, coalesce=args.coalesce)
+        chunks = SCHEDULES[args.name].chunks
+        virtual = args.virtual if args.virtual is not None else (chunks or (1,))[0]
+        schedule = build(args.name, args.stages, args.micro_batches, virtual, coalesce=args.coalesce,
+                         placement=args.placement)
         validate(schedule)
     except ScheduleError as error:
         print(f"error: {error}", file=sys.stderr)

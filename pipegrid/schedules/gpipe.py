@@ -14,16 +14,15 @@ Bubble (F=1, B=2): (p-1)/(m+p-1); peak in-flight per stage: m.
 from __future__ import annotations
 
 from pipegrid.schedules.instructions import Backward, ComputeInstruction, Forward
+from pipegrid.schedules.placement import Placement
 
 __all__ = ["compute_order"]
 
 
-def compute_order(
-    num_stages: int, micro_batches: int, virtual_stages: int = 1
-) -> list[list[ComputeInstruction]]:
+def compute_order(placement: Placement, micro_batches: int) -> list[list[ComputeInstruction]]:
     """Compute-only order per rank: F of every micro-batch, then B in the same order."""
     order: list[list[ComputeInstruction]] = []
-    for stage in range(num_stages):
+    for stage in range(placement.num_ranks):  # one chunk per rank: stage s on rank s
         forwards = [Forward(stage, mb) for mb in range(micro_batches)]
         backwards = [Backward(stage, mb) for mb in range(micro_batches)]
         order.append([*forwards, *backwards])

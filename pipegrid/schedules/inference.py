@@ -9,32 +9,30 @@ Timeline (p=3, m=4, F=1)::
 ``1F3`` is model stage 1 forward of micro-batch 3; ``·`` is idle.
 
 No backward, no gradient reduce, no optimizer step; a stage holds one micro-batch at a time.
-Accepts any virtual_stages (so eval matches an interleaved training layout) and any m.
+Accepts any virtual_stages and placement (so eval matches the training layout) and any m.
 """
 
 from __future__ import annotations
 
 from pipegrid.schedules.instructions import ComputeInstruction, Forward
+from pipegrid.schedules.placement import Placement
 
 __all__ = ["compute_order"]
 
 
-def compute_order(
-    num_stages: int, micro_batches: int, virtual_stages: int = 1
-) -> list[list[ComputeInstruction]]:
+def compute_order(placement: Placement, micro_batches: int) -> list[list[ComputeInstruction]]:
     """Compute-only order per rank: rounds of p micro-batches, chunk by chunk.
 
     With v=1 this is simply every micro-batch in order. With v chunks (eval of an
     interleaved model) each round goes through chunk 0, then chunk 1, ...; every
     forward depends only on ops earlier in the same order, so it cannot deadlock.
     """
-    p = num_stages
+    p = placement.num_ranks
     order: list[list[ComputeInstruction]] = []
     for rank in range(p):
         ops: list[ComputeInstruction] = []
         for first in range(0, micro_batches, p):
-            for chunk in range(virtual_stages):
-                ops += [Forward(chunk * p + rank, mb)
-                        for mb in range(first, min(first + p, micro_batches))]
+            for stage in placement.stages_of(rank):  # chunk by chunk: stages in model order
+                ops += [Forward(stage, mb) for mb in range(first, min(first + p, micro_batches))]
         order.append(ops)
     return order

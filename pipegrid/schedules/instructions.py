@@ -1,6 +1,7 @@
 """Instructions: the frozen dataclasses a schedule is made of, and their compact text form.
 
 ``1F3`` is model stage 1 forward of micro-batch 3; ``parse_instruction`` reads it back.
+``2SG3*`` is a gradient message that also carries the step's loss statistics.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class _MicroBatchOp:
     """Base of every instruction that acts on one micro-batch at one model stage."""
 
     stage: int
-    """Model stage in ``[0, num_stages * virtual_stages)``; runs on rank ``stage % num_stages``."""
+    """Model stage in ``[0, num_stages * virtual_stages)``; its rank is the placement's."""
     micro_batch: int
     """Micro-batch index in ``[0, micro_batches)``."""
 
@@ -99,7 +100,20 @@ class RecvActivation(_P2POp):
 
 
 @dataclass(frozen=True)
-class SendGrad(_P2POp):
+class _GradOp(_P2POp):
+    """A gradient transfer, which may also carry the step's loss statistics."""
+
+    loss: bool = False
+    """The message also carries (mean loss of the step, any non-finite loss) from the last
+    stage: ``lower.mark_loss_messages`` picks one such message into every rank, so no rank
+    needs a collective to learn the step's loss. Written ``2SG3*``."""
+
+    def __str__(self) -> str:
+        return super().__str__() + ("*" if self.loss else "")
+
+
+@dataclass(frozen=True)
+class SendGrad(_GradOp):
     """Send the gradient of this stage's input to ``stage - 1``."""
 
     code: ClassVar[str] = "SG"
@@ -107,7 +121,7 @@ class SendGrad(_P2POp):
 
 
 @dataclass(frozen=True)
-class RecvGrad(_P2POp):
+class RecvGrad(_GradOp):
     """Receive the gradient of this stage's output from ``stage + 1``."""
 
     code: ClassVar[str] = "RG"
@@ -181,7 +195,7 @@ _MICRO_BATCH_TYPES: dict[str, type] = {
 _RANK_TYPES: dict[str, type] = {
     cls.code: cls for cls in (ReduceTiedGrads, ReduceGrads, OptimizerStep)
 }
-_COMPACT = re.compile(r"^(\d+)([A-Z]{1,2})(\d+)$")
+_COMPACT = re.compile(r"^(\d+)([A-Z]{1,2})(\d+)(\*?)$")
 
 
 def parse_instruction(text: str) -> Instruction:
@@ -196,14 +210,18 @@ def parse_instruction(text: str) -> Instruction:
     if token in _RANK_TYPES:
         return _RANK_TYPES[token]()
     match = _COMPACT.match(token)
-    if match is None or match.group(2) not in _MICRO_BATCH_TYPES:
+    cls = _MICRO_BATCH_TYPES.get(match.group(2)) if match else None
+    if cls is None or (match.group(4) and not issubclass(cls, _GradOp)):  # type: ignore[union-attr]
         known = ", ".join([*_MICRO_BATCH_TYPES, *_RANK_TYPES])
         raise ScheduleError(
             f"cannot parse instruction {text!r}: expected <stage><code><micro_batch> "
-            f"such as '1F3' or one of TIED/REDUCE/STEP (codes: {known})"
+            f"such as '1F3' (a gradient message carrying the loss: '1SG3*') or one of "
+            f"TIED/REDUCE/STEP (codes: {known})"
         )
-    stage, code, micro_batch = match.groups()
-    return _MICRO_BATCH_TYPES[code](int(stage), int(micro_batch))
+    stage, _, micro_batch, loss = match.groups()  # type: ignore[union-attr]
+    if loss:
+        return cls(int(stage), int(micro_batch), loss=True)
+    return cls(int(stage), int(micro_batch))
 
 
 def is_compute(op: Instruction) -> bool:

@@ -1,4 +1,4 @@
-"""Interleaved 1F1B (Megatron-LM): each rank runs v model chunks, stage s on rank s % p.
+"""Interleaved 1F1B (Megatron-LM): each rank runs v model chunks, placed "loop" (stage s on rank s % p).
 
 Timeline (p=2, m=4, v=2, F=1, B=2 per chunk)::
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 from pipegrid.schedules import one_f_one_b
 from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import Backward, ComputeInstruction, Forward
+from pipegrid.schedules.placement import Placement
 
 __all__ = ["compute_order", "check"]
 
@@ -32,34 +33,35 @@ def check(num_stages: int, micro_batches: int, virtual_stages: int) -> None:
         )
 
 
-def _op_at(step: int, rank: int, p: int, v: int, forward: bool) -> ComputeInstruction:
-    """The step-th forward (or backward) of ``rank``: rounds of p micro-batches per chunk."""
+def _op_at(step: int, stages: list[int], p: int, forward: bool) -> ComputeInstruction:
+    """The step-th forward (or backward) of a rank holding ``stages``: rounds of p
+    micro-batches per chunk, forwards from the first chunk, backwards from the last."""
+    v = len(stages)
     chunk = (step // p) % v
     micro_batch = (step // (p * v)) * p + step % p
     if forward:
-        return Forward(chunk * p + rank, micro_batch)
-    return Backward((v - 1 - chunk) * p + rank, micro_batch)
+        return Forward(stages[chunk], micro_batch)
+    return Backward(stages[v - 1 - chunk], micro_batch)
 
 
-def compute_order(
-    num_stages: int, micro_batches: int, virtual_stages: int = 1
-) -> list[list[ComputeInstruction]]:
+def compute_order(placement: Placement, micro_batches: int) -> list[list[ComputeInstruction]]:
     """Compute-only order per rank, phases: warmup, steady (1F1B), cooldown."""
-    if virtual_stages == 1:
-        return one_f_one_b.compute_order(num_stages, micro_batches)
-    check(num_stages, micro_batches, virtual_stages)
-    p, v = num_stages, virtual_stages
+    if placement.chunks == 1:
+        return one_f_one_b.compute_order(placement, micro_batches)
+    p, v = placement.num_ranks, placement.chunks
+    check(p, micro_batches, v)
     total = micro_batches * v
     order: list[list[ComputeInstruction]] = []
     for rank in range(p):
+        stages = placement.stages_of(rank)
         # Megatron's warmup: fill the other chunks of the first round, plus twice
         # the distance to the last rank so the steady phase never waits on a send.
         warmup = min((v - 1) * p + 2 * (p - 1 - rank), total)
-        ops = [_op_at(k, rank, p, v, forward=True) for k in range(warmup)]
+        ops = [_op_at(k, stages, p, forward=True) for k in range(warmup)]
         for k in range(warmup, total):  # steady: one F, one B
-            ops.append(_op_at(k, rank, p, v, forward=True))
-            ops.append(_op_at(k - warmup, rank, p, v, forward=False))
+            ops.append(_op_at(k, stages, p, forward=True))
+            ops.append(_op_at(k - warmup, stages, p, forward=False))
         for k in range(total - warmup, total):  # cooldown
-            ops.append(_op_at(k, rank, p, v, forward=False))
+            ops.append(_op_at(k, stages, p, forward=False))
         order.append(ops)
     return order

@@ -14,19 +14,18 @@ Bubble (F=1, B=2): (p-1)/(m+p-1), as GPipe; peak in-flight at stage s: min(m, p-
 from __future__ import annotations
 
 from pipegrid.schedules.instructions import Backward, ComputeInstruction, Forward
+from pipegrid.schedules.placement import Placement
 
 __all__ = ["compute_order"]
 
 
-def compute_order(
-    num_stages: int, micro_batches: int, virtual_stages: int = 1
-) -> list[list[ComputeInstruction]]:
+def compute_order(placement: Placement, micro_batches: int) -> list[list[ComputeInstruction]]:
     """Compute-only order per rank, phases: warmup, steady (1F1B), cooldown."""
     order: list[list[ComputeInstruction]] = []
-    for stage in range(num_stages):
+    for stage in range(placement.num_ranks):  # one chunk per rank: stage s on rank s
         # Stage s must cover the p-1-s forwards still ahead of it before the
         # first gradient can come back; more would only hold more activations.
-        warmup = min(num_stages - 1 - stage, micro_batches)
+        warmup = min(placement.num_ranks - 1 - stage, micro_batches)
         ops: list[ComputeInstruction] = [Forward(stage, mb) for mb in range(warmup)]
         for mb in range(warmup, micro_batches):  # steady: one F, one B
             ops.append(Forward(stage, mb))

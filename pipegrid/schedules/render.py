@@ -1,6 +1,7 @@
 """Pictures of a schedule: text timeline table, Chrome-trace JSON (Perfetto), PNG (matplotlib).
 
-Each takes a Schedule, a SimResult, or measured events ``(rank, label, start, end)``.
+Each takes a Schedule, a SimResult, or measured events ``(rank, label, start, end)``; the
+PNG draws a measured step above its simulation on one axis (``picture.py`` draws).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, Iterable, Sequence, Union
 from pipegrid.schedules.schedule import Schedule
 from pipegrid.schedules.simulate import Event, SimResult, simulate
 
-__all__ = ["to_text", "to_chrome_trace", "to_png", "RENDER_COSTS"]
+__all__ = ["to_text", "to_chrome_trace", "to_png", "measured_bubble", "RENDER_COSTS"]
 
 RENDER_COSTS = {"F": 1.0, "B": 1.0, "W": 1.0, "comm": 0.0}
 """Costs used to draw a bare Schedule: F=1, full backward 2 (I=1, W=1 when split)."""
@@ -62,8 +63,8 @@ def to_text(source: Source, slot: float | None = None) -> str:
         lines.append(f"rank {rank:<2}| " + " ".join(f"{c:>{width}}" for c in row))
     if isinstance(source, (Schedule, SimResult)):
         result = source if isinstance(source, SimResult) else simulate(source, RENDER_COSTS)
-        lines.append(f"bubble {float(result.bubble_fraction):.4f}, makespan "
-                     f"{float(result.makespan):g}, peak in-flight {list(result.peak_inflight)}")
+        lines.append(f"bubble {float(result.bubble_fraction):.4f}, makespan {float(result.makespan):g}, "
+                     f"peak in-flight per stage {list(result.peak_inflight)}, held per rank {list(result.peak_held)}")
     return "\n".join(lines)
 
 
@@ -91,41 +92,46 @@ def _kind(label: str) -> str:
     return letters if letters in _COLOURS else label
 
 
-def to_png(source: Source, path: str, *, title: str | None = None) -> None:
-    """Timeline picture: one row per rank, ops coloured by kind, bubbles hatched red."""
-    import matplotlib  # lazy: an optional extra (pipegrid[viz])
+def to_png(source: Source, path: str, *, measured: Iterable[Event] | None = None, title: str | None = None,
+           seconds: bool = False) -> None:
+    """One timeline picture for simulated and measured steps: a row per rank, ops coloured
+    by kind (legend), labels only where they fit, idle time hatched red, and the loss's
+    arrival marked. With ``measured`` (events in seconds, as ``trace.enabled`` records)
+    the measured step is drawn above ``source`` on one time axis in ms, and the title
+    gives both bubbles. ``seconds``: ``source``'s times are seconds too (drawn in ms).
+    """
+    from pipegrid.schedules import picture  # lazy: matplotlib is an optional extra (pipegrid[viz])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    events = _events(source)
-    ranks = _num_ranks(source, events)
-    origin = min(e[2] for e in events)
-    makespan = max(e[3] for e in events) - origin
-    fig, ax = plt.subplots(figsize=(min(4 + makespan * 0.3, 40), 0.6 * ranks + 1.2))
-    for rank in range(ranks):  # the bubble: whatever no op covers
-        ax.barh(rank, makespan, left=0, height=0.8, color="#f6d5d5", hatch="//",
-                edgecolor="#d9a0a0", linewidth=0)
-    for rank, label, start, end in events:
-        ax.barh(rank, end - start, left=start - origin, height=0.8,
-                color=_COLOURS.get(_kind(label), "#999999"), edgecolor="white")
-        if end - start > 0 and len(events) <= 600:
-            ax.text(start - origin + (end - start) / 2, rank, label, ha="center",
-                    va="center", fontsize=6, color="white")
-    ax.set_yticks(range(ranks), [f"rank {r}" for r in range(ranks)])
-    ax.invert_yaxis()
-    ax.set_xlabel("time")
-    ax.set_title(title or _title(source))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _title(source: Source) -> str:
+    panels = []
+    if measured is not None:
+        events = [(int(r), str(label), float(s), float(e)) for r, label, s, e in measured]
+        panels.append(picture.Panel("measured", events, measured_bubble(events), seconds=True))
+        seconds = True
     if isinstance(source, Schedule):
         source = simulate(source, RENDER_COSTS)
     if isinstance(source, SimResult):
+        marks = list(enumerate(float(t) for t in source.loss_known)) if source.schedule.training else []
+        panels.append(picture.Panel("simulated", source.events(), float(source.bubble_fraction), seconds,
+                                    ranks=source.schedule.num_stages, marks=marks))
+    elif measured is None:
+        events = _events(source)
+        panels.append(picture.Panel("measured", events, measured_bubble(events), seconds=seconds))
+    picture.draw(panels, path, title or _title(source, panels))
+
+
+def measured_bubble(events: Sequence[Event]) -> float:
+    """Idle share of the step on each rank (time outside F/B/I/W), averaged over ranks."""
+    if not events:
+        return 0.0
+    start, end = min(e[2] for e in events), max(e[3] for e in events)
+    ranks = sorted({e[0] for e in events})
+    busy = {r: sum(e[3] - e[2] for e in events if e[0] == r and _kind(e[1]) in _COLOURS) for r in ranks}
+    return sum(1.0 - busy[r] / (end - start) for r in ranks) / len(ranks) if end > start else 0.0
+
+
+def _title(source: Source, panels: list[Any]) -> str:
+    bubbles = " vs ".join(f"{panel.name} {panel.bubble:.3f}" for panel in panels)
+    if isinstance(source, SimResult):
         s = source.schedule
-        return (f"{s.name} p={s.num_stages} m={s.micro_batches} v={s.virtual_stages}: "
-                f"bubble {float(source.bubble_fraction):.3f}")
-    return "pipeline timeline (hatched: idle)"
+        return f"{s.name} p={s.num_stages} m={s.micro_batches} v={s.virtual_stages}: bubble {bubbles}"
+    return f"pipeline timeline: bubble {bubbles}"

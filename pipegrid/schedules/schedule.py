@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, Forward, Instruction, is_send, message_of,
 )
+from pipegrid.schedules.placement import Placement
 
 __all__ = ["Schedule"]
 
@@ -21,18 +22,17 @@ class Schedule:
 
     name: str
     """Schedule name as given to ``build`` (``gpipe``, ``1f1b``, ...)."""
-    num_stages: int
-    """Pipeline degree p: the number of pipe ranks."""
+    placement: Placement
+    """Which rank runs each model stage (``loop`` or ``v``), with p ranks of v chunks each."""
     micro_batches: int
     """Micro-batches m per step."""
-    virtual_stages: int
-    """Model chunks v per rank; model stage s runs on rank s % p."""
     streams: tuple[tuple[Instruction, ...], ...]
     """``streams[rank]``: that rank's program, communication and reduce/step included."""
     training: bool = True
     """False for forward-only schedules (no backward, reduce or optimizer step)."""
     split_backward: bool = False
-    """True when backward is split into BackwardInput + BackwardWeight."""
+    """True when a backward may be split into BackwardInput + BackwardWeight (each
+    (stage, micro-batch) then runs either a full Backward or both halves)."""
     coalesce: int = 1
     """Micro-batches per message: each group of this many consecutive micro-batches is
     computed one by one but crosses between stages as one message (the schedule is built
@@ -49,13 +49,16 @@ class Schedule:
         A group's last send posts the message and its first receive takes it; the
         other sends and receives of the group only mark their micro-batch's place.
         """
-        group = self.message_group(op.micro_batch)  # type: ignore[union-attr]
-        return op.micro_batch == (group[-1] if is_send(op) else group[0])  # type: ignore[union-attr]
+        k = self.coalesce
+        if k == 1:
+            return True
+        offset = op.micro_batch % k  # type: ignore[union-attr]
+        return offset == (k - 1 if is_send(op) else 0)
 
     def message_key(self, op: Instruction) -> tuple[str, int, int]:
         """``message_of(op)`` for the whole group: named by the group's first micro-batch."""
         kind, stage, micro_batch = message_of(op)
-        return kind, stage, self.message_group(micro_batch)[0]
+        return kind, stage, micro_batch - micro_batch % self.coalesce
 
     def reads(self, op: Instruction) -> tuple[str, int, int] | None:
         """The received message (``message_key``) compute ``op`` reads, if any.
@@ -64,27 +67,41 @@ class Schedule:
         the first op that reads it (the forward of its input, the backward of its
         output's gradient), so a receive posted early never holds compute up.
         """
-        if not isinstance(op, (Forward, Backward, BackwardInput)):
-            return None
-        stage, first = op.stage, self.message_group(op.micro_batch)[0]
         if isinstance(op, Forward):
-            remote = stage > 0 and self.rank_of(stage - 1) != self.rank_of(stage)
-            return ("activation", stage, first) if remote else None
-        remote = stage < self.num_model_stages - 1 and self.rank_of(stage + 1) != self.rank_of(stage)
-        return ("grad", stage, first) if remote else None
+            kind, remote = "activation", self.placement.remote_before(op.stage)
+        elif isinstance(op, (Backward, BackwardInput)):
+            kind, remote = "grad", self.placement.remote_after(op.stage)
+        else:
+            return None
+        return (kind, op.stage, op.micro_batch - op.micro_batch % self.coalesce) if remote else None
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline degree p: the number of pipe ranks (one stream each)."""
+        return self.placement.num_ranks
+
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks v per rank."""
+        return self.placement.chunks
 
     @property
     def num_model_stages(self) -> int:
         """p * v: the number of model stages (chunks) the model is cut into."""
-        return self.num_stages * self.virtual_stages
+        return self.placement.num_stages
 
     def rank_of(self, stage: int) -> int:
-        """Pipe rank that runs model stage ``stage``."""
-        return stage % self.num_stages
+        """Pipe rank that runs model stage ``stage`` (``placement.rank_of``)."""
+        return self.placement.rank_of(stage)
 
     def stages_of(self, rank: int) -> list[int]:
         """Model stages that pipe rank ``rank`` runs, first chunk first."""
-        return [rank + k * self.num_stages for k in range(self.virtual_stages)]
+        return self.placement.stages_of(rank)
+
+    @property
+    def loss_rank(self) -> int:
+        """The rank of the last model stage, which computes every micro-batch's loss."""
+        return self.rank_of(self.num_model_stages - 1)
 
     def table(self) -> str:
         """Every rank's stream as one row, instruction positions as columns."""
@@ -96,6 +113,7 @@ class Schedule:
         lines = [
             f"{self.name}: stages={self.num_stages} micro_batches={self.micro_batches} "
             f"virtual_stages={self.virtual_stages}"
+            + (f" placement={self.placement.kind}" if self.placement.kind != "loop" else "")
             + (f" coalesce={self.coalesce}" if self.coalesce > 1 else ""),
             header,
         ]

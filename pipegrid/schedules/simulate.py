@@ -16,6 +16,7 @@ from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, Forward, Instruction, is_compute, is_recv,
     is_send, parts,
 )
+from pipegrid.schedules.loss_message import knows_loss_after
 from pipegrid.schedules.schedule import Schedule
 
 __all__ = ["simulate", "SimResult", "DEFAULT_COSTS", "Event"]
@@ -44,6 +45,13 @@ class SimResult:
     """idle / makespan, averaged over ranks."""
     peak_inflight: tuple[int, ...]
     """peak_inflight[stage]: most micro-batches whose activations model stage holds at once."""
+    peak_held: tuple[int, ...]
+    """peak_held[rank]: most (micro-batch, chunk) activations the rank holds at once, over
+    all its chunks together, from a forward to its (input) backward."""
+    loss_known: tuple[float, ...]
+    """loss_known[rank]: when the rank has the step's loss: the loss rank after its last
+    loss, others where they read the gradient message marked to carry it (or, without
+    marks, at the end of the step, from the all-reduce)."""
     start: Mapping[_Node, float] = field(repr=False)
     """start[(rank, position)] of every instruction."""
     end: Mapping[_Node, float] = field(repr=False)
@@ -105,20 +113,19 @@ def build_graph(schedule: Schedule, comm: float = 0.0) -> nx.DiGraph:
             message = schedule.reads(op)
             if message is not None and message in sends:
                 graph.add_edge(sends[message], (rank, position), latency=comm)
-    _add_data_edges(graph, compute, schedule.split_backward)
+    _add_data_edges(graph, compute)
     return graph
 
 
-def _add_data_edges(graph: nx.DiGraph, compute: dict[tuple[str, int, int], _Node],
-                    split: bool) -> None:
-    """F(s,mb)->F(s+1,mb) and B(s+1,mb)->B(s,mb) (I for split); direct, zero latency."""
-    back = "I" if split else "B"
+def _add_data_edges(graph: nx.DiGraph, compute: dict[tuple[str, int, int], _Node]) -> None:
+    """F(s,mb)->F(s+1,mb) and input-gradient (B or I) (s+1,mb) -> (s,mb); direct, zero latency."""
+    gradient = {(stage, mb): node for (code, stage, mb), node in compute.items() if code in ("B", "I")}
     for (code, stage, mb), node in compute.items():
         after = None
         if code == "F":
             after = compute.get(("F", stage + 1, mb))
-        elif code == back:
-            after = compute.get((back, stage - 1, mb))
+        elif code in ("B", "I"):
+            after = gradient.get((stage - 1, mb))
         if after is not None and not graph.has_edge(node, after):
             graph.add_edge(node, after, latency=0)
 
@@ -130,21 +137,60 @@ def simulate(schedule: Schedule, costs: Mapping[str, float] | None = None) -> Si
     if unknown:
         raise ValueError(f"unknown cost keys {sorted(unknown)}; use F, B, W and comm")
     merged.update(costs or {})
-    graph = build_graph(schedule, merged["comm"])
-    try:
-        order = list(nx.topological_sort(graph))
-    except nx.NetworkXUnfeasible:
-        raise _cycle_error(schedule, graph) from None
+    played = _play(schedule, merged)
+    if played is None:  # stuck: the graph names the cycle (or the receive without a send)
+        graph = build_graph(schedule, merged["comm"])
+        raise _cycle_error(schedule, graph)
+    return _summarise(schedule, merged, *played)
+
+
+def _play(schedule: Schedule, costs: Mapping[str, float]) -> tuple[dict[_Node, float], dict[_Node, float]] | None:
+    """Every op's (start, end): the longest path through ``build_graph``'s edges, walked rank by
+    rank as far as each can go (an op starts when its rank is free, the message it reads has
+    arrived and the stage before it on the same rank has run). None when no rank can go on."""
+    zero = 0 * costs["F"]
     start: dict[_Node, float] = {}
     end: dict[_Node, float] = {}
-    zero = 0 * merged["F"]
-    for node in order:
-        begin = zero
-        for pred in graph.predecessors(node):
-            begin = max(begin, end[pred] + graph.edges[pred, node]["latency"])
-        start[node] = begin
-        end[node] = begin + _cost(schedule.streams[node[0]][node[1]], merged)
-    return _summarise(schedule, merged, start, end)
+    sent: dict[tuple[str, int, int], float] = {}  # message -> when its send was posted
+    done: set[tuple[str, int, int]] = set()  # (F or G, stage, micro-batch) already run
+    cursor, clock = [0] * schedule.num_stages, [zero] * schedule.num_stages
+    progressed = True
+    while progressed:
+        progressed = False
+        for rank, stream in enumerate(schedule.streams):
+            while cursor[rank] < len(stream):
+                op = stream[cursor[rank]]
+                begin = _ready(schedule, op, clock[rank], sent, done, costs["comm"])
+                if begin is None:
+                    break
+                node = (rank, cursor[rank])
+                start[node], end[node] = begin, begin + _cost(op, costs)
+                clock[rank] = end[node]
+                for part in parts(op):
+                    if is_send(part) and schedule.transfers(part):
+                        sent[schedule.message_key(part)] = end[node]
+                if is_compute(op) and not isinstance(op, BackwardWeight):
+                    done.add(("F" if isinstance(op, Forward) else "G", op.stage, op.micro_batch))  # type: ignore[union-attr]
+                cursor[rank] += 1
+                progressed = True
+    finished = all(c == len(stream) for c, stream in zip(cursor, schedule.streams))
+    return (start, end) if finished else None
+
+
+def _ready(schedule: Schedule, op: Instruction, free: float, sent: Mapping[tuple[str, int, int], float],
+           done: set[tuple[str, int, int]], comm: float) -> float | None:
+    """When ``op`` can start on a rank free from ``free``, or None while it must wait."""
+    message = schedule.reads(op)
+    if message is not None:
+        if message not in sent:
+            return None
+        return max(free, sent[message] + comm)
+    if isinstance(op, Forward) and op.stage > 0 and ("F", op.stage - 1, op.micro_batch) not in done:
+        return None  # the previous stage is on this rank and has not run: only a cycle does that
+    if isinstance(op, (Backward, BackwardInput)) and op.stage < schedule.num_model_stages - 1 \
+            and ("G", op.stage + 1, op.micro_batch) not in done:
+        return None
+    return free
 
 
 def _summarise(schedule: Schedule, costs: Mapping[str, float],
@@ -158,6 +204,7 @@ def _summarise(schedule: Schedule, costs: Mapping[str, float],
     bubble = sum(i / makespan for i in idle) / len(idle) if makespan else zero
     return SimResult(schedule=schedule, costs=costs, makespan=makespan, busy=busy, idle=idle,
                      bubble_fraction=bubble, peak_inflight=_peak_inflight(schedule),
+                     peak_held=_peak_held(schedule), loss_known=_loss_known(schedule, start, end, makespan),
                      start=start, end=end)
 
 
@@ -177,8 +224,38 @@ def _peak_inflight(schedule: Schedule) -> tuple[int, ...]:
     return tuple(peak)
 
 
+def _peak_held(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank: activations of all its chunks held at once, at the worst point of its stream."""
+    out = []
+    for stream in schedule.streams:
+        held = peak = 0
+        for op in stream:
+            if isinstance(op, Forward):
+                held += 1
+                peak = max(peak, held)
+                held -= 0 if schedule.training else 1
+            elif isinstance(op, (Backward, BackwardInput)):
+                held -= 1
+        out.append(peak)
+    return tuple(out)
+
+
+def _loss_known(schedule: Schedule, start: Mapping[_Node, float], end: Mapping[_Node, float],
+                makespan: float) -> tuple[float, ...]:
+    """When each rank learns the step's loss (``loss_message``): the end of the loss rank's
+    last loss, the start of the op that reads a marked message elsewhere."""
+    known = knows_loss_after(schedule)
+    if known is None:
+        return tuple(makespan for _ in schedule.streams)
+    return tuple((end if rank == schedule.loss_rank else start)[(rank, known[rank] - 1)]
+                 for rank in range(schedule.num_stages))
+
+
 def _cycle_error(schedule: Schedule, graph: nx.DiGraph) -> ScheduleError:
-    cycle = nx.find_cycle(graph)
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:  # stuck without a cycle: a rank waits on a message sent too late
+        cycle = []
     steps = " -> ".join(f"rank {u[0]} pos {u[1]} ({schedule.streams[u[0]][u[1]]})"
                         for u, _ in cycle)
     return ScheduleError(

@@ -1,6 +1,6 @@
 """``validate``: check all ranks' streams together before anything runs.
 
-Structure (order, counts, loads, matching sends/receives), then the streams played out
+Structure (order, counts, loads, matching sends/receives, the loss message), then the streams played out
 under each transport's rules (``transports.py``): gloo's (sends never block, FIFO per
 directed rank pair) and NCCL's (a rank's transfers in issue order, a send completes
 only when its receive runs, an Exchange as one group).
@@ -16,12 +16,14 @@ from pipegrid.schedules.instructions import (
     OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads,
     SendActivation, SendGrad, Exchange, _MicroBatchOp, _RankOp, is_compute, is_recv, is_send, parts,
 )
+from pipegrid.schedules.loss_message import check_loss_messages
 from pipegrid.schedules.schedule import Schedule
 from pipegrid.schedules.transports import check_gloo, check_nccl
 
 __all__ = ["validate"]
 
 _Key = tuple[str, int, int]
+_NAMES = {"G": "B"}  # a missing input gradient is named as the full Backward
 
 
 def _fail(schedule: Schedule, rank: int, position: int | None, message: str,
@@ -44,13 +46,18 @@ def validate(schedule: Schedule) -> None:
             f"got {len(schedule.streams)}; build it with pipegrid.schedules.build")
     for rank in range(schedule.num_stages):
         _check_rank(schedule, rank)
+    check_loss_messages(schedule)
     check_gloo(schedule)
     check_nccl(schedule)
 
 
 def _requirements(schedule: Schedule, rank: int, op: Instruction) -> list[tuple[_Key, str]]:
-    """What must already have run on ``rank`` before ``op``, with the reason."""
-    p, last = schedule.num_stages, schedule.num_model_stages - 1
+    """What must already have run on ``rank`` before ``op``, with the reason.
+
+    ``("G", s, mb)`` stands for the input gradient of (s, mb): a full Backward or a
+    BackwardInput, whichever the schedule runs there.
+    """
+    last, placement = schedule.num_model_stages - 1, schedule.placement
     if not isinstance(op, _MicroBatchOp):
         return []
     s, mb = op.stage, op.micro_batch
@@ -59,23 +66,21 @@ def _requirements(schedule: Schedule, rank: int, op: Instruction) -> list[tuple[
         if s in (0, last):
             need.append((("L", s, mb), "its LoadMicroBatch"))
         if s > 0:
-            local = (s - 1) % p == rank
+            local = placement.same_rank(s - 1, s)
             need.append(((("F", s - 1, mb) if local else ("RA", s, mb)),
                          "the forward of the previous stage" if local else "its RecvActivation"))
     elif isinstance(op, (Backward, BackwardInput)):
         need.append((("F", s, mb), "its forward"))
         if s < last:
-            local = (s + 1) % p == rank
-            code = "I" if schedule.split_backward else "B"
-            need.append(((code, s + 1, mb) if local else ("RG", s, mb),
+            local = placement.same_rank(s, s + 1)
+            need.append(((("G", s + 1, mb) if local else ("RG", s, mb)),
                          "the backward of the next stage" if local else "its RecvGrad"))
     elif isinstance(op, BackwardWeight):
         need.append((("I", s, mb), "its BackwardInput"))
     elif isinstance(op, SendActivation):
         need.append((("F", s, mb), "the forward that produces it"))
     elif isinstance(op, SendGrad):
-        code = "I" if schedule.split_backward else "B"
-        need.append(((code, s, mb), "the backward that produces it"))
+        need.append((("G", s, mb), "the backward that produces it"))
     if is_send(op) and schedule.transfers(op):  # the group's message takes every part
         need += [((op.code, s, other), "the earlier sends of its message group")
                  for other in schedule.message_group(mb) if other != mb]
@@ -94,30 +99,32 @@ def _exchange_problem(schedule: Schedule, op: Exchange) -> str | None:
 
 def _allowed(schedule: Schedule, rank: int, op: Instruction) -> str | None:
     """Why ``op`` may not appear on ``rank`` at all, or None when it may."""
-    p, last = schedule.num_stages, schedule.num_model_stages - 1
+    last, placement = schedule.num_model_stages - 1, schedule.placement
     if isinstance(op, _RankOp):
         return None if schedule.training else "a forward-only schedule has no reduce or step"
     if not isinstance(op, _MicroBatchOp):
         return f"unknown instruction type {type(op).__name__}"
     s, mb = op.stage, op.micro_batch
-    if not (0 <= s <= last and s % p == rank):
+    if not (0 <= s <= last and placement.rank_of(s) == rank):
         return f"stage {s} does not run on rank {rank} (stages here: {schedule.stages_of(rank)})"
     if not 0 <= mb < schedule.micro_batches:
         return f"micro-batch {mb} is outside [0, {schedule.micro_batches})"
     backward = isinstance(op, (Backward, BackwardInput, BackwardWeight, SendGrad, RecvGrad))
     if backward and not schedule.training:
         return "a forward-only schedule has no backward"
-    if isinstance(op, Backward) and schedule.split_backward:
-        return "this schedule splits backward: use BackwardInput + BackwardWeight"
     if isinstance(op, (BackwardInput, BackwardWeight)) and not schedule.split_backward:
         return "this schedule uses a full Backward, not a split one"
     if isinstance(op, LoadMicroBatch) and s not in (0, last):
         return "only the first and last model stages load a micro-batch"
-    if isinstance(op, (SendActivation, RecvGrad)) and (s == last or (s + 1) % p == rank):
+    if isinstance(op, (SendActivation, RecvGrad)) and (s == last or placement.same_rank(s, s + 1)):
         return "no communication: the next stage is absent or on the same rank"
-    if isinstance(op, (SendGrad, RecvActivation)) and (s == 0 or (s - 1) % p == rank):
+    if isinstance(op, (SendGrad, RecvActivation)) and (s == 0 or placement.same_rank(s - 1, s)):
         return "no communication: the previous stage is absent or on the same rank"
     return None
+
+
+def _gradient_key(op: Instruction) -> _Key:
+    return ("G", op.stage, op.micro_batch)  # type: ignore[union-attr]
 
 
 def _key(op: Instruction) -> _Key:
@@ -132,6 +139,8 @@ def _problem(schedule: Schedule, rank: int, op: Instruction, seen: Counter[_Key]
     problem = _allowed(schedule, rank, op)
     if problem is None and seen[_key(op)]:
         problem = "appears twice; each instruction runs exactly once per step"
+    if problem is None and isinstance(op, (Backward, BackwardInput)) and seen[_gradient_key(op)]:
+        problem = "computes an input gradient already computed; run a full Backward or BackwardInput, not both"
     if problem is None and isinstance(op, _RankOp) and position < last_compute:
         problem = f"comes before this rank's last compute (position {last_compute})"
     if problem is None and isinstance(op, OptimizerStep):
@@ -155,32 +164,37 @@ def _check_rank(schedule: Schedule, rank: int) -> None:
             if problem:
                 raise _fail(schedule, rank, position, problem, part)
             seen[_key(part)] += 1
+            if isinstance(part, (Backward, BackwardInput)):
+                seen[_gradient_key(part)] += 1
     missing = [k for k in _expected(schedule, rank) if not seen[k]]
+    missing += [("W", s, mb) for code, s, mb in seen if code == "I" and not seen[("W", s, mb)]]
     if missing:
-        names = ", ".join(k[0] if k[1] < 0 else f"{k[1]}{k[0]}{k[2]}" for k in missing[:8])
+        names = ", ".join(k[0] if k[1] < 0 else f"{k[1]}{_NAMES.get(k[0], k[0])}{k[2]}" for k in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise _fail(schedule, rank, None, f"stream is incomplete, missing {names}{more}")
 
 
 def _expected(schedule: Schedule, rank: int) -> list[_Key]:
-    """Every instruction ``rank`` must run once per step."""
-    p, last = schedule.num_stages, schedule.num_model_stages - 1
+    """Every instruction ``rank`` must run once per step (``G``: B or I; each I's W is checked apart)."""
+    last, placement = schedule.num_model_stages - 1, schedule.placement
     keys: list[_Key] = []
     for s in schedule.stages_of(rank):
+        before = s > 0 and not placement.same_rank(s - 1, s)
+        after = s < last and not placement.same_rank(s, s + 1)
         for mb in range(schedule.micro_batches):
             keys.append(("F", s, mb))
             if s in (0, last):
                 keys.append(("L", s, mb))
-            if s > 0 and (s - 1) % p != rank:
+            if before:
                 keys.append(("RA", s, mb))
-            if s < last and (s + 1) % p != rank:
+            if after:
                 keys.append(("SA", s, mb))
             if not schedule.training:
                 continue
-            keys += [("I", s, mb), ("W", s, mb)] if schedule.split_backward else [("B", s, mb)]
-            if s < last and (s + 1) % p != rank:
+            keys.append(("G", s, mb))
+            if after:
                 keys.append(("RG", s, mb))
-            if s > 0 and (s - 1) % p != rank:
+            if before:
                 keys.append(("SG", s, mb))
     if schedule.training:
         keys += [("TIED", -1, -1), ("REDUCE", -1, -1), ("STEP", -1, -1)]

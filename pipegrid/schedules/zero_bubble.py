@@ -20,6 +20,7 @@ from pipegrid.schedules import one_f_one_b
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, ComputeInstruction, Forward,
 )
+from pipegrid.schedules.placement import Placement
 
 __all__ = ["compute_order"]
 
@@ -40,9 +41,7 @@ def _ready(op: ComputeInstruction, done: dict[tuple[str, int, int], int], now: i
     return done.get(("I", op.stage + 1, op.micro_batch), now + 1) <= now
 
 
-def compute_order(
-    num_stages: int, micro_batches: int, virtual_stages: int = 1
-) -> list[list[ComputeInstruction]]:
+def compute_order(placement: Placement, micro_batches: int) -> list[list[ComputeInstruction]]:
     """Place each W by a unit-cost (F=I=W=1) list schedule of all ranks at once.
 
     A rank runs its next F/I (1F1B order) when its input is there; otherwise it
@@ -51,8 +50,8 @@ def compute_order(
     to stage 0, keep more W's for the cooldown. With F=I=W=1 this leaves each rank
     exactly p-1 idle slots (1F1B: 3(p-1)).
     """
-    p, last = num_stages, num_stages - 1
-    main = [_split(ops) for ops in one_f_one_b.compute_order(p, micro_batches)]
+    p, last = placement.num_ranks, placement.num_ranks - 1
+    main = [_split(ops) for ops in one_f_one_b.compute_order(placement, micro_batches)]
     order: list[list[ComputeInstruction]] = [[] for _ in range(p)]
     pending: list[list[BackwardWeight]] = [[] for _ in range(p)]
     cursor = [0] * p

@@ -237,6 +237,42 @@ def test_stage_helpers():
     assert torch.equal(logits, build_reference(gpt_layers(n_layer=4))(ids))
 
 
+def test_v_placement_holds_stages_r_and_2p_minus_1_minus_r():
+    p, layers = 3, gpt_layers(n_layer=4)  # 9 layers over 6 model stages
+    stages = [PipelineModule(layers, num_stages=p, stage_id=r, virtual_stages=2, stage_placement="v",
+                             partition_method="uniform") for r in range(p)]
+    assert [m.stage_ids for m in stages] == [[0, 5], [1, 4], [2, 3]]
+    assert [stages[0].pipe_rank_of(s) for s in range(6)] == [0, 1, 2, 2, 1, 0]
+    assert sorted(union_by_index(stages)) == list(range(9))  # every layer once, wherever it lands
+    assert "\n5*     0 " in stages[0].describe() and "\n3      2 " in stages[0].describe()
+    ids = gpt_batches(1)[0][0]
+    x = ids
+    for s in range(6):  # run the chain through whichever rank holds each stage
+        x = stages[stages[0].pipe_rank_of(s)](x, stage=s)
+    assert torch.equal(x, build_reference(layers)(ids))
+
+
+def test_tied_copies_on_one_rank_of_a_v_share_one_parameter():
+    stages = [PipelineModule(gpt_layers(n_layer=4), num_stages=2, stage_id=r, virtual_stages=2,
+                             stage_placement="v", partition_method="uniform") for r in range(2)]
+    first = stages[0]  # the embedding (stage 0) and the head (stage 3) both land on rank 0
+    assert first.tied_keys() == {"embed": [0, 3]} and first.tied_pipe_ranks() == {"embed": [0]}
+    embed, head = first.local_layers(0)[0][1], first.local_layers(3)[-1][1]
+    assert embed is head is first.tied_modules["embed"]
+    assert len([p for p in first.parameters() if p is first.tied_parameters("embed")[0]]) == 1
+    assert stages[1].tied_parameters("embed") == []  # nothing tied on rank 1: no reduce needed
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"stage_placement": "zigzag", "virtual_stages": 2}, "stage_placement must be 'loop'.* or 'v'"),
+    ({"stage_placement": "v", "virtual_stages": 1}, "stage_placement='v' places 2 chunks per pipe rank, got "
+                                                    "virtual_stages=1; pass virtual_stages=2"),
+])
+def test_bad_placement_names_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PipelineModule(gpt_layers(), num_stages=2, stage_id=0, **kwargs)
+
+
 def test_topology_sets_stages_and_describe_marks_local():
     model = PipelineModule(gpt_layers(), topology=Topology(pipe=2, data=2))
     assert model.num_stages == 2 and model.stage_id == 0
@@ -246,7 +282,7 @@ def test_topology_sets_stages_and_describe_marks_local():
 
 def test_build_reference_ignores_layout():
     ref = build_reference(gpt_layers(), topology=Topology(pipe=2), num_stages=2, stage_id=1,
-                          virtual_stages=2, partition_method="type:Nothing")
+                          virtual_stages=2, stage_placement="v", partition_method="type:Nothing")
     assert ref.num_model_stages == 1 and ref.parts == [0, 8]
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from pipegrid.schedules import (
-    SCHEDULE_NAMES, Backward, BackwardInput, BackwardWeight, Forward, LoadMicroBatch,
+    SCHEDULE_NAMES, SCHEDULES, Backward, BackwardInput, BackwardWeight, Forward, LoadMicroBatch,
     OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads, Schedule,
     ScheduleError, SendActivation, SendGrad, build, parse_instruction, parts, simulate, validate,
 )
 from pipegrid.schedules import interleaved, zero_bubble
+from pipegrid.schedules.placement import Placement
 
 REPO = Path(__file__).resolve().parents[2]
 GRID = list(itertools.product(range(1, 9), range(1, 33), range(1, 5)))
@@ -28,9 +29,16 @@ def _exact(f: int, b: int, w: int = 0, *, per: int = 1) -> dict[str, Fraction]:
 
 
 def _accepted(name: str, p: int, m: int, v: int) -> bool:
-    if v > 1 and name not in ("interleaved_1f1b", "inference"):
+    """What each schedule's registry record says it runs, written out once more by hand."""
+    if not SCHEDULES[name].accepts_chunks(v):
+        return False
+    if name == "dualpipev" and m < 2 * p:
         return False
     return not (name == "interleaved_1f1b" and v > 1 and m % p)
+
+
+def _chunks(name: str) -> int:
+    return (SCHEDULES[name].chunks or (2,))[0]
 
 
 # --- the whole grid ----------------------------------------------------------------
@@ -121,15 +129,16 @@ def test_inference_is_forward_only() -> None:
 def test_streams_layout_one_f_one_b() -> None:
     schedule = build("1f1b", 2, 2)  # both ranks send, then receive: one group each
     assert [str(op) for op in schedule.streams[0]] == [
-        "0L0", "0F0", "0SA0", "0L1", "0F1", "0SA1+0RG0", "0B0", "0RG1", "0B1",
-        "TIED", "REDUCE", "STEP"]
+        "0L0", "0F0", "0SA0", "0L1", "0F1", "0SA1+0RG0", "0B0", "0RG1*", "0B1",
+        "TIED", "REDUCE", "STEP"]  # *: the step's loss comes with the last gradient
     assert [str(op) for op in schedule.streams[1]] == [
-        "1RA0", "1L0", "1F0", "1B0", "1RA1+1SG0", "1L1", "1F1", "1B1", "1SG1",
+        "1RA0", "1L0", "1F0", "1B0", "1RA1+1SG0", "1L1", "1F1", "1B1", "1SG1*",
         "TIED", "REDUCE", "STEP"]
 
 
 def test_one_rank_has_no_communication() -> None:
-    for name, v in [("1f1b", 1), ("gpipe", 1), ("zb_h1", 1), ("interleaved_1f1b", 3)]:
+    for name, v in [("1f1b", 1), ("gpipe", 1), ("zb_h1", 1), ("interleaved_1f1b", 3), ("zb_v", 2),
+                    ("dualpipev", 2)]:
         schedule = build(name, 1, 4, v)
         assert not [op for op in schedule.streams[0]
                     if isinstance(op, (SendActivation, RecvActivation, SendGrad, RecvGrad))]
@@ -149,7 +158,11 @@ def test_channels_are_fifo_for_two_ranks_interleaved() -> None:
 @pytest.mark.parametrize("args, match", [
     (("1f1b", 0, 4), "num_stages must be >= 1"),
     (("1f1b", 2, 0), "micro_batches must be >= 1"),
-    (("gpipe", 2, 4, 2), "virtual_stages=1 or use schedule 'interleaved_1f1b'"),
+    (("gpipe", 2, 4, 2), "virtual_stages=1 or use a schedule that runs 2 chunks per rank \\('interleaved_1f1b', "
+                         "'zb_v', 'dualpipev'\\)"),
+    (("zb_v", 2, 4, 1), "zb_v runs 2 model chunks per rank, got virtual_stages=1; set virtual_stages=2 and build "
+                        "the PipelineModule with virtual_stages=2, stage_placement='v'"),
+    (("dualpipev", 3, 5, 2), "dualpipev needs at least 2 \\* num_stages = 6 micro-batches .* set micro_batches=6"),
     (("interleaved_1f1b", 4, 6, 2), "set micro_batches=8"),
     (("nope", 2, 4), "choose one of"),
 ])
@@ -247,8 +260,11 @@ def test_every_instruction_round_trips() -> None:
     for op in samples:
         assert parse_instruction(str(op)) == op
     for name in SCHEDULE_NAMES:
-        for stream in build(name, 2, 4, 2 if name == "interleaved_1f1b" else 1).streams:
+        for stream in build(name, 2, 4, _chunks(name)).streams:
             assert [parse_instruction(str(op)) for op in stream] == list(stream)
+    assert parse_instruction("2SG3*") == SendGrad(2, 3, loss=True) != SendGrad(2, 3)
+    with pytest.raises(ScheduleError, match="cannot parse"):
+        parse_instruction("1F3*")  # only a gradient message carries the loss
     assert SendActivation(1, 3).peer_stage == 2 and RecvActivation(2, 3).peer_stage == 1
     assert SendGrad(2, 3).peer_stage == 1 and RecvGrad(1, 3).peer_stage == 2
     with pytest.raises(ScheduleError, match="cannot parse"):
@@ -256,7 +272,7 @@ def test_every_instruction_round_trips() -> None:
 
 
 def test_zero_bubble_and_interleaved_modules_are_pure_orders() -> None:
-    order = zero_bubble.compute_order(3, 4)
+    order = zero_bubble.compute_order(Placement("loop", 3), 4)
     assert all(isinstance(op, (Forward, BackwardInput, BackwardWeight)) for ops in order
                for op in ops)
     with pytest.raises(ScheduleError):

@@ -10,7 +10,7 @@ import pytest
 
 from pipegrid.conf.schema import ScheduleConfig
 from pipegrid.schedules import (
-    SCHEDULE_NAMES, Forward, RecvActivation, ScheduleError, SendActivation, build, is_recv, is_send,
+    SCHEDULE_NAMES, SCHEDULES, Forward, RecvActivation, ScheduleError, SendActivation, build, is_recv, is_send,
     parts, simulate, validate,
 )
 
@@ -21,11 +21,15 @@ def _groups(m: int) -> list[int]:
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_every_divisor_builds_validates_and_simulates(name: str) -> None:
-    v = 2 if name == "interleaved_1f1b" else 1
+    v = (SCHEDULES[name].chunks or (2,))[0]
     for p, m in itertools.product(range(1, 5), range(1, 17)):
         for k in _groups(m):
-            if name == "interleaved_1f1b" and (m // k) % p:
-                with pytest.raises(ScheduleError, match="micro_batches/coalesce"):
+            if name == "interleaved_1f1b" and (m // k) % p:  # its own words when m itself is off
+                with pytest.raises(ScheduleError, match="micro_batches/coalesce" if m % p == 0 else "set micro_batches"):
+                    build(name, p, m, v, coalesce=k)
+                continue
+            if name == "dualpipev" and m // k < 2 * p:
+                with pytest.raises(ScheduleError, match=r"micro_batches/coalesce=.* set micro_batches="):
                     build(name, p, m, v, coalesce=k)
                 continue
             schedule = build(name, p, m, v, coalesce=k)

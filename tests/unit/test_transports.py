@@ -10,7 +10,7 @@ import itertools
 import pytest
 
 from pipegrid.schedules import (
-    SCHEDULE_NAMES, Exchange, Forward, RecvActivation, RecvGrad, ScheduleError, SendActivation, SendGrad,
+    SCHEDULE_NAMES, SCHEDULES, Exchange, Forward, RecvActivation, RecvGrad, ScheduleError, SendActivation, SendGrad,
     build, parse_instruction, simulate, validate,
 )
 from pipegrid.schedules.fusion import order_transfers
@@ -45,8 +45,10 @@ def _accepted(name: str, p: int, m: int, v: int, k: int):
 
 
 def _cases():
+    """Every schedule at p <= 6 (placed as it runs: zb_v and dualpipev in a V), inference
+    in either placement."""
     for name in SCHEDULE_NAMES:
-        virtuals = (1, 2, 3) if name in ("interleaved_1f1b", "inference") else (1,)
+        virtuals = SCHEDULES[name].chunks or (1, 2, 3)
         for p, m, v, k in itertools.product(range(1, 7), (1, 2, 3, 4, 5, 8), virtuals, (1, 2, 4)):
             schedule = _accepted(name, p, m, v, k)
             if schedule is not None:
@@ -118,7 +120,7 @@ def test_each_rank_issues_its_transfers_in_one_global_order():
 
 
 @pytest.mark.parametrize("name,p,m,v", [("1f1b", 4, 8, 1), ("zb_h1", 3, 6, 1), ("interleaved_1f1b", 2, 4, 2),
-                                         ("gpipe", 3, 4, 1)])
+                                         ("gpipe", 3, 4, 1), ("zb_v", 3, 6, 2), ("dualpipev", 3, 7, 2)])
 def test_posting_receives_early_costs_no_time(name, p, m, v):
     """Only the op that reads a message waits for it: the simulated step is unchanged."""
     ordered = build(name, p, m, v)
@@ -132,3 +134,11 @@ def test_an_exchange_prints_and_parses_back():
     assert parts(group) == group.ops and parts(Forward(0, 1)) == (Forward(0, 1),)
     with pytest.raises(ScheduleError, match="sends and receives joined by '\\+'"):
         parse_instruction("0F1+0SA1")
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (3, 5), (4, 8)])
+def test_inference_in_a_v_is_deadlock_free(p, m):
+    schedule = build("inference", p, m, 2, placement="v")  # eval of a zb_v / dualpipev model
+    validate(schedule)
+    check_nccl(schedule, per_pair=True)
+    assert schedule.placement.kind == "v" and schedule.stages_of(0) == [0, 2 * p - 1]
