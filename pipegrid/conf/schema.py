@@ -11,7 +11,10 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+from pipegrid.schedules import ScheduleError
+from pipegrid.schedules.registry import SCHEDULES as _SPECS, TRAINING_SCHEDULES
+
+SCHEDULES = TRAINING_SCHEDULES  # the registry's (pipegrid.schedules.registry): one record per schedule
 LAYOUT_KEYS = ("topology.pipe", "topology.data", "topology.tensor", "schedule.virtual_stages")
 """Keys a config may leave unset for :func:`pipegrid.initialize` to take from the module."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -53,11 +56,11 @@ class TopologyConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "1f1b"
-    """One of gpipe, 1f1b, interleaved_1f1b, zb_h1."""
+    """One of gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_v, dualpipev (``pipegrid.schedules.SCHEDULES``)."""
     micro_batches: int = 4
     """Micro-batches per optimizer step (gradient accumulation steps)."""
     virtual_stages: Optional[int] = None
-    """Model chunks per pipe rank (interleaved_1f1b only). None (unset): the module's, else 1."""
+    """Model chunks per pipe rank (interleaved_1f1b: any; zb_v, dualpipev: 2). None (unset): the module's, else 1."""
     coalesce: int = 1
     """Micro-batches per message between stages: groups of this many go through the
     pipeline together, each still computed on its own (same results). Fewer messages
@@ -65,8 +68,9 @@ class ScheduleConfig:
     micro-batch's compute is short next to a message's cost."""
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULES)}, got {self.name!r}")
+        if self.name not in _SPECS or not _SPECS[self.name].training:  # the registry, asked now
+            names = [name for name, spec in _SPECS.items() if spec.training]
+            raise ValueError(f"schedule.name must be one of {', '.join(names)}, got {self.name!r}")
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) \
                 or self.micro_batches < 1:
             raise ValueError(f"schedule.micro_batches must be an integer >= 1, got {self.micro_batches!r}")
@@ -79,9 +83,12 @@ class ScheduleConfig:
             raise ValueError(f"schedule.micro_batches={self.micro_batches} must be a multiple of "
                              f"schedule.coalesce={self.coalesce}; pick a divisor of {self.micro_batches} "
                              "for schedule.coalesce")
-        if (self.virtual_stages or 1) > 1 and self.name != "interleaved_1f1b":
-            raise ValueError(f"schedule.virtual_stages={self.virtual_stages} needs schedule.name=interleaved_1f1b "
-                             f"(got {self.name!r}); set schedule.virtual_stages=1 or change the schedule")
+        if self.virtual_stages is not None:
+            try:
+                _SPECS[self.name].check_chunks(self.virtual_stages)
+            except ScheduleError as error:
+                raise ValueError(f"schedule.virtual_stages={self.virtual_stages} with schedule.name={self.name!r}: "
+                                 f"{error}") from None
 
 
 @dataclass

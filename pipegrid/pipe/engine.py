@@ -27,7 +27,7 @@ from pipegrid.pipe import trace as tracing
 from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure
 from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe import preemption
-from pipegrid.pipe.layout import resolve_layout
+from pipegrid.pipe.layout import check_placement, resolve_layout
 from pipegrid.pipe.preemption import SignalWatch
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
@@ -115,7 +115,7 @@ class PipelineEngine:
         self.schedule = build(sched.name, self.topology.pipe, sched.micro_batches, sched.virtual_stages,
                               coalesce=sched.coalesce)
         self.eval_schedule = build("inference", self.topology.pipe, sched.micro_batches, sched.virtual_stages,
-                                   coalesce=sched.coalesce)
+                                   coalesce=sched.coalesce, placement=self.schedule.placement.kind)
         validate(self.schedule)
         validate(self.eval_schedule)
         self.kernels_backend = kernels.select_backend(config.kernels.backend, self.device)
@@ -133,14 +133,13 @@ class PipelineEngine:
         self.skipped_steps = 0
         self._tied_groups = self._build_tied_groups()
         self._norm_ids = {id(p) for p in self._params_counted_in_norm()}
-        self._step_loss: float | None = None
-        self.keep_outputs = False
         self.global_steps = 0
         self.consumed_micro_batches = 0
         self.client_state: dict[str, Any] = {}  # JSON-able user state saved with checkpoints
         self._timeline: list[tuple[int, str, float, float]] = []
-        self._train_executor = Executor(self, self.schedule, self.pipe_rank)
-        self._eval_executor = Executor(self, self.eval_schedule, self.pipe_rank)
+        self._train_executor, self._eval_executor = (
+            Executor(schedule, self.pipe_rank, self.module, self.p2p, self._stage_ranks, groups.rank)
+            for schedule in (self.schedule, self.eval_schedule))
         self.last_save: tuple[int, str] | None = None
         """(step, directory) of this engine's newest checkpoint."""
         self._stop = SignalWatch(config.train.save_on_signal, saves=bool(config.checkpoint.dir), rank=groups.rank)
@@ -155,6 +154,7 @@ class PipelineEngine:
                              f"{module.virtual_stages} but the engine runs pipe={self.topology.pipe} x "
                              f"virtual_stages={self.config.schedule.virtual_stages}; use pipegrid.initialize(), "
                              "which takes the layout from the module")
+        check_placement(self.config.schedule.name, module)
         if module.stage_id != self.pipe_rank:
             raise ValueError(f"rank {self.groups.rank} is pipe stage {self.pipe_rank} but its module holds "
                              f"stage {module.stage_id}; build the module after torch.distributed is "
@@ -209,7 +209,7 @@ class PipelineEngine:
 
     def stage_rank(self, stage: int) -> int:
         """Global rank running model stage ``stage`` on this rank's data/tensor coordinate."""
-        return self._stage_ranks[stage % self.topology.pipe]
+        return self._stage_ranks[self.schedule.rank_of(stage)]
 
     def to_device(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -223,7 +223,7 @@ class PipelineEngine:
     def train_batch(self, data_iter: Iterable | None = None) -> float:
         """One optimizer step over ``schedule.micro_batches`` micro-batches; the global mean loss."""
         self.module.train()
-        state = self._run(self._train_executor, StepState(True, self._iterator(data_iter)))
+        state = self._run(self._train_executor, StepState(True, self._iterator(data_iter), self))
         self.global_steps += 1
         self.consumed_micro_batches += self.schedule.micro_batches
         loss = self._mean_loss(state)
@@ -244,8 +244,7 @@ class PipelineEngine:
     def eval_batch(self, data_iter: Iterable | None = None, return_outputs: bool = False) -> Any:
         """Forward-only mean loss (and, on the last stage, every micro-batch's outputs if asked)."""
         self.module.eval()
-        self.keep_outputs = return_outputs
-        state = self._run(self._eval_executor, StepState(False, self._iterator(data_iter)))
+        state = self._run(self._eval_executor, StepState(False, self._iterator(data_iter), self, return_outputs))
         loss = self._mean_loss(state)
         if not return_outputs:
             return loss
@@ -274,9 +273,8 @@ class PipelineEngine:
 
     def _mean_loss(self, state: StepState) -> float:
         """The mean micro-batch loss over the global batch, on every rank."""
-        if state.training and self._step_loss is not None:  # OptimizerStep already reduced it
-            loss, self._step_loss = self._step_loss, None
-            return loss
+        if state.step_loss is not None:  # OptimizerStep already reduced it
+            return state.step_loss
         loss, _, _ = self._check_finite(state.losses, grads=False)
         return loss
 
@@ -334,7 +332,7 @@ class PipelineEngine:
 
     def _check_finite(self, losses: dict[int, torch.Tensor], grads: bool = True) -> tuple[float, bool, bool]:
         """One world all-reduce: the step's mean loss, any non-finite loss, any non-finite gradient."""
-        owner = self.pipe_rank == self.topology.pipe - 1 and self.groups.coord.tensor == 0
+        owner = self.pipe_rank == self.schedule.loss_rank and self.groups.coord.tensor == 0
         values = torch.zeros(3, dtype=torch.float64)
         if owner and losses:
             stacked = torch.stack([v.double().cpu() for v in losses.values()])
@@ -356,13 +354,12 @@ class PipelineEngine:
         bad = bool(values[1] > 0)
         return (math.nan if bad else values[0].item() / self.topology.data), bad, False
 
-    def optimizer_step(self, losses: dict[int, torch.Tensor], loss_stats: torch.Tensor | None = None) -> None:
-        """Reduce, clip and apply the step's gradients (or skip the step on a non-finite loss)."""
+    def optimizer_step(self, losses: dict[int, torch.Tensor], loss_stats: torch.Tensor | None = None) -> float:
+        """Clip and apply the step's gradients (or skip the step on a non-finite loss); the step's mean loss."""
         if loss_stats is not None and not self.scaler.enabled:
             mean_loss, bad_loss, overflow = self._data_mean(loss_stats)
         else:  # fp16 needs every rank's overflow flag: one world all-reduce
             mean_loss, bad_loss, overflow = self._check_finite(losses)
-        self._step_loss = mean_loss
         if bad_loss and not self.scaler.enabled:
             if self.config.train.on_nonfinite == "raise":
                 raise FloatingPointError(
@@ -373,7 +370,7 @@ class PipelineEngine:
             self.zero.zero_grad()
             self.scaler.update(True)
             self.skipped_steps += 1
-            return
+            return mean_loss
         coef = 1.0 / self.scaler.scale
         clip = self.config.train.grad_clip
         if clip > 0:
@@ -384,6 +381,7 @@ class PipelineEngine:
         self.scaler.update(False)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
+        return mean_loss
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of the storages this rank's training state allocates: parameters, gradients,

@@ -9,9 +9,10 @@ import dataclasses
 from typing import Any
 
 from pipegrid.conf.schema import TopologyConfig, TrainConfig
+from pipegrid.schedules import registry
 from pipegrid.topology.groups import ProcessGroups
 
-__all__ = ["resolve_layout"]
+__all__ = ["check_placement", "resolve_layout"]
 
 _AXES = ("pipe", "data", "tensor")
 
@@ -56,9 +57,25 @@ def resolve_layout(cfg: TrainConfig, module: Any, groups: ProcessGroups | None =
         raise ValueError(f"the module was cut into virtual_stages={chunks} chunks per pipe rank but the config "
                          f"sets schedule.virtual_stages={sched.virtual_stages}; leave it out of the config or build "
                          f"the module with virtual_stages={sched.virtual_stages}")
-    if chunks > 1 and sched.name != "interleaved_1f1b":
-        raise ValueError(f"the module was cut into virtual_stages={chunks} chunks per pipe rank, which only "
-                         f"schedule.name=interleaved_1f1b runs, got {sched.name!r}; set schedule.name="
-                         "interleaved_1f1b or build the module with virtual_stages=1")
+    check_placement(sched.name, module)
     return dataclasses.replace(cfg, topology=TopologyConfig(**sizes),
                                schedule=dataclasses.replace(sched, virtual_stages=chunks))
+
+
+def check_placement(schedule: str, module: Any) -> None:
+    """Refuse a module whose chunk count or stage placement the schedule does not run, naming the fix."""
+    spec, chunks, placed = registry.get(schedule), module.virtual_stages, module.placement.kind
+    if not spec.accepts_chunks(chunks):
+        runs = [s.name for s in registry.SCHEDULES.values()
+                if s.training and s.accepts_chunks(chunks) and s.placement in (None, placed)]
+        who = f"only schedule.name={runs[0]}" if len(runs) == 1 else f"schedule.name={' or '.join(runs) or 'none'}"
+        wanted = (spec.chunks or (1,))[0]
+        fix = f"virtual_stages={wanted}" + (f", stage_placement={spec.placement!r}" if wanted > 1 else "")
+        raise ValueError(f"the module was cut into virtual_stages={chunks} chunks per pipe rank, which {who} runs, "
+                         f"got {schedule!r}; set schedule.name={' or '.join(runs) or '...'} or build the module with "
+                         f"{fix}")
+    wanted_placement = spec.placement or placed
+    if chunks > 1 and placed != wanted_placement:
+        raise ValueError(f"schedule.name={schedule!r} runs model stages placed {wanted_placement!r} ({spec.summary}) "
+                         f"but the module was built with stage_placement={placed!r}; build it with "
+                         f"PipelineModule(..., virtual_stages={chunks}, stage_placement={wanted_placement!r})")

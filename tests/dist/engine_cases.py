@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import pipegrid as pg
+from pipegrid.schedules import SCHEDULES
 from tests.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
 
 N_LAYER = 3
@@ -30,7 +31,7 @@ def config(schedule: str, pipe: int, data: int, micro_batches: int, dtype: str =
            optimizer: dict | None = None, grad_clip: float = 0.5, coalesce: int = 1, **extra: Any) -> dict:
     return {"topology": {"pipe": pipe, "data": data},
             "schedule": {"name": schedule, "micro_batches": micro_batches, "coalesce": coalesce,
-                         "virtual_stages": 2 if schedule == "interleaved_1f1b" else 1},
+                         "virtual_stages": (SCHEDULES[schedule].chunks or (2,))[0]},  # interleaved: 2
             "optimizer": optimizer or {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9},
             "precision": {"dtype": dtype}, "train": {"grad_clip": grad_clip}, "comm": {"timeout_s": 60},
             **extra}
@@ -39,7 +40,8 @@ def config(schedule: str, pipe: int, data: int, micro_batches: int, dtype: str =
 def run_pipeline(cfg: dict, steps: int = STEPS) -> dict:
     """On every rank: build this rank's stage, train ``steps`` steps, return losses and parameters."""
     topo = pg.Topology(**cfg["topology"])
-    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"])
+    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"],
+                    stage_placement=SCHEDULES[cfg["schedule"]["name"]].placement or "loop")
     engine = pg.initialize(model, cfg)
     data_rank = topo.coord(dist.get_rank()).data
     m = cfg["schedule"]["micro_batches"]
