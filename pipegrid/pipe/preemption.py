@@ -144,5 +144,6 @@ def stop_if_signalled(engine: Any, watch: SignalWatch, loss: float) -> None:
     message = f"pipegrid: {name}: saved step {step} to {path}; run the same command to resume from it"
     if rank == 0:
         log.warning(message)
+    watch.received = 0  # acted on: a caller that catches Preempted and trains on is not stopped again
     watch.chain(number)  # a handler ours replaced (submitit's requeue) runs after the save
     raise Preempted(message, name, step, path, loss)

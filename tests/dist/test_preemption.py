@@ -85,3 +85,22 @@ def test_inside_submitit_its_requeue_handler_runs_after_the_save(tmp_path):
         run_local(_submitit_job, 2, (str(directory), str(out)), backend=None, timeout_s=60)
     for rank in range(2):
         assert (out / f"requeue-{rank}").read_text() == "step_00000002"
+
+
+def _caught(directory: str) -> list[int]:
+    """A caller that catches Preempted and trains on: the signal is not acted on twice."""
+    engine = pg.initialize(TinyGPT(N_LAYER, topology=pg.Topology(pipe=2)),
+                           config("1f1b", 2, 1, 2, checkpoint={"dir": directory}))
+    stops = []
+    for step in range(4):
+        if step == 1 and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        try:
+            engine.train_batch(iter(global_batches(step, 1, 2)))
+        except Preempted as stop:
+            stops.append(stop.step)
+    return stops + [engine.global_steps]
+
+
+def test_a_caught_preemption_is_not_raised_again(tmp_path):
+    assert run_local(_caught, 2, (str(tmp_path),), backend=None, timeout_s=60) == [[2, 4], [2, 4]]
