@@ -348,12 +348,31 @@ class Executor:
         state.step_loss = state.hooks.optimizer_step(state.losses, self._stats(state))
 
     def _transfer(self, op: Any, state: StepState) -> None:
-        """Post a send, a receive or an Exchange group as one group; receives are read later."""
-        moving = [part for part in ins.parts(op) if self.schedule.transfers(part)]
-        sends = [self._outgoing(part, state) for part in moving if ins.is_send(part)]
-        receives = [part for part in moving if ins.is_recv(part)]
-        handles = self.p2p.post(sends, [self._incoming(part, state) for part in receives])
-        for receive, handle in zip(receives, handles):
+        """Post a send, a receive or an Exchange group as one group; receives are read later.
+
+        A receive that must first learn its message's shape (a stage's first activation, or
+        every one with dynamic shapes) waits for the header its sender posts with the send,
+        so the group's members before it (earlier in the schedule's one transfer order) go
+        first, as a group of their own: its sender may need them before it can send.
+        """
+        sends: list[Outgoing] = []
+        receives: list[tuple[Any, Incoming]] = []
+        for part in ins.parts(op):
+            if not self.schedule.transfers(part):
+                continue
+            if ins.is_send(part):
+                sends.append(self._outgoing(part, state))
+                continue
+            incoming = self._incoming(part, state)
+            if (sends or receives) and self.p2p.needs_header(incoming):
+                self._post(sends, receives, state)
+                sends, receives = [], []
+            receives.append((part, incoming))
+        self._post(sends, receives, state)
+
+    def _post(self, sends: list[Outgoing], receives: list[tuple[Any, Incoming]], state: StepState) -> None:
+        handles = self.p2p.post(sends, [incoming for _, incoming in receives])
+        for (receive, _), handle in zip(receives, handles):
             state.pending[self.schedule.message_key(receive)] = (receive, handle)
 
     def _outgoing(self, op: Any, state: StepState) -> Outgoing:
