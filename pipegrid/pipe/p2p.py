@@ -190,6 +190,10 @@ class P2P:
                     "shapes fixed (pad to one length) or set comm.dynamic_shapes=true")
         return self._flatten(send.tensors, meta)
 
+    def needs_header(self, receive: Incoming) -> bool:
+        """Whether posting ``receive`` first waits for its header (its sender posts it with the send)."""
+        return receive.kind == "act" and (self.dynamic_shapes or receive.stage not in self._recv_meta)
+
     def _incoming_meta(self, receive: Incoming) -> MessageMeta | None:
         if receive.kind == "act":
             meta = self._recv_meta.get(receive.stage)
