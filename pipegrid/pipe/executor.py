@@ -9,19 +9,19 @@ point-to-point layer and the reduce/step hooks of ``StepHooks`` (the engine).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipegrid.pipe.p2p import P2P, Incoming, Outgoing, Received
-from pipegrid.pipe.split_backward import WeightGradState, backward_input, backward_weight
+from pipegrid.pipe.p2p import P2P, Incoming, Outgoing
+from pipegrid.pipe.step import StepHooks, StepState
+from pipegrid.pipe.split_backward import backward_input, backward_weight
 from pipegrid.schedules import instructions as ins
 from pipegrid.schedules.schedule import Schedule
 
-Key = tuple[int, int]  # (model stage, micro-batch)
+__all__ = ["Executor", "PeerLostError", "StepHooks", "StepState", "is_transport_failure", "lost_peer_message"]
 
 
 def as_message(value: Any, where: str) -> tuple[tuple[torch.Tensor, ...], bool]:
@@ -76,59 +76,6 @@ def lost_peer_message(rank: int, pipe_rank: int, peer: str, when: str, error: Ba
             "--max-restarts does it) after fixing the cause.")
 
 
-class StepHooks(Protocol):
-    """What the executor asks of whoever runs it, once per step or per micro-batch
-    (``PipelineEngine`` is one); everything per instruction is the executor's own."""
-
-    device: torch.device
-
-    def to_device(self, value: Any) -> Any:
-        """A data-iterator value on the device, floats in the model's dtype."""
-
-    def scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss backward starts from (fp16: times the loss scale)."""
-
-    def collective_peers(self, op: Any) -> list[int]:
-        """Global ranks a reduce/step instruction talks to (to name one that is lost)."""
-
-    def reduce_tied_grads(self) -> None:
-        """Sum tied layers' gradients over the ranks that hold a copy."""
-
-    def reduce_data_parallel_grads(self) -> None:
-        """All-reduce (ZeRO-1: reduce-scatter) gradients over the data axis."""
-
-    def optimizer_step(self, losses: dict[int, torch.Tensor], loss_stats: torch.Tensor | None) -> float:
-        """Clip and step; the step's mean loss over the global batch (from ``loss_stats``
-        when every rank has them, else from an all-reduce of ``losses``)."""
-
-
-@dataclass
-class StepState:
-    """Everything one ``train_batch``/``eval_batch`` call keeps between instructions."""
-
-    training: bool
-    data_iter: Iterator | None
-    hooks: StepHooks
-    """The engine's reduce/step/loss hooks for this call."""
-    keep_outputs: bool = False
-    """eval: keep every micro-batch's last-stage output in ``results``."""
-    step_loss: float | None = None
-    """The step's mean loss, once OptimizerStep has it."""
-    batches: dict[int, tuple[Any, Any]] = field(default_factory=dict)
-    inputs: dict[Key, tuple[tuple[torch.Tensor, ...], bool]] = field(default_factory=dict)
-    outputs: dict[Key, Any] = field(default_factory=dict)
-    output_grads: dict[Key, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    input_grads: dict[Key, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    losses: dict[int, torch.Tensor] = field(default_factory=dict)
-    results: dict[int, Any] = field(default_factory=dict)
-    weight_grads: dict[Key, WeightGradState] = field(default_factory=dict)
-    loss_stats: torch.Tensor | None = None
-    """(mean loss over this step's micro-batches, any non-finite) from the last stage."""
-    pending: dict[tuple[str, int, int], tuple[Any, Received]] = field(default_factory=dict)
-    """Posted receives not yet read: message -> (its receive instruction, the handle)."""
-    events: list[tuple[str, float, float]] = field(default_factory=list)
-
-
 class Executor:
     """Executes ``schedule.streams[pipe_rank]`` against a PipelineModule and a P2P layer."""
 
@@ -154,6 +101,7 @@ class Executor:
         self.stage_ranks = tuple(stage_ranks)
         self.stream = schedule.streams[pipe_rank]
         self.last_stage = schedule.num_model_stages - 1
+        self._program = [(op, self._handler(op, position)) for position, op in enumerate(self.stream)]
         self._reads = {op: schedule.reads(op) for op in self.stream if schedule.reads(op)}  # op -> message it waits for
         # the step's loss comes on the gradient messages the schedule marks (``2SG3*``); a
         # schedule without marks (and more than one rank) leaves it to an all-reduce on every rank
@@ -165,12 +113,14 @@ class Executor:
         return self.stage_ranks[self.schedule.rank_of(stage)]
 
     def run(self, state: StepState, trace: bool = False) -> StepState:
-        for position, op in enumerate(self.stream):
+        for position, (op, name) in enumerate(self._program):
             try:
-                start = time.perf_counter() if trace else 0.0
-                self._handler(op, position)(op, state)
                 if trace:
+                    start = time.perf_counter()
+                    getattr(self, name)(op, state)  # looked up per call: a test may wrap a handler
                     state.events.append((str(op), start, time.perf_counter()))
+                else:
+                    getattr(self, name)(op, state)
             except PeerLostError:
                 raise
             except (dist.DistError, RuntimeError) as error:
@@ -190,12 +140,13 @@ class Executor:
             return torch.stack([losses.mean(), (~torch.isfinite(losses)).any().double()])
         return state.loss_stats
 
-    def _handler(self, op: Any, position: int) -> Callable[[Any, StepState], None]:
+    def _handler(self, op: Any, position: int) -> str:
+        """The name of ``op``'s handler method; an instruction without one is refused up front."""
         name = self.HANDLERS.get(type(op))
         if name is None:
             raise TypeError(f"rank {self.pipe_rank}: no handler for instruction {op!r} "
                             f"(type {type(op).__name__}) at position {position}")
-        return getattr(self, name)
+        return name
 
     def _peer_names(self, op: Any, hooks: StepHooks) -> str:
         """Who ``op`` talks to: its transfers' peers, the sender of what it reads, or a collective's."""
@@ -329,8 +280,9 @@ class Executor:
                 if micro_batch == op.micro_batch and op.loss:
                     stats = self._stats(state)
                     if stats is None:
-                        raise RuntimeError(f"rank {self.pipe_rank}: no loss statistics to pass on with {op} "
-                                           "(a pipegrid bug: the next stage's last gradient message brings them)")
+                        raise RuntimeError(f"rank {self.pipe_rank}: no loss statistics to pass on with {op}, which "
+                                           "the schedule marks to carry them (a pipegrid bug: validate checks that "
+                                           "a rank sends them only after it has them)")
                     tensors += (stats.to(state.hooks.device),)
                 continue
             output = state.outputs[key] if state.training else state.outputs.pop(key)

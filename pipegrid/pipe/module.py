@@ -143,16 +143,6 @@ def _pipe_size(topology: Topology | None, num_stages: int | None) -> int:
     return stages
 
 
-def _placement(kind: str, pipe: int, chunks: int) -> Placement:
-    if kind not in ("loop", "v"):
-        raise ValueError(f"stage_placement must be 'loop' (stage s on pipe rank s % num_stages) or 'v' (pipe rank r "
-                         f"holds stages r and 2*num_stages-1-r, for schedules zb_v and dualpipev), got {kind!r}")
-    if kind == "v" and chunks != 2:
-        raise ValueError(f"stage_placement='v' places 2 chunks per pipe rank, got virtual_stages={chunks}; pass "
-                         "virtual_stages=2 (or stage_placement='loop')")
-    return Placement(kind, pipe, chunks)
-
-
 def _own_stage_id(topology: Topology | None, pipe: int, stage_id: int | None) -> int:
     if stage_id is None:
         if dist.is_available() and dist.is_initialized():
@@ -204,7 +194,7 @@ class PipelineModule(nn.Module):
             raise ValueError(f"virtual_stages must be an int >= 1, got {virtual_stages!r}")
         self.num_stages = _pipe_size(topology, num_stages)
         self.virtual_stages = virtual_stages
-        self.placement = _placement(stage_placement, self.num_stages, virtual_stages)
+        self.placement = Placement(stage_placement, self.num_stages, virtual_stages)  # refuses an unknown kind
         self.num_model_stages = self.placement.num_stages
         self.stage_id = _own_stage_id(topology, self.num_stages, stage_id)
         self.stage_ids = self.placement.stages_of(self.stage_id)

@@ -263,14 +263,21 @@ def test_tied_copies_on_one_rank_of_a_v_share_one_parameter():
     assert stages[1].tied_parameters("embed") == []  # nothing tied on rank 1: no reduce needed
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"stage_placement": "zigzag", "virtual_stages": 2}, "stage_placement must be 'loop'.* or 'v'"),
-    ({"stage_placement": "v", "virtual_stages": 1}, "stage_placement='v' places 2 chunks per pipe rank, got "
-                                                    "virtual_stages=1; pass virtual_stages=2"),
-])
-def test_bad_placement_names_the_fix(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        PipelineModule(gpt_layers(), num_stages=2, stage_id=0, **kwargs)
+def test_bad_placement_names_the_fix():
+    from pipegrid.pipe.layout import check_placement
+
+    with pytest.raises(ValueError, match="stage placement must be one of loop, v, got 'zigzag'"):
+        PipelineModule(gpt_layers(), num_stages=2, stage_id=0, virtual_stages=2, stage_placement="zigzag")
+    loop = PipelineModule(gpt_layers(), num_stages=2, stage_id=0, virtual_stages=2)
+    with pytest.raises(ValueError, match=r"schedule.name='zb_v' runs model stages placed 'v' .* built with "
+                                         r"stage_placement='loop'; build it with PipelineModule\(\.\.\., "
+                                         r"virtual_stages=2, stage_placement='v'\)"):
+        check_placement("zb_v", loop)
+    single = PipelineModule(gpt_layers(), num_stages=2, stage_id=0)
+    with pytest.raises(ValueError, match=r"virtual_stages=1 chunks per pipe rank, which schedule.name=.* runs, got "
+                                         r"'dualpipev'; .* build the module with virtual_stages=2, stage_placement='v'"):
+        check_placement("dualpipev", single)
+    check_placement("interleaved_1f1b", loop)  # what the loop is for
 
 
 def test_topology_sets_stages_and_describe_marks_local():
