@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -220,7 +221,10 @@ class TrainConfig:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optimizer: dict[str, Any] = field(default_factory=_adamw)
-    lr_scheduler: Optional[dict[str, Any]] = None
+    # Any, not dict: OmegaConf cannot merge a command line's {...} into a dict field left null,
+    # so `lr_scheduler={_target_:...}` would fail on apps that have none by default
+    lr_scheduler: Optional[Any] = None
+    """A torch LR scheduler: ``_target_`` and its kwargs; None for a constant rate."""
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: RunConfig = field(default_factory=RunConfig)
@@ -234,6 +238,9 @@ class TrainConfig:
         if "_target_" not in self.optimizer:
             raise ValueError("optimizer needs a _target_ (e.g. torch.optim.AdamW), "
                              f"got keys {sorted(self.optimizer)}")
+        if self.lr_scheduler is not None and not isinstance(self.lr_scheduler, dict):
+            raise TypeError(f"lr_scheduler must be a mapping with a _target_ (or null), got "
+                            f"{type(self.lr_scheduler).__name__} {self.lr_scheduler!r}")
         if self.lr_scheduler is not None and "_target_" not in self.lr_scheduler:
             raise ValueError("lr_scheduler needs a _target_ (e.g. torch.optim.lr_scheduler.LambdaLR)")
 
@@ -288,7 +295,7 @@ def to_train_config(config: Any = None) -> TrainConfig:
     rest = {k: v for k, v in config.items() if k not in replace}
     merged = OmegaConf.to_object(OmegaConf.merge(schema, rest))
     for key, value in replace.items():
-        setattr(merged, key, dict(value) if value is not None else None)
+        setattr(merged, key, dict(value) if isinstance(value, Mapping) else value)
     merged.__post_init__()  # type: ignore[attr-defined]
     return merged  # type: ignore[return-value]
 

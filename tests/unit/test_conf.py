@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 import pipegrid.conf
 from pipegrid.conf.apps import GPTAppConfig, MLPAppConfig
 from pipegrid.conf.checks import to_app_config
+from pipegrid.conf.schema import to_train_config
 from pipegrid.conf.store import register_configs
 from pipegrid.schedules import ScheduleError
 
@@ -35,7 +36,7 @@ def _app(overrides: list[str] = (), name: str = "gpt", world_size: int | None = 
 
 
 def test_groups_ship_the_promised_presets():
-    assert _options("schedule") == ["1f1b", "gpipe", "interleaved_1f1b", "zb_h1"]
+    assert _options("schedule") == ["1f1b", "dualpipev", "gpipe", "interleaved_1f1b", "zb_h1", "zb_v"]
     assert {"gpt_tiny", "gpt_small", "mlp"} <= set(_options("model"))
     assert _options("optimizer") == ["adamw", "sgd"]
     assert _options("precision") == ["bf16", "fp16", "fp32"]
@@ -175,3 +176,11 @@ def test_plain_dicts_are_checked_too():
     assert app.optimizer == {"_target_": "torch.optim.SGD", "lr": 0.1}
     with pytest.raises(ValueError, match="unknown config key 'model.width'"):
         to_app_config({"model": {"width": 3}}, GPTAppConfig)
+
+
+def test_a_command_line_lr_scheduler_merges_into_an_app_that_has_none():
+    """OmegaConf could not merge `lr_scheduler={...}` into a dict field left null (mlp.yaml)."""
+    app = _app(["lr_scheduler={_target_:torch.optim.lr_scheduler.StepLR,step_size:1}"], name="mlp")
+    assert app.lr_scheduler == {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1}
+    with pytest.raises(TypeError, match="lr_scheduler must be a mapping with a _target_ .*got int 5"):
+        to_train_config({"lr_scheduler": 5})
