@@ -227,14 +227,16 @@ def _hydra_value(value: Any) -> str:
 def to_overrides(translation: DeepSpeedTranslation) -> list[str]:
     """Hydra command-line overrides for an app composed from pipegrid's packaged configs.
 
-    ``optimizer`` and ``lr_scheduler`` replace the app's whole entry (``~`` then ``+``), so no key
-    of its preset survives. (An app whose config has no lr_scheduler cannot take one from the
-    command line: OmegaConf cannot merge into a null Optional[dict]; use the YAML.)
+    ``optimizer`` and ``lr_scheduler`` replace the app's whole entry, so no key of its preset
+    survives: the optimizer by ``~`` then ``+``, the scheduler by ``null`` then the new one (which
+    also works on an app that has none).
     """
     out = []
     for section, values in _native_tree(translation).items():
-        if section in ("optimizer", "lr_scheduler"):
-            out += [f"'~{section}'", f"'+{section}={_hydra_value(values)}'"] if values else [f"{section}=null"]
+        if section == "optimizer":
+            out += [f"'~{section}'", f"'+{section}={_hydra_value(values)}'"]
+        elif section == "lr_scheduler":
+            out += [f"{section}=null"] + ([f"'{section}={_hydra_value(values)}'"] if values else [])
         else:
             out += [f"{section}.{key}={_hydra_value(value)}" for key, value in values.items()]
     return out

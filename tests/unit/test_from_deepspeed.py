@@ -327,16 +327,21 @@ def test_cli_prints_overrides_yaml_and_notes(tmp_path, capsys):
     assert "zero_optimization.stage=3" in capsys.readouterr().err
 
 
-def test_overrides_compose_onto_pipegrids_packaged_app():
+@pytest.mark.parametrize("app_name", ["gpt", "mlp"])  # gpt has an lr_scheduler preset, mlp none
+@pytest.mark.parametrize("scheduler", [None, {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}])
+def test_overrides_compose_onto_pipegrids_packaged_app(app_name, scheduler):
     from pipegrid.conf.store import register_configs
 
-    translation = translate(DS_EXAMPLE, world_size=2, pipe=2)
+    ds_config = {**{k: v for k, v in DS_EXAMPLE.items() if k != "scheduler"},
+                 **({"scheduler": scheduler} if scheduler else {})}
+    translation = translate(ds_config, world_size=2, pipe=2)
     overrides = [o.strip("'") for o in fd.to_overrides(translation)]
     register_configs()
     with initialize_config_module(version_base="1.3", config_module="pipegrid.conf"):
-        app = OmegaConf.to_object(compose("gpt", overrides=overrides))
+        app = OmegaConf.to_object(compose(app_name, overrides=overrides))
     want = translation.config
     for section in ("topology", "schedule", "zero", "precision"):
         assert getattr(app, section) == getattr(want, section)
     assert app.optimizer == want.optimizer and app.lr_scheduler == want.lr_scheduler  # replaced, not merged
+    assert (app.lr_scheduler is None) == (scheduler is None)
     assert app.train.grad_clip == want.train.grad_clip
