@@ -7,7 +7,12 @@ micro-batch 4, 16 micro-batches) and compute-bound (h=512, micro-batch 16, 8
 micro-batches). Systems run alternately, round after round, each in freshly forked
 processes with one thread each; the table reports medians over rounds. On the
 overhead-bound workload pipegrid also runs 1F1B with ``schedule.coalesce`` = 2 and 4
-(that many micro-batches per message, each still computed on its own).
+(that many micro-batches per message, each still computed on its own). The V schedules
+(torch's ``ScheduleZBVZeroBubble``/``ScheduleDualPipeV``, pipegrid's zb_v/dualpipev) cut
+the blocks into 4 chunks, rank r holding chunks r and 3-r. Two baselines bound what a
+pipeline can reach: one process's time halved (the no-bubble limit) and two processes
+each training half the blocks at once with no messages (what this machine gives two busy
+processes).
 
     python benchmarks/vs_torch_pipelining.py [--rounds 5] [--out benchmarks/results/vs_torch_pipelining.json]
 """
@@ -32,6 +37,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pipegrid as pg  # noqa: E402
 from pipegrid.launch import run_local  # noqa: E402
+from pipegrid.schedules import SCHEDULES  # noqa: E402
 from pipegrid.topology.affinity import bind_cores  # noqa: E402
 
 WORKLOADS = {
@@ -70,9 +76,9 @@ def _timed(step_fn, w: dict, sync) -> float:
     return (time.perf_counter() - start) / w["steps"]
 
 
-def one_process(w: dict) -> float:
+def one_process(w: dict, blocks: int = BLOCKS) -> float:
     torch.manual_seed(0)
-    model = nn.Sequential(*[Block(w["hidden"]) for _ in range(BLOCKS)])
+    model = nn.Sequential(*[Block(w["hidden"]) for _ in range(blocks)])
     opt = torch.optim.Adam(model.parameters(), **ADAM)
 
     def step(batch):
@@ -83,24 +89,45 @@ def one_process(w: dict) -> float:
     return _timed(step, w, lambda: None)
 
 
+def halves_side_by_side(w: dict) -> float:
+    """Each of the 2 processes trains half the blocks on every micro-batch, no messages:
+    the no-bubble limit as this machine runs two busy processes at once (bound to a core
+    each, as pipegrid binds them), rather than one process's time halved."""
+    bind_cores()
+    dist.barrier()
+    return one_process(w, BLOCKS // STAGES)
+
+
 def torch_pipelining(w: dict, schedule_name: str, bind: bool = False) -> float:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    """torch's schedule: one stage per rank, or (zbv, dualpipev) two placed in a V, rank r
+    holding stages r and 2p-1-r, as torch's V schedules require."""
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
+                                              ScheduleZBVZeroBubble)
 
     if bind:  # what pipegrid does by default (comm.bind_cores), to show its share of the gain
         bind_cores()
-    rank, per = dist.get_rank(), BLOCKS // STAGES
+    rank = dist.get_rank()
+    v_shaped = schedule_name in ("zbv", "dualpipev")
+    stages_here = [rank, 2 * STAGES - 1 - rank] if v_shaped else [rank]
+    num_stages = STAGES * len(stages_here)
+    per = BLOCKS // num_stages
     torch.manual_seed(0)
     blocks = [Block(w["hidden"]) for _ in range(BLOCKS)]
-    stage_mod = nn.Sequential(*blocks[rank * per:(rank + 1) * per])
-    stage = PipelineStage(stage_mod, rank, STAGES, torch.device("cpu"))
-    cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule_name]
-    schedule = cls(stage, n_microbatches=w["micro_batches"], loss_fn=nn.functional.mse_loss)
-    opt = torch.optim.Adam(stage_mod.parameters(), **ADAM)
+    mods = [nn.Sequential(*blocks[s * per:(s + 1) * per]) for s in stages_here]
+    stages = [PipelineStage(mod, s, num_stages, torch.device("cpu")) for mod, s in zip(mods, stages_here)]
+    cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "zbv": ScheduleZBVZeroBubble,
+           "dualpipev": ScheduleDualPipeV}[schedule_name]
+    schedule = cls(stages if v_shaped else stages[0], n_microbatches=w["micro_batches"],
+                   loss_fn=nn.functional.mse_loss)
+    opt = torch.optim.Adam([p for mod in mods for p in mod.parameters()], **ADAM)
+    first, last = 0 in stages_here, num_stages - 1 in stages_here
 
     def step(batch):
         x = torch.cat([b[0] for b in batch])
         y = torch.cat([b[1] for b in batch])
-        if rank == 0:
+        if first and last:  # the V: rank 0 feeds the inputs and takes the loss
+            schedule.step(x, target=y, losses=[])
+        elif first:
             schedule.step(x)
         else:
             schedule.step(target=y, losses=[])
@@ -111,8 +138,10 @@ def torch_pipelining(w: dict, schedule_name: str, bind: bool = False) -> float:
 
 def pipegrid_run(w: dict, schedule_name: str, coalesce: int = 1) -> float:
     topo = pg.Topology(pipe=STAGES)
+    chunks = (SCHEDULES[schedule_name].chunks or (1,))[0]  # zb_v, dualpipev: 2, placed in a V
     model = pg.PipelineModule([pg.LayerSpec(Block, w["hidden"]) for _ in range(BLOCKS)],
-                              loss_fn=nn.functional.mse_loss, topology=topo, partition_method="uniform")
+                              loss_fn=nn.functional.mse_loss, topology=topo, partition_method="uniform",
+                              virtual_stages=chunks, stage_placement="v" if chunks == 2 else "loop")
     engine = pg.initialize(model, {"topology": {"pipe": STAGES},
                                    "schedule": {"name": schedule_name, "micro_batches": w["micro_batches"],
                                                 "coalesce": coalesce},
@@ -122,12 +151,17 @@ def pipegrid_run(w: dict, schedule_name: str, coalesce: int = 1) -> float:
 
 SYSTEMS = {
     "one process": (one_process, 1, ()),
+    "two halves side by side": (halves_side_by_side, STAGES, ()),
     "torch Schedule1F1B": (torch_pipelining, STAGES, ("1f1b",)),
     "torch ScheduleGPipe": (torch_pipelining, STAGES, ("gpipe",)),
+    "torch ScheduleZBVZeroBubble": (torch_pipelining, STAGES, ("zbv",)),
+    "torch ScheduleDualPipeV": (torch_pipelining, STAGES, ("dualpipev",)),
     "torch Schedule1F1B, cores bound": (torch_pipelining, STAGES, ("1f1b", True)),
     "pipegrid 1f1b": (pipegrid_run, STAGES, ("1f1b",)),
     "pipegrid gpipe": (pipegrid_run, STAGES, ("gpipe",)),
     "pipegrid zb_h1": (pipegrid_run, STAGES, ("zb_h1",)),
+    "pipegrid zb_v": (pipegrid_run, STAGES, ("zb_v",)),
+    "pipegrid dualpipev": (pipegrid_run, STAGES, ("dualpipev",)),
     "pipegrid 1f1b coalesce=2": (pipegrid_run, STAGES, ("1f1b", 2)),
     "pipegrid 1f1b coalesce=4": (pipegrid_run, STAGES, ("1f1b", 4)),
 }
@@ -148,17 +182,20 @@ def measure(workload: str, rounds: int, systems: list[str]) -> dict[str, list[fl
 
 
 def report(results: dict) -> str:
-    lines = ["| workload | system | ms/step (median) | vs torch 1F1B | efficiency |",
-             "|---|---|---|---|---|"]
+    """Medians (and the range over rounds); "/ limit": against one process's time halved, the
+    no-bubble limit; "/ halves": against two processes each training half the model at once."""
+    lines = ["| workload | system | ms/step (median) | rounds min-max | vs torch 1F1B | / limit | / halves |",
+             "|---|---|---|---|---|---|---|"]
     for workload, times in results.items():
-        w = WORKLOADS[workload]
         med = {name: statistics.median(ts) for name, ts in times.items()}
-        m = w["micro_batches"]
-        ideal = med["one process"] / STAGES * (m + STAGES - 1) / m
+        limit = med["one process"] / STAGES if "one process" in med else None
+        halves = med.get("two halves side by side")
         for name, t in med.items():
-            ratio = t / med["torch Schedule1F1B"]
-            eff = "" if name == "one process" else f"{ideal / t:.2f}"
-            lines.append(f"| {workload} | {name} | {t * 1e3:.1f} | {ratio:.2f} | {eff} |")
+            cells = [f"{t / base:.2f}" if base and name != base_name else ""
+                     for base, base_name in ((med.get("torch Schedule1F1B"), "torch Schedule1F1B"),
+                                             (limit, "one process"), (halves, "two halves side by side"))]
+            spread = f"{min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f}"
+            lines.append(f"| {workload} | {name} | {t * 1e3:.1f} | {spread} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections import deque
 
+from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, ComputeInstruction, Forward,
 )
 from pipegrid.schedules.placement import Placement
 
-__all__ = ["compute_order"]
+__all__ = ["check", "compute_order", "pipeline_seconds"]
 
 
 class _Rank:
@@ -99,3 +100,18 @@ def compute_order(placement: Placement, micro_batches: int) -> list[list[Compute
     """Per rank, DualPipeV's phases (see the module docstring); needs m >= 2p (the registry checks)."""
     p = placement.num_ranks
     return [_rank_order(rank, p, micro_batches, placement.stages_of(rank)) for rank in range(p)]
+
+
+def check(p: int, m: int, v: int, k: int) -> None:
+    """Refuse fewer micro-batches (or coalesced groups) than model stages, saying what to set."""
+    if m // k < 2 * p:
+        groups = f" (micro_batches/coalesce={m}/{k}={m // k})" if k > 1 else ""
+        raise ScheduleError(
+            f"dualpipev needs at least 2 * num_stages = {2 * p} micro-batches (one per model stage){groups}, got "
+            f"micro_batches={m}; set micro_batches={2 * p * k} or more, or use schedule 'zb_v'")
+
+
+def pipeline_seconds(p: int, m: int, v: int, f: float, b: float, w: float) -> float:
+    """The planner's closed form for one step (F/B(input half)/W per chunk), fitted to the
+    simulator for m >= 2p: the drain's full backwards leave F+B-W per rank, more when B > F."""
+    return 2 * m * (f + b + w) + (p - 1) * (f + b - w + max(b - f, 0.0))

@@ -21,16 +21,22 @@ from pipegrid.schedules.placement import Placement
 __all__ = ["compute_order", "check"]
 
 
-def check(num_stages: int, micro_batches: int, virtual_stages: int) -> None:
-    """Refuse what the round-based order cannot run, saying what to change."""
-    if virtual_stages > 1 and micro_batches % num_stages != 0:
-        suggestion = -(-micro_batches // num_stages) * num_stages
+def check(num_stages: int, micro_batches: int, virtual_stages: int, coalesce: int = 1) -> None:
+    """Refuse what the round-based order cannot run, saying what to change (coalesce only when set)."""
+    p, m, k = num_stages, micro_batches, coalesce
+    if virtual_stages > 1 and m % p != 0:
+        suggestion = -(-m // p) * p
         raise ScheduleError(
             f"interleaved_1f1b needs micro_batches to be a multiple of num_stages "
-            f"(micro-batches go through in rounds of {num_stages}), got "
-            f"micro_batches={micro_batches}, num_stages={num_stages}; set micro_batches="
-            f"{suggestion} (a multiple of {num_stages}) or virtual_stages=1"
+            f"(micro-batches go through in rounds of {p}), got "
+            f"micro_batches={m}, num_stages={p}; set micro_batches="
+            f"{suggestion} (a multiple of {p}) or virtual_stages=1"
         )
+    if virtual_stages > 1 and k > 1 and (m // k) % p:
+        raise ScheduleError(
+            f"interleaved_1f1b with coalesce={k} needs micro_batches/coalesce to be a multiple of num_stages={p} "
+            f"(groups go through in rounds of {p}), got {m}/{k}={m // k}; set micro_batches="
+            f"{k * p * -(-(m // k) // p)} or a smaller coalesce")
 
 
 def _op_at(step: int, stages: list[int], p: int, forward: bool) -> ComputeInstruction:

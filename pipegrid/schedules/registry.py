@@ -98,34 +98,6 @@ def _loop_pipeline(p: int, m: int, v: int, f: float, b: float, w: float) -> floa
 def _zb_h1_pipeline(p: int, m: int, v: int, f: float, b: float, w: float) -> float:
     return m * (f + b + w) + (p - 1) * max(f + b - w, 0.0)  # W fills all but F+B-W per stage
 
-
-# The V schedules' fill and drain per rank, fitted to the simulator for m >= 2p
-# (within 1/(p-1) slot): W fills the drain until I outweighs it, F dominates when largest.
-def _zb_v_pipeline(p: int, m: int, v: int, f: float, b: float, w: float) -> float:
-    return 2 * m * (f + b + w) + (p - 1) * max(2 * (b - w), b, f + max(f - b, 0.0))
-
-
-def _dualpipev_pipeline(p: int, m: int, v: int, f: float, b: float, w: float) -> float:
-    return 2 * m * (f + b + w) + (p - 1) * (f + b - w + max(b - f, 0.0))
-
-
-def _check_dualpipev(p: int, m: int, v: int, k: int) -> None:
-    if m // k < 2 * p:
-        groups = f" (micro_batches/coalesce={m}/{k}={m // k})" if k > 1 else ""
-        raise ScheduleError(
-            f"dualpipev needs at least 2 * num_stages = {2 * p} micro-batches (one per model stage){groups}, got "
-            f"micro_batches={m}; set micro_batches={2 * p * k} or more, or use schedule 'zb_v'")
-
-
-def _check_interleaved(p: int, m: int, v: int, k: int) -> None:
-    interleaved.check(p, m, v)  # its own words first: coalesce matters only when set
-    if v > 1 and k > 1 and (m // k) % p:
-        raise ScheduleError(
-            f"interleaved_1f1b with coalesce={k} needs micro_batches/coalesce to be a multiple of num_stages={p} "
-            f"(groups go through in rounds of {p}), got {m}/{k}={m // k}; set micro_batches="
-            f"{k * p * -(-(m // k) // p)} or a smaller coalesce")
-
-
 _SPECS = (
     ScheduleSpec("gpipe", gpipe.compute_order, "all forwards, then all backwards; holds every micro-batch",
                  hints=PlannerHints(_loop_pipeline, lambda p, m, v: m)),
@@ -133,17 +105,17 @@ _SPECS = (
                  hints=PlannerHints(_loop_pipeline, lambda p, m, v: min(m, p))),
     ScheduleSpec("interleaved_1f1b", interleaved.compute_order,
                  "1F1B over v chunks per rank placed in a loop; bubble / v, v times the messages",
-                 chunks=None, check=_check_interleaved,
+                 chunks=None, check=interleaved.check,
                  hints=PlannerHints(_loop_pipeline, lambda p, m, v: min(m, 2 * p if v > 1 else p))),
     ScheduleSpec("zb_h1", zero_bubble.compute_order, "1F1B with the weight gradient deferred into the bubble",
                  split_backward=True, hints=PlannerHints(_zb_h1_pipeline, lambda p, m, v: min(m, p))),
     ScheduleSpec("zb_v", zb_v.compute_order, "zero-bubble V: 2 chunks per rank placed 'v', 1F1B's memory",
                  placement="v", split_backward=True, chunks=(2,),
-                 hints=PlannerHints(_zb_v_pipeline, lambda p, m, v: min(m, p), steady=2)),
+                 hints=PlannerHints(zb_v.pipeline_seconds, lambda p, m, v: min(m, p), steady=2)),
     ScheduleSpec("dualpipev", dualpipev.compute_order,
                  "DeepSeek's DualPipeV: 2 chunks placed 'v', forward/backward pairs of both chunks",
-                 placement="v", split_backward=True, chunks=(2,), check=_check_dualpipev,
-                 hints=PlannerHints(_dualpipev_pipeline, lambda p, m, v: min(m, p + 1), steady=2)),
+                 placement="v", split_backward=True, chunks=(2,), check=dualpipev.check,
+                 hints=PlannerHints(dualpipev.pipeline_seconds, lambda p, m, v: min(m, p + 1), steady=2)),
     ScheduleSpec("inference", inference.compute_order, "forward only, micro-batches streamed in order",
                  placement=None, training=False, chunks=None),
 )

@@ -27,7 +27,7 @@ from pipegrid.schedules.instructions import (
 )
 from pipegrid.schedules.placement import Placement
 
-__all__ = ["compute_order"]
+__all__ = ["compute_order", "pipeline_seconds"]
 
 
 class _Rank:
@@ -93,3 +93,10 @@ def compute_order(placement: Placement, micro_batches: int) -> list[list[Compute
     n = max(micro_batches, 2 * p - 1)
     return [[op for op in _rank_order(rank, p, n, placement.stages_of(rank)) if op.micro_batch < micro_batches]
             for rank in range(p)]
+
+
+def pipeline_seconds(p: int, m: int, v: int, f: float, b: float, w: float) -> float:
+    """The planner's closed form for one step, F/B(input half)/W per chunk: 2m(F+B+W) of work
+    per rank plus a fill and drain of p-1 slots, fitted to the simulator for m >= 2p (within
+    one slot): W fills the drain until the input halves outweigh it; F sets it when largest."""
+    return 2 * m * (f + b + w) + (p - 1) * max(2 * (b - w), b, f + max(f - b, 0.0))
