@@ -152,3 +152,22 @@ def test_a_traced_v_step_runs_its_stream_and_draws_both_timelines(tmp_path):
     bubbles = per_rank[0]["bubbles"]
     assert 0.0 <= bubbles["simulated_bubble"] < 1.0 and 0.0 <= bubbles["measured_bubble"] < 1.0
     assert json.loads(path.read_text())["traceEvents"] and (tmp_path / "zb_v.png").stat().st_size > 5000
+
+
+def _save_in_a_v_load_in_a_loop(directory: str) -> tuple[dict, dict]:
+    """Weights saved by a V-placed zb_v run (embedding and head on rank 0) load into 1f1b's layout."""
+    engine = pg.initialize(TinyGPT(N_LAYER, topology=pg.Topology(pipe=2), virtual_stages=2, stage_placement="v"),
+                           config("zb_v", 2, 1, 3))
+    engine.train_batch(iter(global_batches(0, 1, 3)))
+    saved = canonical_state(engine.module)
+    engine.save_checkpoint(directory)
+    loop = pg.initialize(TinyGPT(N_LAYER, topology=pg.Topology(pipe=2)), config("1f1b", 2, 1, 3))
+    assert loop.load_checkpoint(directory, load_optimizer_states=False) == 1
+    return saved, canonical_state(loop.module)
+
+
+def test_weights_saved_under_zb_v_load_under_1f1b(tmp_path):
+    per_rank = run_local(_save_in_a_v_load_in_a_loop, 2, (str(tmp_path),), timeout_s=120)
+    saved = {k: v for s, _ in per_rank for k, v in s.items()}
+    loaded = {k: v for _, s in per_rank for k, v in s.items()}
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
