@@ -43,16 +43,37 @@ def test_ring_allreduce() -> None:
     assert ring_allreduce_s(1e9, 1, link) == 0.0
 
 
-@pytest.mark.parametrize("name,v", [("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2), ("zb_h1", 1)])
+@pytest.mark.parametrize("name,v", [("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2), ("zb_h1", 1),
+                                    ("zb_v", 2), ("dualpipev", 2)])
 def test_extrapolated_simulation_matches_direct(name: str, v: int, monkeypatch) -> None:
-    costs = {"F": 1.0, "B": 1.0, "W": 1.0, "comm": 0.2} if name == "zb_h1" else \
+    costs = {"F": 1.0, "B": 1.0, "W": 1.0, "comm": 0.2} if name in ("zb_h1", "zb_v", "dualpipev") else \
         {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.2}
     direct = simulate(build(name, 8, 48, v), costs)
     monkeypatch.setattr("pipegrid.plan.simulation._DIRECT_OPS", 0)
     approx = simulate_step(name, 8, 48, v, costs)
-    assert approx.extrapolated_from == (8, 16)
+    assert approx.extrapolated_from == ((16, 24) if v == 2 and name != "interleaved_1f1b" else (8, 16))  # a V settles at 2p
     assert approx.makespan == pytest.approx(direct.makespan, rel=0.02)  # zb_h1 settles late: +1%
     assert approx.peak_inflight == direct.peak_inflight
+
+
+@pytest.mark.parametrize("name", ["zb_v", "dualpipev"])
+def test_the_v_schedules_closed_form_matches_the_simulator(name: str) -> None:
+    """The planner's screen (registry hints) against the simulator it stands in for, m >= 2p."""
+    from pipegrid.schedules import SCHEDULES
+
+    hints = SCHEDULES[name].hints
+    for f, b, w in [(1.0, 1.0, 1.0), (1.0, 2.0, 1.0), (1.0, 1.0, 0.1), (2.0, 1.0, 1.0)]:
+        for p, m in [(4, 16), (8, 32)]:
+            simulated = simulate(build(name, p, m, 2), {"F": f, "B": b, "W": w}).makespan
+            assert hints.pipeline(p, m, 2, f, b, w) == pytest.approx(simulated, abs=f + b + w), (f, b, w, p, m)
+
+
+def test_the_search_proposes_the_v_schedules_with_two_chunks() -> None:
+    from pipegrid.plan.search import SearchSpace, candidates
+
+    found = {(layout.schedule, layout.virtual_stages) for layout in candidates(GPT_1T, _dgx(64), SearchSpace())}
+    assert {("zb_v", 2), ("dualpipev", 2), ("zb_h1", 1), ("interleaved_1f1b", 4)} <= found
+    assert not {(name, v) for name, v in found if name in ("zb_v", "dualpipev") and v != 2}
 
 
 def test_inflight_follows_the_schedule() -> None:
