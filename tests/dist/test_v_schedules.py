@@ -28,8 +28,8 @@ ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2, "eps": 1e-5}  # eps: see tes
 
 
 def _case(schedule: str, pipe: int, data: int, m: int, *, zero: int = 0, optimizer: dict | None = None,
-          evaluate: bool = False, dynamic: bool = False) -> dict:
-    cfg = config(schedule, pipe, data, m, optimizer=optimizer, zero={"stage": zero},
+          evaluate: bool = False, dynamic: bool = False, coalesce: int = 1) -> dict:
+    cfg = config(schedule, pipe, data, m, optimizer=optimizer, zero={"stage": zero}, coalesce=coalesce,
                  comm={"timeout_s": 60, "dynamic_shapes": dynamic})
     return {"cfg": cfg, "evaluate": evaluate}
 
@@ -42,6 +42,7 @@ CASES = {
     "zb_v-p2-m3": _case("zb_v", 2, 1, 3, evaluate=True),
     "zb_v-p2-m1": _case("zb_v", 2, 1, 1),  # fewer micro-batches than the V's warm-up
     "dualpipev-p2-m5": _case("dualpipev", 2, 1, 5, evaluate=True),
+    "zb_v-p2-m6-coalesce2": _case("zb_v", 2, 1, 6, coalesce=2),
     "zb_v-p3-m5": _case("zb_v", 3, 1, 5),
     "zb_v-p3-m5-headers": _case("zb_v", 3, 1, 5, dynamic=True),  # a header before every activation
     "dualpipev-p3-m7": _case("dualpipev", 3, 1, 7),
