@@ -134,7 +134,7 @@ def build(cfg: HFAppConfig, tokenizer: Any) -> tuple[pg.PipelineEngine, pg.Proce
     m = cfg.model
     common = dict(topology=groups.topology, attn_implementation=m.attn_implementation, seed=cfg.train.seed,
                   activation_checkpoint_interval=m.activation_checkpoint_interval,
-                  virtual_stages=cfg.schedule.virtual_stages)
+                  virtual_stages=cfg.schedule.virtual_stages, stage_placement=pg.stage_placement(cfg.schedule))
     if m.path:
         model = hf.from_pretrained(m.path, **common)
     else:

@@ -182,7 +182,7 @@ def build(cfg: GPTAppConfig) -> tuple[pg.PipelineEngine, pg.ProcessGroups, Corpu
     corpus = char_corpus(load_text(cfg.data.text), cfg.model.vocab_size, cfg.data.val_fraction)
     model = GPT(GPTConfig(**vars(cfg.model)), topology=groups.topology,
                 tensor_group=groups.tensor_parallel_group, virtual_stages=cfg.schedule.virtual_stages,
-                seed=cfg.train.seed)
+                stage_placement=pg.stage_placement(cfg.schedule), seed=cfg.train.seed)
     return pg.initialize(model, cfg, groups=groups), groups, corpus
 
 

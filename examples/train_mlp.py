@@ -40,7 +40,8 @@ def mlp(cfg: MLPAppConfig, topology: pg.Topology) -> pg.PipelineModule:
               *[pg.LayerSpec(Residual, m.width) for _ in range(m.depth)],
               pg.LayerSpec(nn.Linear, m.width, 1)]
     return pg.PipelineModule(layers, loss_fn=F.mse_loss, topology=topology, seed=cfg.train.seed,
-                             virtual_stages=cfg.schedule.virtual_stages)
+                             virtual_stages=cfg.schedule.virtual_stages,
+                             stage_placement=pg.stage_placement(cfg.schedule))
 
 
 def train(cfg: MLPAppConfig) -> float:

@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "Coord": "pipegrid.topology.grid",
     "ProcessGroups": "pipegrid.topology.groups",
     "ScheduleError": "pipegrid.schedules.errors",
+    "stage_placement": "pipegrid.schedules.registry",
     "LayerSpec": "pipegrid.pipe.spec",
     "TiedLayerSpec": "pipegrid.pipe.spec",
     "PipelineModule": "pipegrid.pipe.module",
@@ -53,5 +54,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pipegrid.pipe.preemption import Preempted
     from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
     from pipegrid.schedules.errors import ScheduleError
+    from pipegrid.schedules.registry import stage_placement
     from pipegrid.topology.grid import Coord, ProcessTopology, Topology
     from pipegrid.topology.groups import ProcessGroups

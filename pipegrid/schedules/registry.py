@@ -9,14 +9,14 @@ entry in ``_SPECS``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from pipegrid.schedules import dualpipev, gpipe, inference, interleaved, one_f_one_b, zb_v, zero_bubble
 from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import ComputeInstruction
 from pipegrid.schedules.placement import Placement
 
-__all__ = ["PlannerHints", "ScheduleSpec", "SCHEDULES", "SCHEDULE_NAMES", "TRAINING_SCHEDULES", "get"]
+__all__ = ["PlannerHints", "ScheduleSpec", "SCHEDULES", "SCHEDULE_NAMES", "TRAINING_SCHEDULES", "get", "stage_placement"]
 
 ComputeOrder = Callable[[Placement, int], "list[list[ComputeInstruction]]"]
 Check = Callable[[int, int, int, int], None]
@@ -130,3 +130,16 @@ def get(name: str) -> ScheduleSpec:
     if spec is None:
         raise ScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     return spec
+
+
+def stage_placement(schedule: Any) -> str:
+    """The ``stage_placement`` to build a PipelineModule with for ``schedule``: a config's
+    ``schedule`` section (its ``name`` and ``virtual_stages``) or a schedule's name.
+
+    ``PipelineModule(..., virtual_stages=cfg.schedule.virtual_stages,
+    stage_placement=pg.stage_placement(cfg.schedule))`` builds a module every schedule
+    preset runs, so an app switches to ``schedule=zb_v`` with one override.
+    """
+    name = schedule if isinstance(schedule, str) else schedule.name
+    virtual_stages = 1 if isinstance(schedule, str) else schedule.virtual_stages
+    return get(name).placement_for(virtual_stages)

@@ -89,10 +89,11 @@ def test_bad_config_fails_before_any_worker(tmp_path):
 
 
 def test_gpt_multirun_launches_each_job(tmp_path):
-    proc = run("train_gpt.py", "-m", "schedule=gpipe,1f1b", *TINY_GPT, "train.steps=2", "sample.length=0",
+    """One sweep over a loop-placed and a V-placed schedule: the app builds its module for either."""
+    proc = run("train_gpt.py", "-m", "schedule=gpipe,zb_v", *TINY_GPT, "train.steps=2", "sample.length=0",
                f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, schedule in enumerate(["gpipe", "1f1b"]):
+    for job, schedule in enumerate(["gpipe", "zb_v"]):
         assert f"schedule={schedule}" in (tmp_path / "sweep" / str(job) / ".hydra" / "overrides.yaml").read_text()
         assert len(metrics(tmp_path / "sweep" / str(job))) == 2
 

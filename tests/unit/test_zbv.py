@@ -166,6 +166,18 @@ def test_the_config_and_the_cli_list_the_registry() -> None:
     assert ScheduleConfig(name="dualpipev", virtual_stages=2, micro_batches=8).virtual_stages == 2
 
 
+def test_stage_placement_answers_what_a_configs_schedule_needs() -> None:
+    """What an app passes to PipelineModule so one ``schedule=`` override switches placement too."""
+    import pipegrid as pg
+    from pipegrid.conf.schema import ScheduleConfig
+
+    assert pg.stage_placement(ScheduleConfig(name="zb_v", virtual_stages=2)) == "v"
+    assert pg.stage_placement(ScheduleConfig(name="dualpipev", virtual_stages=2, micro_batches=8)) == "v"
+    assert pg.stage_placement(ScheduleConfig(name="interleaved_1f1b", virtual_stages=2)) == "loop"
+    assert pg.stage_placement("1f1b") == "loop"
+    with pytest.raises(ScheduleError, match="unknown schedule 'zbv'"):
+        pg.stage_placement("zbv")
+
 # --- the loss message -----------------------------------------------------------------
 
 def _marked(schedule: Schedule) -> list[tuple[int, str]]:
