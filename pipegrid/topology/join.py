@@ -8,6 +8,7 @@ import datetime
 import gc
 import os
 import sys
+import time
 from typing import Any
 
 import torch
@@ -47,6 +48,31 @@ def _leave_process_group() -> None:
         return
     gc.collect()  # a dropped engine's groups go with it
     dist.destroy_process_group()
+    _wait_for_gloo_threads()
+
+
+def _wait_for_gloo_threads(seconds: float = 2.0) -> None:
+    """Give gloo's threads a moment to end after the group is destroyed (Linux: /proc names them).
+
+    A group's last reference can be dropped on one of gloo's own threads (a finished work
+    item), and then its device's loop thread is joined there, not in the destroying call: a
+    CI run once reached interpreter shutdown with one ``gloo_tcp_loop`` left.
+    """
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        names = []
+        for task in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{task}/comm") as handle:
+                    names.append(handle.read())
+            except OSError:  # the thread ended while we looked
+                pass
+        if not any("gloo" in name for name in names):
+            return
+        time.sleep(0.01)
 
 
 def _local_world_size() -> int:

@@ -99,8 +99,14 @@ QUICKSTART_EXIT = textwrap.dedent('''
     import pipegrid as pg
 
     def threads():  # registered first, so it runs after pipegrid's own exit handler
-        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-        print("gloo threads at exit:", sum("gloo" in n for n in names), flush=True)
+        names = []
+        for t in os.listdir("/proc/self/task"):
+            try:
+                names.append(open(f"/proc/self/task/{t}/comm").read().strip())
+            except OSError:  # ended while listed
+                pass
+        gloo = [n for n in names if "gloo" in n]
+        print("gloo threads at exit:", len(gloo), gloo, flush=True)
     atexit.register(threads)
 
     def main():
