@@ -32,12 +32,13 @@ from collections import deque
 
 from pipegrid.schedules.instructions import Exchange, Instruction, is_recv, is_send, parts
 from pipegrid.schedules.schedule import Schedule
+from pipegrid.schedules.simulate import play, simulate
 
 __all__ = ["order_transfers"]
 
 _Message = tuple[str, int, int]
 # unit costs; the latency only makes a message that depends on another strictly later
-_COSTS = {"F": 64, "B": 64, "W": 64, "comm": 1}  # integers: exact, and fast
+_COSTS = {"F": 64, "B": 32, "W": 32, "comm": 1}  # integers: exact, and fast; a full backward costs B + W
 
 
 def order_transfers(schedule: Schedule) -> Schedule:
@@ -63,28 +64,15 @@ def _global_order(schedule: Schedule) -> dict[_Message, int]:
 
 
 def _ready_times(schedule: Schedule) -> dict[_Message, tuple[int, int, int]]:
-    """message -> (time its send is posted, sender rank, sender position), every rank played out
-    at ``_COSTS``: an op starts when its rank is free and the message it reads has arrived."""
-    costs = {"F": _COSTS["F"], "B": _COSTS["B"], "I": _COSTS["B"], "W": _COSTS["W"]}
-    ready: dict[_Message, tuple[int, int, int]] = {}
-    clock, cursor = [0] * schedule.num_stages, [0] * schedule.num_stages
-    progressed = True
-    while progressed:
-        progressed = False
-        for rank, stream in enumerate(schedule.streams):
-            while cursor[rank] < len(stream):
-                op = stream[cursor[rank]]
-                message = schedule.reads(op)
-                if message is not None:
-                    if message not in ready:
-                        break  # its sender has not got there yet
-                    clock[rank] = max(clock[rank], ready[message][0] + _COSTS["comm"])
-                if _moves(schedule, op) and is_send(op):
-                    ready[schedule.message_key(op)] = (clock[rank], rank, cursor[rank])
-                clock[rank] += costs.get(getattr(op, "code", ""), 0)
-                cursor[rank] += 1
-                progressed = True
-    return ready
+    """message -> (time its send is posted, sender rank, sender position), the schedule played
+    out by the simulator at ``_COSTS``."""
+    played = play(schedule, _COSTS)
+    if played is None:
+        simulate(schedule, _COSTS)  # raises, naming the ops that wait on each other
+    start, _ = played
+    return {schedule.message_key(op): (start[(rank, position)], rank, position)
+            for rank, stream in enumerate(schedule.streams) for position, op in enumerate(stream)
+            if _moves(schedule, op) and is_send(op)}
 
 
 def _place_receives(schedule: Schedule, stream: tuple[Instruction, ...],

@@ -137,14 +137,14 @@ def simulate(schedule: Schedule, costs: Mapping[str, float] | None = None) -> Si
     if unknown:
         raise ValueError(f"unknown cost keys {sorted(unknown)}; use F, B, W and comm")
     merged.update(costs or {})
-    played = _play(schedule, merged)
+    played = play(schedule, merged)
     if played is None:  # stuck: the graph names the cycle (or the receive without a send)
         graph = build_graph(schedule, merged["comm"])
         raise _cycle_error(schedule, graph)
     return _summarise(schedule, merged, *played)
 
 
-def _play(schedule: Schedule, costs: Mapping[str, float]) -> tuple[dict[_Node, float], dict[_Node, float]] | None:
+def play(schedule: Schedule, costs: Mapping[str, float]) -> tuple[dict[_Node, float], dict[_Node, float]] | None:
     """Every op's (start, end): the longest path through ``build_graph``'s edges, walked rank by
     rank as far as each can go (an op starts when its rank is free, the message it reads has
     arrived and the stage before it on the same rank has run). None when no rank can go on."""

@@ -142,3 +142,14 @@ def test_inference_in_a_v_is_deadlock_free(p, m):
     validate(schedule)
     check_nccl(schedule, per_pair=True)
     assert schedule.placement.kind == "v" and schedule.stages_of(0) == [0, 2 * p - 1]
+
+
+def test_a_compute_order_that_waits_on_itself_is_refused_naming_the_cycle() -> None:
+    """Ordering transfers plays the schedule out with the simulator, so a compute order no rank
+    can finish fails there with the simulator's error (it was a bare KeyError)."""
+    from pipegrid.schedules import Backward, Placement, Schedule, lower
+
+    shape = Schedule(name="crossed", placement=Placement("loop", 2, 1), micro_batches=1, streams=(),
+                     split_backward=False)
+    with pytest.raises(ScheduleError, match=r"dependency cycle \(would deadlock\).*0B0.*reorder the streams"):
+        lower(shape, [[Backward(0, 0), Forward(0, 0)], [Forward(1, 0), Backward(1, 0)]])
