@@ -3,7 +3,9 @@
 # and no network. It runs tests/gpu, the kernel benchmark, the engine at pipe=1 (fp32 and
 # bf16, ZeRO-1 on and off, against a plain-torch CPU reference, and its per-step host
 # overhead against a plain loop) and the GPT example (model=gpt_small precision=bf16) for
-# tokens/s and MFU, then writes one table to $OUT/gpu_check.md (and .json) and prints it.
+# tokens/s and MFU; then what a new user on a one-GPU host meets first: the README's first
+# command as written (pipe=2 on one GPU: the CPU fallback over gloo) and the unit tests;
+# then writes one table to $OUT/gpu_check.md (and .json) and prints it.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh        # on the GPU machine: ~5 minutes, at most 8
 #   OUT=/tmp/cpu bash benchmarks/gpu_check.sh --cpu  # every step, tiny, on the CPU (its test does this)
@@ -73,10 +75,15 @@ step() {
 if [ "$MODE" = gpu ]; then
   DEVICE=cuda; QUICK=(); KERNEL_ARGS=(--device cuda); GPT_STEPS=150
   GPT_ARGS=(model=gpt_small precision=bf16 "train.steps=$GPT_STEPS" eval.interval=0 sample.length=0)
+  README_ARGS=(train.steps=30); UNIT_TESTS=(tests/unit)
+  # pytest-xdist spreads the unit tests over the GPU host's cores when it is there
+  "$PY" -c "import xdist" 2>/dev/null && UNIT_TESTS+=(-n auto)
 else
   DEVICE=cpu; QUICK=(--quick); KERNEL_ARGS=(--device cpu --quick --repeats 1)
   GPT_ARGS=(model=gpt_tiny precision=fp32 train.steps=3 eval.interval=0 eval.batches=1 sample.length=0
             data.micro_batch_size=4)
+  README_ARGS=(train.steps=3 eval.interval=0 eval.batches=1 sample.length=0)
+  UNIT_TESTS=(tests/unit/test_grid.py)  # the step's plumbing; CI runs the whole unit tier itself
 fi
 
 step environment 60 "$PY" - "$OUT/env.json" <<'EOF'
@@ -101,5 +108,8 @@ step gpu_tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
 step kernels 150 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --out "$OUT/kernels_$DEVICE.json"
 step engine 120 "$PY" benchmarks/gpu_engine.py --device "$DEVICE" "${QUICK[@]}" --out "$OUT/engine_$DEVICE.json"
 step gpt 150 "$PY" examples/train_gpt.py topology=single "${GPT_ARGS[@]}" "hydra.run.dir=$OUT/gpt"
+# the README's first command, as written but for its length (pipe=2: on one GPU, the CPU fallback)
+step readme 150 "$PY" examples/train_gpt.py "${README_ARGS[@]}" "hydra.run.dir=$OUT/readme"
+step unit_tests 150 "$PY" -m pytest -q -p no:cacheprovider "${UNIT_TESTS[@]}"
 
 GPU_CHECK_GPT="${GPT_ARGS[*]}" "$PY" benchmarks/gpu_report.py "$OUT"

@@ -122,6 +122,9 @@ def _matmul_seconds(size: int, repeats: int) -> float:
 
 
 def _worker(size: int, repeats: int, barrier: Any, queue: Any) -> None:
+    from pipegrid.topology.devices import hide_gpus  # (imports torch, as this module does only when used)
+
+    hide_gpus()  # a CPU measurement: nothing here may touch the parent's CUDA
     barrier.wait()
     queue.put(_matmul_seconds(size, repeats))
 
@@ -129,6 +132,9 @@ def _worker(size: int, repeats: int, barrier: Any, queue: Any) -> None:
 def measure_contention(processes: int = 2, size: int = 512, repeats: int = 20) -> float:
     """How much slower one process computes while ``processes`` compute at once (>= 1):
     median matmul time of the busy processes over one process's (forked, one thread each)."""
+    from pipegrid.topology.devices import refuse_fork_after_cuda
+
+    refuse_fork_after_cuda("pipegrid.plan measure_contention")
     ctx = mp.get_context("fork")
     alone = _run(ctx, 1, size, repeats)
     together = _run(ctx, processes, size, repeats)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from pipegrid.conf.schema import TrainConfig, to_train_config
 from pipegrid.topology.affinity import bind_cores
+from pipegrid.topology.devices import visible_gpu_count
 from pipegrid.topology.grid import Topology
 from pipegrid.topology.groups import ProcessGroups, check_world_size
 
@@ -105,7 +106,7 @@ def resolve_backend(requested: str, local_ranks: int | None = None) -> tuple[str
     if requested == "gloo":
         return "gloo", None
     local = _local_world_size() if local_ranks is None else local_ranks
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpu_count()  # through NVML: a launcher that asks may still fork
     if requested == "auto":
         if gpus == 0:
             return "gloo", None
@@ -117,7 +118,7 @@ def resolve_backend(requested: str, local_ranks: int | None = None) -> tuple[str
                         "each rank its own GPU")
     if gpus == 0:
         raise RuntimeError("comm.backend=nccl needs CUDA, but torch sees no GPU "
-                           "(torch.cuda.is_available() is False); set comm.backend=gloo or auto")
+                           "(torch.cuda.device_count() is 0); set comm.backend=gloo or auto")
     if gpus < local and not (gpus == 1 and _one_visible_device_each()):
         raise RuntimeError(f"comm.backend=nccl needs a GPU per rank, but {local} ranks share {gpus} visible "
                            f"GPU(s) on this host; start at most {gpus} rank(s) per host, give each rank its "

@@ -10,12 +10,21 @@ from pipegrid.launch import uses_cuda
 from pipegrid.topology import join
 
 
+def _initialises_cuda(*args, **kwargs):
+    raise AssertionError("the backend choice called an API that initialises CUDA (a launcher could no longer fork)")
+
+
 @pytest.fixture
 def gpus(monkeypatch):
-    """Pretend this host has ``n`` visible GPUs."""
+    """Pretend this host has ``n`` visible GPUs, counted as torch counts them without initialising
+    CUDA (NVML); the calls that would initialise it fail the test."""
     def fake(n: int) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "is_available", _initialises_cuda)
+        monkeypatch.setattr(torch.cuda, "init", _initialises_cuda)
+        if hasattr(torch._C, "_cuda_getDeviceCount"):  # a CUDA build (its absence is how torch tells a CPU one)
+            monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", _initialises_cuda)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return fake
 

@@ -1,11 +1,9 @@
-"""Start a job's processes: N local workers when not under torchrun; torchrun's otherwise.
+"""The local worker pool: N ranks on this host as forked (CPU) or spawned (CUDA) processes.
 
-``launch(fn, *args, world_size=N)`` is what an entry point calls: under torchrun this
-process is one rank and runs ``fn`` itself; otherwise it starts N local workers
-(fork on CPU, spawn with CUDA) that rendezvous through a FileStore in a temporary
-directory (no port) and start with ``OMP_NUM_THREADS=1``; one failed or dead worker
-ends the whole run with that worker's traceback. ``hydra_main`` wraps ``hydra.main``
-for the packaged configs. ``run_local`` is the worker pool, also used by the tests.
+``run_local`` starts them, rendezvous through a FileStore in a temporary directory (no
+port), with ``OMP_NUM_THREADS=1``; one failed or dead worker ends the whole run with that
+worker's traceback, and SIGTERM/SIGUSR1/SIGUSR2 sent to the launcher reach the workers.
+Forked workers train on the CPU and see no GPU; forking after CUDA was initialised is refused.
 """
 
 from __future__ import annotations
@@ -13,15 +11,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import functools
-import gc
-import logging
-import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import pickle
-import re
 import signal
 import sys
 import tempfile
@@ -66,9 +59,10 @@ def _die_with_parent() -> None:
 
 
 def _worker(fn: Callable[..., Any], args: tuple, rank: int, world_size: int, init_method: str,
-            backend: str | None, timeout_s: float, conn: mp_connection.Connection) -> None:
+            backend: str | None, timeout_s: float, worker_env: dict[str, str],
+            conn: mp_connection.Connection) -> None:
     _die_with_parent()
-    os.environ.update(WORKER_ENV)
+    os.environ.update(worker_env)  # before any torch code here (a hidden GPU stays hidden)
     if "torch" in sys.modules:
         # Forked from a parent that may have run OpenMP work: a one-thread region never
         # touches the parent's (now missing) thread pool, which would hang the child.
@@ -112,7 +106,7 @@ def _report_error(conn: mp_connection.Connection) -> None:
 
 
 def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, timeout_s: float = 60.0,
-              backend: str | None = "gloo", start_method: str = "fork") -> list[Any]:
+              backend: str | None = "gloo", start_method: str = "fork", cpu_only: bool | None = None) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` local ranks and return each rank's result, in rank order.
 
     ``backend`` initialises torch.distributed in each worker (None: ``fn`` does it
@@ -122,20 +116,31 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, time
     cleanly (``SystemExit`` with status 0, e.g. ``pipegrid.Preempted``) is waited for
     like one that returns, and its exception is raised here once all are done. SIGTERM,
     SIGUSR1 and SIGUSR2 sent to this process are passed on to the workers meanwhile.
+
+    ``cpu_only`` workers get ``CUDA_VISIBLE_DEVICES=""``, so nothing in them (torch's
+    optimizer step asks CUDA about graph capture) can touch a GPU; default: forked workers
+    are CPU workers, spawned ones may use GPUs. Forking from a process that has initialised
+    CUDA is refused here, naming the fix, instead of crashing in a worker's first CUDA call.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    from pipegrid.topology.devices import HIDE_GPUS_ENV, refuse_fork_after_cuda  # (imports torch)
+
+    if start_method == "fork":
+        refuse_fork_after_cuda("run_local(start_method='fork')")
+    cpu_only = start_method == "fork" if cpu_only is None else cpu_only
+    worker_env = {**WORKER_ENV, **(HIDE_GPUS_ENV if cpu_only else {})}
     context = mp.get_context(start_method)
     with tempfile.TemporaryDirectory(prefix="pipegrid-rdzv-") as rdzv_dir:
         init_method = f"file://{os.path.join(rdzv_dir, 'store')}"
         workers, conns = [], []
-        with _environment(WORKER_ENV if start_method != "fork" else {}):
+        with _environment(worker_env if start_method != "fork" else {}):
             # (a spawned worker imports torch before _worker runs: it needs the variables at birth)
             for rank in range(world_size):
                 parent_end, child_end = context.Pipe(duplex=False)
                 proc = context.Process(target=_worker, name=f"pipegrid-rank{rank}", daemon=True,
                                        args=(fn, args, rank, world_size, init_method, backend, timeout_s,
-                                             child_end))
+                                             worker_env, child_end))
                 proc.start()
                 child_end.close()
                 workers.append(proc)
@@ -275,165 +280,3 @@ def _restore_environment(saved: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-# --- launching a job -------------------------------------------------------------
-
-# Under torchrun every rank runs the entry point; only rank 0 keeps Hydra's output
-# directory and log, so a run has one directory (not one per rank).
-_OTHER_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra.run.dir=.",
-                         "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
-_RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", INIT_METHOD_ENV)
-
-
-def torchrun_world_size() -> int | None:
-    """WORLD_SIZE when the processes were started by torchrun (or similar), else None."""
-    return int(os.environ["WORLD_SIZE"]) if is_torchrun() else None
-
-
-def uses_cuda(backend: str = "auto", local_ranks: int = 1) -> bool:
-    """Whether a job with ``comm.backend=backend`` and ``local_ranks`` ranks here runs on GPUs (NCCL)."""
-    from pipegrid.topology.join import resolve_backend  # the one rule, shared with joining
-
-    return resolve_backend(backend, local_ranks)[0] == "nccl"
-
-
-def launch(fn: Callable[..., Any], *args: Any, world_size: int, backend: str = "auto",
-           timeout_s: float = math.inf, start_method: str | None = None) -> Any:
-    """Run ``fn(*args)`` on every rank of a ``world_size``-process job; return rank 0's result.
-
-    Under torchrun, or as a task of a multi-task SLURM job from submitit
-    (hydra-submitit-launcher), this process is a rank: it runs ``fn`` itself (and the
-    result is its own). Otherwise one process runs in place, and more are started here: forked on
-    CPU, spawned with CUDA (``start_method`` overrides; spawned workers must be able to
-    import ``fn`` and unpickle ``args``). A CPU launcher
-    without ``OMP_NUM_THREADS`` first re-executes itself with ``OMP_NUM_THREADS=1``
-    (same arguments, same Hydra output directory), because forked workers inherit an
-    OpenMP runtime that was configured when torch was imported. Only rank 0 logs
-    below WARNING. A failed worker raises :class:`WorkerError` with its traceback.
-    SIGTERM, SIGUSR1 and SIGUSR2 sent to this process reach the workers; when every
-    worker then exits cleanly (``pipegrid.Preempted`` after a save) so does this call, by
-    re-raising it, and when they die by the signal this call exits with status 128 + its
-    number, as the signal would have ended it.
-    """
-    _export_submitit_environment()
-    started = torchrun_world_size()
-    if started is not None and started != world_size:
-        raise ValueError(f"the job needs {world_size} processes but torchrun started WORLD_SIZE={started}; "
-                         f"start it with --nproc-per-node (x --nnodes) = {world_size} or change the topology")
-    if started is not None or world_size == 1:
-        return _run_in_place(fn, args)
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    start_method = start_method or ("spawn" if uses_cuda(backend, world_size) else "fork")
-    if start_method == "fork" and "OMP_NUM_THREADS" not in os.environ:
-        _reexec_with_one_omp_thread()
-    log_file = next((h.baseFilename for h in logging.getLogger().handlers
-                     if isinstance(h, logging.FileHandler)), None)
-    try:
-        results = run_local(_rank_entry, world_size, (fn, args, log_file), timeout_s=timeout_s, backend=None,
-                            start_method=start_method)
-    except WorkerError as error:
-        if error.forwarded:  # the workers ended by the signal sent to the job: so does the launcher's status
-            raise SystemExit(128 + error.signal) from None
-        raise
-    return results[0]
-
-
-def _export_submitit_environment() -> None:
-    """In a multi-task submitit SLURM job every task is a rank: export torchrun's variables."""
-    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if is_torchrun() or os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or tasks < 2:
-        return
-    from submitit.helpers import TorchDistributedEnvironment
-
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # the engine picks cuda:LOCAL_RANK
-
-
-def _run_in_place(fn: Callable[..., Any], args: tuple) -> Any:
-    """Run one rank here; leave no process group or rank variables behind (for multirun)."""
-    saved = {key: os.environ.get(key) for key in _RANK_ENV}
-    if not is_torchrun():
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
-    try:
-        result = _rank_entry(fn, args, None)
-        import torch.distributed as dist  # (after a failure, tearing down could block on peers)
-
-        # Free what ``fn`` left in reference cycles first: a process group still referenced
-        # outlives destroy_process_group, and its gloo threads alive at interpreter shutdown
-        # can abort the process ("terminate called without an active exception").
-        gc.collect()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        return result
-    finally:
-        _restore_environment(saved)
-
-
-def _rank_entry(fn: Callable[..., Any], args: tuple, log_file: str | None) -> Any:
-    """A worker's prologue: rank 0 logs (to the run's log file too), the others only warn."""
-    root = logging.getLogger()
-    if int(os.environ.get("RANK", "0")) != 0:
-        root.setLevel(logging.WARNING)
-    elif not root.handlers:  # spawned: Hydra's handlers live in the launcher only
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-        if log_file is not None:
-            handlers.append(logging.FileHandler(log_file))
-        logging.basicConfig(level=logging.INFO, handlers=handlers,
-                            format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    return fn(*args)
-
-
-def _reexec_with_one_omp_thread() -> None:
-    """Replace this process by itself with ``OMP_NUM_THREADS=1``; warn when that is impossible."""
-    script = sys.orig_argv[1:]
-    if sys.flags.interactive or not script or script[0] == "-c" or not hasattr(sys.modules["__main__"], "__file__"):
-        logging.getLogger(__name__).warning(
-            "OMP_NUM_THREADS is not set: local CPU workers may run ~2x slower; set OMP_NUM_THREADS=1 "
-            "before starting Python")
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    argv = [sys.executable, *script, *_same_hydra_dir_overrides()]
-    os.execve(sys.executable, argv, {**os.environ, **WORKER_ENV})
-
-
-def _same_hydra_dir_overrides() -> list[str]:
-    """Overrides that make a re-executed Hydra app reuse this run's output directory."""
-    if "hydra" not in sys.modules:
-        return []
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return []
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep restarts, its first job in the same place
-        return [f"hydra.sweep.dir={_override_value(str(hydra_cfg.sweep.dir))}"]
-    return [f"hydra.run.dir={_override_value(hydra_cfg.runtime.output_dir)}"]
-
-
-def _override_value(text: str) -> str:
-    """A Hydra command-line value: as is when plain, else single-quoted."""
-    if re.fullmatch(r"[\w/.:+~@-]+", text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
-    """``hydra.main`` over pipegrid's packaged configs (``pkg://pipegrid.conf``, version_base 1.3).
-
-    Also registers the schemas in Hydra's ConfigStore, and under torchrun makes the
-    ranks other than 0 write no output directory and no log, so a run has one.
-    """
-    def decorate(task: Callable[[Any], Any]) -> Callable[[], Any]:
-        @functools.wraps(task)
-        def entry() -> Any:
-            import hydra
-
-            from pipegrid.conf.store import CONFIG_PATH, register_configs
-
-            register_configs()
-            if is_torchrun() and int(os.environ["RANK"]) != 0:
-                sys.argv.extend(_OTHER_RANK_OVERRIDES)
-            return hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)()
-        return entry
-    return decorate
