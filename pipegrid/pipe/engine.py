@@ -2,19 +2,18 @@
 
 ``initialize(module, config)`` joins torch.distributed (torchrun's environment or
 pipegrid's local launcher), builds the groups, the optimizer and the schedules, and
-returns the engine. The engine owns what happens once per step (tied and
-data-parallel gradient reduction, clipping, the optimizer); the executor owns what
-happens per instruction.
+returns the engine. The engine sets a rank up and runs its steps; what happens once per
+step (tied and data-parallel gradient reduction, clipping, the optimizer) is its
+``GradientUpdate``'s, what happens per instruction is the executor's.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import signal
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -30,7 +29,8 @@ from pipegrid.pipe import preemption
 from pipegrid.pipe.layout import check_placement, resolve_layout
 from pipegrid.pipe.preemption import SignalWatch
 from pipegrid.pipe.precision import LossScaler
-from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
+from pipegrid.pipe.update import GradientUpdate
+from pipegrid.pipe.zero import OptimizerState, build_optimizer_state
 from pipegrid.schedules import build, validate
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import header_group, init_distributed, local_cuda_device
@@ -111,40 +111,105 @@ class PipelineEngine:
         self.device = self._device()
         self.dtype = _DTYPES[config.precision.dtype]
         self.module = module.to(device=self.device, dtype=self.dtype)
-        sched = config.schedule
+        self._build_schedules()
+        self._connect()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.update = self._build_update()
+        self.consumed_micro_batches = 0
+        self.client_state: dict[str, Any] = {}  # JSON-able user state saved with checkpoints
+        self.before_instruction: Callable[[Any], None] | None = None
+        """Called with each instruction before it runs, when set: the seam for fault injection
+        and debugging (an error it raises is the step's, with its own type and words)."""
+        self._timeline: list[tuple[int, str, float, float]] = []
+        self.last_save: tuple[int, str] | None = None
+        """(step, directory) of this engine's newest checkpoint."""
+        self._arm_signal_handlers()
+
+    # --- set-up ------------------------------------------------------------
+    def _build_schedules(self) -> None:
+        """The training schedule, the inference schedule on the same placement, their executors."""
+        sched = self.config.schedule
         self.schedule = build(sched.name, self.topology.pipe, sched.micro_batches, sched.virtual_stages,
                               coalesce=sched.coalesce)
         self.eval_schedule = build("inference", self.topology.pipe, sched.micro_batches, sched.virtual_stages,
                                    coalesce=sched.coalesce, placement=self.schedule.placement.kind)
         validate(self.schedule)
         validate(self.eval_schedule)
-        self.kernels_backend = kernels.select_backend(config.kernels.backend, self.device)
-        self.p2p = P2P(self.device, config.comm.dynamic_shapes, self.kernels_backend, rank=groups.rank,
-                       header_group=header_group(config.comm.timeout_s))
+
+    def _connect(self) -> None:
+        """The point-to-point layer (and, on NCCL, the group's first call on every rank), the executors."""
+        self.kernels_backend = kernels.select_backend(self.config.kernels.backend, self.device)
+        self.p2p = P2P(self.device, self.config.comm.dynamic_shapes, self.kernels_backend, rank=self.groups.rank,
+                       header_group=header_group(self.config.comm.timeout_s))
         if self.device.type == "cuda":  # NCCL: a batch of transfers that is the group's first
             dist.barrier(device_ids=[self.device.index])  # call must include every rank
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.zero = self._build_optimizer()
-        self.optimizer = self.zero.optimizer  # the wrapped torch optimizer (param_groups, LR)
-        self.lr_scheduler = instantiate(config.lr_scheduler, self.optimizer) if config.lr_scheduler else None
-        prec = config.precision
-        self.scaler = LossScaler(prec.dtype == "float16", prec.initial_loss_scale, prec.growth_interval,
-                                 prec.backoff_factor, prec.hysteresis, prec.min_loss_scale)
-        self.skipped_steps = 0
-        self._tied_groups = self._build_tied_groups()
-        self._norm_ids = {id(p) for p in self._params_counted_in_norm()}
-        self.global_steps = 0
-        self.consumed_micro_batches = 0
-        self.client_state: dict[str, Any] = {}  # JSON-able user state saved with checkpoints
-        self._timeline: list[tuple[int, str, float, float]] = []
-        self._train_executor, self._eval_executor = (
-            Executor(schedule, self.pipe_rank, self.module, self.p2p, self._stage_ranks, groups.rank)
-            for schedule in (self.schedule, self.eval_schedule))
-        self.last_save: tuple[int, str] | None = None
-        """(step, directory) of this engine's newest checkpoint."""
-        self._stop = SignalWatch(config.train.save_on_signal, saves=bool(config.checkpoint.dir), rank=groups.rank)
+        self._train_executor = Executor(self.schedule, self.pipe_rank, self.module, self.p2p, self._stage_ranks,
+                                        self.groups.rank)
+        self._eval_executor = Executor(self.eval_schedule, self.pipe_rank, self.module, self.p2p,
+                                       self._stage_ranks, self.groups.rank)
+
+    def _build_update(self) -> GradientUpdate:
+        """The optimizer state (replicated or ZeRO-sharded), loss scaler and LR schedule, and the
+        once-per-step work over them."""
+        optimizer_state = build_optimizer_state(
+            self.config.zero.stage, self.params, lambda params: build_optimizer(self.config.optimizer, params),
+            self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend)
+        scheduler = (instantiate(self.config.lr_scheduler, optimizer_state.optimizer)
+                     if self.config.lr_scheduler else None)
+        prec = self.config.precision
+        scaler = LossScaler(prec.dtype == "float16", prec.initial_loss_scale, prec.growth_interval,
+                            prec.backoff_factor, prec.hysteresis, prec.min_loss_scale)
+        return GradientUpdate(self.module, self.config, self.groups, optimizer_state, scaler, scheduler,
+                              self.device, self.dtype, self.schedule.loss_rank, self.kernels_backend)
+
+    def _arm_signal_handlers(self) -> None:
+        self._stop = SignalWatch(self.config.train.save_on_signal, saves=bool(self.config.checkpoint.dir),
+                                 rank=self.groups.rank)
         self._stop.arm()
         weakref.finalize(self, self._stop.disarm)  # (the handlers hold the watch, never the engine)
+
+    # what the step's update owns, as the engine's users (checkpoints, compat, tests) read it
+    @property
+    def zero(self) -> OptimizerState:
+        """The optimizer state: replicated (``zero.stage=0``) or sharded over the data axis."""
+        return self.update.zero
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped torch optimizer (param_groups, learning rate)."""
+        return self.update.zero.optimizer
+
+    @property
+    def lr_scheduler(self) -> Any:
+        return self.update.lr_scheduler
+
+    @lr_scheduler.setter
+    def lr_scheduler(self, scheduler: Any) -> None:  # a DeepSpeed script's client scheduler
+        self.update.lr_scheduler = scheduler
+
+    @property
+    def scaler(self) -> LossScaler:
+        return self.update.scaler
+
+    @scaler.setter
+    def scaler(self, scaler: LossScaler) -> None:  # the DeepSpeed drop-in brings its own
+        self.update.scaler = scaler
+
+    @property
+    def global_steps(self) -> int:
+        return self.update.global_steps
+
+    @global_steps.setter
+    def global_steps(self, value: int) -> None:
+        self.update.global_steps = value
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.update.skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.update.skipped_steps = value
 
     # --- set-up ------------------------------------------------------------
     def _check_module(self, module: torch.nn.Module) -> None:
@@ -167,66 +232,18 @@ class PipelineEngine:
             return device
         return torch.device("cpu")
 
-    def _build_optimizer(self) -> ReplicatedOptimizer | ZeroOptimizer:
-        def factory(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-            return build_optimizer(self.config.optimizer, params)
-        group, size = self.groups.data_parallel_group, self.topology.data
-        if self.config.zero.stage == 1:
-            return ZeroOptimizer(self.params, factory, group, size, self.groups.coord.data, self.kernels_backend)
-        return ReplicatedOptimizer(self.params, factory, group, size, self.kernels_backend)
-
-    def _build_tied_groups(self) -> dict[str, dist.ProcessGroup | None]:
-        """One group per tied key and data/tensor coordinate, over the pipe ranks owning the key."""
-        mine: dict[str, dist.ProcessGroup | None] = {}
-        topo = self.topology
-        for key, owners in sorted(self.module.tied_pipe_ranks().items()):
-            for data in range(topo.data):
-                for tensor in range(topo.tensor):
-                    ranks = [topo.rank(pipe=r, data=data, tensor=tensor) for r in owners]
-                    group = self.groups.new_group(ranks)  # every rank calls, in the same order
-                    if self.groups.rank in ranks and len(ranks) > 1:
-                        mine[key] = group
-        return mine
-
-    def _params_counted_in_norm(self) -> list[torch.nn.Parameter]:
-        """Local parameters, each counted once in the global norm (a tied copy only on its first owner)."""
-        skip: set[int] = set()
-        for key, owners in self.module.tied_pipe_ranks().items():
-            if owners[0] != self.pipe_rank:
-                skip.update(id(p) for p in self.module.tied_parameters(key))
-        if self.groups.coord.tensor != 0:  # replicated over the tensor group: counted on tensor rank 0 only
-            skip.update(id(p) for p in self.params if not getattr(p, "tensor_model_parallel", False))
-        return [p for p in self.params if id(p) not in skip]
-
-    def collective_peers(self, op: Any) -> list[int]:
-        """Ranks a once-per-step instruction talks to (to name them when one is lost)."""
-        name = type(op).__name__
-        if name == "ReduceGrads":
-            return self.groups.axis_ranks["data"]
-        if name == "ReduceTiedGrads":
-            return self.groups.axis_ranks["pipe"]
-        return list(range(self.topology.world_size))  # the step's loss and flags: every rank
-
     def stage_rank(self, stage: int) -> int:
         """Global rank running model stage ``stage`` on this rank's data/tensor coordinate."""
         return self._stage_ranks[self.schedule.rank_of(stage)]
-
-    def to_device(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            value = value.to(self.device, non_blocking=True)
-            return value.to(self.dtype) if value.is_floating_point() else value
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.to_device(v) for v in value)
-        return value
 
     # --- the step ----------------------------------------------------------
     def train_batch(self, data_iter: Iterable | None = None) -> float:
         """One optimizer step over ``schedule.micro_batches`` micro-batches; the global mean loss."""
         self.module.train()
-        state = self._run(self._train_executor, StepState(True, self._iterator(data_iter), self))
+        state = self._run(self._train_executor, StepState(True, self._iterator(data_iter)))
         self.global_steps += 1
         self.consumed_micro_batches += self.schedule.micro_batches
-        loss = self._mean_loss(state)
+        loss = self.update.mean_loss(state.loss)
         every, directory = self.config.checkpoint.interval, self.config.checkpoint.dir
         if directory and every > 0 and self.global_steps % every == 0:
             self.save_checkpoint(directory)
@@ -244,8 +261,8 @@ class PipelineEngine:
     def eval_batch(self, data_iter: Iterable | None = None, return_outputs: bool = False) -> Any:
         """Forward-only mean loss (and, on the last stage, every micro-batch's outputs if asked)."""
         self.module.eval()
-        state = self._run(self._eval_executor, StepState(False, self._iterator(data_iter), self, return_outputs))
-        loss = self._mean_loss(state)
+        state = self._run(self._eval_executor, StepState(False, self._iterator(data_iter), return_outputs))
+        loss = self.update.mean_loss(state.loss)
         if not return_outputs:
             return loss
         outputs = [state.results[mb] for mb in sorted(state.results)] if state.results else None
@@ -260,7 +277,7 @@ class PipelineEngine:
         trace = self.config.trace.enabled
         # A failure leaves this step's sends pending, unwaited: their peer may be the one
         # lost, and waiting would put the transport's error (or a hang) in place of the cause.
-        executor.run(state, trace=trace)
+        executor.run(state, self.update, trace=trace, before=self.before_instruction)
         try:
             self.p2p.wait_all()
         except (dist.DistError, RuntimeError) as error:
@@ -270,13 +287,6 @@ class PipelineEngine:
         if trace:
             self._timeline = [(self.groups.rank, label, start, end) for label, start, end in state.events]
         return state
-
-    def _mean_loss(self, state: StepState) -> float:
-        """The mean micro-batch loss over the global batch, on every rank."""
-        if state.step_loss is not None:  # OptimizerStep already reduced it
-            return state.step_loss
-        loss, _, _ = self._check_finite(state.losses, grads=False)
-        return loss
 
     def save_checkpoint(self, directory: str | None = None) -> str:
         """Collective: write checkpoint ``step_<global_steps>`` under ``directory`` and point ``latest`` at it."""
@@ -302,86 +312,9 @@ class PipelineEngine:
         """(rank, instruction, start, end) of the last traced step on this rank (``trace.enabled``)."""
         return list(self._timeline)
 
-    # --- hooks the executor calls --------------------------------------------
-    def scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss backward starts from: multiplied by the fp16 loss scale when scaling."""
-        return loss * self.scaler.scale if self.scaler.enabled else loss
-
-    def reduce_tied_grads(self) -> None:
-        for key, group in sorted(self._tied_groups.items()):
-            grads = [self.zero.grad_of(p) for p in self.module.tied_parameters(key)]  # fp32 in 16-bit
-            all_reduce_flat(grads, group, backend=self.kernels_backend)
-
-    def reduce_data_parallel_grads(self) -> None:
-        self.zero.reduce_grads()
-
     def global_grad_norm(self) -> float:
-        """L2 norm of the whole model's (scaled) gradient: each parameter once, over tensor, pipe and data shards.
-
-        Tensor-parallel shards (``param.tensor_model_parallel``) count on every tensor
-        rank, replicated parameters on tensor rank 0 only; a tied copy on its first owner.
-        """
-        total = kernels.sum_of_squares(self.zero.grads(self._norm_ids)).double().reshape(1).cpu()
-        if self.topology.tensor > 1:
-            dist.all_reduce(total, group=self.groups.tensor_parallel_group)
-        if self.topology.pipe > 1:
-            dist.all_reduce(total, group=self.groups.pipe_parallel_group)
-        if self.zero.sharded and self.topology.data > 1:
-            dist.all_reduce(total, group=self.groups.data_parallel_group)
-        return math.sqrt(total.item())
-
-    def _check_finite(self, losses: dict[int, torch.Tensor], grads: bool = True) -> tuple[float, bool, bool]:
-        """One world all-reduce: the step's mean loss, any non-finite loss, any non-finite gradient."""
-        owner = self.pipe_rank == self.schedule.loss_rank and self.groups.coord.tensor == 0
-        values = torch.zeros(3, dtype=torch.float64)
-        if owner and losses:
-            stacked = torch.stack([v.double().cpu() for v in losses.values()])
-            values[0] = stacked.sum() / len(losses)
-            values[1] = float(not bool(torch.isfinite(stacked).all()))
-        if grads and self.scaler.enabled:
-            values[2] = float(not bool(kernels.all_finite(self.zero.grads())))
-        if dist.get_world_size() > 1:
-            dist.all_reduce(values)
-        if values[1] > 0:
-            values[0] = math.nan
-        return values[0].item() / self.topology.data, bool(values[1] > 0), bool(values[2] > 0)
-
-    def _data_mean(self, loss_stats: torch.Tensor) -> tuple[float, bool, bool]:
-        """The loss statistics this replica's last stage sent down, averaged over the data axis."""
-        values = loss_stats.clone()
-        if self.topology.data > 1:
-            dist.all_reduce(values, group=self.groups.data_parallel_group)
-        bad = bool(values[1] > 0)
-        return (math.nan if bad else values[0].item() / self.topology.data), bad, False
-
-    def optimizer_step(self, losses: dict[int, torch.Tensor], loss_stats: torch.Tensor | None = None) -> float:
-        """Clip and apply the step's gradients (or skip the step on a non-finite loss); the step's mean loss."""
-        if loss_stats is not None and not self.scaler.enabled:
-            mean_loss, bad_loss, overflow = self._data_mean(loss_stats)
-        else:  # fp16 needs every rank's overflow flag: one world all-reduce
-            mean_loss, bad_loss, overflow = self._check_finite(losses)
-        if bad_loss and not self.scaler.enabled:
-            if self.config.train.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"rank {self.groups.rank}: non-finite loss at step {self.global_steps}; the step was not "
-                    "applied. Lower the learning rate, enable train.grad_clip, or set train.on_nonfinite=skip")
-            overflow = True
-        if overflow:  # fp16 overflow (or a skipped non-finite step): no parameter changes anywhere
-            self.zero.zero_grad()
-            self.scaler.update(True)
-            self.skipped_steps += 1
-            return mean_loss
-        coef = 1.0 / self.scaler.scale
-        clip = self.config.train.grad_clip
-        if clip > 0:
-            norm = self.global_grad_norm() * coef
-            coef *= min(1.0, clip / (norm + 1e-6))
-        self.zero.step(coef)
-        self.zero.zero_grad()
-        self.scaler.update(False)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        return mean_loss
+        """Collective: L2 norm of the whole model's (scaled) gradient over the grid."""
+        return self.update.global_grad_norm()
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of the storages this rank's training state allocates: parameters, gradients,

@@ -9,19 +9,20 @@ point-to-point layer and the reduce/step hooks of ``StepHooks`` (the engine).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pipegrid.pipe.p2p import P2P, Incoming, Outgoing
-from pipegrid.pipe.step import StepHooks, StepState
+from pipegrid.pipe.step import StepHooks, StepLoss, StepState
 from pipegrid.pipe.split_backward import backward_input, backward_weight
 from pipegrid.schedules import instructions as ins
 from pipegrid.schedules.schedule import Schedule
 
-__all__ = ["Executor", "PeerLostError", "StepHooks", "StepState", "is_transport_failure", "lost_peer_message"]
+__all__ = ["Executor", "PeerLostError", "StepHooks", "StepLoss", "StepState", "is_transport_failure",
+           "lost_peer_message"]
 
 
 def as_message(value: Any, where: str) -> tuple[tuple[torch.Tensor, ...], bool]:
@@ -79,7 +80,7 @@ def lost_peer_message(rank: int, pipe_rank: int, peer: str, when: str, error: Ba
 class Executor:
     """Executes ``schedule.streams[pipe_rank]`` against a PipelineModule and a P2P layer."""
 
-    # instruction type -> handler method (looked up per call: an instance may override one)
+    # instruction type -> handler method, resolved once when the executor is built
     HANDLERS: dict[type, str] = {
         ins.LoadMicroBatch: "_load", ins.Forward: "_forward", ins.Backward: "_backward",
         ins.BackwardInput: "_backward", ins.BackwardWeight: "_backward_weight",
@@ -92,7 +93,7 @@ class Executor:
     def __init__(self, schedule: Schedule, pipe_rank: int, module: Any, p2p: P2P,
                  stage_ranks: Sequence[int], rank: int) -> None:
         """``stage_ranks[r]``: the global rank of pipe rank r in this rank's pipeline; ``rank``: this
-        rank's. The executor keeps no reference to the engine: its hooks come with each call."""
+        rank's. The executor keeps no reference to the engine: its hooks come with each ``run``."""
         self.module = module
         self.p2p = p2p
         self.schedule = schedule
@@ -112,41 +113,42 @@ class Executor:
         """Global rank running model stage ``stage`` in this rank's pipeline (the placement's)."""
         return self.stage_ranks[self.schedule.rank_of(stage)]
 
-    def run(self, state: StepState, trace: bool = False) -> StepState:
-        for position, (op, name) in enumerate(self._program):
+    def run(self, state: StepState, hooks: StepHooks, trace: bool = False,
+            before: Callable[[Any], None] | None = None) -> StepState:
+        """Run the stream once. ``before(op)``, when given, is called ahead of each instruction:
+        the supported seam for fault injection and debugging (an error it raises is the step's)."""
+        for position, (op, handler) in enumerate(self._program):
             try:
+                if before is not None:
+                    before(op)
                 if trace:
                     start = time.perf_counter()
-                    getattr(self, name)(op, state)  # looked up per call: a test may wrap a handler
+                    handler(op, state, hooks)
                     state.events.append((str(op), start, time.perf_counter()))
                 else:
-                    getattr(self, name)(op, state)
+                    handler(op, state, hooks)
             except PeerLostError:
                 raise
             except (dist.DistError, RuntimeError) as error:
                 if not is_transport_failure(error):
                     raise
-                raise PeerLostError(self._lost_peer_message(position, op, error, state.hooks)) from error
-        assert not state.pending, f"rank {self.pipe_rank}: received but never read: {sorted(state.pending)}"
+                raise PeerLostError(self._lost_peer_message(position, op, error, hooks)) from error
+        left = state.leftovers()
+        assert not left, f"rank {self.pipe_rank}: the step left {left} behind"
         return state
 
     def _stats(self, state: StepState) -> torch.Tensor | None:
-        """This rank's copy of the loss statistics: its own on the last stage, else received;
-        None on every rank when the schedule sends them on no message (an all-reduce then)."""
-        if not self._stats_by_message:
-            return None
-        if self.last_stage in self.schedule.stages_of(self.pipe_rank):
-            losses = torch.stack([state.losses[mb].double().cpu() for mb in sorted(state.losses)])
-            return torch.stack([losses.mean(), (~torch.isfinite(losses)).any().double()])
-        return state.loss_stats
+        """This rank's copy of the loss statistics; None on every rank when the schedule sends
+        them on no message (an all-reduce then)."""
+        return state.loss.statistics() if self._stats_by_message else None
 
-    def _handler(self, op: Any, position: int) -> str:
-        """The name of ``op``'s handler method; an instruction without one is refused up front."""
+    def _handler(self, op: Any, position: int) -> Callable[[Any, StepState, StepHooks], None]:
+        """``op``'s handler; an instruction without one is refused when the executor is built."""
         name = self.HANDLERS.get(type(op))
         if name is None:
             raise TypeError(f"rank {self.pipe_rank}: no handler for instruction {op!r} "
                             f"(type {type(op).__name__}) at position {position}")
-        return name
+        return getattr(self, name)
 
     def _peer_names(self, op: Any, hooks: StepHooks) -> str:
         """Who ``op`` talks to: its transfers' peers, the sender of what it reads, or a collective's."""
@@ -177,7 +179,7 @@ class Executor:
         return lost_peer_message(self.rank, self.pipe_rank, peer, when, error)
 
     # --- data --------------------------------------------------------------
-    def _batch(self, micro_batch: int, state: StepState) -> tuple[Any, Any]:
+    def _batch(self, micro_batch: int, state: StepState, hooks: StepHooks) -> tuple[Any, Any]:
         if micro_batch not in state.batches:
             try:
                 batch = next(state.data_iter)  # type: ignore[arg-type]
@@ -189,13 +191,13 @@ class Executor:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"data_iter must yield (inputs, labels) pairs, got {type(batch).__name__}"
                                 + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-            state.batches[micro_batch] = state.hooks.to_device(batch)
+            state.batches[micro_batch] = hooks.to_device(batch)
         return state.batches[micro_batch]
 
-    def _load(self, op: ins.LoadMicroBatch, state: StepState) -> None:
-        inputs, _ = self._batch(op.micro_batch, state)
+    def _load(self, op: ins.LoadMicroBatch, state: StepState, hooks: StepHooks) -> None:
+        inputs, _ = self._batch(op.micro_batch, state, hooks)
         if op.stage == 0:
-            state.inputs[(0, op.micro_batch)] = as_message(inputs, "data_iter inputs")
+            state.slot(0, op.micro_batch).input = as_message(inputs, "data_iter inputs")
 
     # --- compute -----------------------------------------------------------
     def _read_received(self, op: Any, state: StepState) -> None:
@@ -205,63 +207,67 @@ class Executor:
             receive, handle = state.pending.pop(message)
             self._store_received(receive, handle.wait(), state)
 
-    def _forward(self, op: ins.Forward, state: StepState) -> None:
+    def _forward(self, op: ins.Forward, state: StepState, hooks: StepHooks) -> None:
         self._read_received(op, state)
-        key = (op.stage, op.micro_batch)
-        if key not in state.inputs:  # the previous stage ran on this rank: hand over locally
-            prev = (op.stage - 1, op.micro_batch)
-            tensors, was_tuple = as_message(state.outputs[prev], f"stage {op.stage - 1}")
-            state.inputs[key] = (tuple(_as_grad_leaf(t) for t in tensors), was_tuple)
-        tensors, was_tuple = state.inputs[key]
+        slot = state.slot(op.stage, op.micro_batch)
+        if slot.input is None:  # the previous stage ran on this rank: hand over locally
+            previous = state.slot(op.stage - 1, op.micro_batch)
+            tensors, was_tuple = as_message(previous.output, f"stage {op.stage - 1}")
+            if not state.training:
+                previous.output = None
+            slot.input = (tuple(_as_grad_leaf(t) for t in tensors) if state.training else tensors, was_tuple)
+        tensors, was_tuple = slot.input
+        if not state.training:
+            slot.input = None  # nothing flows back in inference: free at once
         output = self.module(from_message(tensors, was_tuple), stage=op.stage)
         if op.stage == self.last_stage:
-            output = self._loss(op.micro_batch, output, state)
-        state.outputs[key] = output
-        if not state.training and op.stage != self.last_stage:
-            state.inputs.pop(key)  # nothing flows back in inference: free at once
+            output = self._loss(op.micro_batch, output, state, hooks)
+            if not state.training:
+                return  # the loss is recorded; nothing is sent on
+        slot.output = output
 
-    def _loss(self, micro_batch: int, output: Any, state: StepState) -> torch.Tensor:
-        _, labels = self._batch(micro_batch, state)
+    def _loss(self, micro_batch: int, output: Any, state: StepState, hooks: StepHooks) -> torch.Tensor:
+        _, labels = self._batch(micro_batch, state, hooks)
         if self.module.loss_fn is None:
             raise RuntimeError("the last stage needs a loss_fn: pass loss_fn=... to PipelineModule")
         if state.keep_outputs:
             state.results[micro_batch] = output.detach() if isinstance(output, torch.Tensor) else output
         loss = self.module.loss_fn(output, labels)
-        state.losses[micro_batch] = loss.detach()
+        state.loss.record(micro_batch, loss)
         # gradients of the mean over the micro-batches, as gradient accumulation gives
         return loss / self.schedule.micro_batches
 
-    def _backward(self, op: Any, state: StepState) -> None:
+    def _backward(self, op: Any, state: StepState, hooks: StepHooks) -> None:
         """Backward (B), or its input-gradient half (I) whose weight half waits for W."""
         self._read_received(op, state)
-        key = (op.stage, op.micro_batch)
-        output = state.outputs.pop(key)
+        slot = state.slot(op.stage, op.micro_batch)
+        output, slot.output = slot.output, None
         if op.stage == self.last_stage:
-            tensors, grads = [state.hooks.scaled_loss(output)], [None]
+            tensors, grads = [hooks.scaled_loss(output)], [None]
         else:
-            received = state.output_grads.pop(key)  # one gradient per float output, in order
+            received, slot.output_grad = slot.output_grad, None  # one gradient per float output, in order
             outs, _ = as_message(output, f"stage {op.stage}")
             floats = [t for t in outs if t.is_floating_point() or t.is_complex()]
             pairs = [(t, g) for t, g in zip(floats, received) if t.requires_grad]
             tensors, grads = [t for t, _ in pairs], [g for _, g in pairs]
-        inputs, _ = state.inputs.pop(key)
+        (inputs, _), slot.input = slot.input, None
         if isinstance(op, ins.BackwardInput):
             leaves = [t for t in inputs if t.requires_grad]
             params = [p for p in self.module.stage_module(op.stage).parameters() if p.requires_grad]
-            _, state.weight_grads[key] = backward_input(tensors, grads, leaves, params)
+            _, slot.weight_grad = backward_input(tensors, grads, leaves, params)
         elif tensors:
             torch.autograd.backward(tensors, grads)
         if op.stage > 0:
             grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
                           for t in inputs if t.is_floating_point() or t.is_complex())
             if self.schedule.rank_of(op.stage - 1) == self.pipe_rank:
-                state.output_grads[(op.stage - 1, op.micro_batch)] = grads
+                state.slot(op.stage - 1, op.micro_batch).output_grad = grads
             else:
-                state.input_grads[key] = grads
+                slot.input_grad = grads
 
-    def _backward_weight(self, op: ins.BackwardWeight, state: StepState) -> None:
+    def _backward_weight(self, op: ins.BackwardWeight, state: StepState, hooks: StepHooks) -> None:
         """The deferred weight-gradient half of a split backward (zero-bubble's W)."""
-        backward_weight(state.weight_grads.pop((op.stage, op.micro_batch)))
+        backward_weight(state.take(op.stage, op.micro_batch, "weight_grad"))
 
     # --- communication -----------------------------------------------------
     # With schedule.coalesce > 1 a message carries a group of micro-batches: the group's
@@ -269,37 +275,40 @@ class Executor:
     def _group(self, op: Any) -> range:
         return self.schedule.message_group(op.micro_batch)
 
-    def _send_payload(self, op: Any, state: StepState) -> tuple[str, int, tuple[torch.Tensor, ...], bool]:
+    def _send_payload(self, op: Any, state: StepState,
+                      hooks: StepHooks) -> tuple[str, int, tuple[torch.Tensor, ...], bool]:
         """(kind, stage, tensors, was_tuple) of the group's message, taken out of ``state``."""
         tensors: tuple[torch.Tensor, ...] = ()
         was_tuple = True
         for micro_batch in self._group(op):
-            key = (op.stage, micro_batch)
             if isinstance(op, ins.SendGrad):
-                tensors += state.input_grads.pop(key)
+                tensors += state.take(op.stage, micro_batch, "input_grad")
                 if micro_batch == op.micro_batch and op.loss:
                     stats = self._stats(state)
                     if stats is None:
                         raise RuntimeError(f"rank {self.pipe_rank}: no loss statistics to pass on with {op}, which "
                                            "the schedule marks to carry them (a pipegrid bug: validate checks that "
                                            "a rank sends them only after it has them)")
-                    tensors += (stats.to(state.hooks.device),)
+                    tensors += (stats.to(hooks.device),)
                 continue
-            output = state.outputs[key] if state.training else state.outputs.pop(key)
+            slot = state.slot(op.stage, micro_batch)
+            output = slot.output  # kept for backward in training, freed once sent in inference
+            if not state.training:
+                slot.output = None
             part, was_tuple = as_message(output, f"stage {op.stage}")
             tensors += part
         return ("grad" if isinstance(op, ins.SendGrad) else "act"), op.stage, tensors, was_tuple
 
-    def _reduce_tied_grads(self, op: ins.ReduceTiedGrads, state: StepState) -> None:
-        state.hooks.reduce_tied_grads()
+    def _reduce_tied_grads(self, op: ins.ReduceTiedGrads, state: StepState, hooks: StepHooks) -> None:
+        hooks.reduce_tied_grads()
 
-    def _reduce_grads(self, op: ins.ReduceGrads, state: StepState) -> None:
-        state.hooks.reduce_data_parallel_grads()
+    def _reduce_grads(self, op: ins.ReduceGrads, state: StepState, hooks: StepHooks) -> None:
+        hooks.reduce_data_parallel_grads()
 
-    def _optimizer_step(self, op: ins.OptimizerStep, state: StepState) -> None:
-        state.step_loss = state.hooks.optimizer_step(state.losses, self._stats(state))
+    def _optimizer_step(self, op: ins.OptimizerStep, state: StepState, hooks: StepHooks) -> None:
+        state.loss.mean = hooks.optimizer_step(state.loss, self._stats(state))
 
-    def _transfer(self, op: Any, state: StepState) -> None:
+    def _transfer(self, op: Any, state: StepState, hooks: StepHooks) -> None:
         """Post a send, a receive or an Exchange group as one group; receives are read later.
 
         A receive that must first learn its message's shape (a stage's first activation, or
@@ -313,9 +322,9 @@ class Executor:
             if not self.schedule.transfers(part):
                 continue
             if ins.is_send(part):
-                sends.append(self._outgoing(part, state))
+                sends.append(self._outgoing(part, state, hooks))
                 continue
-            incoming = self._incoming(part, state)
+            incoming = self._incoming(part, state, hooks)
             if (sends or receives) and self.p2p.needs_header(incoming):
                 self._post(sends, receives, state)
                 sends, receives = [], []
@@ -327,26 +336,26 @@ class Executor:
         for (receive, _), handle in zip(receives, handles):
             state.pending[self.schedule.message_key(receive)] = (receive, handle)
 
-    def _outgoing(self, op: Any, state: StepState) -> Outgoing:
-        kind, stage, tensors, was_tuple = self._send_payload(op, state)
+    def _outgoing(self, op: Any, state: StepState, hooks: StepHooks) -> Outgoing:
+        kind, stage, tensors, was_tuple = self._send_payload(op, state, hooks)
         return Outgoing(kind, stage, tensors, was_tuple, self.stage_rank(op.peer_stage))
 
-    def _incoming(self, op: Any, state: StepState) -> Incoming:
+    def _incoming(self, op: Any, state: StepState, hooks: StepHooks) -> Incoming:
         src = self.stage_rank(op.peer_stage)
         if isinstance(op, ins.RecvGrad):
-            return Incoming("grad", op.stage, src, self._grad_template(op, state))
+            return Incoming("grad", op.stage, src, self._grad_template(op, state, hooks))
         return Incoming("act", op.peer_stage, src)
 
     def _own_activation(self, op: ins.RecvGrad, state: StepState) -> tuple[torch.Tensor, ...]:
         """The group's local activations, whose float tensors the received gradients match."""
         return tuple(t for micro_batch in self._group(op)
-                     for t in as_message(state.outputs[(op.stage, micro_batch)], f"stage {op.stage}")[0])
+                     for t in as_message(state.slot(op.stage, micro_batch).output, f"stage {op.stage}")[0])
 
-    def _grad_template(self, op: ins.RecvGrad, state: StepState) -> tuple[torch.Tensor, ...]:
+    def _grad_template(self, op: ins.RecvGrad, state: StepState, hooks: StepHooks) -> tuple[torch.Tensor, ...]:
         """What the gradient message matches: the group's activations (+ the loss statistics)."""
         activation = self._own_activation(op, state)
         if op.loss:
-            activation += (torch.empty(2, dtype=torch.float64, device=state.hooks.device),)
+            activation += (torch.empty(2, dtype=torch.float64, device=hooks.device),)
         return activation
 
     def _split(self, op: Any, tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
@@ -358,11 +367,12 @@ class Executor:
     def _store_received(self, op: Any, received: tuple[tuple[torch.Tensor, ...], bool], state: StepState) -> None:
         tensors, was_tuple = received
         if isinstance(op, ins.RecvGrad) and op.loss:
-            tensors, state.loss_stats = tensors[:-1], tensors[-1].cpu()
+            tensors, state.loss.received = tensors[:-1], tensors[-1].cpu()
         for micro_batch, part in self._split(op, tensors):
+            slot = state.slot(op.stage, micro_batch)
             if isinstance(op, ins.RecvGrad):
-                state.output_grads[(op.stage, micro_batch)] = part
+                slot.output_grad = part
                 continue
             if state.training:
                 part = tuple(_as_grad_leaf(t) for t in part)
-            state.inputs[(op.stage, micro_batch)] = (part, was_tuple)
+            slot.input = (part, was_tuple)

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 import pipegrid as pg
+from pipegrid.schedules import instructions as ins
 from pipegrid.launch import WorkerError, run_local
 from pipegrid.schedules import Exchange, build
 from tests.dist.engine_cases import (N_LAYER, assert_matches_reference, canonical_state, config, global_batches,
@@ -126,9 +127,10 @@ def test_eval_batch_returns_every_micro_batch_output_on_the_last_stage():
 def _internal_error_in_a_send():
     engine = _engine(config("1f1b", 2, 1, 2, comm={"timeout_s": 5}))
     if dist.get_rank() == 0:  # not a transport failure: an error of pipegrid's (or a user's) own
-        def broken(op, state):
-            raise RuntimeError("packing stage 0's output failed (an internal error)")
-        engine._train_executor._transfer = broken
+        def broken(op):
+            if any(ins.is_send(part) for part in ins.parts(op)):
+                raise RuntimeError("packing stage 0's output failed (an internal error)")
+        engine.before_instruction = broken
     engine.train_batch(iter(gpt_batches(2)))
 
 

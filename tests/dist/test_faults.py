@@ -35,6 +35,7 @@ KILL_MID_STEP = textwrap.dedent('''
     import os, signal, sys, time, traceback
     import pipegrid as pg
     from pipegrid.launch import launch
+    from pipegrid.schedules.instructions import Backward
     from tests.dist.engine_cases import N_LAYER, config, global_batches
     from tests.models import TinyGPT
 
@@ -46,15 +47,12 @@ KILL_MID_STEP = textwrap.dedent('''
         engine = pg.initialize(TinyGPT(N_LAYER, topology=topo),
                                config("1f1b", pipe, data, 2, comm={"timeout_s": timeout_s}))
         if rank == victim:  # dies (or hangs) in the backward of micro-batch 1 of the second step
-            executor = engine._train_executor
-            backward = executor._backward
-            def dying(op, state):
-                if engine.global_steps == 1 and op.micro_batch == 1:
+            def dying(op):
+                if isinstance(op, Backward) and engine.global_steps == 1 and op.micro_batch == 1:
                     with open(os.path.join(out, "killed-at"), "w") as f:
                         f.write(repr(time.time()))
                     os.kill(os.getpid(), getattr(signal, how))
-                backward(op, state)
-            executor._backward = dying
+            engine.before_instruction = dying
         d = topo.coord(rank).data
         try:
             for step in range(3):

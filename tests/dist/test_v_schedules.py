@@ -69,7 +69,7 @@ def _run(case: dict) -> dict:
               for step in range(STEPS)]
     tied = engine.module.tied_parameters("embed")
     result = {"losses": losses, "state": canonical_state(engine.module), "data_rank": data,
-              "stages": engine.module.stage_ids, "tied": (len(tied), len(engine._tied_groups)),
+              "stages": engine.module.stage_ids, "tied": (len(tied), len(engine.update._tied_groups)),
               "tied_shared": all(any(p is q for q in engine.module.stage_module(s).parameters())
                                  for s in engine.module.stage_ids for p in tied)}
     if case["evaluate"]:

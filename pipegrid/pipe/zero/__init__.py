@@ -1,0 +1,83 @@
+"""Optimizer state over the data axis: fp32 master weights, gradient reduction, ZeRO.
+
+``ReplicatedOptimizer`` (``zero.stage: 0``) all-reduces gradients and keeps the full
+optimizer state on every data rank. ``ZeroOptimizer`` (``zero.stage: 1``) keeps one
+flat fp32 master copy split evenly over the data group: gradients are
+reduce-scattered into the shards, the wrapped torch optimizer steps on this rank's
+shard only, and the updated parameters are all-gathered back. Both keep fp32 master
+weights when the model runs in bf16/fp16, move bytes through pipegrid.kernels, and
+hand checkpoints their state per parameter (``ParamState``), whatever the sharding.
+Both answer to ``OptimizerState``, the interface the engine's ``GradientUpdate`` and
+checkpoints use; a new stage (ZeRO-2/3, offload) is one more class behind it and one
+more branch in :func:`build_optimizer_state`.
+
+In bf16/fp16 the gradients accumulate in fp32 (as Megatron's ``main_grad`` and
+DeepSpeed's bf16 optimizer do): each micro-batch's 16-bit gradient is added into an
+fp32 buffer as soon as autograd has it, and freed. Summed in 16 bits, the micro-batches
+and a tied layer's copies add up in another order on every layout, and the rounding
+differs; in fp32 every layout trains alike, as in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from pipegrid.pipe.zero.common import MASTER, Factory, ParamState, all_reduce_flat, buckets, storage_bytes
+from pipegrid.pipe.zero.replicated import ReplicatedOptimizer
+from pipegrid.pipe.zero.stage1 import ZeroOptimizer
+
+__all__ = ["MASTER", "OptimizerState", "ParamState", "ReplicatedOptimizer", "ZeroOptimizer", "all_reduce_flat",
+           "buckets", "build_optimizer_state", "storage_bytes"]
+
+
+class OptimizerState(Protocol):
+    """A stage's parameters' gradients, master weights and optimizer state, laid out over the
+    data axis one way or another; what the step and checkpoints ask of it."""
+
+    sharded: bool
+    """Whether each data rank holds only a shard (then norms and checkpoints gather over data)."""
+    optimizer: torch.optim.Optimizer
+    """The wrapped torch optimizer (param_groups, learning rate)."""
+
+    def grad_of(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The gradient this step accumulates for ``param`` (fp32 in 16-bit training)."""
+
+    def reduce_grads(self) -> None:
+        """Collective over the data axis: sum (or reduce-scatter) the step's gradients."""
+
+    def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
+        """This rank's gradients (of the parameters whose ids are in ``counted``), for norms and checks."""
+
+    def step(self, grad_coef: float = 1.0) -> None:
+        """Apply the gradients times ``grad_coef`` and update the model's parameters."""
+
+    def zero_grad(self) -> None: ...
+
+    def sync_master_from_params(self) -> None:
+        """Copy the model's parameters into the master weights (after loading weights only)."""
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by kind (parameters, gradients, optimizer, master, buffers)."""
+
+    def elementwise_keys(self) -> list[str]:
+        """The per-element state names (Adam's moments, ``MASTER``) a checkpoint stores."""
+
+    def local_param_states(self) -> list[tuple[int, int, int, ParamState]]:
+        """(parameter index, start, end, its state over [start, end)) for what this rank holds."""
+
+    def load_param_states(self, read: Callable[[int], ParamState], hyperparameters: dict[str, Any]) -> None:
+        """Load each held parameter's state, read whole through ``read(index)``."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load the legacy per-rank format."""
+
+
+def build_optimizer_state(stage: int, params: list[torch.nn.Parameter], factory: Factory, data_group: Any,
+                          data_size: int, data_rank: int, backend: str) -> OptimizerState:
+    """The optimizer state ``zero.stage`` asks for (the config checks the stage's range)."""
+    if stage == 1:
+        return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend)
+    return ReplicatedOptimizer(params, factory, data_group, data_size, backend)
