@@ -1,5 +1,5 @@
-"""GPT example jobs from the README, run as a user runs them (subprocesses, tiny model):
-the zero-bubble bf16 ZeRO-1 job, and a run saved at pipe=2 that resumes at pipe=4 with
+"""GPT example jobs from the README and docs/checkpoints.md, run as a user runs them (subprocesses,
+tiny model): the zero-bubble bf16 ZeRO-1 job, and a run saved at pipe=2 that resumes at pipe=4 with
 its optimizer state and continues the run that never stopped."""
 
 from __future__ import annotations
