@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pipegrid as pg  # noqa: E402
 from pipegrid.launch import run_local  # noqa: E402
 from pipegrid.pipe import checkpoint as ckpt  # noqa: E402
+from pipegrid.pipe.checkpoint import engine_state  # noqa: E402
+from pipegrid.pipe.checkpoint.optimizer_shards import write_optimizer_shard  # noqa: E402
 from pipegrid.pipe.zero import MASTER, ParamState  # noqa: E402
 
 from benchmarks.memory import Block  # noqa: E402  (x + fc2(relu(fc1(x))), fc1: h -> 2h)
@@ -75,7 +77,7 @@ def _measured(action) -> tuple[float, int]:
 def _layer_params(engine) -> list[tuple[str, list[tuple[str, int]]]]:
     """(weights file, [(parameter name, index in engine.params)]) of every layer with parameters."""
     index = {id(p): i for i, p in enumerate(engine.params)}
-    files = ckpt._stage_files(engine, tied_on_every_owner=True)
+    files = engine_state._stage_files(engine, tied_on_every_owner=True)
     return [(name, [(n, index[id(p)]) for n, p in layer.named_parameters()]) for name, layer in files]
 
 
@@ -122,14 +124,16 @@ def _load_per_layer(engine, directory: str, hyperparameters: dict) -> None:
 
 
 def _save_shards(engine, directory: str) -> None:
-    index = ckpt._write_optimizer_shard(engine, directory, ckpt._parameter_keys(engine, tied_on_every_owner=False))
+    keys = ckpt.parameter_keys(engine, tied_on_every_owner=False)
+    index = write_optimizer_shard(engine.zero, engine.params, keys, engine.groups.coord, engine.topology.data,
+                                  directory)
     if dist.get_rank() == 0:
         ckpt.atomic_write_text(os.path.join(directory, ckpt.MANIFEST), json.dumps({"optimizer_shards": index}))
 
 
 def _load_shards(engine, directory: str) -> None:
     manifest = ckpt.read_manifest(directory)
-    ckpt._load_optimizer_states(engine, directory, None, manifest, ckpt._parameter_keys(engine))
+    engine_state._load_optimizer_states(engine, directory, None, manifest, ckpt.parameter_keys(engine))
 
 
 def _save(approach: str, directory: str) -> tuple[float, int]:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from pipegrid.hf.model import HFCausalLM
 from pipegrid.hf.weights import INDEX_FILE, stored_layout
+from pipegrid.pipe.engine import PipelineEngine
 
 
 def shard_name(pipe_rank: int, num_stages: int) -> str:
@@ -76,7 +77,7 @@ def _publish(tmp: str, out_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _layout(target: Any) -> tuple[HFCausalLM, int, int, bool, torch.dtype]:
+def _layout(target: PipelineEngine | HFCausalLM) -> tuple[HFCausalLM, int, int, bool, torch.dtype]:
     """(module, rank, pipe rank, whether this rank writes its stage's shard, dtype) for an engine,
     or for a one-process model (all stages here, no other process)."""
     if isinstance(target, HFCausalLM):
@@ -96,7 +97,7 @@ def _layout(target: Any) -> tuple[HFCausalLM, int, int, bool, torch.dtype]:
     return module, target.groups.rank, target.pipe_rank, coord.data == 0 and coord.tensor == 0, target.dtype
 
 
-def save_pretrained(engine: Any, out_dir: str, *, tokenizer: Any = None) -> str:
+def save_pretrained(engine: PipelineEngine | HFCausalLM, out_dir: str, *, tokenizer: Any = None) -> str:
     """Collective: write the engine's model as a transformers checkpoint directory; its path.
 
     Weights are saved in the engine's compute dtype (``precision.dtype``), the tied

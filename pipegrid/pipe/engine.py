@@ -296,7 +296,18 @@ class PipelineEngine:
 
     def load_checkpoint(self, directory: str | None = None, load_optimizer_states: bool = True) -> int | None:
         """Load the newest whole checkpoint (any pipe/data degree for the model); its step or None."""
-        return ckpt.load_engine(self, directory or self._checkpoint_dir(), load_optimizer_states)
+        loaded = ckpt.load_engine(self, directory or self._checkpoint_dir(), load_optimizer_states)
+        if loaded is None:
+            return None
+        step, progress = loaded
+        self.global_steps, self.skipped_steps = progress.global_steps, progress.skipped_steps
+        self.consumed_micro_batches, self.client_state = progress.consumed_micro_batches, progress.client_state
+        return step
+
+    def progress(self) -> ckpt.TrainingProgress:
+        """Where training is: what a checkpoint records beside the weights and optimizer state."""
+        return ckpt.TrainingProgress(self.global_steps, self.skipped_steps, self.consumed_micro_batches,
+                                     self.client_state)
 
     def _checkpoint_dir(self) -> str:
         if not self.config.checkpoint.dir:

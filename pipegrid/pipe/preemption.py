@@ -20,13 +20,15 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from pipegrid.conf.schema import signal_number
 from pipegrid.pipe.executor import PeerLostError, is_transport_failure, lost_peer_message
+from pipegrid.topology.grid import Topology
+from pipegrid.topology.groups import ProcessGroups
 
 __all__ = ["Preempted", "SignalWatch", "stop_if_signalled"]
 
@@ -120,7 +122,20 @@ class SignalWatch:
             previous(number, None)
 
 
-def stop_if_signalled(engine: Any, watch: SignalWatch, loss: float) -> None:
+class Stoppable(Protocol):
+    """What the end-of-step stop check reads of an engine (``PipelineEngine`` is one)."""
+
+    device: torch.device
+    topology: Topology
+    groups: ProcessGroups
+    pipe_rank: int
+    global_steps: int
+    last_save: tuple[int, str] | None
+
+    def save_checkpoint(self, directory: str | None = None) -> str: ...
+
+
+def stop_if_signalled(engine: Stoppable, watch: SignalWatch, loss: float) -> None:
     """Collective, at the end of ``engine.train_batch``: agree whether any rank noted a stop
     signal; if one did, every rank saves this step (unless its interval save just did) and
     raises :class:`Preempted`. One int64 all-reduce over the world when nothing is due."""

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
 from pipegrid.schedules import SimResult, simulate
 from pipegrid.schedules.render import measured_bubble, to_chrome_trace, to_png
+from pipegrid.schedules.schedule import Schedule
+from pipegrid.topology.grid import Topology
+from pipegrid.topology.groups import ProcessGroups
 
 __all__ = ["measured_bubble", "simulated", "simulated_bubble", "write_trace"]
 
@@ -45,7 +48,17 @@ def simulated_bubble(schedule: Any, events: list[Event]) -> float:
     return float(simulated(schedule, events).bubble_fraction)
 
 
-def write_trace(engine: Any, path: str) -> dict[str, float] | None:
+class Traced(Protocol):
+    """What writing a trace reads of an engine (``PipelineEngine`` is one)."""
+
+    groups: ProcessGroups
+    topology: Topology
+    schedule: Schedule
+
+    def last_timeline(self) -> list[tuple[int, str, float, float]]: ...
+
+
+def write_trace(engine: Traced, path: str) -> dict[str, float] | None:
     """Collective: rank 0 writes the merged trace of the last traced step (and a PNG beside it).
 
     Returns ``{"measured_bubble", "simulated_bubble"}`` on rank 0, None elsewhere. Only the

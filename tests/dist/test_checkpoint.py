@@ -11,6 +11,7 @@ import torch.distributed as dist
 import pipegrid as pg
 from pipegrid.launch import WorkerError, run_local
 from pipegrid.pipe import checkpoint as ckpt
+from pipegrid.pipe.checkpoint import engine_state
 from tests.dist.engine_cases import N_LAYER, config, global_batches
 from tests.models import TinyGPT, gpt_batches
 
@@ -114,12 +115,12 @@ def _killed_mid_save(cfg, directory):
     engine.save_checkpoint(directory)  # step 1: whole
     engine.train_batch(iter(global_batches(1, 1, 2)))
     if dist.get_rank() == 1:
-        original = ckpt.save_file
+        original = engine_state.save_file
 
         def dying_save(obj, path):
             original(obj, path)
             os.kill(os.getpid(), signal.SIGKILL)  # dies after writing one file of step 2
-        ckpt.save_file = dying_save
+        engine_state.save_file = dying_save  # what the engine's save calls (local to this fork)
     engine.save_checkpoint(directory)
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import pipegrid as pg
 from pipegrid.launch import INIT_METHOD_ENV, WorkerError, run_local
 from pipegrid.pipe import checkpoint as ckpt
+from pipegrid.pipe.checkpoint import files as ckpt_files
 from tests.dist.engine_cases import N_LAYER, config, global_batches
 from tests.dist.test_checkpoint import _outputs
 from tests.models import TinyGPT
@@ -250,9 +251,9 @@ def _killed_while_publishing(cfg, directory, step_two_twice=False):
                 replace(src, dst, *args, **kwargs)
                 if os.path.basename(src) == ckpt.step_dir_name(2):
                     os.kill(os.getpid(), signal.SIGKILL)
-            ckpt.os.replace = dying_replace  # (a forked worker: patching os is local to it)
+            os.replace = dying_replace  # (a forked worker: patching os is local to it)
         else:
-            write = ckpt.atomic_write_text
+            write = ckpt_files.atomic_write_text
 
             def dying_write(path, text):
                 if os.path.basename(path) == ckpt.LATEST:
@@ -260,7 +261,7 @@ def _killed_while_publishing(cfg, directory, step_two_twice=False):
                         f.write(text)
                     os.kill(os.getpid(), signal.SIGKILL)  # the new pointer written, not yet renamed
                 write(path, text)
-            ckpt.atomic_write_text = dying_write
+            ckpt_files.atomic_write_text = dying_write  # what publishing calls (local to this fork)
     engine.save_checkpoint(directory)
 
 
