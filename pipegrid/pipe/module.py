@@ -3,80 +3,29 @@ only its own, each layer seeded from its global index so any layout starts ident
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from pipegrid.pipe.layer_costs import agreed, profile_layer_costs
 from pipegrid.pipe.partition import owner_of, partition
 from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
+from pipegrid.pipe.stage_chunk import Entry, StageChunk, seeded
 from pipegrid.schedules.placement import Placement
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipegrid.topology.grid import Topology
 
-__all__ = ["PipelineModule", "StageChunk", "build_reference", "profile_layer_costs"]
+__all__ = ["PipelineModule", "StageChunk", "build_reference", "profile_layer_costs"]  # (the last two re-exported)
 
 Layer = LayerSpec | nn.Module | Callable[..., Any]
 _LAYOUT_ONLY = ("topology", "num_stages", "stage_id", "virtual_stages", "stage_placement", "partition_method",
                 "partition_costs", "profile_input")
-
-
-class _Entry(NamedTuple):
-    index: int  # global layer index
-    layer: Any  # the built module (the shared one for a tied key) or the callable
-    call: Callable[[Any], Any]  # how this position runs its input
-
-
-class StageChunk(nn.Module):
-    """The layers of one model stage, run in order; a tuple output is passed whole as
-    the next layer's one argument. Modules are registered under their global index
-    (``layers["7"]``), so ``parameters()`` includes any tied module used here."""
-
-    def __init__(self, stage: int, entries: list[_Entry], checkpoint_interval: int) -> None:
-        super().__init__()
-        self.stage = stage
-        self.layer_indices = [e.index for e in entries]
-        self.activation_checkpoint_interval = checkpoint_interval
-        self.layers = nn.ModuleDict(
-            {str(e.index): e.layer for e in entries if isinstance(e.layer, nn.Module)})
-        self._entries = entries
-
-    def _run(self, x: Any, start: int, end: int) -> Any:
-        for entry in self._entries[start:end]:
-            x = entry.call(x)
-        return x
-
-    def forward(self, x: Any) -> Any:
-        every = self.activation_checkpoint_interval
-        n = len(self._entries)
-        if every <= 0 or not torch.is_grad_enabled():
-            return self._run(x, 0, n)
-        # Non-reentrant checkpointing works for any layer type, for tuple inputs, and
-        # for inputs that do not require grad (the reentrant one fails on those).
-        for start in range(0, n, every):
-            x = checkpoint(self._run, x, start, min(start + every, n), use_reentrant=False)
-        return x
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Build under ``seed`` without disturbing the caller's RNG streams."""
-    device = torch.get_default_device()
-    on_cuda = device.type == "cuda"
-    forked = [device.index or 0] if on_cuda else []
-    with torch.random.fork_rng(devices=forked):
-        torch.random.default_generator.manual_seed(seed)
-        if on_cuda:  # layers built straight onto the GPU draw from its generator
-            torch.cuda.manual_seed(seed)
-        yield
 
 
 def _class_name(layer: Layer) -> str:
@@ -231,13 +180,13 @@ class PipelineModule(nn.Module):
             if profile_input is None:
                 raise ValueError("partition_method='profile' needs one example micro-batch:"
                                  " pass profile_input=<first stage input>, or partition_costs")
-            costs = _agreed(profile_layer_costs(self.layer_specs, profile_input, seed=self.seed))
+            costs = agreed(profile_layer_costs(self.layer_specs, profile_input, seed=self.seed))
         names = [_class_name(layer) for layer in self.layer_specs]
         counts = lambda: [_num_parameters(layer) for layer in self.layer_specs]  # noqa: E731
         return partition(method, self.num_model_stages, class_names=names,
                          param_counts=counts, costs=costs)
 
-    def _build_stage(self, stage: int) -> list[_Entry]:
+    def _build_stage(self, stage: int) -> list[Entry]:
         entries = []
         for i in range(self.parts[stage], self.parts[stage + 1]):
             layer = self.layer_specs[i]
@@ -245,20 +194,20 @@ class PipelineModule(nn.Module):
                 module = self._tied_module(layer.key)
                 call = functools.partial(layer.forward_fn, module) if layer.forward_fn \
                     else module
-                entries.append(_Entry(i, module, call))
+                entries.append(Entry(i, module, call))
             elif isinstance(layer, LayerSpec):
-                with _seeded(self.seed + i):
+                with seeded(self.seed + i):
                     module = layer.build()
-                entries.append(_Entry(i, module, module))
+                entries.append(Entry(i, module, module))
             else:  # an nn.Module built by the caller, or a plain callable
-                entries.append(_Entry(i, layer, layer))
+                entries.append(Entry(i, layer, layer))
         return entries
 
     def _tied_module(self, key: str) -> nn.Module:
         if key not in self.tied_modules:
             first = self._tied_first[key]
             spec = self.layer_specs[first]
-            with _seeded(self.seed + first):
+            with seeded(self.seed + first):
                 module = spec.build()
             for path in spec.tied_weight_attrs:
                 _get_attr(module, path, key)  # fail now, not when the engine syncs
@@ -373,42 +322,3 @@ def build_reference(layers: Sequence[Layer], loss_fn: Callable[..., torch.Tensor
     kept = {k: v for k, v in kwargs.items() if k not in _LAYOUT_ONLY}
     return PipelineModule(layers, loss_fn=loss_fn, num_stages=1, stage_id=0, seed=seed,
                           partition_method="uniform", **kept)
-
-
-def _detached(x: Any) -> Any:
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detached(t) for t in x)
-    if isinstance(x, torch.Tensor):
-        return x.detach().requires_grad_(x.is_floating_point())
-    return x
-
-
-def profile_layer_costs(layers: Sequence[Layer], example_input: Any, *, seed: int = 1234,
-                        repeats: int = 3) -> list[float]:
-    """Seconds each layer takes for a forward and backward of ``example_input`` (the
-    fastest of ``repeats``). Builds every layer in this process, once."""
-    model = build_reference(layers, seed=seed)
-    costs, x = [], example_input
-    for entry in model.stage_module()._entries:
-        best = float("inf")
-        for _ in range(repeats):
-            inp = _detached(x)
-            start = time.perf_counter()
-            out = entry.call(inp)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            grads = [t.sum() for t in outs if isinstance(t, torch.Tensor) and t.requires_grad]
-            if grads:
-                sum(grads).backward()
-            best = min(best, time.perf_counter() - start)
-        x = _detached(out)
-        costs.append(max(best, 1e-9))  # costs must be positive
-    return costs
-
-
-def _agreed(costs: list[float]) -> list[float]:
-    """Rank 0's measurement on every rank: timings differ per process, partitions must not."""
-    if dist.is_available() and dist.is_initialized():
-        box = [costs]
-        dist.broadcast_object_list(box, src=0)
-        costs = box[0]
-    return costs

@@ -27,24 +27,16 @@ def _bytes(x: Any) -> int:
     return 0
 
 
-def _detached(x: Any) -> Any:
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x.detach().requires_grad_(x.is_floating_point())
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detached(t) for t in x)
-    return x
-
-
 def _one_pass(calls: Sequence[Any], x: Any) -> tuple[list[float], list[float], list[int], list[Any]]:
     """Forward every layer on its detached input, then backward them last to first: each
     layer timed alone, yet with the whole stack's weights going through the caches."""
     import torch
 
+    from pipegrid.pipe.layer_costs import detached_input
+
     inputs, outputs, forward, saved = [], [], [], []
     for call in calls:
-        inp = _detached(x)
+        inp = detached_input(x)
         held: list[int] = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(_bytes(t)) or t, lambda t: t):
             start = time.perf_counter()
@@ -122,7 +114,9 @@ def _matmul_seconds(size: int, repeats: int) -> float:
 
 
 def _worker(size: int, repeats: int, barrier: Any, queue: Any) -> None:
-    from pipegrid.topology.devices import hide_gpus  # (imports torch, as this module does only when used)
+    from pipegrid.topology.devices import (
+        hide_gpus,  # (imports torch, as this module does only when used)
+    )
 
     hide_gpus()  # a CPU measurement: nothing here may touch the parent's CUDA
     barrier.wait()

@@ -1,0 +1,65 @@
+"""StageChunk: the built layers of one model stage, run in order (with activation
+checkpointing every N layers), and the seeding that makes layer i identical in any layout."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["StageChunk", "seeded"]
+
+
+class Entry(NamedTuple):
+    index: int  # global layer index
+    layer: Any  # the built module (the shared one for a tied key) or the callable
+    call: Callable[[Any], Any]  # how this position runs its input
+
+
+class StageChunk(nn.Module):
+    """The layers of one model stage, run in order; a tuple output is passed whole as
+    the next layer's one argument. Modules are registered under their global index
+    (``layers["7"]``), so ``parameters()`` includes any tied module used here."""
+
+    def __init__(self, stage: int, entries: list[Entry], checkpoint_interval: int) -> None:
+        super().__init__()
+        self.stage = stage
+        self.layer_indices = [e.index for e in entries]
+        self.activation_checkpoint_interval = checkpoint_interval
+        self.layers = nn.ModuleDict(
+            {str(e.index): e.layer for e in entries if isinstance(e.layer, nn.Module)})
+        self._entries = entries
+
+    def _run(self, x: Any, start: int, end: int) -> Any:
+        for entry in self._entries[start:end]:
+            x = entry.call(x)
+        return x
+
+    def forward(self, x: Any) -> Any:
+        every = self.activation_checkpoint_interval
+        n = len(self._entries)
+        if every <= 0 or not torch.is_grad_enabled():
+            return self._run(x, 0, n)
+        # Non-reentrant checkpointing works for any layer type, for tuple inputs, and
+        # for inputs that do not require grad (the reentrant one fails on those).
+        for start in range(0, n, every):
+            x = checkpoint(self._run, x, start, min(start + every, n), use_reentrant=False)
+        return x
+
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Build under ``seed`` without disturbing the caller's RNG streams."""
+    device = torch.get_default_device()
+    on_cuda = device.type == "cuda"
+    forked = [device.index or 0] if on_cuda else []
+    with torch.random.fork_rng(devices=forked):
+        torch.random.default_generator.manual_seed(seed)
+        if on_cuda:  # layers built straight onto the GPU draw from its generator
+            torch.cuda.manual_seed(seed)
+        yield
