@@ -3,8 +3,9 @@
 ``from_deepspeed(ds_config, world_size=N, pipe=P)`` translates every key pipegrid honours
 with DeepSpeed 0.19's semantics (its batch-size rule, optimizer defaults, LR schedules,
 loss scaling) and refuses everything else in one error that lists each key and its fix.
-``python -m pipegrid.conf.from_deepspeed ds_config.json --world-size N --pipe P`` prints
-the equivalent Hydra overrides and YAML. Pure: no torch.distributed, no DeepSpeed import.
+``python -m pipegrid.compat.deepspeed.from_config ds_config.json --world-size N --pipe P`` prints
+the equivalent Hydra overrides and YAML (``python -m pipegrid.conf.from_deepspeed`` still
+runs it). Pure: no process group, no DeepSpeed import.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from pipegrid.conf import deepspeed_keys as keys
+from pipegrid.compat.deepspeed import config_keys as keys
 from pipegrid.conf.schema import TrainConfig, to_train_config
 
 __all__ = ["DeepSpeedConfigError", "DeepSpeedTranslation", "batch_sizes", "from_deepspeed",
@@ -262,7 +263,8 @@ def _notes(translation: DeepSpeedTranslation) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipegrid.conf.from_deepspeed", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipegrid.compat.deepspeed.from_config",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("ds_config", help="DeepSpeed JSON config (ds_config.json)")
     parser.add_argument("--world-size", type=int, required=True, help="processes the job runs on")
     parser.add_argument("--pipe", type=int, default=1, help="pipeline stages (the PipelineModule's num_stages)")
