@@ -7,7 +7,8 @@
 (``worker``). The model mixes what DeepSpeed's own example mixes: LayerSpecs, a built
 module, a plain lambda, plus a tied layer on both stages and dropout (seed_layers reseeds
 it per layer and micro-batch). ``reference`` is a one-process plain-torch run of the same
-training for the checks that need ground truth.
+training for the checks that need ground truth. A case with ``old_gas_hook`` runs under DeepSpeed
+only, with the gradient-accumulation hook DeepSpeed 0.18.3-0.19.2 put on every stage (``_on_deepspeed``).
 """
 
 from __future__ import annotations
@@ -92,13 +93,36 @@ def worker(flavour: str, cases: list[dict]) -> list[dict]:
 
         # its CPU backend JIT-builds a shared-memory all-reduce used only by inference (minutes on 2 cores)
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        ds, pipe = deepspeed, deepspeed.pipe
-    else:
-        from pipegrid.compat import deepspeed
-        from pipegrid.compat.deepspeed import pipe as compat_pipe
+        return [_on_deepspeed(deepspeed, deepspeed.pipe, case) for case in cases]
+    from pipegrid.compat import deepspeed
+    from pipegrid.compat.deepspeed import pipe as compat_pipe
 
-        ds, pipe = deepspeed, compat_pipe
-    return [_attempt(ds, pipe, case) for case in cases]
+    return [{"skipped": "a DeepSpeed-only case"} if case.get("old_gas_hook") else _attempt(deepspeed, compat_pipe, case)
+            for case in cases]
+
+
+def _on_deepspeed(ds: Any, pipe: Any, case: dict) -> dict:
+    """A case under DeepSpeed, noting in ``gas_scaled_once`` whether the micro-batch average (1/gas) reached each
+    stage's gradients once. From 0.18.3 an output hook on each stage divides the gradient arriving there by gas;
+    until 0.19.2 every stage's did, so each earlier stage divided again what the next one had sent back
+    (DeepSpeed issue #8152); from 0.19.3 ``PipelineEngine`` overrides the hook and only the last stage divides.
+    ``old_gas_hook``: run with the base engine's hook on every stage again, as 0.18.3-0.19.2 did."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    name = "_backward_prologue_per_tensor"
+    hooked, own = hasattr(DeepSpeedEngine, name), vars(PipelineEngine).get(name)
+    old = bool(case.get("old_gas_hook"))
+    if old and not hooked:
+        return {"error": "this DeepSpeed predates the output hooks (0.18.3): there is no old hook to restore"}
+    if old and own is not None:
+        setattr(PipelineEngine, name, getattr(DeepSpeedEngine, name))
+    try:
+        result = _attempt(ds, pipe, case)
+    finally:
+        if old and own is not None:
+            setattr(PipelineEngine, name, own)
+    return {**result, "gas_scaled_once": not hooked or (own is not None and not old)}
 
 
 def _attempt(ds: Any, pipe: Any, case: dict) -> dict:
@@ -137,12 +161,15 @@ class _Reference(nn.Module):
         self.funcs = built
         self.mods = nn.ModuleList([m for m in built if isinstance(m, nn.Module)])  # the shared weight once
         self.calls = 0
+        self.cut_divides_by = 1  # the gradient into layer 3's output (a 2-stage cut) is divided by this
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         for i, f in enumerate(self.funcs):
             _seed(BASE_SEED * (self.calls + 1) + i)
             x = f(x)
+            if i == 3 and self.cut_divides_by != 1:
+                x.register_hook(lambda grad: grad / self.cut_divides_by)
         return x
 
 
@@ -167,13 +194,17 @@ class _PlainSpecs:
 
 
 def reference(lr: float, clip: float, micro_batch: int, gas: int, steps: int = STEPS,
-              clip_first_stage_only: bool = False, tied_bias: bool = False) -> dict:
-    """SGD with clipping in one process. ``clip_first_stage_only``: the clip coefficient from the norm of
-    layers 0-3 alone (what DeepSpeed 0.19 computes on a 2-stage fp32 pipeline without ZeRO)."""
+              clip_first_stage_only: bool = False, tied_bias: bool = False, momentum: float = 0.0,
+              cut_divides_by: int = 1) -> dict:
+    """SGD (with ``momentum``) in one process, clipping at ``clip`` (0: none, as DeepSpeed's gradient_clipping).
+    ``clip_first_stage_only``: the clip coefficient from the norm of layers 0-3 alone (what DeepSpeed 0.19
+    computes on a 2-stage fp32 pipeline without ZeRO). ``cut_divides_by``: the gradient crossing a 2-stage
+    cut (into layer 3's output) divided by this, as DeepSpeed 0.18.3-0.19.2 do with gradient_accumulation_steps."""
     model = _Reference(tied_bias)
+    model.cut_divides_by = cut_divides_by
     start = {k: v for k, v in _named(model).items()}
     data = RandomClassification()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     losses, position = [], 0
     for _ in range(steps):
         total = 0.0
@@ -183,12 +214,13 @@ def reference(lr: float, clip: float, micro_batch: int, gas: int, steps: int = S
             loss = nn.functional.cross_entropy(model(x), y)
             (loss / gas).backward()
             total += loss.item()
-        first = [p for i, f in enumerate(model.funcs[:4]) if isinstance(f, nn.Module) for p in f.parameters()]
-        counted = first if clip_first_stage_only else list(model.parameters())
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in counted]))
-        coef = min(1.0, clip / (norm.item() + 1e-6))
-        for p in model.parameters():
-            p.grad.mul_(coef)
+        if clip:
+            first = [p for i, f in enumerate(model.funcs[:4]) if isinstance(f, nn.Module) for p in f.parameters()]
+            counted = first if clip_first_stage_only else list(model.parameters())
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in counted]))
+            coef = min(1.0, clip / (norm.item() + 1e-6))
+            for p in model.parameters():
+                p.grad.mul_(coef)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(total / gas)

@@ -3,8 +3,9 @@
 The same DeepSpeed-style script (tests/dist/deepspeed_script.py) runs under DeepSpeed 0.19 itself
 (CPU, gloo) and under ``pipegrid.compat.deepspeed``: the same starting weights, losses and
 learning rates step by step, wherever DeepSpeed is right; where it is not (fp32 clipping on a
-pipeline without ZeRO; seed_layers with partition_method="parameters" on Python >= 3.11) the
-tests pin down DeepSpeed's defect and that pipegrid matches a one-process reference. Skipped,
+pipeline without ZeRO; seed_layers with partition_method="parameters" on Python >= 3.11; the
+micro-batch average applied once per stage by DeepSpeed 0.18.3-0.19.2) the tests pin down
+DeepSpeed's defect and that pipegrid matches a one-process reference. Skipped,
 saying why, when DeepSpeed cannot be imported. The adapter's own surface (DeepSpeedExamples'
 AlexNet script, checkpoints, eval, errors) needs no DeepSpeed.
 """
@@ -63,6 +64,10 @@ CASES = {
         "optimizer": {"type": "Adagrad", "params": {"lr": 0.05}}}},
 }
 DEFECT = {"pipe": 2, "config": {**BASE, "optimizer": SGD, "gradient_clipping": CLIP}}
+# SGD shows a wrong gradient scale (Adam hides a constant one, clipping most of it): no gradient_clipping key
+NO_CLIP = {"pipe": 2, "config": {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3,
+                                 "steps_per_print": 100,
+                                 "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}}}
 CRASH = {"pipe": 2, "partition": "parameters", "may_fail": True, "config": {**BASE, "optimizer": SGD}}
 FUSED_ADAM = {  # DeepSpeed's default Adam: its FusedAdam kernel, decoupled weight decay unless adam_w_mode=false
     "fp32-fusedadam-adamw-mode": {"pipe": 2, "config": {
@@ -100,7 +105,8 @@ def _fused_adam_built() -> bool:
 @pytest.fixture(scope="module")
 def side_by_side(deepspeed_importable, tmp_path_factory):
     """Every case under DeepSpeed, then under the adapter: one torchrun job of 2 ranks each."""
-    cases = {**CASES, "defect": DEFECT, "crash": CRASH, **(FUSED_ADAM if _fused_adam_built() else {})}
+    cases = {**CASES, "defect": DEFECT, "crash": CRASH, "no-clip": NO_CLIP,
+             "old-gas-hook": {**NO_CLIP, "old_gas_hook": True}, **(FUSED_ADAM if _fused_adam_built() else {})}
     names, specs = list(cases), list(cases.values())
     root = tmp_path_factory.mktemp("side_by_side")
     runs = {flavour: launch(flavour, specs, root / flavour) for flavour in ("deepspeed", "pipegrid")}
@@ -153,6 +159,38 @@ def test_deepspeed_fp32_clipping_leaves_later_stages_out_of_the_norm(side_by_sid
         for key, value in ours["end"].items():
             torch.testing.assert_close(value, right["end"][str(rank)][key], rtol=1e-5, atol=1e-6)
     assert abs(right["losses"][-1] - stage0_only["losses"][-1]) > 1e-4  # the defect is visible at this clip
+
+
+def _trains_like(run: dict, reference_run: dict, rank: int, what: str) -> None:
+    """``run`` (one rank's results) has the reference's losses and, for that rank's stage, parameters."""
+    losses = [torch.tensor(r["losses"], dtype=torch.float64) for r in (run, reference_run)]
+    torch.testing.assert_close(*losses, rtol=1e-5, atol=0, msg=lambda m: f"{what} rank {rank} losses: {m}")
+    want = reference_run["end"][str(rank)]
+    assert run["end"].keys() == want.keys(), what
+    for key, value in run["end"].items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, key=key: f"{what} rank {rank} parameter {key}: {m}")
+
+
+@pytest.mark.slow
+def test_deepspeed_averages_micro_batches_once_per_pipeline_from_0_19_3(side_by_side):
+    """fp32 without ZeRO or clipping, SGD with momentum, 2 stages, 3 micro-batches: pipegrid trains as one
+    process, and so does DeepSpeed from 0.19.3. DeepSpeed 0.18.3-0.19.2 divide by gradient_accumulation_steps
+    in every stage's output hook, so stage 0's gradients are divided by it twice (issue #8152): restoring that
+    hook on the installed DeepSpeed trains as one process whose gradient crossing the cut is divided by 3."""
+    right = reference(lr=0.1, clip=0, micro_batch=2, gas=3, momentum=0.9)
+    twice = reference(lr=0.1, clip=0, micro_batch=2, gas=3, momentum=0.9, cut_divides_by=3)
+    assert abs(right["losses"][-1] - twice["losses"][-1]) > 1e-4  # the defect is visible here
+    old = side_by_side["old-gas-hook"]["deepspeed"]
+    for rank in range(2):
+        ours, theirs = side_by_side["no-clip"]["pipegrid"][rank], side_by_side["no-clip"]["deepspeed"][rank]
+        _trains_like(ours, right, rank, "pipegrid")
+        _trains_like(theirs, right if theirs["gas_scaled_once"] else twice, rank, "installed DeepSpeed")
+        if "error" not in old[rank]:
+            assert not old[rank]["gas_scaled_once"]
+            _trains_like(old[rank], twice, rank, "DeepSpeed with its 0.18.3-0.19.2 hook")
+    if "error" in old[0]:
+        pytest.skip(old[0]["error"])
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ compare pipegrid's with these, so DeepSpeed is imported once, never into the tes
 
 Requests: ``schedules`` (lr and betas after construction and each step), ``scalers`` (loss
 scale after each update, DynamicLossScaler and FP16_Optimizer's rule), ``partitions``
-(``partition_balanced``), ``topologies`` (rank maps) and ``batches`` (DeepSpeedConfig's trio).
+(``partition_balanced``), ``topologies`` (rank maps), ``batches`` (DeepSpeedConfig's trio) and
+``signatures`` (each LR schedule's arguments, true where required).
 """
 
 from __future__ import annotations
@@ -100,6 +101,19 @@ def batch(request: dict) -> Any:
     return [config.train_batch_size, config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps]
 
 
+def signatures() -> dict[str, dict[str, bool]]:
+    import inspect
+
+    from deepspeed.runtime import lr_schedules
+
+    out = {}
+    for name in lr_schedules.VALID_LR_SCHEDULES:
+        params = inspect.signature(getattr(lr_schedules, name)).parameters.values()
+        out[name] = {p.name: p.default is inspect.Parameter.empty for p in params
+                     if p.name not in ("optimizer", "last_batch_iteration")}
+    return out
+
+
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     requests = json.load(sys.stdin)
@@ -117,7 +131,8 @@ def main() -> None:
                    "partitions": [[int(x) for x in partition_balanced(r["weights"], r["parts"])]
                                   for r in requests.get("partitions", [])],
                    "topologies": [topology(r) for r in requests.get("topologies", [])],
-                   "batches": [batch(r) for r in requests.get("batches", [])]}
+                   "batches": [batch(r) for r in requests.get("batches", [])],
+                   "signatures": signatures() if requests.get("signatures") else {}}
         dist.destroy_process_group()
     print(MARK + json.dumps(answers), flush=True)  # DeepSpeed logs to stdout too
 

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from pipegrid.compat.deepspeed import pipe, utils
+from pipegrid.compat.deepspeed.config_keys import DS_SCHEDULES, scheduler_spec
+from pipegrid.compat.deepspeed.from_config import batch_sizes
 from pipegrid.compat.deepspeed.runtime import lr_schedules
 from pipegrid.compat.deepspeed.runtime.loss_scaler import DeepSpeedLossScaler
 from pipegrid.compat.deepspeed.runtime.utils import set_random_seed
-from pipegrid.conf.deepspeed_keys import DS_SCHEDULES
-from pipegrid.conf.from_deepspeed import batch_sizes
 from tests.unit.deepspeed_values import MARK
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ BATCHES = [{"config": c, "data": d} for c, d in [
 @pytest.fixture(scope="module")
 def deepspeed_says() -> dict:
     requests = {"schedules": SCHEDULES, "scalers": SCALERS, "partitions": PARTITIONS, "topologies": TOPOLOGIES,
-                "batches": BATCHES}
+                "batches": BATCHES, "signatures": True}
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-m", "tests.unit.deepspeed_values"], input=json.dumps(requests),
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
@@ -171,13 +171,45 @@ def test_batch_trio_matches_deepspeed_config(deepspeed_says):
 
 
 # --- without DeepSpeed ------------------------------------------------------------------
-def test_schedule_table_matches_the_classes():
-    """conf names the schedules' parameters without importing compat: the two lists must agree."""
-    for name, (required, accepted) in DS_SCHEDULES.items():
-        params = inspect.signature(getattr(lr_schedules, name)).parameters
-        names = {p for p in params if p not in ("optimizer", "last_batch_iteration")}
-        assert names == accepted, name
-        assert {p for p in names if params[p].default is inspect.Parameter.empty} == required, name
+def test_schedule_table_covers_every_schedule_and_its_parameters():
+    """The table is read from the classes' signatures: every schedule class of the module is in it, with
+    each argument (required when it has no default), and scheduler_spec checks a config against it."""
+    classes = {name: cls for name, cls in vars(lr_schedules).items() if inspect.isclass(cls)
+               and issubclass(cls, lr_schedules._DeepSpeedSchedule) and not name.startswith("_")}
+    assert set(DS_SCHEDULES) == set(classes) == {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle",
+                                                 "LRRangeTest"}
+    assert DS_SCHEDULES["OneCycle"][0] == {"cycle_min_lr", "cycle_max_lr"}
+    assert DS_SCHEDULES["WarmupDecayLR"][1] == {"total_num_steps", "warmup_min_lr", "warmup_max_lr",
+                                                "warmup_num_steps", "warmup_type"}
+    for name, cls in classes.items():
+        required, accepted = DS_SCHEDULES[name]
+        params = inspect.signature(cls).parameters
+        assert accepted == set(params) - {"optimizer", "last_batch_iteration"}, name
+        assert required == {p for p in accepted if params[p].default is inspect.Parameter.empty}, name
+        problems: list[str] = []
+        spec = scheduler_spec({"type": name, "params": {p: 1 for p in accepted}}, problems)
+        assert not problems and spec["_target_"] == f"{lr_schedules.__name__}.{name}", (name, problems)
+        scheduler_spec({"type": name, "params": {"bogus": 1}}, problems)
+        assert problems == [(f"scheduler {name}: params missing {sorted(required)}, unknown ['bogus'] (it takes "
+                             f"{sorted(accepted)}); DeepSpeed fails on these too")], name
+
+
+def test_package_names_load_on_first_use():
+    from pipegrid.compat import deepspeed
+
+    assert set(deepspeed.__all__) == set(deepspeed._EXPORTS) | set(deepspeed._SUBMODULES)
+    for name in deepspeed.__all__:
+        assert getattr(deepspeed, name) is not None, name
+    assert deepspeed.initialize.__module__ == "pipegrid.compat.deepspeed.entry"
+    with pytest.raises(AttributeError, match="has no attribute 'zero'"):
+        deepspeed.zero  # noqa: B018 - DeepSpeed's ZeRO module has no counterpart
+
+
+def test_schedule_table_matches_deepspeeds_classes(deepspeed_says):
+    """DeepSpeed's own schedules (VALID_LR_SCHEDULES) take the same arguments, required the same way."""
+    theirs = {name: ({p for p, required in params.items() if required}, set(params))
+              for name, params in deepspeed_says["signatures"].items()}
+    assert DS_SCHEDULES == theirs
 
 
 @pytest.mark.parametrize("name,params", [("WarmupLR", {"warmup_num_steps": 4}),

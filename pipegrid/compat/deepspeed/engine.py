@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipegrid.conf.from_deepspeed import DeepSpeedTranslation
+from pipegrid.compat.deepspeed.from_config import DeepSpeedTranslation
 from pipegrid.pipe.checkpoint import atomic_write_text
 from pipegrid.pipe.engine import PipelineEngine as Engine
 

@@ -2,8 +2,8 @@
 
 ``initialize`` resolves the config as DeepSpeed does (``config=``, ``config_params=`` or
 ``args.deepspeed_config``; a dict or a JSON path), translates it with
-:func:`pipegrid.conf.from_deepspeed.translate` (every unsupported key in one error, before the
-engine's process groups exist), puts the module's topology into the TrainConfig, and returns
+:func:`pipegrid.compat.deepspeed.from_config.translate` (every unsupported key in one error,
+before the engine's process groups exist), puts the module's topology into the TrainConfig, and returns
 ``(engine, optimizer, training_dataloader, lr_scheduler)`` around a pipegrid PipelineEngine.
 """
 
@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 import pipegrid as pg
+from pipegrid.compat.deepspeed import config_keys
 from pipegrid.compat.deepspeed.data import build_data_loader
 from pipegrid.compat.deepspeed.engine import PipelineEngine
+from pipegrid.compat.deepspeed.from_config import DeepSpeedConfigError, DeepSpeedTranslation, load_ds_config, translate
 from pipegrid.compat.deepspeed.runtime.loss_scaler import DeepSpeedLossScaler
-from pipegrid.conf import deepspeed_keys
-from pipegrid.conf.from_deepspeed import DeepSpeedConfigError, DeepSpeedTranslation, load_ds_config, translate
 
 __all__ = ["add_config_arguments", "init_distributed", "initialize"]
 
@@ -124,8 +124,8 @@ def _client_pieces(translation: DeepSpeedTranslation, optimizer: Any, module: to
     if optimizer is None:
         return translation
     spec = _client_optimizer_spec(optimizer, module)
-    refusal = deepspeed_keys.zero_supports(spec["_target_"], translation.config.zero.stage,
-                                           bool(ds.get("zero_allow_untested_optimizer", False)))
+    refusal = config_keys.zero_supports(spec["_target_"], translation.config.zero.stage,
+                                        bool(ds.get("zero_allow_untested_optimizer", False)))
     if refusal:
         raise DeepSpeedConfigError([refusal])
     config = dataclasses.replace(translation.config, optimizer=spec)

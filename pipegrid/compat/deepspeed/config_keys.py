@@ -2,7 +2,7 @@
 
 Each function reads one section of a ds_config with DeepSpeed 0.19's defaults and appends
 every key it cannot honour to ``problems`` (a list of "key: why; fix" lines), so that
-:func:`pipegrid.conf.from_deepspeed.translate` reports them all in one error.
+:func:`pipegrid.compat.deepspeed.from_config.translate` reports them all in one error.
 """
 
 from __future__ import annotations
@@ -11,26 +11,30 @@ import importlib
 import inspect
 from typing import Any
 
+from pipegrid.compat.deepspeed.runtime import lr_schedules
+
 __all__ = ["DS_SCHEDULES", "SCHEDULES_MODULE", "check_top_level", "optimizer_spec", "pipeline_interval",
            "precision_of", "scalar", "scheduler_spec", "zero_stage_of", "zero_supports"]
 
-SCHEDULES_MODULE = "pipegrid.compat.deepspeed.runtime.lr_schedules"
-"""Where DeepSpeed's LR schedules live as torch schedulers (named by string: conf never imports compat)."""
+SCHEDULES_MODULE = lr_schedules.__name__
+"""Where DeepSpeed's LR schedules live as torch schedulers (the ``_target_`` of a translated ``scheduler``)."""
 
-# DeepSpeed's own schedules: (required params, accepted params), from deepspeed/runtime/lr_schedules.py
-_WARMUP = {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"}
-DS_SCHEDULES: dict[str, tuple[set[str], set[str]]] = {
-    "WarmupLR": (set(), _WARMUP),
-    "WarmupDecayLR": ({"total_num_steps"}, _WARMUP | {"total_num_steps"}),
-    "WarmupCosineLR": ({"total_num_steps"}, {"total_num_steps", "warmup_min_ratio", "warmup_num_steps",
-                                             "cos_min_ratio", "warmup_type"}),
-    "OneCycle": ({"cycle_min_lr", "cycle_max_lr"},
-                 {"cycle_min_lr", "cycle_max_lr", "decay_lr_rate", "cycle_first_step_size",
-                  "cycle_second_step_size", "cycle_first_stair_count", "cycle_second_stair_count",
-                  "decay_step_size", "cycle_momentum", "cycle_min_mom", "cycle_max_mom", "decay_mom_rate"}),
-    "LRRangeTest": (set(), {"lr_range_test_min_lr", "lr_range_test_step_size", "lr_range_test_step_rate",
-                            "lr_range_test_staircase"}),
-}
+
+def _schedule_table() -> dict[str, tuple[set[str], set[str]]]:
+    """Each schedule of :mod:`~pipegrid.compat.deepspeed.runtime.lr_schedules` (its ``__all__``) with
+    (required params, accepted params), read from its signature: every argument but ``optimizer`` and
+    ``last_batch_iteration``, required when it has no default."""
+    table = {}
+    for name in lr_schedules.__all__:
+        params = [p for p in inspect.signature(getattr(lr_schedules, name)).parameters.values()
+                  if p.name not in ("optimizer", "last_batch_iteration")]
+        table[name] = ({p.name for p in params if p.default is inspect.Parameter.empty}, {p.name for p in params})
+    return table
+
+
+DS_SCHEDULES: dict[str, tuple[set[str], set[str]]] = _schedule_table()
+"""DeepSpeed's own schedules by ``scheduler.type``: (required params, accepted params)."""
+
 # DeepSpeed's FusedAdam (what "Adam"/"AdamW" build unless torch_adam): its arguments and defaults
 _FUSED_ADAM = {"lr": 1e-3, "bias_correction": True, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
                "amsgrad": False, "set_grad_none": True}
