@@ -32,6 +32,7 @@ from pipegrid.pipe.preemption import SignalWatch
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
 from pipegrid.schedules import build, validate
+from pipegrid.tensor import is_tensor_sharded
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import header_group, init_distributed, local_cuda_device
 
@@ -195,7 +196,7 @@ class PipelineEngine:
             if owners[0] != self.pipe_rank:
                 skip.update(id(p) for p in self.module.tied_parameters(key))
         if self.groups.coord.tensor != 0:  # replicated over the tensor group: counted on tensor rank 0 only
-            skip.update(id(p) for p in self.params if not getattr(p, "tensor_model_parallel", False))
+            skip.update(id(p) for p in self.params if not is_tensor_sharded(p))
         return [p for p in self.params if id(p) not in skip]
 
     def collective_peers(self, op: Any) -> list[int]:
@@ -318,7 +319,7 @@ class PipelineEngine:
     def global_grad_norm(self) -> float:
         """L2 norm of the whole model's (scaled) gradient: each parameter once, over tensor, pipe and data shards.
 
-        Tensor-parallel shards (``param.tensor_model_parallel``) count on every tensor
+        Tensor-parallel shards (:func:`~pipegrid.tensor.is_tensor_sharded`) count on every tensor
         rank, replicated parameters on tensor rank 0 only; a tied copy on its first owner.
         """
         total = kernels.sum_of_squares(self.zero.grads(self._norm_ids)).double().reshape(1).cpu()
