@@ -1,4 +1,4 @@
-"""Placement: map the process grid onto a cluster graph (hosts, devices, links).
+"""The cluster graph (hosts, devices, links) and the placement of the process grid onto it.
 
 Pure networkx/numpy (no torch), so a planner can ask it for link bandwidths and latencies.
 """
