@@ -27,7 +27,7 @@ from pipegrid.pipe import trace as tracing
 from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure
 from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe import preemption
-from pipegrid.pipe.layout import check_placement, resolve_layout
+from pipegrid.pipe.module_grid import check_schedule_runs_module, config_with_module_grid
 from pipegrid.pipe.preemption import SignalWatch
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.zero import ReplicatedOptimizer, ZeroOptimizer, all_reduce_flat
@@ -90,7 +90,7 @@ def initialize(module: torch.nn.Module, config: Any = None,
     ``groups`` when given, unless the config sets them; a config that sets another value
     is refused.
     """
-    cfg = resolve_layout(to_train_config(config), module, groups)
+    cfg = config_with_module_grid(to_train_config(config), module, groups)
     _check_before_collectives(module, cfg)
     if groups is None:
         groups = init_distributed(cfg)
@@ -155,7 +155,7 @@ class PipelineEngine:
                              f"{module.virtual_stages} but the engine runs pipe={self.topology.pipe} x "
                              f"virtual_stages={self.config.schedule.virtual_stages}; use pipegrid.initialize(), "
                              "which takes the layout from the module")
-        check_placement(self.config.schedule.name, module)
+        check_schedule_runs_module(self.config.schedule.name, module)
         if module.stage_id != self.pipe_rank:
             raise ValueError(f"rank {self.groups.rank} is pipe stage {self.pipe_rank} but its module holds "
                              f"stage {module.stage_id}; build the module after torch.distributed is "
