@@ -34,7 +34,7 @@ def signal_number(name: str) -> int:
 @dataclass
 class TopologyConfig:
     pipe: Optional[int] = None
-    """Pipeline stages (ranks along the pipe axis). None (unset): the module's, else 1."""
+    """Pipe ranks: the pipeline degree p (ranks along the pipe axis). None (unset): the module's, else 1."""
     data: Optional[int] = None
     """Data-parallel replicas. None (unset): the module's topology's, else 1."""
     tensor: Optional[int] = None

@@ -106,8 +106,8 @@ class PipelineEngine:
 
     def __init__(self, module: torch.nn.Module, config: TrainConfig, groups: ProcessGroups) -> None:
         self.config, self.groups, self.topology = config, groups, groups.topology
-        self.pipe_rank = groups.stage_id
-        self._stage_ranks = [groups.stage_rank(s) for s in range(groups.topology.pipe)]  # asked per message
+        self.pipe_rank = groups.pipe_rank
+        self._pipe_peers = [groups.pipe_peer(r) for r in range(groups.topology.pipe)]  # asked per message
         self._check_module(module)
         self.device = self._device()
         self.dtype = _DTYPES[config.precision.dtype]
@@ -139,7 +139,7 @@ class PipelineEngine:
         self.client_state: dict[str, Any] = {}  # JSON-able user state saved with checkpoints
         self._timeline: list[tuple[int, str, float, float]] = []
         self._train_executor, self._eval_executor = (
-            Executor(schedule, self.pipe_rank, self.module, self.p2p, self._stage_ranks, groups.rank)
+            Executor(schedule, self.pipe_rank, self.module, self.p2p, self._pipe_peers, groups.rank)
             for schedule in (self.schedule, self.eval_schedule))
         self.last_save: tuple[int, str] | None = None
         """(step, directory) of this engine's newest checkpoint."""
@@ -157,9 +157,9 @@ class PipelineEngine:
                              "which takes the layout from the module")
         check_schedule_runs_module(self.config.schedule.name, module)
         if module.stage_id != self.pipe_rank:
-            raise ValueError(f"rank {self.groups.rank} is pipe stage {self.pipe_rank} but its module holds "
+            raise ValueError(f"rank {self.groups.rank} is pipe rank {self.pipe_rank} but its module holds "
                              f"stage {module.stage_id}; build the module after torch.distributed is "
-                             "initialised, or pass topology= so it finds its stage from RANK")
+                             "initialised, or pass topology= so it finds its pipe rank from RANK")
 
     def _device(self) -> torch.device:
         if dist.get_backend() == "nccl":
@@ -210,7 +210,7 @@ class PipelineEngine:
 
     def stage_rank(self, stage: int) -> int:
         """Global rank running model stage ``stage`` on this rank's data/tensor coordinate."""
-        return self._stage_ranks[self.schedule.rank_of(stage)]
+        return self._pipe_peers[self.schedule.rank_of(stage)]
 
     def to_device(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):

@@ -60,7 +60,7 @@ def candidates(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace)
 def _schedules(space: SearchSpace, layers: int, p: int, m: int) -> list[tuple[str, int]]:
     """(schedule, chunks per rank) the registry accepts here; several chunks only when the
     layers split evenly into p x v of them."""
-    if p == 1:  # every schedule is the same loop on one stage
+    if p == 1:  # every schedule is the same loop on one pipe rank
         return [("1f1b", 1)]
     out = []
     for name in space.schedules:
