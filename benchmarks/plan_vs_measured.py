@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pipegrid as pg  # noqa: E402
 from pipegrid.launch import run_local  # noqa: E402
-from pipegrid.plan import ClusterSpec, DeviceSpec, Layout, OptimizerSpec, predict  # noqa: E402
+from pipegrid.plan import Candidate, ClusterSpec, DeviceSpec, OptimizerSpec, predict  # noqa: E402
 from pipegrid.plan.profile import measure_contention, profile_layers, time_optimizer_step  # noqa: E402
 from vs_torch_pipelining import BLOCKS, STAGES, WORKLOADS, Block, pipegrid_run  # noqa: E402
 
@@ -86,7 +86,7 @@ def predict_workload(w: dict, contention: float, coalesce: int = 1) -> dict:
                         memory_bandwidth=stage_params * _ADAM_BYTES_PER_PARAM / (adam_s * contention))
     cluster = ClusterSpec("cpu_2", 1, STAGES, device, intra_gbytes_per_s=5.0, inter_gbytes_per_s=5.0,
                           intra_latency_us=message_s * 1e6, inter_latency_us=message_s * 1e6)
-    pred = predict(costs, Layout(pipe=STAGES, schedule="1f1b", coalesce=coalesce), cluster,
+    pred = predict(costs, Candidate(pipe=STAGES, schedule="1f1b", coalesce=coalesce), cluster,
                    micro_batches=w["micro_batches"],
                    optimizer=OptimizerSpec("adam", "float32"))
     return {"predicted_s": pred.step_s, "message_s": message_s, "pipeline_s": pred.pipeline_s, "optimizer_s": pred.optimizer_s,

@@ -7,7 +7,7 @@ backward 2 (1 for the input gradient, 1 for the weights where a schedule splits 
 schedules with 1 and 2 chunks per rank are compared on the same model. Activations are
 counted in whole-stage units (a chunk's activations are 1/v of its rank's layers').
 
-``python benchmarks/schedule_table.py --stages 4 --micro-batches 8 --png-dir docs/schedules``
+``python benchmarks/schedule_table.py --ranks 4 --micro-batches 8 --png-dir docs/schedules``
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ def _messages(schedule) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--ranks", "--stages", dest="ranks", type=int, default=4,
+                        help="pipe ranks p (--stages is the old name)")
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--png-dir", help="write <schedule>.png timelines here")
     parser.add_argument("--out", default="benchmarks/results/schedule_table.json")
     args = parser.parse_args()
-    p, m = args.stages, args.micro_batches
+    p, m = args.ranks, args.micro_batches
     one_f_one_b = Fraction(p - 1, m + p - 1)
     rows, table = [], [f"p={p}, m={m}; per stage F=1, B=2 (I=1 + W=1 where split), split over the chunks",
                        "| schedule | chunks/rank | placement | bubble | vs 1F1B | peak activations/rank "

@@ -37,7 +37,7 @@ from examples.models.gpt import GPT, GPTConfig
 from pipegrid.conf.apps import GPTAppConfig
 from pipegrid.conf.checks import to_app_config
 from pipegrid.launch import hydra_main, launch, torchrun_world_size
-from pipegrid.tensor_parallel import gather_from_region
+from pipegrid.tensor import gather_from_region
 
 log = logging.getLogger("train_gpt")
 

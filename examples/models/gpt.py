@@ -19,8 +19,8 @@ from torch import nn
 
 from pipegrid.pipe.module import PipelineModule
 from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
-from pipegrid.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      copy_to_region, vocab_parallel_cross_entropy)
+from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                             copy_to_region, vocab_parallel_cross_entropy)
 
 __all__ = ["GPT", "GPTConfig", "gpt_loss", "pad_vocab_size", "small_gpt_config", "tiny_gpt_config"]
 

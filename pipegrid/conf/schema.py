@@ -34,7 +34,7 @@ def signal_number(name: str) -> int:
 @dataclass
 class TopologyConfig:
     pipe: Optional[int] = None
-    """Pipeline stages (ranks along the pipe axis). None (unset): the module's, else 1."""
+    """Pipe ranks: the pipeline degree p (ranks along the pipe axis). None (unset): the module's, else 1."""
     data: Optional[int] = None
     """Data-parallel replicas. None (unset): the module's topology's, else 1."""
     tensor: Optional[int] = None
@@ -137,7 +137,9 @@ class PrecisionConfig:
 
 
 @dataclass
-class RunConfig:
+class TrainLoopConfig:
+    """The ``train:`` section: how the training loop runs (steps, clipping, seed, logging, signals)."""
+
     steps: int = 100
     """Optimizer steps to run (examples)."""
     grad_clip: float = 0.0
@@ -227,7 +229,7 @@ class TrainConfig:
     """A torch LR scheduler: ``_target_`` and its kwargs; None for a constant rate."""
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    train: RunConfig = field(default_factory=RunConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)

@@ -21,7 +21,7 @@ except ImportError as error:  # pragma: no cover - depends on the installation
                       f"({error})") from None
 
 from pipegrid.hf.model import CausalLMLoss, HFCausalLM, from_config, from_pretrained
-from pipegrid.hf.plan import ADAPTER_PLANS
+from pipegrid.hf.pp_plan import ADAPTER_PLANS
 from pipegrid.hf.save import save_pretrained
 
 __all__ = ["ADAPTER_PLANS", "CausalLMLoss", "HFCausalLM", "from_config", "from_pretrained", "save_pretrained"]

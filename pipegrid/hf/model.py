@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipegrid.hf.layers import TIED_KEY, layer_specs
-from pipegrid.hf.plan import PlanEntry, plan_for, read_config_json
+from pipegrid.hf.pp_plan import PlanEntry, plan_for, read_config_json
 from pipegrid.hf.skeleton import Skeleton
 from pipegrid.hf.weights import CheckpointWeights
 from pipegrid.pipe.module import PipelineModule

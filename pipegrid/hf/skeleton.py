@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pipegrid.hf.plan import StagePlan, causal_lm_class, resolve
+from pipegrid.hf.pp_plan import StagePlan, causal_lm_class, resolve
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's arguments besides its hidden state
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from pipegrid.kernels.backend import select_backend
-from pipegrid.kernels.layout import FlatLayout
+from pipegrid.kernels.flat_layout import FlatLayout
 
 __all__ = ["pack", "unpack", "views", "sum_of_squares", "all_finite", "FlatBuffer"]
 

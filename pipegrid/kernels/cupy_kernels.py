@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipegrid.kernels.cuda_source import CUDA_SOURCE
-from pipegrid.kernels.layout import FlatLayout
+from pipegrid.kernels.flat_layout import FlatLayout
 
 __all__ = [
     "pack", "unpack", "sum_of_squares", "all_finite",

@@ -26,7 +26,7 @@ from pipegrid.pipe import trace as tracing
 from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure
 from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe import preemption
-from pipegrid.pipe.layout import check_placement, resolve_layout
+from pipegrid.pipe.module_grid import check_schedule_runs_module, config_with_module_grid
 from pipegrid.pipe.preemption import SignalWatch
 from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.update import GradientUpdate
@@ -89,7 +89,7 @@ def initialize(module: torch.nn.Module, config: Any = None,
     ``groups`` when given, unless the config sets them; a config that sets another value
     is refused.
     """
-    cfg = resolve_layout(to_train_config(config), module, groups)
+    cfg = config_with_module_grid(to_train_config(config), module, groups)
     _check_before_collectives(module, cfg)
     if groups is None:
         groups = init_distributed(cfg)
@@ -105,8 +105,8 @@ class PipelineEngine:
 
     def __init__(self, module: torch.nn.Module, config: TrainConfig, groups: ProcessGroups) -> None:
         self.config, self.groups, self.topology = config, groups, groups.topology
-        self.pipe_rank = groups.stage_id
-        self._stage_ranks = [groups.stage_rank(s) for s in range(groups.topology.pipe)]  # asked per message
+        self.pipe_rank = groups.pipe_rank
+        self._pipe_peers = [groups.pipe_peer(r) for r in range(groups.topology.pipe)]  # asked per message
         self._check_module(module)
         self.device = self._device()
         self.dtype = _DTYPES[config.precision.dtype]
@@ -143,10 +143,10 @@ class PipelineEngine:
                        header_group=header_group(self.config.comm.timeout_s))
         if self.device.type == "cuda":  # NCCL: a batch of transfers that is the group's first
             dist.barrier(device_ids=[self.device.index])  # call must include every rank
-        self._train_executor = Executor(self.schedule, self.pipe_rank, self.module, self.p2p, self._stage_ranks,
+        self._train_executor = Executor(self.schedule, self.pipe_rank, self.module, self.p2p, self._pipe_peers,
                                         self.groups.rank)
         self._eval_executor = Executor(self.eval_schedule, self.pipe_rank, self.module, self.p2p,
-                                       self._stage_ranks, self.groups.rank)
+                                       self._pipe_peers, self.groups.rank)
 
     def _build_update(self) -> GradientUpdate:
         """The optimizer state (replicated or ZeRO-sharded), loss scaler and LR schedule, and the
@@ -219,11 +219,11 @@ class PipelineEngine:
                              f"{module.virtual_stages} but the engine runs pipe={self.topology.pipe} x "
                              f"virtual_stages={self.config.schedule.virtual_stages}; use pipegrid.initialize(), "
                              "which takes the layout from the module")
-        check_placement(self.config.schedule.name, module)
+        check_schedule_runs_module(self.config.schedule.name, module)
         if module.stage_id != self.pipe_rank:
-            raise ValueError(f"rank {self.groups.rank} is pipe stage {self.pipe_rank} but its module holds "
+            raise ValueError(f"rank {self.groups.rank} is pipe rank {self.pipe_rank} but its module holds "
                              f"stage {module.stage_id}; build the module after torch.distributed is "
-                             "initialised, or pass topology= so it finds its stage from RANK")
+                             "initialised, or pass topology= so it finds its pipe rank from RANK")
 
     def _device(self) -> torch.device:
         if dist.get_backend() == "nccl":
@@ -234,7 +234,7 @@ class PipelineEngine:
 
     def stage_rank(self, stage: int) -> int:
         """Global rank running model stage ``stage`` on this rank's data/tensor coordinate."""
-        return self._stage_ranks[self.schedule.rank_of(stage)]
+        return self._pipe_peers[self.schedule.rank_of(stage)]
 
     # --- the step ----------------------------------------------------------
     def train_batch(self, data_iter: Iterable | None = None) -> float:

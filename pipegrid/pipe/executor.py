@@ -72,7 +72,7 @@ def lost_peer_message(rank: int, pipe_rank: int, peer: str, when: str, error: Ba
     """What a PeerLostError says: who lost whom, when, the transport's words, and what to do."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     step = "the step was applied" if applied else "the step was not applied"
-    return (f"rank {rank} (pipe stage {pipe_rank}) lost {peer} {when}: {first_line}. That rank has died or "
+    return (f"rank {rank} (pipe rank {pipe_rank}) lost {peer} {when}: {first_line}. That rank has died or "
             f"hung (its own log shows why); {step}. Restart from the last checkpoint (torchrun "
             "--max-restarts does it) after fixing the cause.")
 
@@ -91,27 +91,27 @@ class Executor:
     }
 
     def __init__(self, schedule: Schedule, pipe_rank: int, module: Any, p2p: P2P,
-                 stage_ranks: Sequence[int], rank: int) -> None:
-        """``stage_ranks[r]``: the global rank of pipe rank r in this rank's pipeline; ``rank``: this
+                 pipe_peers: Sequence[int], rank: int) -> None:
+        """``pipe_peers[r]``: the global rank of pipe rank r in this rank's pipeline; ``rank``: this
         rank's. The executor keeps no reference to the engine: its hooks come with each ``run``."""
         self.module = module
         self.p2p = p2p
         self.schedule = schedule
         self.pipe_rank = pipe_rank
         self.rank = rank
-        self.stage_ranks = tuple(stage_ranks)
+        self.pipe_peers = tuple(pipe_peers)
         self.stream = schedule.streams[pipe_rank]
         self.last_stage = schedule.num_model_stages - 1
         self._program = [(op, self._handler(op, position)) for position, op in enumerate(self.stream)]
         self._reads = {op: schedule.reads(op) for op in self.stream if schedule.reads(op)}  # op -> message it waits for
         # the step's loss comes on the gradient messages the schedule marks (``2SG3*``); a
         # schedule without marks (and more than one rank) leaves it to an all-reduce on every rank
-        self._stats_by_message = schedule.num_stages == 1 or any(
+        self._stats_by_message = schedule.num_ranks == 1 or any(
             getattr(part, "loss", False) for stream in schedule.streams for op in stream for part in ins.parts(op))
 
     def stage_rank(self, stage: int) -> int:
         """Global rank running model stage ``stage`` in this rank's pipeline (the placement's)."""
-        return self.stage_ranks[self.schedule.rank_of(stage)]
+        return self.pipe_peers[self.schedule.rank_of(stage)]
 
     def run(self, state: StepState, hooks: StepHooks, trace: bool = False,
             before: Callable[[Any], None] | None = None) -> StepState:

@@ -101,7 +101,7 @@ def _own_stage_id(topology: Topology | None, pipe: int, stage_id: int | None) ->
         else:
             return 0
         if topology is not None:
-            return topology.stage_id(rank)
+            return topology.pipe_rank(rank)
         if world % pipe:
             raise ValueError(f"cannot place {pipe} stages on {world} processes; pass "
                              f"topology=Topology(pipe=..., data=...) or stage_id=")

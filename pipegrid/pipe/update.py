@@ -21,6 +21,7 @@ from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.step import StepLoss
 from pipegrid.pipe.zero import OptimizerState, all_reduce_flat
 from pipegrid.schedules import instructions as ins
+from pipegrid.tensor import is_tensor_sharded
 from pipegrid.topology.groups import ProcessGroups
 
 __all__ = ["GradientUpdate"]
@@ -35,7 +36,7 @@ class GradientUpdate:
         self.module, self.config, self.groups, self.topology = module, config, groups, groups.topology
         self.zero, self.scaler, self.lr_scheduler = zero, scaler, lr_scheduler
         self.device, self.dtype, self.kernels_backend = device, dtype, kernels_backend
-        self.pipe_rank = groups.stage_id
+        self.pipe_rank = groups.pipe_rank
         self.loss_rank = loss_rank
         """The pipe rank that holds the last model stage (where the loss is computed)."""
         self.global_steps = 0
@@ -65,7 +66,7 @@ class GradientUpdate:
             if owners[0] != self.pipe_rank:
                 skip.update(id(p) for p in self.module.tied_parameters(key))
         if self.groups.coord.tensor != 0:  # replicated over the tensor group: counted on tensor rank 0 only
-            skip.update(id(p) for p in params if not getattr(p, "tensor_model_parallel", False))
+            skip.update(id(p) for p in params if not is_tensor_sharded(p))
         return [p for p in params if id(p) not in skip]
 
     # --- hooks the executor calls ------------------------------------------------
@@ -160,7 +161,7 @@ class GradientUpdate:
     def global_grad_norm(self) -> float:
         """L2 norm of the whole model's (scaled) gradient: each parameter once, over tensor, pipe and data shards.
 
-        Tensor-parallel shards (``is_tensor_sharded``) count on every tensor rank,
+        Tensor-parallel shards (:func:`~pipegrid.tensor.is_tensor_sharded`) count on every tensor rank,
         replicated parameters on tensor rank 0 only; a tied copy on its first owner.
         """
         total = kernels.sum_of_squares(self.zero.grads(self._norm_ids)).double().reshape(1).cpu()

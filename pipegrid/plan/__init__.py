@@ -11,14 +11,14 @@ from pipegrid.plan.model import (
     LayerCost, TransformerConfig, megatron_flops_per_step, transformer_layers,
 )
 from pipegrid.plan.predict import (
-    Layout, Prediction, micro_batches_of, predict, predict_transformer, ring_allreduce_s, split_chunks,
+    Candidate, Prediction, micro_batches_of, predict, predict_transformer, ring_allreduce_s, split_chunks,
 )
 from pipegrid.plan.presets import cluster_from_dict, model_from_dict
 from pipegrid.plan.search import SearchSpace, candidates, explain, search
 from pipegrid.plan.simulation import StepSimulation, simulate_step
 
 __all__ = [
-    "ClusterSpec", "DeviceSpec", "GEMM_EFFICIENCY", "LayerCost", "Layout", "Link", "OptimizerSpec",
+    "Candidate", "ClusterSpec", "DeviceSpec", "GEMM_EFFICIENCY", "LayerCost", "Link", "OptimizerSpec",
     "Prediction", "REPORT_KEYS", "SearchSpace", "StepSimulation", "TransformerConfig",
     "activation_bytes", "candidates", "cluster_from_dict", "explain", "megatron_flops_per_step",
     "memory_report", "micro_batches_of", "model_from_dict", "predict", "predict_transformer",

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipegrid.plan.predict import Layout, Prediction, predict_transformer
+from pipegrid.plan.predict import Candidate, Prediction, predict_transformer
 from pipegrid.plan.presets import cluster_from_dict, model_from_dict
 from pipegrid.plan.search import SearchSpace, explain, search
 
@@ -34,7 +34,7 @@ def format_table(predictions: Sequence[Prediction]) -> str:
               "HFU", "MFU")
     rows = [header]
     for i, pr in enumerate(predictions, 1):
-        rows.append((str(i), pr.layout.label(), str(pr.micro_batches), f"{pr.step_s:.2f}",
+        rows.append((str(i), pr.candidate.label(), str(pr.micro_batches), f"{pr.step_s:.2f}",
                      f"{pr.bubble_fraction:.1%}", f"{pr.data_sync_s:.2f}",
                      f"{pr.peak_memory_bytes / 2**30:.1f}", _fmt(pr.tflops_per_device, "{:.0f}"),
                      _fmt(pr.hfu, "{:.1%}"), _fmt(pr.mfu, "{:.1%}")))
@@ -52,16 +52,16 @@ def _published(cfg: dict[str, Any], model, cluster, ranked: list[Prediction]) ->
     pub = cfg["model"].get("published")
     if not pub:
         return []
-    layout = Layout(**pub["layout"])
-    if layout.devices != cluster.num_devices:
-        return [f"(the published layout {layout.label()} needs {layout.devices} devices)"]
-    pred = predict_transformer(model, layout, cluster, cfg["search"]["optimizer"])
-    place = next((i for i, pr in enumerate(ranked, 1) if pr.layout == layout), None)
-    lines = [f"published layout {layout.label()}: {pub['tflops_per_device']} TFLOP/s/device, "
+    published = Candidate(**pub["layout"])
+    if published.devices != cluster.num_devices:
+        return [f"(the published layout {published.label()} needs {published.devices} devices)"]
+    pred = predict_transformer(model, published, cluster, cfg["search"]["optimizer"])
+    place = next((i for i, pr in enumerate(ranked, 1) if pr.candidate == published), None)
+    lines = [f"published layout {published.label()}: {pub['tflops_per_device']} TFLOP/s/device, "
              f"{pub['fraction_of_peak']:.0%} of peak; predicted {pred.tflops_per_device:.0f} TFLOP/s, "
              f"HFU {pred.hfu:.1%} ({(pred.hfu / pub['fraction_of_peak'] - 1):+.1%}), step "
              f"{pred.step_s:.2f}s, rank {place if place else 'not in the list'}"]
-    lines += [f"  {explain(pr, pred)}" for pr in ranked[:3] if pr.step_s < pred.step_s and pr.layout != layout]
+    lines += [f"  {explain(pr, pred)}" for pr in ranked[:3] if pr.step_s < pred.step_s and pr.candidate != published]
     return lines
 
 

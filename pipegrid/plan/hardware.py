@@ -1,6 +1,6 @@
 """Devices and clusters for the planner: peak FLOP/s, memory, and link speeds.
 
-Link bandwidths and latencies are read from ``topology.placement.Cluster`` graphs (NVLink
+Link bandwidths and latencies are read from ``topology.cluster.Cluster`` graphs (NVLink
 inside a host, network between hosts); large homogeneous clusters are described by one
 representative two-host graph, since every pair of devices is either same-host or not.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from pipegrid.topology.placement import Cluster, default_mapping, place
+from pipegrid.topology.cluster import Cluster, default_mapping, place
 
 __all__ = ["GEMM_EFFICIENCY", "DeviceSpec", "Link", "ClusterSpec"]
 
@@ -83,7 +83,7 @@ class ClusterSpec:
         return self.hosts * self.devices_per_host
 
     def graph(self, hosts: int | None = None) -> Cluster:
-        """The placement graph of this cluster (or of its first ``hosts`` hosts)."""
+        """The cluster graph (or that of its first ``hosts`` hosts)."""
         return Cluster.homogeneous(
             hosts or self.hosts, self.devices_per_host, intra_gbytes_per_s=self.intra_gbytes_per_s,
             inter_gbytes_per_s=self.inter_gbytes_per_s, intra_latency_us=self.intra_latency_us,
@@ -91,7 +91,7 @@ class ClusterSpec:
             device_memory_bytes=self.device.memory_bytes)
 
     def links(self) -> tuple[Link, Link]:
-        """(same host, across hosts), read from a two-host placement graph."""
+        """(same host, across hosts), read from a two-host cluster graph."""
         return self._links
 
     @cached_property
@@ -103,7 +103,7 @@ class ClusterSpec:
         return intra, inter
 
     def host_of_ranks(self, topology) -> list[int]:  # noqa: ANN001 - a ProcessTopology
-        """Host of every rank: ``placement.place`` for small grids, rank order otherwise."""
+        """Host of every rank: ``cluster.place`` for small grids, rank order otherwise."""
         if topology.world_size > self.num_devices:
             raise ValueError(f"{topology!r} needs {topology.world_size} devices; cluster "
                              f"{self.name} has {self.num_devices}")

@@ -1,4 +1,4 @@
-"""Predict one layout: per-stage op costs from the cost model, timed by the schedule simulator.
+"""Predict one candidate: per-stage op costs from the cost model, timed by the schedule simulator.
 
 step = pipeline makespan (simulated; p2p latency on every send -> recv) + data-parallel
 gradient sync (ring all-reduce, or ZeRO-1 reduce-scatter + all-gather) + optimizer step.
@@ -19,15 +19,15 @@ from pipegrid.plan.simulation import simulate_step
 from pipegrid.schedules import Placement, registry
 from pipegrid.topology.grid import Topology
 
-__all__ = ["Layout", "Prediction", "predict", "predict_transformer", "ring_allreduce_s",
+__all__ = ["Candidate", "Prediction", "predict", "predict_transformer", "ring_allreduce_s",
            "split_chunks", "micro_batches_of", "placement_of"]
 
 _OPTIMIZER_BYTES_PER_PARAM = 28  # Adam: read+write master, m, v (24) + read grad, write param
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One candidate: the grid, the schedule and how the batch is cut."""
+class Candidate:
+    """One way to run the model that the planner weighs: the grid, the schedule and how the batch is cut."""
 
     pipe: int
     data: int = 1
@@ -56,9 +56,9 @@ class Layout:
 
 @dataclass(frozen=True)
 class Prediction:
-    """What a layout is predicted to do per optimizer step (busiest rank for memory)."""
+    """What a candidate is predicted to do per optimizer step (busiest rank for memory)."""
 
-    layout: Layout
+    candidate: Candidate
     micro_batches: int
     step_s: float
     pipeline_s: float
@@ -87,7 +87,7 @@ class Prediction:
     def _utilisation(self, flops: float | None) -> float | None:
         if flops is None:
             return None
-        return flops / (self.step_s * self.layout.devices * self.peak_flops)
+        return flops / (self.step_s * self.candidate.devices * self.peak_flops)
 
     @property
     def hfu(self) -> float | None:
@@ -103,13 +103,13 @@ class Prediction:
     def tflops_per_device(self) -> float | None:
         if self.hardware_flops is None:
             return None
-        return self.hardware_flops / self.step_s / self.layout.devices / 1e12
+        return self.hardware_flops / self.step_s / self.candidate.devices / 1e12
 
 
-def placement_of(layout: Layout) -> Placement:
-    """Which pipe rank holds each of the layout's model chunks (the schedule's placement)."""
-    spec = registry.get(layout.schedule)
-    return Placement(spec.placement_for(layout.virtual_stages), layout.pipe, layout.virtual_stages)
+def placement_of(candidate: Candidate) -> Placement:
+    """Which pipe rank holds each of the candidate's model chunks (the schedule's placement)."""
+    spec = registry.get(candidate.schedule)
+    return Placement(spec.placement_for(candidate.virtual_stages), candidate.pipe, candidate.virtual_stages)
 
 
 def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
@@ -119,12 +119,12 @@ def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
     return 2 * (ranks - 1) / ranks * nbytes / link.bandwidth + 2 * (ranks - 1) * link.latency
 
 
-def micro_batches_of(global_batch: int, layout: Layout) -> int:
+def micro_batches_of(global_batch: int, candidate: Candidate) -> int:
     """Micro-batches per pipeline: global batch / (data x micro-batch size), exactly."""
-    per_replica, rest = divmod(global_batch, layout.data * layout.micro_batch_size)
+    per_replica, rest = divmod(global_batch, candidate.data * candidate.micro_batch_size)
     if rest or per_replica < 1:
-        raise ValueError(f"global batch {global_batch} does not split into data={layout.data} x "
-                         f"micro_batch_size={layout.micro_batch_size}; pick sizes that divide it")
+        raise ValueError(f"global batch {global_batch} does not split into data={candidate.data} x "
+                         f"micro_batch_size={candidate.micro_batch_size}; pick sizes that divide it")
     return per_replica
 
 
@@ -181,18 +181,18 @@ def _chunk_costs(chunks: list[list[LayerCost]], device: DeviceSpec, tensor: int,
     return {"F": f, "B": b, "W": w} if split else {"F": f, "B": b + w, "W": 0.0}
 
 
-def predict(layers: Sequence[LayerCost], layout: Layout, cluster: ClusterSpec, *, micro_batches: int,
+def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterSpec, *, micro_batches: int,
             optimizer: OptimizerSpec = OptimizerSpec(), recompute: bool = False,
             hardware_flops: float | None = None, model_flops: float | None = None,
             scatter_gather: bool = True) -> Prediction:
-    """Predict ``layout`` for ``layers`` (costs of one micro-batch on one tensor rank).
+    """Predict ``candidate`` for ``layers`` (costs of one micro-batch on one tensor rank).
 
     ``scatter_gather``: Megatron's p2p optimisation (each tensor rank sends 1/t of the
     activation over its own link); p2p then moves ``output_bytes / tensor`` per hop.
     """
-    p, v, t, d = layout.pipe, layout.virtual_stages, layout.tensor, layout.data
-    if layout.devices > cluster.num_devices:
-        raise ValueError(f"{layout.label()} needs {layout.devices} devices; {cluster.name} has "
+    p, v, t, d = candidate.pipe, candidate.virtual_stages, candidate.tensor, candidate.data
+    if candidate.devices > cluster.num_devices:
+        raise ValueError(f"{candidate.label()} needs {candidate.devices} devices; {cluster.name} has "
                          f"{cluster.num_devices}")
     topo = Topology(pipe=p, data=d, tensor=t)
     hosts = cluster.host_of_ranks(topo)
@@ -200,22 +200,22 @@ def predict(layers: Sequence[LayerCost], layout: Layout, cluster: ClusterSpec, *
     dp_link = cluster.slowest_link(hosts, topo.axis_groups("data"), ring=True)
     pp_link = cluster.slowest_link(hosts, topo.axis_groups("pipe"), ring=False)
     chunks = split_chunks(layers, p * v)
-    placement = placement_of(layout)
-    costs = _chunk_costs(chunks, cluster.device, t, tp_link, recompute, registry.get(layout.schedule).split_backward)
+    placement = placement_of(candidate)
+    costs = _chunk_costs(chunks, cluster.device, t, tp_link, recompute, registry.get(candidate.schedule).split_backward)
     boundary = max(chunk[-1].output_bytes for chunk in chunks[:-1]) if p > 1 else 0.0
-    message = layout.coalesce * (boundary / t if scatter_gather else boundary)  # a group per message
+    message = candidate.coalesce * (boundary / t if scatter_gather else boundary)  # a group per message
     costs["comm"] = pp_link.time(message) if p > 1 else 0.0
-    sim = simulate_step(layout.schedule, p, micro_batches, v, costs, coalesce=layout.coalesce)
+    sim = simulate_step(candidate.schedule, p, micro_batches, v, costs, coalesce=candidate.coalesce)
     per_rank = [[chunks[s] for s in placement.stages_of(r)] for r in range(p)]
     params = [sum(l.parameters for c in cs for l in c) for cs in per_rank]
     grad_bytes = max(params) * DTYPE_BYTES[optimizer.dtype]
     data_sync = ring_allreduce_s(grad_bytes, d, dp_link)  # ZeRO-1: reduce-scatter + all-gather, same volume
-    shard = max(params) / (d if layout.zero else 1)
+    shard = max(params) / (d if candidate.zero else 1)
     optimizer_s = shard * _OPTIMIZER_BYTES_PER_PARAM / cluster.device.memory_bandwidth
-    memory, peak = _busiest_memory(per_rank, params, sim.peak_inflight, layout, optimizer, recompute, placement)
+    memory, peak = _busiest_memory(per_rank, params, sim.peak_inflight, candidate, optimizer, recompute, placement)
     notes = [] if sim.extrapolated_from is None else \
         ["simulated at m={},{} and extended linearly".format(*sim.extrapolated_from)]
-    return Prediction(layout=layout, micro_batches=micro_batches,
+    return Prediction(candidate=candidate, micro_batches=micro_batches,
                       step_s=sim.makespan + data_sync + optimizer_s, pipeline_s=sim.makespan,
                       data_sync_s=data_sync, optimizer_s=optimizer_s, bubble_fraction=sim.bubble_fraction,
                       costs=costs, memory=memory, peak_memory_bytes=peak,
@@ -224,12 +224,12 @@ def predict(layers: Sequence[LayerCost], layout: Layout, cluster: ClusterSpec, *
 
 
 def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], inflight: Sequence[int],
-                    layout: Layout, optimizer: OptimizerSpec, recompute: bool,
+                    candidate: Candidate, optimizer: OptimizerSpec, recompute: bool,
                     placement: Placement) -> tuple[dict[str, int], int]:
     best: tuple[int, dict[str, int]] = (-1, {})
     for rank, chunks in enumerate(per_rank):
         counts = [inflight[s] for s in placement.stages_of(rank)]  # each chunk's own peak: an upper bound
-        report = memory_report(params[rank], optimizer, data=layout.data, zero=layout.zero)
+        report = memory_report(params[rank], optimizer, data=candidate.data, zero=candidate.zero)
         report["activations"] = activation_bytes(chunks, counts, recompute)
         peak = report["total"] + report["activations"]
         if peak > best[0]:
@@ -237,12 +237,12 @@ def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], in
     return best[1], best[0]
 
 
-def predict_transformer(cfg: TransformerConfig, layout: Layout, cluster: ClusterSpec,
+def predict_transformer(cfg: TransformerConfig, candidate: Candidate, cluster: ClusterSpec,
                         optimizer: str = "adam") -> Prediction:
-    """Predict ``layout`` for a GPT-style model, FLOPs from Narayanan et al. eq. 3."""
-    m = micro_batches_of(cfg.global_batch, layout)
-    layers = transformer_layers(cfg, layout.micro_batch_size, layout.tensor)
-    return predict(layers, layout, cluster, micro_batches=m,
+    """Predict ``candidate`` for a GPT-style model, FLOPs from Narayanan et al. eq. 3."""
+    m = micro_batches_of(cfg.global_batch, candidate)
+    layers = transformer_layers(cfg, candidate.micro_batch_size, candidate.tensor)
+    return predict(layers, candidate, cluster, micro_batches=m,
                    optimizer=OptimizerSpec(optimizer, cfg.dtype), recompute=cfg.recompute,
                    hardware_flops=megatron_flops_per_step(cfg),
                    model_flops=megatron_flops_per_step(cfg, recompute=False))

@@ -1,6 +1,6 @@
 """Step timing through the schedule simulator, extrapolated for long schedules.
 
-``pipegrid.schedules.simulate`` is the one source of truth for timing. A 64-stage schedule
+``pipegrid.schedules.simulate`` is the one source of truth for timing. A 64-rank schedule
 with hundreds of micro-batches has ~10^5 ops, too many to simulate per candidate, but past
 m = p (2p for a V) a schedule's makespan grows by the same amount per extra micro-batch
 (the steady state), so it is simulated there and p micro-batches later and extended along

@@ -1,6 +1,6 @@
 """Pipeline schedules as pure data: build, validate, simulate and draw them (no torch here).
 
-``build("1f1b", num_stages=4, micro_batches=8).streams[rank]`` is what rank runs, in order;
+``build("1f1b", num_ranks=4, micro_batches=8).streams[rank]`` is what rank runs, in order;
 ``SCHEDULES[name]`` is everything known about a schedule, ``Placement`` which rank runs a stage.
 """
 

@@ -1,6 +1,6 @@
 """Command line: build a schedule, print its timeline table and simulated bubble.
 
-``python -m pipegrid.schedules 1f1b --stages 4 --micro-batches 8 --png out.png``
+``python -m pipegrid.schedules 1f1b --ranks 4 --micro-batches 8 --png out.png``
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=SCHEDULE_NAMES,
                         help="; ".join(f"{spec.name}: {spec.summary}" for spec in SCHEDULES.values()))
-    parser.add_argument("--stages", type=int, required=True, help="pipeline degree p")
+    parser.add_argument("--ranks", "--stages", dest="ranks", type=int, required=True,
+                        help="pipe ranks: the pipeline degree p (--stages is the old name)")
     parser.add_argument("--micro-batches", type=int, required=True, help="micro-batches m")
     parser.add_argument("--virtual", type=int, default=None,
                         help="chunks per rank v (default: the schedule's own, else 1)")
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         chunks = SCHEDULES[args.name].chunks
         virtual = args.virtual if args.virtual is not None else (chunks or (1,))[0]
-        schedule = build(args.name, args.stages, args.micro_batches, virtual, coalesce=args.coalesce,
+        schedule = build(args.name, args.ranks, args.micro_batches, virtual, coalesce=args.coalesce,
                          placement=args.placement)
         validate(schedule)
     except ScheduleError as error:

@@ -7,7 +7,7 @@ Timeline (p=2, m=4, F=I=W=1 per chunk, a full backward B=2; rank 0 holds stages 
     rank 1 |   · 1F0 2F0 1F1 2F1 1F2 2B0 2B0 2F2 1B0 1B0 1F3 2B1 2B1 2F3 1B1 1B1 2B2 2B2 1B2 1B2 2I3 1I3 2W3 1W3
 
 ``1F3`` is model stage 1 forward of micro-batch 3; B a full backward, I/W its halves; ``·``
-is idle. (``python -m pipegrid.schedules dualpipev --stages 4 --micro-batches 8`` prints more.)
+is idle. (``python -m pipegrid.schedules dualpipev --ranks 4 --micro-batches 8`` prints more.)
 
 Phases per rank r (p ranks, m micro-batches, chunk 0 = stage r, chunk 1 = stage 2p-1-r):
 fill chunk 0 with 2(p-1-r) forwards; r+1 forward pairs of both chunks; p-1-r rounds of
@@ -107,7 +107,7 @@ def check(p: int, m: int, v: int, k: int) -> None:
     if m // k < 2 * p:
         groups = f" (micro_batches/coalesce={m}/{k}={m // k})" if k > 1 else ""
         raise ScheduleError(
-            f"dualpipev needs at least 2 * num_stages = {2 * p} micro-batches (one per model stage){groups}, got "
+            f"dualpipev needs at least 2 * num_ranks = {2 * p} micro-batches (one per model stage){groups}, got "
             f"micro_batches={m}; set micro_batches={2 * p * k} or more, or use schedule 'zb_v'")
 
 

@@ -26,7 +26,7 @@ class _MicroBatchOp:
     """Base of every instruction that acts on one micro-batch at one model stage."""
 
     stage: int
-    """Model stage in ``[0, num_stages * virtual_stages)``; its rank is the placement's."""
+    """Model stage in ``[0, num_ranks * virtual_stages)``; its rank is the placement's."""
     micro_batch: int
     """Micro-batch index in ``[0, micro_batches)``."""
 

@@ -21,20 +21,20 @@ from pipegrid.schedules.placement import Placement
 __all__ = ["compute_order", "check"]
 
 
-def check(num_stages: int, micro_batches: int, virtual_stages: int, coalesce: int = 1) -> None:
+def check(num_ranks: int, micro_batches: int, virtual_stages: int, coalesce: int = 1) -> None:
     """Refuse what the round-based order cannot run, saying what to change (coalesce only when set)."""
-    p, m, k = num_stages, micro_batches, coalesce
+    p, m, k = num_ranks, micro_batches, coalesce
     if virtual_stages > 1 and m % p != 0:
         suggestion = -(-m // p) * p
         raise ScheduleError(
-            f"interleaved_1f1b needs micro_batches to be a multiple of num_stages "
+            f"interleaved_1f1b needs micro_batches to be a multiple of num_ranks "
             f"(micro-batches go through in rounds of {p}), got "
-            f"micro_batches={m}, num_stages={p}; set micro_batches="
+            f"micro_batches={m}, num_ranks={p}; set micro_batches="
             f"{suggestion} (a multiple of {p}) or virtual_stages=1"
         )
     if virtual_stages > 1 and k > 1 and (m // k) % p:
         raise ScheduleError(
-            f"interleaved_1f1b with coalesce={k} needs micro_batches/coalesce to be a multiple of num_stages={p} "
+            f"interleaved_1f1b with coalesce={k} needs micro_batches/coalesce to be a multiple of num_ranks={p} "
             f"(groups go through in rounds of {p}), got {m}/{k}={m // k}; set micro_batches="
             f"{k * p * -(-(m // k) // p)} or a smaller coalesce")
 

@@ -68,7 +68,7 @@ def _choose(schedule: Schedule) -> dict[int, _Message] | None:
     readers = [_readers(schedule, stream) for stream in schedule.streams]
     incoming = _incoming(schedule)
     receivers = {src: {dst for dst, sends in incoming.items() for s, _, _ in sends if s == src}
-                 for src in range(schedule.num_stages)}
+                 for src in range(schedule.num_ranks)}
     knows: dict[int, int] = {holder: _last_loss(schedule)}
     chosen: dict[int, _Message] = {}
     work = sorted(receivers[holder])
@@ -81,7 +81,7 @@ def _choose(schedule: Schedule) -> dict[int, _Message] | None:
         if best is not None and (rank not in knows or best[0] + 1 < knows[rank]):
             knows[rank], chosen[rank] = best[0] + 1, best[1]
             work.extend(receivers[rank])
-    return chosen if len(chosen) == schedule.num_stages - 1 else None
+    return chosen if len(chosen) == schedule.num_ranks - 1 else None
 
 
 def _marked(op: Instruction, carrying: set[_Message], schedule: Schedule) -> Instruction:
@@ -95,7 +95,7 @@ def _marked(op: Instruction, carrying: set[_Message], schedule: Schedule) -> Ins
 
 def mark_loss_messages(schedule: Schedule) -> Schedule:
     """``schedule`` with the loss-carrying gradient messages marked (any old marks replaced)."""
-    chosen = _choose(schedule) if schedule.training and schedule.num_stages > 1 else None
+    chosen = _choose(schedule) if schedule.training and schedule.num_ranks > 1 else None
     carrying = set(chosen.values()) if chosen else set()
     streams = tuple(tuple(_marked(op, carrying, schedule) for op in stream) for stream in schedule.streams)
     return dataclasses.replace(schedule, streams=streams)
@@ -111,7 +111,7 @@ def knows_loss_after(schedule: Schedule) -> dict[int, int] | None:
             for part in parts(op):
                 if isinstance(part, RecvGrad) and part.loss:
                     known[rank] = readers[schedule.message_key(part)] + 1
-    return known if len(known) == schedule.num_stages and schedule.num_stages > 1 else None
+    return known if len(known) == schedule.num_ranks and schedule.num_ranks > 1 else None
 
 
 def check_loss_messages(schedule: Schedule) -> None:
@@ -136,7 +136,7 @@ def check_loss_messages(schedule: Schedule) -> None:
                      "mark the SendGrad and its RecvGrad alike")
     known = knows_loss_after(schedule)
     into = sorted(schedule.rank_of(message[1]) for message in received)
-    wanted = sorted(set(range(schedule.num_stages)) - {schedule.loss_rank})
+    wanted = sorted(set(range(schedule.num_ranks)) - {schedule.loss_rank})
     if into != wanted or known is None:
         raise ScheduleError(f"{schedule.name}: the loss reaches ranks {into} by message but must reach each of "
                             f"{wanted} exactly once (or no rank, for an all-reduce); rebuild it with "

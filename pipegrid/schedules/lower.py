@@ -26,9 +26,12 @@ from pipegrid.schedules.schedule import Schedule
 __all__ = ["build", "SCHEDULE_NAMES", "add_communication", "add_step", "lower"]
 
 
-def build(name: str, num_stages: int, micro_batches: int, virtual_stages: int = 1, *,
+def build(name: str, num_ranks: int, micro_batches: int, virtual_stages: int = 1, *,
           split_backward: bool | None = None, coalesce: int = 1, placement: str | None = None) -> Schedule:
     """Build the named schedule: every rank's full stream for one step.
+
+    ``num_ranks``: the pipeline degree p (``topology.pipe``); ``virtual_stages``: model
+    stages (chunks) per rank, so the model is cut into ``num_ranks * virtual_stages`` stages.
 
     ``split_backward=None`` takes the schedule's own choice; ``True`` on a training
     schedule that does not split runs each Backward as BackwardInput then
@@ -38,11 +41,11 @@ def build(name: str, num_stages: int, micro_batches: int, virtual_stages: int = 
     ``v``) must be the schedule's own; only ``inference`` takes the caller's.
     """
     spec = registry.get(name)
-    _check_sizes(num_stages, micro_batches, virtual_stages, coalesce)
+    _check_sizes(num_ranks, micro_batches, virtual_stages, coalesce)
     spec.check_chunks(virtual_stages)
     if spec.check is not None:
-        spec.check(num_stages, micro_batches, virtual_stages, coalesce)
-    where = Placement(spec.placement_for(virtual_stages, placement), num_stages, virtual_stages)
+        spec.check(num_ranks, micro_batches, virtual_stages, coalesce)
+    where = Placement(spec.placement_for(virtual_stages, placement), num_ranks, virtual_stages)
     split = _resolve_split(spec, split_backward)
     order = spec.compute_order(where, micro_batches // coalesce)
     if coalesce > 1:
@@ -69,7 +72,7 @@ def _expand_groups(ops: Sequence[ComputeInstruction], k: int) -> list[ComputeIns
 
 
 def _check_sizes(p: int, m: int, v: int, k: int) -> None:
-    for label, value in (("num_stages", p), ("micro_batches", m), ("virtual_stages", v),
+    for label, value in (("num_ranks", p), ("micro_batches", m), ("virtual_stages", v),
                          ("coalesce", k)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{label} must be an int, got {type(value).__name__} {value!r}")

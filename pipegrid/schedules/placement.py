@@ -35,7 +35,7 @@ class Placement:
         if self.kind not in PLACEMENTS:
             raise ScheduleError(f"stage placement must be one of {', '.join(PLACEMENTS)}, got {self.kind!r}; "
                                 "use 'loop' (stage s on rank s % p) or 'v' (rank r holds stages r and 2p-1-r)")
-        for label, value in (("num_stages", self.num_ranks), ("virtual_stages", self.chunks)):
+        for label, value in (("num_ranks", self.num_ranks), ("virtual_stages", self.chunks)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{label} must be an int, got {type(value).__name__} {value!r}")
             if value < 1:

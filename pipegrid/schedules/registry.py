@@ -20,7 +20,7 @@ __all__ = ["PlannerHints", "ScheduleSpec", "SCHEDULES", "SCHEDULE_NAMES", "TRAIN
 
 ComputeOrder = Callable[[Placement, int], "list[list[ComputeInstruction]]"]
 Check = Callable[[int, int, int, int], None]
-"""(num_stages, micro_batches, virtual_stages, coalesce) -> None, or ScheduleError saying what to change."""
+"""(num_ranks, micro_batches, virtual_stages, coalesce) -> None, or ScheduleError saying what to change."""
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ def _events(source: Source) -> list[Event]:
 
 def _num_ranks(source: Source, events: Sequence[Event]) -> int:
     if isinstance(source, Schedule):
-        return source.num_stages
+        return source.num_ranks
     if isinstance(source, SimResult):
-        return source.schedule.num_stages
+        return source.schedule.num_ranks
     return max(e[0] for e in events) + 1
 
 
@@ -112,7 +112,7 @@ def to_png(source: Source, path: str, *, measured: Iterable[Event] | None = None
     if isinstance(source, SimResult):
         marks = list(enumerate(float(t) for t in source.loss_known)) if source.schedule.training else []
         panels.append(picture.Panel("simulated", source.events(), float(source.bubble_fraction), seconds,
-                                    ranks=source.schedule.num_stages, marks=marks))
+                                    ranks=source.schedule.num_ranks, marks=marks))
     elif measured is None:
         events = _events(source)
         panels.append(picture.Panel("measured", events, measured_bubble(events), seconds=seconds))
@@ -133,5 +133,5 @@ def _title(source: Source, panels: list[Any]) -> str:
     bubbles = " vs ".join(f"{panel.name} {panel.bubble:.3f}" for panel in panels)
     if isinstance(source, SimResult):
         s = source.schedule
-        return f"{s.name} p={s.num_stages} m={s.micro_batches} v={s.virtual_stages}: bubble {bubbles}"
+        return f"{s.name} p={s.num_ranks} m={s.micro_batches} v={s.virtual_stages}: bubble {bubbles}"
     return f"pipeline timeline: bubble {bubbles}"

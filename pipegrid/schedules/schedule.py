@@ -76,7 +76,7 @@ class Schedule:
         return (kind, op.stage, op.micro_batch - op.micro_batch % self.coalesce) if remote else None
 
     @property
-    def num_stages(self) -> int:
+    def num_ranks(self) -> int:
         """Pipeline degree p: the number of pipe ranks (one stream each)."""
         return self.placement.num_ranks
 
@@ -111,7 +111,7 @@ class Schedule:
         label = max(len(f"rank {len(cells) - 1}"), 4)
         header = " " * label + " | " + " ".join(f"{i:>{width}}" for i in range(length))
         lines = [
-            f"{self.name}: stages={self.num_stages} micro_batches={self.micro_batches} "
+            f"{self.name}: ranks={self.num_ranks} micro_batches={self.micro_batches} "
             f"virtual_stages={self.virtual_stages}"
             + (f" placement={self.placement.kind}" if self.placement.kind != "loop" else "")
             + (f" coalesce={self.coalesce}" if self.coalesce > 1 else ""),

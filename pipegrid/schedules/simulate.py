@@ -153,7 +153,7 @@ def play(schedule: Schedule, costs: Mapping[str, float]) -> tuple[dict[_Node, fl
     end: dict[_Node, float] = {}
     sent: dict[tuple[str, int, int], float] = {}  # message -> when its send was posted
     done: set[tuple[str, int, int]] = set()  # (F or G, stage, micro-batch) already run
-    cursor, clock = [0] * schedule.num_stages, [zero] * schedule.num_stages
+    cursor, clock = [0] * schedule.num_ranks, [zero] * schedule.num_ranks
     progressed = True
     while progressed:
         progressed = False
@@ -248,7 +248,7 @@ def _loss_known(schedule: Schedule, start: Mapping[_Node, float], end: Mapping[_
     if known is None:
         return tuple(makespan for _ in schedule.streams)
     return tuple((end if rank == schedule.loss_rank else start)[(rank, known[rank] - 1)]
-                 for rank in range(schedule.num_stages))
+                 for rank in range(schedule.num_ranks))
 
 
 def _cycle_error(schedule: Schedule, graph: nx.DiGraph) -> ScheduleError:

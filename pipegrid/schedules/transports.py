@@ -74,7 +74,7 @@ def check_gloo(schedule: Schedule) -> None:
     """Channels in FIFO order, then every rank run: sends and receives are posted where they
     stand and never block; compute waits until the message it reads was sent."""
     _check_channel_order(schedule)
-    p = schedule.num_stages
+    p = schedule.num_ranks
     sent: set[tuple[int, _Message]] = set()  # (receiving rank, message)
     cursor = [0] * p
     progressed = True
@@ -153,7 +153,7 @@ class _NcclRun:
 
     def __init__(self, schedule: Schedule, per_pair: bool) -> None:
         self.schedule, self.per_pair = schedule, per_pair
-        self.cursor = [0] * schedule.num_stages
+        self.cursor = [0] * schedule.num_ranks
         self.queues: dict[tuple[int, int], deque[_Unit]] = {}
         self.received: set[tuple[int, _Message]] = set()  # (rank, message) whose receive completed
 
@@ -234,7 +234,7 @@ def check_nccl(schedule: Schedule, *, per_pair: bool = False) -> None:
     as torch does for lone ``isend``/``irecv`` on two-rank communicators.
     """
     run = _NcclRun(schedule, per_pair)
-    p = schedule.num_stages
+    p = schedule.num_ranks
     while True:
         moved = any([run.advance(rank) for rank in range(p)])
         matched = run.match()

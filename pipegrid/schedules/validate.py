@@ -40,11 +40,11 @@ def _fail(schedule: Schedule, rank: int, position: int | None, message: str,
 
 def validate(schedule: Schedule) -> None:
     """Raise ``ScheduleError`` pointing at the first problem; return quietly when sound."""
-    if len(schedule.streams) != schedule.num_stages:
+    if len(schedule.streams) != schedule.num_ranks:
         raise ScheduleError(
-            f"{schedule.name}: expected one stream per rank ({schedule.num_stages}), "
+            f"{schedule.name}: expected one stream per rank ({schedule.num_ranks}), "
             f"got {len(schedule.streams)}; build it with pipegrid.schedules.build")
-    for rank in range(schedule.num_stages):
+    for rank in range(schedule.num_ranks):
         _check_rank(schedule, rank)
     check_loss_messages(schedule)
     check_gloo(schedule)

@@ -1,5 +1,5 @@
 """Who talks to whom: the process grid (pure math), its torch.distributed groups,
-and the placement of the grid onto a cluster graph."""
+and the cluster graph the grid is placed onto (``topology.cluster``)."""
 
 from pipegrid.topology.grid import Coord, ProcessTopology, Topology
 

@@ -139,27 +139,27 @@ class Topology(ProcessTopology):
     def coord(self, rank: int) -> Coord:
         return super().coord(rank)  # type: ignore[return-value]
 
-    def stage_id(self, rank: int) -> int:
-        """The pipeline stage (pipe coordinate) of ``rank``."""
+    def pipe_rank(self, rank: int) -> int:
+        """The pipe rank (pipe coordinate) of global rank ``rank``."""
         return self.coord(rank).pipe
 
-    def is_first_stage(self, rank: int) -> bool:
-        return self.stage_id(rank) == 0
+    def is_first_in_pipe(self, rank: int) -> bool:
+        return self.pipe_rank(rank) == 0
 
-    def is_last_stage(self, rank: int) -> bool:
-        return self.stage_id(rank) == self.pipe - 1
+    def is_last_in_pipe(self, rank: int) -> bool:
+        return self.pipe_rank(rank) == self.pipe - 1
 
     def next_rank(self, rank: int) -> int | None:
-        """The rank holding the next stage at the same data/tensor coordinate (None on the last stage)."""
+        """The next pipe rank's global rank at the same data/tensor coordinate (None on the last)."""
         c = self.coord(rank)
         return None if c.pipe == self.pipe - 1 else self.rank(pipe=c.pipe + 1, data=c.data, tensor=c.tensor)
 
     def prev_rank(self, rank: int) -> int | None:
-        """The rank holding the previous stage at the same data/tensor coordinate (None on the first)."""
+        """The previous pipe rank's global rank at the same data/tensor coordinate (None on the first)."""
         c = self.coord(rank)
         return None if c.pipe == 0 else self.rank(pipe=c.pipe - 1, data=c.data, tensor=c.tensor)
 
-    def stage_rank(self, rank: int, stage: int) -> int:
-        """The rank that holds pipe stage ``stage`` on ``rank``'s data/tensor coordinate."""
+    def pipe_peer(self, rank: int, pipe_rank: int) -> int:
+        """The global rank at pipe rank ``pipe_rank`` on ``rank``'s data/tensor coordinate."""
         c = self.coord(rank)
-        return self.rank(pipe=stage, data=c.data, tensor=c.tensor)
+        return self.rank(pipe=pipe_rank, data=c.data, tensor=c.tensor)

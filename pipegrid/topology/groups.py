@@ -81,7 +81,8 @@ class ProcessGroups:
         return self.axis_group["tensor"]
 
     @property
-    def stage_id(self) -> int:
+    def pipe_rank(self) -> int:
+        """This rank's place along the pipe axis (0 runs the first model stage)."""
         return self.coord.pipe
 
     @property
@@ -92,9 +93,9 @@ class ProcessGroups:
     def prev_rank(self) -> int | None:
         return self.topology.prev_rank(self.rank)
 
-    def stage_rank(self, stage: int) -> int:
-        """Global rank of pipe stage ``stage`` at this rank's data/tensor coordinate."""
-        return self.topology.stage_rank(self.rank, stage)
+    def pipe_peer(self, pipe_rank: int) -> int:
+        """Global rank of pipe rank ``pipe_rank`` at this rank's data/tensor coordinate."""
+        return self.topology.pipe_peer(self.rank, pipe_rank)
 
     def __repr__(self) -> str:
         return (f"ProcessGroups(rank={self.rank}, coord={tuple(self.coord)}, "

@@ -115,7 +115,7 @@ def test_a_worker_killed_mid_step_ends_every_rank_and_the_launcher(tmp_path):
     assert proc.returncode != 0
     assert "WorkerError: rank 1 was killed by signal 9" in proc.stderr
     error = _survivor_errors(tmp_path, [0])[0]
-    assert error.startswith("PeerLostError: rank 0 (pipe stage 0) lost rank 1 (stage 1)"), error
+    assert error.startswith("PeerLostError: rank 0 (pipe rank 0) lost rank 1 (stage 1)"), error
 
 
 def test_a_worker_stopped_mid_step_ends_the_launcher_with_the_peer_named_last(tmp_path):
@@ -124,9 +124,9 @@ def test_a_worker_stopped_mid_step_ends_the_launcher_with_the_peer_named_last(tm
     proc = _kill_mid_step(tmp_path, pipe=2, data=1, victim=1, how="SIGSTOP")
     assert proc.returncode != 0
     error = _survivor_errors(tmp_path, [0], within_s=TIMEOUT_S + 2)[0]
-    assert error.startswith("PeerLostError: rank 0 (pipe stage 0) lost rank 1 (stage 1)"), error
+    assert error.startswith("PeerLostError: rank 0 (pipe rank 0) lost rank 1 (stage 1)"), error
     assert "WorkerError: rank 0 raised" in proc.stderr and "During handling" not in proc.stderr
-    assert re.match(r"\S*PeerLostError: rank 0 \(pipe stage 0\) lost rank 1 \(stage 1\)",
+    assert re.match(r"\S*PeerLostError: rank 0 \(pipe rank 0\) lost rank 1 \(stage 1\)",
                     proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
 
 
@@ -174,7 +174,7 @@ def test_a_lost_peer_is_the_last_error_a_process_prints(tmp_path, how):
     assert procs[0].returncode == 1, stderr[-3000:]
     assert "During handling of the above exception" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert re.search(r"pipegrid.pipe.executor.PeerLostError: rank 0 \(pipe stage 0\) lost rank 1 \(stage 1\)",
+    assert re.search(r"pipegrid.pipe.executor.PeerLostError: rank 0 \(pipe rank 0\) lost rank 1 \(stage 1\)",
                      last), last
     limit = TIMEOUT_S if how == "SIGKILL" else TIMEOUT_S + 2  # a stopped peer is found by the timeout
     assert noticed_at - killed_at < limit, f"noticed after {noticed_at - killed_at:.1f} s"
@@ -193,7 +193,7 @@ def test_a_worker_killed_mid_step_in_a_grid_ends_every_rank(killed_in_a_grid):
     assert proc.returncode != 0
     assert "WorkerError: rank 3 was killed by signal 9" in proc.stderr
     errors = _survivor_errors(out, [0, 1, 2])  # every survivor failed on its own, in time
-    assert errors[1].startswith("PeerLostError: rank 1 (pipe stage 0) lost rank 3 (stage 1)"), errors[1]
+    assert errors[1].startswith("PeerLostError: rank 1 (pipe rank 0) lost rank 3 (stage 1)"), errors[1]
 
 
 def test_a_data_parallel_peer_names_the_rank_it_lost(killed_in_a_grid):

@@ -17,7 +17,7 @@ def _groups_report():
     pipe_value = torch.tensor([10.0 ** rank])
     dist.all_reduce(pipe_value, group=groups.pipe_parallel_group)
     return {"data_sum": value.item(), "pipe_sum": pipe_value.item(), "next": groups.next_rank,
-            "prev": groups.prev_rank, "stage": groups.stage_id, "data": groups.axis_ranks["data"],
+            "prev": groups.prev_rank, "stage": groups.pipe_rank, "data": groups.axis_ranks["data"],
             "tensor_group": groups.tensor_parallel_group}
 
 

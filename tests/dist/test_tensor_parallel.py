@@ -14,8 +14,8 @@ from torch import nn
 import pipegrid as pg
 from examples.models.gpt import GPT, GPTConfig
 from pipegrid.launch import run_local
-from pipegrid.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      vocab_parallel_cross_entropy)
+from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                             vocab_parallel_cross_entropy)
 
 IN, OUT, VOCAB = 6, 8, 10
 

@@ -101,13 +101,14 @@ def test_gpt_loss_is_mean_token_cross_entropy():
 
 
 def test_tensor_parallel_layers_are_dense_without_torch_distributed():
-    from pipegrid.tensor_parallel import ColumnParallelLinear, RowParallelLinear, vocab_parallel_cross_entropy
+    from pipegrid.tensor import ColumnParallelLinear, RowParallelLinear, is_tensor_sharded, vocab_parallel_cross_entropy
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(4, 6)
     torch.manual_seed(0)
     column, row = ColumnParallelLinear(4, 6, gather_output=True), RowParallelLinear(4, 6, input_is_parallel=False)
-    assert torch.equal(column.weight, dense.weight) and column.weight.tensor_model_parallel
+    assert torch.equal(column.weight, dense.weight) and is_tensor_sharded(column.weight)
+    assert is_tensor_sharded(row.weight) and not is_tensor_sharded(row.bias)  # the bias is replicated
     x = torch.randn(2, 4)
     torch.testing.assert_close(column(x), dense(x))
     assert row.weight.shape == (6, 4) and row(x).shape == (2, 6)

@@ -43,10 +43,10 @@ def test_documented_examples():
 
 def test_pipeline_neighbours():
     topo = Topology(pipe=3, data=2, tensor=1)
-    assert [topo.stage_id(r) for r in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [topo.pipe_rank(r) for r in range(6)] == [0, 0, 1, 1, 2, 2]
     assert topo.next_rank(0) == 2 and topo.next_rank(3) == 5 and topo.next_rank(4) is None
     assert topo.prev_rank(5) == 3 and topo.prev_rank(1) is None
-    assert topo.is_first_stage(1) and topo.is_last_stage(5) and not topo.is_last_stage(2)
+    assert topo.is_first_in_pipe(1) and topo.is_last_in_pipe(5) and not topo.is_last_in_pipe(2)
 
 
 def test_filter_match_and_str():

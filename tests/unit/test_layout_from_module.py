@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import pipegrid as pg
 from pipegrid.conf.schema import ScheduleConfig, TopologyConfig, TrainConfig, to_train_config
-from pipegrid.pipe.layout import resolve_layout
+from pipegrid.pipe.module_grid import config_with_module_grid
 from tests.models import TinyGPT
 
 KINDS = ("dict", "DictConfig", "TrainConfig")
@@ -33,7 +33,7 @@ def _config(kind: str, topology: dict | None = None, **schedule) -> object:
 
 
 def _resolved(kind: str, model, groups=None, topology: dict | None = None, **schedule) -> TrainConfig:
-    return resolve_layout(to_train_config(_config(kind, topology, **schedule)), model, groups)
+    return config_with_module_grid(to_train_config(_config(kind, topology, **schedule)), model, groups)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_a_module_cut_by_num_stages_gives_only_pipe(kind):
 
 
 def test_the_groups_give_the_grid_too_and_must_agree_with_the_module():
-    groups = SimpleNamespace(topology=pg.Topology(pipe=2, data=2))  # all resolve_layout reads of them
+    groups = SimpleNamespace(topology=pg.Topology(pipe=2, data=2))  # all config_with_module_grid reads of them
     cfg = _resolved("dict", TinyGPT(3, num_stages=2, stage_id=0), groups, name="1f1b")
     assert (cfg.topology.pipe, cfg.topology.data) == (2, 2)
     with pytest.raises(ValueError, match=r"module's Topology\(pipe=2, data=1, tensor=1\) has data=1 but the "
@@ -98,7 +98,7 @@ def test_a_field_assigned_after_construction_counts_as_set(model):
     assert not cfg.is_set("topology.pipe") and cfg.topology.pipe == 1  # reads 1 until resolved
     cfg.topology.pipe = 3
     with pytest.raises(ValueError, match="config sets topology.pipe=3"):
-        resolve_layout(cfg, model)
+        config_with_module_grid(cfg, model)
 
 
 def test_a_hydra_app_composes_its_grid_and_may_leave_it_to_the_module():

@@ -264,7 +264,7 @@ def test_tied_copies_on_one_rank_of_a_v_share_one_parameter():
 
 
 def test_bad_placement_names_the_fix():
-    from pipegrid.pipe.layout import check_placement
+    from pipegrid.pipe.module_grid import check_schedule_runs_module
 
     with pytest.raises(ValueError, match="stage placement must be one of loop, v, got 'zigzag'"):
         PipelineModule(gpt_layers(), num_stages=2, stage_id=0, virtual_stages=2, stage_placement="zigzag")
@@ -272,12 +272,12 @@ def test_bad_placement_names_the_fix():
     with pytest.raises(ValueError, match=r"schedule.name='zb_v' runs model stages placed 'v' .* built with "
                                          r"stage_placement='loop'; build it with PipelineModule\(\.\.\., "
                                          r"virtual_stages=2, stage_placement='v'\)"):
-        check_placement("zb_v", loop)
+        check_schedule_runs_module("zb_v", loop)
     single = PipelineModule(gpt_layers(), num_stages=2, stage_id=0)
     with pytest.raises(ValueError, match=r"virtual_stages=1 chunks per pipe rank, which schedule.name=.* runs, got "
                                          r"'dualpipev'; .* build the module with virtual_stages=2, stage_placement='v'"):
-        check_placement("dualpipev", single)
-    check_placement("interleaved_1f1b", loop)  # what the loop is for
+        check_schedule_runs_module("dualpipev", single)
+    check_schedule_runs_module("interleaved_1f1b", loop)  # what the loop is for
 
 
 def test_topology_sets_stages_and_describe_marks_local():

@@ -8,7 +8,7 @@ import networkx as nx
 import pytest
 
 from pipegrid.topology.grid import ProcessTopology, Topology
-from pipegrid.topology.placement import Cluster, communication_cost, default_mapping, place
+from pipegrid.topology.cluster import Cluster, communication_cost, default_mapping, place
 
 SHAPES = [(2, 2, 2), (4, 2, 8), (2, 4, 4), (8, 1, 8)]
 CLUSTERS = [(2, 4), (2, 8), (4, 4), (4, 6), (8, 4), (8, 6), (8, 8)]

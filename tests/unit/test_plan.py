@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipegrid.plan import (
-    REPORT_KEYS, ClusterSpec, DeviceSpec, LayerCost, Layout, OptimizerSpec, TransformerConfig,
+    REPORT_KEYS, Candidate, ClusterSpec, DeviceSpec, LayerCost, OptimizerSpec, TransformerConfig,
     explain, megatron_flops_per_step, memory_report, model_from_dict, predict, predict_transformer,
     ring_allreduce_s, search, simulate_step, split_chunks, Link,
 )
@@ -16,8 +16,8 @@ from pipegrid.schedules import build, simulate
 
 A100 = DeviceSpec(peak_flops=312e12, memory_bytes=80 * 2 ** 30, memory_bandwidth=2039e9)
 GPT_1T = TransformerConfig("gpt_1t", 128, 25600, 160, 2048, 51200, 3072, "float16", True)
-PUBLISHED_1T = Layout(pipe=64, data=6, tensor=8, schedule="interleaved_1f1b", virtual_stages=2,
-                      micro_batch_size=1)
+PUBLISHED_1T = Candidate(pipe=64, data=6, tensor=8, schedule="interleaved_1f1b", virtual_stages=2,
+                         micro_batch_size=1)
 
 
 def _dgx(hosts: int) -> ClusterSpec:
@@ -71,7 +71,7 @@ def test_the_v_schedules_closed_form_matches_the_simulator(name: str) -> None:
 def test_the_search_proposes_the_v_schedules_with_two_chunks() -> None:
     from pipegrid.plan.search import SearchSpace, candidates
 
-    found = {(layout.schedule, layout.virtual_stages) for layout in candidates(GPT_1T, _dgx(64), SearchSpace())}
+    found = {(c.schedule, c.virtual_stages) for c in candidates(GPT_1T, _dgx(64), SearchSpace())}
     assert {("zb_v", 2), ("dualpipev", 2), ("zb_h1", 1), ("interleaved_1f1b", 4)} <= found
     assert not {(name, v) for name, v in found if name in ("zb_v", "dualpipev") and v != 2}
 
@@ -108,7 +108,7 @@ def test_small_model_memory_prediction() -> None:
     layers = [LayerCost("Block", 1000, forward_s=1e-3, backward_s=2e-3, activation_bytes=400,
                         checkpoint_bytes=100, output_bytes=100) for _ in range(8)]
     cluster = ClusterSpec("cpu", 1, 4, DeviceSpec(1e11, 2 ** 30, 1e10), 5.0, 5.0)
-    pred = predict(layers, Layout(pipe=2, data=2, zero=True), cluster, micro_batches=4)
+    pred = predict(layers, Candidate(pipe=2, data=2, zero=True), cluster, micro_batches=4)
     report = memory_report(4000, OptimizerSpec(), data=2, zero=True)
     assert {k: pred.memory[k] for k in REPORT_KEYS} == report
     assert pred.memory["activations"] == 2 * 4 * 400  # stage 0 of 1F1B: min(m, p) micro-batches
@@ -118,7 +118,7 @@ def test_small_model_memory_prediction() -> None:
 def test_measured_profile_prediction_is_the_simulated_makespan() -> None:
     layers = [LayerCost("Block", 10, forward_s=1.0, backward_s=2.0) for _ in range(4)]
     cluster = ClusterSpec("cpu", 1, 2, DeviceSpec(1e11, 2 ** 30, 1e10), 5.0, 5.0, 0.0, 0.0)
-    pred = predict(layers, Layout(pipe=2), cluster, micro_batches=4)
+    pred = predict(layers, Candidate(pipe=2), cluster, micro_batches=4)
     assert pred.pipeline_s == pytest.approx((4 + 2 - 1) * 6.0, rel=1e-6)  # (m + p - 1)(F + B)
 
 
@@ -140,15 +140,15 @@ def test_published_1t_within_15_percent(published_1t) -> None:
 ])
 def test_table1_smaller_models(layers, hidden, heads, t, p, gpus, batch, b, published) -> None:
     cfg = TransformerConfig("row", layers, hidden, heads, 2048, 51200, batch, "float16", True)
-    layout = Layout(pipe=p, data=gpus // (t * p), tensor=t, micro_batch_size=b,
-                    schedule="interleaved_1f1b" if p > 1 else "1f1b", virtual_stages=2 if p > 1 else 1)
+    layout = Candidate(pipe=p, data=gpus // (t * p), tensor=t, micro_batch_size=b,
+                       schedule="interleaved_1f1b" if p > 1 else "1f1b", virtual_stages=2 if p > 1 else 1)
     assert predict_transformer(cfg, layout, _dgx(gpus // 8)).hfu == pytest.approx(published, rel=0.15)
 
 
 def test_search_ranks_published_1t_or_explains(published_1t) -> None:
     ranked = search(GPT_1T, _dgx(384), top=3)
     assert ranked == sorted(ranked, key=lambda pr: pr.step_s) and all(pr.fits for pr in ranked)
-    if PUBLISHED_1T not in [pr.layout for pr in ranked]:
+    if PUBLISHED_1T not in [pr.candidate for pr in ranked]:
         for pr in ranked:
             assert pr.step_s < published_1t.step_s
             assert "beats" in explain(pr, published_1t)

@@ -89,7 +89,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_prints_table_and_bubble_and_writes_files(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png, trace = tmp_path / "out.png", tmp_path / "out.json"
-    run = _cli("1f1b", "--stages", "4", "--micro-batches", "8", "--png", str(png),
+    run = _cli("1f1b", "--ranks", "4", "--micro-batches", "8", "--png", str(png),
                "--trace", str(trace))
     assert run.returncode == 0, run.stderr
     assert "rank 3 |" in run.stdout

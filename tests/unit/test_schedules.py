@@ -156,13 +156,13 @@ def test_channels_are_fifo_for_two_ranks_interleaved() -> None:
 # --- refusals and broken streams -------------------------------------------------------
 
 @pytest.mark.parametrize("args, match", [
-    (("1f1b", 0, 4), "num_stages must be >= 1"),
+    (("1f1b", 0, 4), "num_ranks must be >= 1"),
     (("1f1b", 2, 0), "micro_batches must be >= 1"),
     (("gpipe", 2, 4, 2), "virtual_stages=1 or use a schedule that runs 2 chunks per rank \\('interleaved_1f1b', "
                          "'zb_v', 'dualpipev'\\)"),
     (("zb_v", 2, 4, 1), "zb_v runs 2 model chunks per rank, got virtual_stages=1; set virtual_stages=2 and build "
                         "the PipelineModule with virtual_stages=2, stage_placement='v'"),
-    (("dualpipev", 3, 5, 2), "dualpipev needs at least 2 \\* num_stages = 6 micro-batches .* set micro_batches=6"),
+    (("dualpipev", 3, 5, 2), "dualpipev needs at least 2 \\* num_ranks = 6 micro-batches .* set micro_batches=6"),
     (("interleaved_1f1b", 4, 6, 2), "set micro_batches=8"),
     (("nope", 2, 4), "choose one of"),
 ])
@@ -175,7 +175,7 @@ def test_refused_combinations_say_what_to_change(args: tuple, match: str) -> Non
 def test_interleaved_refuses_in_its_own_words_and_names_coalesce_only_when_set() -> None:
     with pytest.raises(ScheduleError) as info:
         build("interleaved_1f1b", 4, 6, 2)
-    assert "interleaved_1f1b needs micro_batches to be a multiple of num_stages" in str(info.value)
+    assert "interleaved_1f1b needs micro_batches to be a multiple of num_ranks" in str(info.value)
     assert "coalesce" not in str(info.value)  # the user never set it
     with pytest.raises(ScheduleError, match=r"with coalesce=2 needs micro_batches/coalesce .* got 12/2=6"):
         build("interleaved_1f1b", 4, 12, 2, coalesce=2)

@@ -78,7 +78,7 @@ def test_groups_win_when_messages_cost_more_than_compute() -> None:
 @pytest.mark.parametrize("args,match", [
     (("1f1b", 2, 6, 1, 4), "micro_batches=6 is not a multiple of coalesce=4"),
     (("1f1b", 2, 6, 1, 0), "coalesce must be >= 1"),
-    (("interleaved_1f1b", 2, 8, 2, 8), r"micro_batches/coalesce to be a multiple of num_stages=2.*set micro_batches=16"),
+    (("interleaved_1f1b", 2, 8, 2, 8), r"micro_batches/coalesce to be a multiple of num_ranks=2.*set micro_batches=16"),
 ])
 def test_refused_groupings_say_what_to_change(args: tuple, match: str) -> None:
     name, p, m, v, k = args

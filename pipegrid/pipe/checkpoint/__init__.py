@@ -1,7 +1,7 @@
 """Checkpoints: one weights file per layer (by global index), optimizer shards, a manifest.
 
 Weights are keyed by layer and optimizer state by parameter (``<layer>/<name>`` and the
-element range each shard file holds, listed in the manifest), whatever stage or ZeRO-1
+element range each shard file holds, listed in the manifest), whatever pipe rank or ZeRO-1
 shard held them, so a checkpoint written at one pipe x data degree, ZeRO on or off,
 resumes at any other (same tensor degree): each rank reslices what its own parameters
 need. Every save goes to a temporary directory that is renamed into place once all

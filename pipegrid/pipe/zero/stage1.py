@@ -29,7 +29,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 class ZeroOptimizer:
     """ZeRO-1: optimizer state and fp32 master weights sharded evenly over the data group.
 
-    The stage's parameters and gradients become views into two flat buffers (as
+    This rank's parameters (all its chunks) and gradients become views into two flat buffers (as
     DDP's ``gradient_as_bucket_view``), so reduce-scatter reads the gradients where
     autograd wrote them and all-gather writes the parameters where the model reads
     them. In float32 the master shard *is* this rank's slice of the parameters;
@@ -46,7 +46,8 @@ class ZeroOptimizer:
         device = params[0].device if params else torch.device("cpu")
         dtype = params[0].dtype if params else torch.float32
         if any(p.dtype != dtype for p in params):
-            raise TypeError(f"ZeRO-1 needs one parameter dtype per stage, got {sorted({str(p.dtype) for p in params})}")
+            raise TypeError(f"ZeRO-1 needs one parameter dtype per pipe rank, got "
+                            f"{sorted({str(p.dtype) for p in params})}")
         self.layout = kernels.FlatLayout.from_tensors(params)
         self.shard_size = -(-self.layout.total // data_size)  # padded: every rank owns an equal shard
         self.low_precision = dtype != torch.float32 and dtype != torch.float64

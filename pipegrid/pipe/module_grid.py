@@ -1,4 +1,4 @@
-"""The run's layout from the module: ``initialize`` takes the grid (``topology``) and
+"""The module's grid: ``initialize`` takes the grid (``topology``) and
 ``schedule.virtual_stages`` from the PipelineModule, and from the process groups when it
 is given them, wherever the config leaves them unset; the grid is said once.
 """
@@ -12,7 +12,7 @@ from pipegrid.conf.schema import TopologyConfig, TrainConfig
 from pipegrid.schedules import registry
 from pipegrid.topology.groups import ProcessGroups
 
-__all__ = ["check_placement", "resolve_layout"]
+__all__ = ["check_schedule_runs_module", "config_with_module_grid"]
 
 _AXES = ("pipe", "data", "tensor")
 
@@ -32,7 +32,7 @@ def _module_grid(module: Any, groups: ProcessGroups | None) -> dict[str, tuple[i
     return grid
 
 
-def resolve_layout(cfg: TrainConfig, module: Any, groups: ProcessGroups | None = None) -> TrainConfig:
+def config_with_module_grid(cfg: TrainConfig, module: Any, groups: ProcessGroups | None = None) -> TrainConfig:
     """``cfg`` with ``topology`` and ``schedule.virtual_stages`` taken from the module (and
     ``groups``) wherever the config leaves them unset, so the grid is said once.
 
@@ -57,12 +57,12 @@ def resolve_layout(cfg: TrainConfig, module: Any, groups: ProcessGroups | None =
         raise ValueError(f"the module was cut into virtual_stages={chunks} chunks per pipe rank but the config "
                          f"sets schedule.virtual_stages={sched.virtual_stages}; leave it out of the config or build "
                          f"the module with virtual_stages={sched.virtual_stages}")
-    check_placement(sched.name, module)
+    check_schedule_runs_module(sched.name, module)
     return dataclasses.replace(cfg, topology=TopologyConfig(**sizes),
                                schedule=dataclasses.replace(sched, virtual_stages=chunks))
 
 
-def check_placement(schedule: str, module: Any) -> None:
+def check_schedule_runs_module(schedule: str, module: Any) -> None:
     """Refuse a module whose chunk count or stage placement the schedule does not run, naming the fix."""
     spec, chunks, placed = registry.get(schedule), module.virtual_stages, module.placement.kind
     if not spec.accepts_chunks(chunks):

@@ -1,4 +1,4 @@
-"""Placement: map the process grid onto a cluster graph (hosts, devices, links).
+"""The cluster graph (hosts, devices, links) and the placement of the process grid onto it.
 
 Pure networkx/numpy (no torch), so a planner can ask it for link bandwidths and latencies.
 """
@@ -271,7 +271,7 @@ def communication_cost(topology: ProcessTopology, cluster: Cluster, mapping: Dev
 
     Model: every group of ``topology.axis_groups(axis)`` is a ring (member k sends to member
     k+1 and the last back to the first; a 2-member ring crosses its link twice), except the
-    ``pipe`` axis, a chain of consecutive stages. A hop between ranks on devices a, b costs
+    ``pipe`` axis, a chain of consecutive pipe ranks. A hop between ranks on devices a, b costs
     ``latency(a, b) + message_bytes / bandwidth(a, b)`` from ``cluster.link``, and
     ``cost = sum over axes of weights[axis] * sum of its hop costs``. Weights are relative
     traffic volumes: tensor (per-layer collectives) 100, data (per-step gradients) 10,

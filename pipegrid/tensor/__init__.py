@@ -1,0 +1,25 @@
+"""Tensor parallelism (Megatron-LM style): layers split across a tensor-parallel group,
+the mappings between replicated and split activations, and a vocab-parallel loss.
+
+Every layer and mapping takes ``group``: pass ``groups.tensor_parallel_group``;
+``None`` (or a one-rank group) means dense. See :mod:`pipegrid.tensor.mappings`.
+"""
+
+from pipegrid.tensor.cross_entropy import vocab_parallel_cross_entropy
+from pipegrid.tensor.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_tensor_sharded
+from pipegrid.tensor.mappings import (copy_to_region, gather_from_region, reduce_from_region, split_to_region,
+                                      tensor_parallel_rank, tensor_parallel_size)
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "copy_to_region",
+    "gather_from_region",
+    "is_tensor_sharded",
+    "reduce_from_region",
+    "split_to_region",
+    "tensor_parallel_rank",
+    "tensor_parallel_size",
+    "vocab_parallel_cross_entropy",
+]

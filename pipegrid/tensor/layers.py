@@ -1,0 +1,155 @@
+"""Tensor-parallel layers (Megatron-LM style): linear layers split by output or input
+features and a vocab-split embedding, each taking ``group`` (see :mod:`.mappings`).
+
+A sharded layer starts as this rank's slice of the dense layer's initialisation
+under the current RNG, so tensor=2 and tensor=1 start identical. The full dense
+layer is built transiently on every rank for that (as Megatron's CPU init does).
+
+Sharded parameters carry ``tensor_model_parallel = True`` and ``partition_dim``
+(Megatron's names); :func:`is_tensor_sharded` is how the rest of pipegrid asks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipegrid.tensor.mappings import (Group, _active, _shard_size, copy_to_region, gather_from_region,
+                                      reduce_from_region, split_to_region, tensor_parallel_rank,
+                                      tensor_parallel_size)
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "is_tensor_sharded",
+]
+
+
+def _shard_parameter(full: torch.Tensor, dim: int, rank: int, parts: int) -> nn.Parameter:
+    size = full.shape[dim] // parts
+    param = nn.Parameter(full.detach().narrow(dim, rank * size, size).clone())
+    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+    param.partition_dim = dim  # type: ignore[attr-defined]
+    return param
+
+
+def is_tensor_sharded(param: torch.Tensor) -> bool:
+    """True for a parameter split across the tensor-parallel group (each rank holds a slice).
+
+    A gradient norm counts such a parameter on every tensor rank and every other
+    (replicated) one on a single rank. Recognises this package's layers and any
+    layer marked with Megatron's ``tensor_model_parallel = True``.
+    """
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def _check_dense(dense: nn.Module, expected: type, shape: tuple[int, int], has_bias: bool) -> None:
+    if not isinstance(dense, expected):
+        raise TypeError(f"init_from must be an {expected.__name__}, got {type(dense).__name__}")
+    if tuple(dense.weight.shape) != shape or (getattr(dense, "bias", None) is not None) != has_bias:
+        raise ValueError(f"init_from has weight {tuple(dense.weight.shape)} (bias: "
+                         f"{getattr(dense, 'bias', None) is not None}) but this layer needs weight "
+                         f"{shape} (bias: {has_bias}); pass a dense layer of the same sizes")
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x A^T + b`` with A's rows (output features) split across the group.
+
+    The input is replicated on every rank; each rank computes its slice of the
+    output features (``gather_output=True`` concatenates them). ``init_from``: the
+    dense ``nn.Linear`` to take this rank's shard of (default: a fresh one, drawn from
+    the current RNG).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 gather_output: bool = False, group: Group = None, *,
+                 init_from: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.group = group
+        parts, rank = tensor_parallel_size(group), tensor_parallel_rank(group)
+        self.in_features, self.out_features = in_features, out_features
+        self.out_features_per_rank = _shard_size(out_features, parts, "out_features")
+        self.gather_output = gather_output
+        dense = nn.Linear(in_features, out_features, bias=bias) if init_from is None else init_from
+        _check_dense(dense, nn.Linear, (out_features, in_features), bias)
+        self.weight = _shard_parameter(dense.weight, 0, rank, parts)  # (out / parts, in)
+        self.bias = _shard_parameter(dense.bias, 0, rank, parts) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_region(x, self.group), self.weight, self.bias)  # (..., out / parts)
+        return gather_from_region(y, self.group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"({self.out_features_per_rank} per rank), bias={self.bias is not None}, "
+                f"gather_output={self.gather_output}")
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x A^T + b`` with A's columns (input features) split across the group.
+
+    Each rank multiplies its slice of the input features (already split when
+    ``input_is_parallel``, e.g. a ColumnParallelLinear's output) and the partial
+    outputs are all-reduced; the bias is replicated and added once, after the sum.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 input_is_parallel: bool = True, group: Group = None, *,
+                 init_from: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.group = group
+        parts, rank = tensor_parallel_size(group), tensor_parallel_rank(group)
+        self.in_features, self.out_features = in_features, out_features
+        self.in_features_per_rank = _shard_size(in_features, parts, "in_features")
+        self.input_is_parallel = input_is_parallel
+        dense = nn.Linear(in_features, out_features, bias=bias) if init_from is None else init_from
+        _check_dense(dense, nn.Linear, (out_features, in_features), bias)
+        self.weight = _shard_parameter(dense.weight, 1, rank, parts)  # (out, in / parts)
+        self.bias = nn.Parameter(dense.bias.detach().clone()) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = split_to_region(x, self.group)  # (..., in / parts)
+        y = reduce_from_region(F.linear(x, self.weight), self.group)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} ({self.in_features_per_rank} per rank), "
+                f"out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding whose rows (the vocabulary) are split across the group.
+
+    Rank r holds ids ``[r * V/p, (r + 1) * V/p)``; ids outside its slice look up
+    zeros and the all-reduce of the outputs fills them in. A tied output head that
+    uses ``weight`` gets the same vocab slice, so the tie holds per tensor rank.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: Group = None, *,
+                 init_from: nn.Embedding | None = None) -> None:
+        super().__init__()
+        self.group = group
+        parts, rank = tensor_parallel_size(group), tensor_parallel_rank(group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings_per_rank = _shard_size(num_embeddings, parts, "num_embeddings (vocab)")
+        self.vocab_start = rank * self.num_embeddings_per_rank
+        dense = nn.Embedding(num_embeddings, embedding_dim) if init_from is None else init_from
+        _check_dense(dense, nn.Embedding, (num_embeddings, embedding_dim), False)
+        self.weight = _shard_parameter(dense.weight, 0, rank, parts)  # (V / parts, C)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if _active(self.group) is None:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings_per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (..., C)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_region(out, self.group)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings} ({self.num_embeddings_per_rank} per rank, from "
+                f"{self.vocab_start}), {self.embedding_dim}")
