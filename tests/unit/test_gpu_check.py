@@ -3,6 +3,7 @@ is written, a failed step is named with its last words, missing wheels name the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,8 +14,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_report  # noqa: E402
+# loaded by path: benchmarks/ on sys.path would hide packages named like its scripts
+# (benchmarks/kernels.py shadows the `kernels` package that transformers imports)
+_spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "benchmarks" / "gpu_report.py")
+gpu_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_report)
 
 STEPS = ["environment", "gpu_tests", "kernels", "engine", "gpt"]
 
