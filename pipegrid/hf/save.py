@@ -22,8 +22,8 @@ from pipegrid.hf.model import HFCausalLM
 from pipegrid.hf.weights import INDEX_FILE, stored_layout
 
 
-def shard_name(pipe_rank: int, num_stages: int) -> str:
-    return f"model-{pipe_rank + 1:05d}-of-{num_stages:05d}.safetensors"
+def shard_name(pipe_rank: int, pipe: int) -> str:
+    return f"model-{pipe_rank + 1:05d}-of-{pipe:05d}.safetensors"
 
 
 def _barrier() -> None:
@@ -47,7 +47,7 @@ def _index(module: HFCausalLM, dtype: torch.dtype) -> dict[str, Any]:
     for rank, keys in module.hf_shard_keys().items():
         shapes = {key: torch.empty(shape, device="meta") for key, shape in keys}
         for key, tensor in stored_layout(module.skeleton.shell, shapes).items():
-            weight_map[key] = shard_name(rank, module.num_stages)
+            weight_map[key] = shard_name(rank, module.pipe)
             total += tensor.numel() * dtype.itemsize
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 
@@ -81,7 +81,7 @@ def _layout(target: Any) -> tuple[HFCausalLM, int, int, bool, torch.dtype]:
     or for a one-process model (all stages here, no other process)."""
     if isinstance(target, HFCausalLM):
         alone = not dist.is_initialized() or dist.get_world_size() == 1
-        if target.num_stages != 1 or not alone:
+        if target.pipe != 1 or not alone:
             raise TypeError("hf.save_pretrained(model, ...) takes a model only when one process holds all of it; "
                             "pass the engine (pg.initialize's result) to save a pipeline")
         return target, 0, 0, True, next(target.parameters()).dtype
@@ -102,7 +102,7 @@ def save_pretrained(engine: Any, out_dir: str, *, tokenizer: Any = None) -> str:
     Weights are saved in the engine's compute dtype (``precision.dtype``), the tied
     embedding once, under the names transformers' own save_pretrained uses. ``tokenizer``
     (anything with ``save_pretrained``) is saved with them. A model that one process
-    holds whole (``num_stages=1``) may be passed instead of an engine.
+    holds whole (``pipe=1``) may be passed instead of an engine.
     """
     module, rank, pipe_rank, writes, dtype = _layout(engine)
     out_dir = os.path.abspath(out_dir)
@@ -115,7 +115,7 @@ def save_pretrained(engine: Any, out_dir: str, *, tokenizer: Any = None) -> str:
     _barrier()
     if writes:
         tensors = _detached(stored_layout(module.skeleton.shell, module.hf_state_dict()))
-        save_file(tensors, os.path.join(tmp, shard_name(pipe_rank, module.num_stages)), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, shard_name(pipe_rank, module.pipe)), metadata={"format": "pt"})
     _barrier()
     if rank == 0:
         _write_metadata(module, tmp, dtype, tokenizer)
