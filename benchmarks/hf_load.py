@@ -55,7 +55,7 @@ def _worker(directory: str, loader: str, pipe: int, stage: int) -> None:
         model = AutoModelForCausalLM.from_pretrained(directory)
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     else:
-        model = hf.from_pretrained(directory, num_stages=pipe, stage_id=stage)
+        model = hf.from_pretrained(directory, pipe=pipe, pipe_rank=stage)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
     seconds = time.perf_counter() - start
     peak = _status_mib("VmHWM")

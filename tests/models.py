@@ -5,7 +5,7 @@ Both are lists of layers for ``PipelineModule`` (vocab 16, hidden 8 by default),
 any test can build a pipeline of them or a one-process reference with the same specs::
 
     layers = gpt_layers()
-    stage = PipelineModule(layers, loss_fn=cross_entropy, num_stages=2, stage_id=1)
+    stage = PipelineModule(layers, loss_fn=cross_entropy, pipe=2, pipe_rank=1)
     ref = build_reference(layers, loss_fn=cross_entropy)
     batches = gpt_batches(num_micro_batches=4)          # [(ids, labels), ...]
 """

@@ -89,7 +89,7 @@ class HFCausalLM(PipelineModule):
     def writes_tied_embedding(self) -> bool:
         """The first pipe rank holding the tied embedding stores it (once, as transformers does)."""
         owners = self.tied_pipe_ranks().get(TIED_KEY)
-        return bool(owners) and min(owners) == self.stage_id
+        return bool(owners) and min(owners) == self.pipe_rank
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """This process's tensors under their transformers names, each stored once in the model."""
@@ -104,7 +104,7 @@ class HFCausalLM(PipelineModule):
 
     def hf_shard_keys(self) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
         """pipe rank -> (key, shape) of the tensors it stores: every rank's, from the skeleton alone."""
-        shards: dict[int, list[tuple[str, tuple[int, ...]]]] = {r: [] for r in range(self.num_stages)}
+        shards: dict[int, list[tuple[str, tuple[int, ...]]]] = {r: [] for r in range(self.pipe)}
         seen: set[str] = set()
         for index, spec in enumerate(self.layer_specs):
             owner = self.pipe_rank_of(self.layer_owner(index))
@@ -153,7 +153,7 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
     ``dtype`` is what the weights are held in until the engine casts them (None: torch's
     default, as in transformers; "auto": config.json's). ``pp_plan`` overrides the
     config's ``base_model_pp_plan``. Other keywords go to :class:`PipelineModule`
-    (``virtual_stages``, ``num_stages``/``stage_id`` without a topology, ...).
+    (``virtual_stages``, ``pipe``/``pipe_rank`` without a topology, ...).
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -23,8 +23,8 @@ from pipegrid.hf.weights import INDEX_FILE, stored_layout
 from pipegrid.pipe.engine import PipelineEngine
 
 
-def shard_name(pipe_rank: int, num_stages: int) -> str:
-    return f"model-{pipe_rank + 1:05d}-of-{num_stages:05d}.safetensors"
+def shard_name(pipe_rank: int, pipe: int) -> str:
+    return f"model-{pipe_rank + 1:05d}-of-{pipe:05d}.safetensors"
 
 
 def _barrier() -> None:
@@ -48,7 +48,7 @@ def _index(module: HFCausalLM, dtype: torch.dtype) -> dict[str, Any]:
     for rank, keys in module.hf_shard_keys().items():
         shapes = {key: torch.empty(shape, device="meta") for key, shape in keys}
         for key, tensor in stored_layout(module.skeleton.shell, shapes).items():
-            weight_map[key] = shard_name(rank, module.num_stages)
+            weight_map[key] = shard_name(rank, module.pipe)
             total += tensor.numel() * dtype.itemsize
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 
@@ -82,7 +82,7 @@ def _layout(target: PipelineEngine | HFCausalLM) -> tuple[HFCausalLM, int, int, 
     or for a one-process model (all stages here, no other process)."""
     if isinstance(target, HFCausalLM):
         alone = not dist.is_initialized() or dist.get_world_size() == 1
-        if target.num_stages != 1 or not alone:
+        if target.pipe != 1 or not alone:
             raise TypeError("hf.save_pretrained(model, ...) takes a model only when one process holds all of it; "
                             "pass the engine (pg.initialize's result) to save a pipeline")
         return target, 0, 0, True, next(target.parameters()).dtype
@@ -103,7 +103,7 @@ def save_pretrained(engine: PipelineEngine | HFCausalLM, out_dir: str, *, tokeni
     Weights are saved in the engine's compute dtype (``precision.dtype``), the tied
     embedding once, under the names transformers' own save_pretrained uses. ``tokenizer``
     (anything with ``save_pretrained``) is saved with them. A model that one process
-    holds whole (``num_stages=1``) may be passed instead of an engine.
+    holds whole (``pipe=1``) may be passed instead of an engine.
     """
     module, rank, pipe_rank, writes, dtype = _layout(engine)
     out_dir = os.path.abspath(out_dir)
@@ -116,7 +116,7 @@ def save_pretrained(engine: PipelineEngine | HFCausalLM, out_dir: str, *, tokeni
     _barrier()
     if writes:
         tensors = _detached(stored_layout(module.skeleton.shell, module.hf_state_dict()))
-        save_file(tensors, os.path.join(tmp, shard_name(pipe_rank, module.num_stages)), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, shard_name(pipe_rank, module.pipe)), metadata={"format": "pt"})
     _barrier()
     if rank == 0:
         _write_metadata(module, tmp, dtype, tokenizer)

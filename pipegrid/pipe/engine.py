@@ -214,15 +214,15 @@ class PipelineEngine:
     # --- set-up ------------------------------------------------------------
     def _check_module(self, module: torch.nn.Module) -> None:
         """What only the joined rank can check (initialize() checked the rest before any group)."""
-        if (module.num_stages, module.virtual_stages) != (self.topology.pipe, self.config.schedule.virtual_stages):
-            raise ValueError(f"the module was cut into num_stages={module.num_stages} x virtual_stages="
+        if (module.pipe, module.virtual_stages) != (self.topology.pipe, self.config.schedule.virtual_stages):
+            raise ValueError(f"the module was cut into pipe={module.pipe} x virtual_stages="
                              f"{module.virtual_stages} but the engine runs pipe={self.topology.pipe} x "
                              f"virtual_stages={self.config.schedule.virtual_stages}; use pipegrid.initialize(), "
                              "which takes the layout from the module")
         check_schedule_runs_module(self.config.schedule.name, module)
-        if module.stage_id != self.pipe_rank:
+        if module.pipe_rank != self.pipe_rank:
             raise ValueError(f"rank {self.groups.rank} is pipe rank {self.pipe_rank} but its module holds "
-                             f"stage {module.stage_id}; build the module after torch.distributed is "
+                             f"pipe rank {module.pipe_rank}; build the module after torch.distributed is "
                              "initialised, or pass topology= so it finds its pipe rank from RANK")
 
     def _device(self) -> torch.device:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["PipelineModule", "StageChunk", "build_reference", "profile_layer_costs"]  # (the last two re-exported)
 
 Layer = LayerSpec | nn.Module | Callable[..., Any]
-_LAYOUT_ONLY = ("topology", "num_stages", "stage_id", "virtual_stages", "stage_placement", "partition_method",
+_LAYOUT_ONLY = ("topology", "pipe", "pipe_rank", "virtual_stages", "stage_placement", "partition_method",
                 "partition_costs", "profile_input")
 
 
@@ -80,20 +80,20 @@ def _check_layers(layers: Sequence[Layer]) -> tuple[Layer, ...]:
     return layers
 
 
-def _pipe_size(topology: Topology | None, num_stages: int | None) -> int:
+def _pipe_size(topology: Topology | None, pipe: int | None) -> int:
     if topology is not None:
-        if num_stages is not None and num_stages != topology.pipe:
-            raise ValueError(f"num_stages={num_stages} disagrees with topology.pipe="
+        if pipe is not None and pipe != topology.pipe:
+            raise ValueError(f"pipe={pipe} disagrees with topology.pipe="
                              f"{topology.pipe}; pass one of them, not both")
         return topology.pipe
-    stages = 1 if num_stages is None else num_stages
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
-    return stages
+    size = 1 if pipe is None else pipe
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"pipe must be an int >= 1 (the pipe ranks), got {pipe!r}")
+    return size
 
 
-def _own_stage_id(topology: Topology | None, pipe: int, stage_id: int | None) -> int:
-    if stage_id is None:
+def _own_pipe_rank(topology: Topology | None, pipe: int, pipe_rank: int | None) -> int:
+    if pipe_rank is None:
         if dist.is_available() and dist.is_initialized():
             rank, world = dist.get_rank(), dist.get_world_size()
         elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, before initialize()
@@ -103,19 +103,20 @@ def _own_stage_id(topology: Topology | None, pipe: int, stage_id: int | None) ->
         if topology is not None:
             return topology.pipe_rank(rank)
         if world % pipe:
-            raise ValueError(f"cannot place {pipe} stages on {world} processes; pass "
-                             f"topology=Topology(pipe=..., data=...) or stage_id=")
+            raise ValueError(f"cannot place {pipe} pipe ranks on {world} processes; pass "
+                             f"topology=Topology(pipe=..., data=...) or pipe_rank=")
         return rank // (world // pipe)  # pipe is the slowest-varying axis
-    if isinstance(stage_id, bool) or not isinstance(stage_id, int) or not 0 <= stage_id < pipe:
-        raise ValueError(f"stage_id must be an int in [0, {pipe}) (the pipe rank), got "
-                         f"{stage_id!r}")
-    return stage_id
+    if isinstance(pipe_rank, bool) or not isinstance(pipe_rank, int) or not 0 <= pipe_rank < pipe:
+        raise ValueError(f"pipe_rank must be an int in [0, {pipe}), got {pipe_rank!r}")
+    return pipe_rank
 
 
 class PipelineModule(nn.Module):
     """A model given as a list of layers, of which this process builds only its stages.
 
-    Model stages number ``num_stages * virtual_stages``; ``stage_placement`` says which
+    ``pipe`` pipe ranks (or ``topology.pipe``) hold ``virtual_stages`` chunks each; this
+    process is pipe rank ``pipe_rank`` (default: from ``topology`` and the process's rank).
+    Model stages number ``pipe * virtual_stages``; ``stage_placement`` says which
     pipe rank holds each (``self.placement``): ``"loop"`` gives rank r stages ``r, r + p,
     ...``, ``"v"`` (for zb_v and dualpipev, 2 chunks) stages ``r`` and ``2p-1-r``. This
     rank's are ``stage_ids``, each a ``StageChunk`` in ``self.stages``.
@@ -125,8 +126,8 @@ class PipelineModule(nn.Module):
     """
 
     def __init__(self, layers: Sequence[Layer], loss_fn: Callable[..., torch.Tensor] | None = None,
-                 topology: Topology | None = None, num_stages: int | None = None,
-                 stage_id: int | None = None, partition_method: str | Sequence[float] = "parameters",
+                 topology: Topology | None = None, pipe: int | None = None,
+                 pipe_rank: int | None = None, partition_method: str | Sequence[float] = "parameters",
                  activation_checkpoint_interval: int = 0, seed: int = 1234,
                  virtual_stages: int = 1, partition_costs: Sequence[float] | None = None,
                  profile_input: Any = None, stage_placement: str = "loop") -> None:
@@ -141,12 +142,12 @@ class PipelineModule(nn.Module):
         if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or \
                 virtual_stages < 1:
             raise ValueError(f"virtual_stages must be an int >= 1, got {virtual_stages!r}")
-        self.num_stages = _pipe_size(topology, num_stages)
+        self.pipe = _pipe_size(topology, pipe)
         self.virtual_stages = virtual_stages
-        self.placement = Placement(stage_placement, self.num_stages, virtual_stages)  # refuses an unknown kind
+        self.placement = Placement(stage_placement, self.pipe, virtual_stages)  # refuses an unknown kind
         self.num_model_stages = self.placement.num_stages
-        self.stage_id = _own_stage_id(topology, self.num_stages, stage_id)
-        self.stage_ids = self.placement.stages_of(self.stage_id)
+        self.pipe_rank = _own_pipe_rank(topology, self.pipe, pipe_rank)
+        self.stage_ids = self.placement.stages_of(self.pipe_rank)
         self.parts = self._partition(partition_method, partition_costs, profile_input)
         self._tied_first: dict[str, int] = {  # key -> index of its first layer
             layer.key: i for i, layer in reversed(list(enumerate(self.layer_specs)))
@@ -223,7 +224,7 @@ class PipelineModule(nn.Module):
                                    f"(virtual_stages={self.virtual_stages}); pass stage=")
             return self.stage_ids[0]
         if stage not in self.stage_ids:
-            raise ValueError(f"model stage {stage} is not held by pipe rank {self.stage_id}, "
+            raise ValueError(f"model stage {stage} is not held by pipe rank {self.pipe_rank}, "
                              f"which holds {self.stage_ids}; pass one of those")
         return stage
 
@@ -316,9 +317,9 @@ class PipelineModule(nn.Module):
 def build_reference(layers: Sequence[Layer], loss_fn: Callable[..., torch.Tensor] | None = None,
                     seed: int = 1234, **kwargs: Any) -> PipelineModule:
     """The one-process model of the same layers: bit-identical at start to the union of
-    every stage of any layout. Layout arguments (topology, num_stages, stage_id,
+    every stage of any layout. Layout arguments (topology, pipe, pipe_rank,
     virtual_stages, partition_*, profile_input) are ignored, so a pipeline's kwargs
     can be passed as they are; ``activation_checkpoint_interval`` is kept."""
     kept = {k: v for k, v in kwargs.items() if k not in _LAYOUT_ONLY}
-    return PipelineModule(layers, loss_fn=loss_fn, num_stages=1, stage_id=0, seed=seed,
+    return PipelineModule(layers, loss_fn=loss_fn, pipe=1, pipe_rank=0, seed=seed,
                           partition_method="uniform", **kept)

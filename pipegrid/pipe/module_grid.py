@@ -19,7 +19,7 @@ _AXES = ("pipe", "data", "tensor")
 
 def _module_grid(module: Any, groups: ProcessGroups | None) -> dict[str, tuple[int, str]]:
     """axis -> (size, what says so): the module's cut, its topology, and the groups."""
-    grid = {"pipe": (module.num_stages, f"the module (cut into num_stages={module.num_stages})")}
+    grid = {"pipe": (module.pipe, f"the module (cut into pipe={module.pipe})")}
     if module.topology is not None:
         grid.update({axis: (getattr(module.topology, axis), f"the module's {module.topology!r}") for axis in _AXES})
     if groups is not None:
@@ -38,13 +38,13 @@ def config_with_module_grid(cfg: TrainConfig, module: Any, groups: ProcessGroups
 
     A value the config does set must equal the module's: a mismatch names both.
     """
-    if getattr(module, "num_stages", None) is None:
+    if getattr(module, "num_model_stages", None) is None:
         raise TypeError(f"initialize() needs a pipegrid.PipelineModule, got {type(module).__name__}")
     grid = _module_grid(module, groups)
     sizes = {}
     for axis in _AXES:
         given = getattr(cfg.topology, axis)
-        if axis not in grid:  # a module cut by num_stages alone says nothing of data or tensor
+        if axis not in grid:  # a module cut by pipe= alone says nothing of data or tensor
             sizes[axis] = given  # (1 when unset)
             continue
         sizes[axis], source = grid[axis]

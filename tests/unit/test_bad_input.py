@@ -32,7 +32,7 @@ def test_multi_process_topology_without_a_launcher(monkeypatch):
 
 def test_fewer_layers_than_stages():
     with pytest.raises(ValueError, match=r"8 layers.*9|9.*8 layers"):
-        pg.PipelineModule(gpt_layers(3), num_stages=9, stage_id=0)
+        pg.PipelineModule(gpt_layers(3), pipe=9, pipe_rank=0)
 
 
 def test_unknown_schedule_and_partition_method():
@@ -41,7 +41,7 @@ def test_unknown_schedule_and_partition_method():
     with pytest.raises(ScheduleError):
         build("pipedream", 2, 4)
     with pytest.raises(ValueError, match="partition"):
-        pg.PipelineModule(gpt_layers(3), num_stages=2, stage_id=0, partition_method="bogus")
+        pg.PipelineModule(gpt_layers(3), pipe=2, pipe_rank=0, partition_method="bogus")
 
 
 @pytest.mark.parametrize("micro_batches", [0, -1])
@@ -75,8 +75,8 @@ def test_missing_loss_fn_fails_before_any_group(monkeypatch):
 def test_module_cut_for_another_layout(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    model = TinyGPT(3, num_stages=2)
-    with pytest.raises(ValueError, match=r"module \(cut into num_stages=2\) has pipe=2 but the config sets "
+    model = TinyGPT(3, pipe=2)
+    with pytest.raises(ValueError, match=r"module \(cut into pipe=2\) has pipe=2 but the config sets "
                                          r"topology.pipe=4"):
         pg.initialize(model, {"topology": {"pipe": 4}, "schedule": {"micro_batches": 4}})
     with pytest.raises(ValueError, match=r"cut into virtual_stages=1 chunks .* config sets schedule.virtual_stages=2"):

@@ -158,7 +158,7 @@ def test_the_layer_count_checked_is_the_example_models_own(size):
     import pipegrid as pg
 
     gpt = GPTModelConfig(vocab_size=8, seq_len=4, n_layer=size, n_head=1, n_embd=4)
-    assert gpt.pipeline_layers() == GPT(GPTConfig(**vars(gpt)), num_stages=1).num_layers
+    assert gpt.pipeline_layers() == GPT(GPTConfig(**vars(gpt)), pipe=1).num_layers
     app = MLPAppConfig(model=MLPModelConfig(in_features=2, width=2, depth=size))
     assert app.model.pipeline_layers() == mlp(app, pg.Topology()).num_layers
     with pytest.raises(ValueError, match=rf"the model has {size + 2} pipeline layers .* raise model.depth"):

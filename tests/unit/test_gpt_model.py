@@ -53,7 +53,7 @@ def test_same_seed_same_model_and_pipeline_stages_build_only_their_layers():
     a, b = GPT(cfg, seed=7), GPT(cfg, seed=7)
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), name
-    last = GPT(cfg, topology=pg.Topology(pipe=2), stage_id=1)
+    last = GPT(cfg, topology=pg.Topology(pipe=2), pipe_rank=1)
     assert last.is_last_stage() and len(last.local_layers()) < cfg.n_layer + 4
 
 

@@ -27,7 +27,7 @@ BLOOM_PLAN = {"word_embeddings": (["input_ids"], ["inputs_embeds"]),
 
 
 def stages(build, p: int) -> list:
-    return [build(num_stages=p, stage_id=r).eval() for r in range(p)]
+    return [build(pipe=p, pipe_rank=r).eval() for r in range(p)]
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def test_a_stage_reads_and_materialises_only_its_own_tensors(tmp_path, monkeypat
     everything = set()
     for r in range(3):
         read.clear()
-        model = hf.from_pretrained(directory, num_stages=3, stage_id=r)
+        model = hf.from_pretrained(directory, pipe=3, pipe_rank=r)
         own = set(model.hf_state_dict())
         assert set(read) == own and len(read) == len(own), f"stage {r} read {sorted(set(read) - own)} besides its own"
         assert {k for k, _ in model.hf_shard_keys()[r]} == own

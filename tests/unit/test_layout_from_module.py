@@ -39,7 +39,7 @@ def _resolved(kind: str, model, groups=None, topology: dict | None = None, **sch
 @pytest.fixture(scope="module")
 def model():
     """Pipe 2 x data 2, two chunks per pipe rank (built as rank 0 would)."""
-    return TinyGPT(3, topology=pg.Topology(pipe=2, data=2), virtual_stages=2, stage_id=0)
+    return TinyGPT(3, topology=pg.Topology(pipe=2, data=2), virtual_stages=2, pipe_rank=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -67,8 +67,8 @@ def test_a_config_that_sets_another_value_is_refused_naming_both(kind, model):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_module_cut_by_num_stages_gives_only_pipe(kind):
-    model = TinyGPT(3, num_stages=2, stage_id=1)
+def test_a_module_cut_by_pipe_alone_gives_only_pipe(kind):
+    model = TinyGPT(3, pipe=2, pipe_rank=1)
     cfg = _resolved(kind, model, topology={"data": 3}, name="1f1b")
     assert (cfg.topology.pipe, cfg.topology.data, cfg.topology.tensor) == (2, 3, 1)
     cfg = _resolved(kind, model, name="1f1b")
@@ -77,14 +77,14 @@ def test_a_module_cut_by_num_stages_gives_only_pipe(kind):
 
 def test_the_groups_give_the_grid_too_and_must_agree_with_the_module():
     groups = SimpleNamespace(topology=pg.Topology(pipe=2, data=2))  # all config_with_module_grid reads of them
-    cfg = _resolved("dict", TinyGPT(3, num_stages=2, stage_id=0), groups, name="1f1b")
+    cfg = _resolved("dict", TinyGPT(3, pipe=2, pipe_rank=0), groups, name="1f1b")
     assert (cfg.topology.pipe, cfg.topology.data) == (2, 2)
     with pytest.raises(ValueError, match=r"module's Topology\(pipe=2, data=1, tensor=1\) has data=1 but the "
                                          r"groups were built for Topology\(pipe=2, data=2, tensor=1\)"):
-        _resolved("dict", TinyGPT(3, topology=pg.Topology(pipe=2), stage_id=0), groups, name="1f1b")
+        _resolved("dict", TinyGPT(3, topology=pg.Topology(pipe=2), pipe_rank=0), groups, name="1f1b")
     with pytest.raises(ValueError, match=r"groups' Topology\(pipe=2, data=2, tensor=1\) has data=2 but the "
                                          r"config sets topology.data=1"):
-        _resolved("dict", TinyGPT(3, num_stages=2, stage_id=0), groups, topology={"data": 1}, name="1f1b")
+        _resolved("dict", TinyGPT(3, pipe=2, pipe_rank=0), groups, topology={"data": 1}, name="1f1b")
 
 
 def test_chunks_from_the_module_need_the_interleaved_schedule(model):

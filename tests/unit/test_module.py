@@ -15,7 +15,7 @@ LAYOUTS = [(1, 1), (2, 1), (3, 1), (4, 1), (2, 2), (3, 3)]
 
 
 def all_stages(layers, p, v, method="parameters", **kwargs):
-    return [PipelineModule(layers, num_stages=p, stage_id=r, virtual_stages=v,
+    return [PipelineModule(layers, pipe=p, pipe_rank=r, virtual_stages=v,
                            partition_method=method, **kwargs) for r in range(p)]
 
 
@@ -126,7 +126,7 @@ def test_a_stage_builds_only_its_layers(method, p, v):
     layers = [LayerSpec(Counted, i) for i in range(8)]
     for r in range(p):
         Counted.built = []
-        module = PipelineModule(layers, num_stages=p, stage_id=r, virtual_stages=v,
+        module = PipelineModule(layers, pipe=p, pipe_rank=r, virtual_stages=v,
                                 partition_method=method)
         mine = [i for s in module.stage_ids for i in range(module.parts[s], module.parts[s + 1])]
         assert sorted(Counted.built) == mine
@@ -152,14 +152,14 @@ def test_tied_module_seeded_from_first_use_on_a_later_stage():
     layers = [LayerSpec(nn.Linear, 4, 4), LayerSpec(nn.Linear, 4, 4), tied,
               LayerSpec(nn.Linear, 4, 4), tied]
     ref = build_reference(layers)
-    last = PipelineModule(layers, num_stages=3, stage_id=2, partition_method="uniform")
+    last = PipelineModule(layers, pipe=3, pipe_rank=2, partition_method="uniform")
     assert last.parts == [0, 2, 4, 5] and last.tied_keys() == {"w": [1, 2]}
     for a, b in zip(last.tied_parameters("w"), ref.tied_parameters("w")):
         assert torch.equal(a, b)
 
 
 def test_one_tied_module_per_process_shared_by_chunks():
-    model = PipelineModule(gpt_layers(n_layer=2), num_stages=1, virtual_stages=2,
+    model = PipelineModule(gpt_layers(n_layer=2), pipe=1, virtual_stages=2,
                            partition_method="uniform")
     assert model.stage_ids == [0, 1] and list(model.tied_modules) == ["embed"]
     first, last = model.local_layers(0)[0][1], model.local_layers(1)[-1][1]
@@ -216,7 +216,7 @@ def test_checkpoint_interval_is_settable_and_dtype_follows_to():
 
 
 def test_stage_helpers():
-    model = PipelineModule(gpt_layers(n_layer=4), num_stages=2, stage_id=1, virtual_stages=2,
+    model = PipelineModule(gpt_layers(n_layer=4), pipe=2, pipe_rank=1, virtual_stages=2,
                            partition_method="uniform")
     assert model.num_model_stages == 4 and model.stage_ids == [1, 3]
     assert model.parts == [0, 3, 5, 7, 9]
@@ -229,7 +229,7 @@ def test_stage_helpers():
         model(torch.zeros(1))
     with pytest.raises(ValueError, match=r"model stage 2 is not held by pipe rank 1"):
         model.stage_module(2)
-    rank0 = PipelineModule(gpt_layers(n_layer=4), num_stages=2, stage_id=0, virtual_stages=2,
+    rank0 = PipelineModule(gpt_layers(n_layer=4), pipe=2, pipe_rank=0, virtual_stages=2,
                            partition_method="uniform")
     ids = gpt_batches(1)[0][0]
     x = rank0(model(rank0(ids, stage=0), stage=1), stage=2)
@@ -239,7 +239,7 @@ def test_stage_helpers():
 
 def test_v_placement_holds_stages_r_and_2p_minus_1_minus_r():
     p, layers = 3, gpt_layers(n_layer=4)  # 9 layers over 6 model stages
-    stages = [PipelineModule(layers, num_stages=p, stage_id=r, virtual_stages=2, stage_placement="v",
+    stages = [PipelineModule(layers, pipe=p, pipe_rank=r, virtual_stages=2, stage_placement="v",
                              partition_method="uniform") for r in range(p)]
     assert [m.stage_ids for m in stages] == [[0, 5], [1, 4], [2, 3]]
     assert [stages[0].pipe_rank_of(s) for s in range(6)] == [0, 1, 2, 2, 1, 0]
@@ -253,7 +253,7 @@ def test_v_placement_holds_stages_r_and_2p_minus_1_minus_r():
 
 
 def test_tied_copies_on_one_rank_of_a_v_share_one_parameter():
-    stages = [PipelineModule(gpt_layers(n_layer=4), num_stages=2, stage_id=r, virtual_stages=2,
+    stages = [PipelineModule(gpt_layers(n_layer=4), pipe=2, pipe_rank=r, virtual_stages=2,
                              stage_placement="v", partition_method="uniform") for r in range(2)]
     first = stages[0]  # the embedding (stage 0) and the head (stage 3) both land on rank 0
     assert first.tied_keys() == {"embed": [0, 3]} and first.tied_pipe_ranks() == {"embed": [0]}
@@ -267,13 +267,13 @@ def test_bad_placement_names_the_fix():
     from pipegrid.pipe.module_grid import check_schedule_runs_module
 
     with pytest.raises(ValueError, match="stage placement must be one of loop, v, got 'zigzag'"):
-        PipelineModule(gpt_layers(), num_stages=2, stage_id=0, virtual_stages=2, stage_placement="zigzag")
-    loop = PipelineModule(gpt_layers(), num_stages=2, stage_id=0, virtual_stages=2)
+        PipelineModule(gpt_layers(), pipe=2, pipe_rank=0, virtual_stages=2, stage_placement="zigzag")
+    loop = PipelineModule(gpt_layers(), pipe=2, pipe_rank=0, virtual_stages=2)
     with pytest.raises(ValueError, match=r"schedule.name='zb_v' runs model stages placed 'v' .* built with "
                                          r"stage_placement='loop'; build it with PipelineModule\(\.\.\., "
                                          r"virtual_stages=2, stage_placement='v'\)"):
         check_schedule_runs_module("zb_v", loop)
-    single = PipelineModule(gpt_layers(), num_stages=2, stage_id=0)
+    single = PipelineModule(gpt_layers(), pipe=2, pipe_rank=0)
     with pytest.raises(ValueError, match=r"virtual_stages=1 chunks per pipe rank, which schedule.name=.* runs, got "
                                          r"'dualpipev'; .* build the module with virtual_stages=2, stage_placement='v'"):
         check_schedule_runs_module("dualpipev", single)
@@ -282,43 +282,43 @@ def test_bad_placement_names_the_fix():
 
 def test_topology_sets_stages_and_describe_marks_local():
     model = PipelineModule(gpt_layers(), topology=Topology(pipe=2, data=2))
-    assert model.num_stages == 2 and model.stage_id == 0
+    assert model.pipe == 2 and model.pipe_rank == 0
     table = model.describe()
     assert "Embed[embed]" in table and "0*" in table and "\n1 " in table
 
 
 def test_build_reference_ignores_layout():
-    ref = build_reference(gpt_layers(), topology=Topology(pipe=2), num_stages=2, stage_id=1,
+    ref = build_reference(gpt_layers(), topology=Topology(pipe=2), pipe=2, pipe_rank=1,
                           virtual_stages=2, stage_placement="v", partition_method="type:Nothing")
     assert ref.num_model_stages == 1 and ref.parts == [0, 8]
 
 
 def test_profile_partition():
     ids = gpt_batches(1)[0][0]
-    model = PipelineModule(gpt_layers(n_layer=4), num_stages=3, stage_id=0,
+    model = PipelineModule(gpt_layers(n_layer=4), pipe=3, pipe_rank=0,
                            partition_method="profile", profile_input=ids)
     assert len(model.parts) == 4 and all(b > a for a, b in zip(model.parts, model.parts[1:]))
     with pytest.raises(ValueError, match="needs one example micro-batch"):
-        PipelineModule(gpt_layers(), num_stages=2, partition_method="profile")
+        PipelineModule(gpt_layers(), pipe=2, partition_method="profile")
 
 
 def test_build_does_not_touch_the_global_rng():
     state = torch.random.get_rng_state()
-    PipelineModule(gpt_layers(), num_stages=2, stage_id=1)
+    PipelineModule(gpt_layers(), pipe=2, pipe_rank=1)
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"layers": []}, ValueError, "at least one layer"),
     ({"layers": [3]}, TypeError, r"layers\[0\] must be a LayerSpec"),
-    ({"num_stages": 9}, ValueError, "cannot split 8 layers into 9 parts"),
-    ({"num_stages": 2, "virtual_stages": 0}, ValueError, "virtual_stages must be an int >= 1"),
-    ({"num_stages": 2, "stage_id": 2}, ValueError, r"stage_id must be an int in \[0, 2\)"),
-    ({"num_stages": 0}, ValueError, "num_stages must be an int >= 1"),
-    ({"num_stages": 3, "topology": Topology(pipe=2)}, ValueError, "disagrees with topology"),
+    ({"pipe": 9}, ValueError, "cannot split 8 layers into 9 parts"),
+    ({"pipe": 2, "virtual_stages": 0}, ValueError, "virtual_stages must be an int >= 1"),
+    ({"pipe": 2, "pipe_rank": 2}, ValueError, r"pipe_rank must be an int in \[0, 2\)"),
+    ({"pipe": 0}, ValueError, "pipe must be an int >= 1"),
+    ({"pipe": 3, "topology": Topology(pipe=2)}, ValueError, "disagrees with topology"),
     ({"partition_method": "nope"}, ValueError, "unknown partition method"),
     ({"activation_checkpoint_interval": -1}, ValueError, "must be an int >= 0"),
-    ({"num_stages": 2, "partition_method": "type:Conv"}, ValueError, "matches no layer"),
+    ({"pipe": 2, "partition_method": "type:Conv"}, ValueError, "matches no layer"),
     ({"partition_costs": [1.0] * 8}, ValueError, "partition_costs is only read"),
     ({"layers": [TiedLayerSpec("e", Embed), TiedLayerSpec("e", Block)]}, ValueError,
      "reuses tied key 'e'"),

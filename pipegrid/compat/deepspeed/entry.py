@@ -142,7 +142,7 @@ def _topology(model: Any) -> pg.Topology:
     topology = getattr(model, "topology", None)
     if isinstance(topology, pg.Topology):
         return topology
-    return pg.Topology(pipe=model.num_stages, data=_world_size() // model.num_stages)
+    return pg.Topology(pipe=model.pipe, data=_world_size() // model.pipe)
 
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,

@@ -171,7 +171,7 @@ class PipelineModule(pg.PipelineModule):
         topo = as_topology(topology) if topology is not None else _default_topology(num_stages)
         self.seed_layers, self.base_seed, self.micro_offset = bool(seed_layers), base_seed, 0
         self.checkpointable_layers, self.dynamic_shape = checkpointable_layers, dynamic_shape
-        super().__init__(list(layers), loss_fn=loss_fn, topology=topo, num_stages=num_stages,
+        super().__init__(list(layers), loss_fn=loss_fn, topology=topo, pipe=num_stages,
                          partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
                          seed=base_seed if seed_layers else _ambient_seed())
@@ -255,8 +255,18 @@ class PipelineModule(pg.PipelineModule):
     def stage_owner(self, layer_idx: int) -> int:
         return self.layer_owner(layer_idx)
 
+    @property
+    def num_stages(self) -> int:
+        """DeepSpeed's name for the pipe degree (pipegrid's ``pipe``)."""
+        return self.pipe
+
+    @property
+    def stage_id(self) -> int:
+        """DeepSpeed's name for this process's pipe rank (pipegrid's ``pipe_rank``)."""
+        return self.pipe_rank
+
     def num_pipeline_stages(self) -> int:
-        return self.num_stages
+        return self.pipe
 
     def set_checkpoint_interval(self, interval: int) -> None:
         self.activation_checkpoint_interval = interval
