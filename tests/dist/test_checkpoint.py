@@ -12,8 +12,8 @@ import pipegrid as pg
 from pipegrid.launch import WorkerError, run_local
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe.checkpoint import engine_state
-from tests.dist.engine_cases import N_LAYER, config, global_batches
-from tests.models import TinyGPT, gpt_batches
+from tests.support.engine_cases import N_LAYER, config, global_batches, loaded_outputs
+from tests.support.models import TinyGPT, gpt_batches
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2}
 
@@ -41,14 +41,6 @@ def test_resume_continues_the_same_loss_curve(tmp_path, pipe, data, zero):
     assert open(tmp_path / "latest").read() == "step_00000003"
 
 
-def _outputs(cfg, directory, load_optimizer_states=True):
-    topo = pg.Topology(**cfg["topology"])
-    engine = pg.initialize(TinyGPT(N_LAYER, topology=topo), cfg)
-    step = engine.load_checkpoint(directory, load_optimizer_states=load_optimizer_states)
-    _, outputs = engine.eval_batch(iter(gpt_batches(2, seed=7)), return_outputs=True)
-    return step, outputs
-
-
 def _save_after_two_steps(cfg, directory):
     topo = pg.Topology(**cfg["topology"])
     engine = pg.initialize(TinyGPT(N_LAYER, topology=topo), cfg)
@@ -60,7 +52,7 @@ def _save_after_two_steps(cfg, directory):
 
 
 def _outputs_with_and_without_optimizer(cfg, directory):
-    return [_outputs(cfg, directory, load) for load in (True, False)]
+    return [loaded_outputs(cfg, directory, load) for load in (True, False)]
 
 
 def test_checkpoint_loads_under_other_pipe_degrees(tmp_path):
@@ -82,15 +74,15 @@ def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path):
     good = layer.read_bytes()
     layer.write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(WorkerError, match=r"cannot load checkpoint file .*layer_00003-tp00.pt"):
-        run_local(_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)
+        run_local(loaded_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)
     torch.save({"weight": torch.zeros(1), "evil": _Pickled()}, layer)  # not weights-only
     with pytest.raises(WorkerError, match=r"layer_00003-tp00.pt: UnpicklingError"):
-        run_local(_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)
+        run_local(loaded_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)
     layer.write_bytes(good)
     shard = step_dir / ckpt.optim_shard_file(1, 0, 0)  # the optimizer state, memory-mapped at load
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(WorkerError, match=r"cannot load checkpoint file .*optim_shard-pp001-dp000-tp00.pt"):
-        run_local(_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)
+        run_local(loaded_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)
 
 
 class _Pickled:
@@ -130,7 +122,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path):
         run_local(_killed_mid_save, 2, (cfg, str(tmp_path)), timeout_s=60)
     assert open(tmp_path / "latest").read() == "step_00000001"
     assert not (tmp_path / "step_00000002").exists()
-    step, _ = run_local(_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)[0]
+    step, _ = run_local(loaded_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)[0]
     assert step == 1
 
 

@@ -6,8 +6,8 @@ import torch.distributed as dist
 
 import pipegrid as pg
 from pipegrid.launch import run_local
-from tests.dist.engine_cases import N_LAYER, assert_matches_reference, config, run_pipeline, run_reference
-from tests.models import TinyGPT, gpt_batches
+from tests.support.engine_cases import N_LAYER, assert_matches_reference, config, run_pipeline, run_reference
+from tests.support.models import TinyGPT, gpt_batches
 
 # (schedule, pipe, data, micro_batches, coalesce)
 CASES = [

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipegrid.launch import run_local
-from tests.dist.deepspeed_script import RandomClassification, canonical, launch, layers, reference
+from tests.support.deepspeed_script import RandomClassification, canonical, launch, layers, reference
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "steps_per_print": 100}

@@ -4,7 +4,7 @@ import pytest
 
 from pipegrid.launch import run_local
 from pipegrid.schedules import ScheduleError, build
-from tests.dist.engine_cases import assert_matches_reference, config, run_pipeline, run_reference
+from tests.support.engine_cases import assert_matches_reference, config, run_pipeline, run_reference
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"]
 GRIDS = [(2, 1), (3, 1), (4, 1), (2, 2)]

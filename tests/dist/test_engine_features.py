@@ -8,9 +8,9 @@ import pipegrid as pg
 from pipegrid.schedules import instructions as ins
 from pipegrid.launch import WorkerError, run_local
 from pipegrid.schedules import Exchange, build
-from tests.dist.engine_cases import (N_LAYER, assert_matches_reference, canonical_state, config, global_batches,
-                                     run_reference)
-from tests.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
+from tests.support.engine_cases import (N_LAYER, assert_matches_reference, canonical_state, config, global_batches,
+                                        run_reference)
+from tests.support.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
 
 
 def _engine(cfg):

@@ -1,36 +1,19 @@
 """The examples end to end, as a user runs them (subprocesses, tiny models, a few steps):
-one Hydra output directory per run, rank 0's logs, checkpoints that resume, the trace,
-multirun, torchrun, and a failing worker's traceback."""
+one Hydra output directory per run, rank 0's logs, checkpoints that resume (at another pipe
+degree too), the trace, multirun, torchrun, a failing worker's traceback, and the README's
+zero-bubble bf16 ZeRO-1 job."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
-import os
-import subprocess
+import math
+import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.seq_len=16", "data.micro_batch_size=4",
-            "train.steps=4", "train.log_interval=1", "eval.interval=2", "eval.batches=1", "sample.length=8"]
-
-
-def run(script: str, *args: str, cwd: Path, prefix: tuple = (sys.executable,),
-        timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = (*args, "comm.backend=gloo")  # these tests mean CPU ranks, also on a machine with a GPU
-    return subprocess.run([*prefix, str(REPO / "examples" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
+from tests.support.examples import TINY_GPT, metrics, run
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
@@ -54,14 +37,23 @@ def test_gpt_prints_loss_validation_entropy_and_sample(first_run):
     assert (root / "run1" / ".hydra" / "config.yaml").is_file() and (root / "run1" / "train_gpt.log").is_file()
 
 
-def test_gpt_resumes_from_its_checkpoint(first_run):
+def test_gpt_resumes_from_its_checkpoint_at_pipe_4(first_run):
+    """Set back to step 2's checkpoint, as if stopped there, the job resumes at pipe=4 with its
+    optimizer state, continues the run that never stopped, and trains on past its end."""
     root, _ = first_run
-    assert (root / "ckpt" / "latest").exists()
-    proc = run("train_gpt.py", *TINY_GPT, "train.steps=6", f"hydra.run.dir={root / 'run2'}",
-               f"checkpoint.dir={root / 'ckpt'}", cwd=root)
+    ckpt = root / "ckpt"
+    assert (ckpt / "latest").read_text() == "step_00000004"
+    (ckpt / "latest").write_text("step_00000002")
+    shutil.rmtree(ckpt / "step_00000004")
+    proc = run("train_gpt.py", *TINY_GPT, "train.steps=6", "topology=pipe4", f"hydra.run.dir={root / 'run2'}",
+               f"checkpoint.dir={ckpt}", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
-    assert [int(r["step"]) for r in metrics(root / "run2")] == [5, 6]
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    before = {int(r["step"]): float(r["loss"]) for r in metrics(root / "run1")}
+    after = {int(r["step"]): float(r["loss"]) for r in metrics(root / "run2")}
+    assert sorted(after) == [3, 4, 5, 6]
+    for step in (3, 4):  # Adam's moments came back: the same losses (printed to 6 digits)
+        assert after[step] == pytest.approx(before[step], rel=1e-5), (step, before, after)
 
 
 def test_gpt_trace_names_every_rank(first_run):
@@ -72,6 +64,17 @@ def test_gpt_trace_names_every_rank(first_run):
     assert "bubble measured" in proc.stdout and "vs simulated" in proc.stdout
     if importlib.util.find_spec("matplotlib"):  # the PNG needs the [viz] extra
         assert (root / "run1" / "trace.png").is_file()
+
+
+def test_readme_zb_h1_bf16_zero1_job_trains(tmp_path):
+    # README: python examples/train_gpt.py schedule=zb_h1 schedule.micro_batches=16 precision=bf16 zero.stage=1
+    proc = run("train_gpt.py", "schedule=zb_h1", "schedule.micro_batches=16", "precision=bf16", "zero.stage=1",
+               *TINY_GPT, "sample.length=4", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "zb_h1 x 16 micro-batches, bfloat16" in proc.stdout
+    losses = [float(row["loss"]) for row in metrics(tmp_path / "run")]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert "validation loss" in proc.stdout and "master_weights" in proc.stdout  # fp32 masters of bf16 weights
 
 
 def test_failing_worker_ends_the_run_with_its_traceback(tmp_path):

@@ -23,9 +23,8 @@ import pipegrid as pg
 from pipegrid.launch import INIT_METHOD_ENV, WorkerError, run_local
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe.checkpoint import files as ckpt_files
-from tests.dist.engine_cases import N_LAYER, config, global_batches
-from tests.dist.test_checkpoint import _outputs
-from tests.models import TinyGPT
+from tests.support.engine_cases import N_LAYER, config, global_batches, loaded_outputs
+from tests.support.models import TinyGPT
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 3.0  # comm.timeout_s of the runs that lose a worker
@@ -37,8 +36,8 @@ KILL_MID_STEP = textwrap.dedent('''
     import pipegrid as pg
     from pipegrid.launch import launch
     from pipegrid.schedules.instructions import Backward
-    from tests.dist.engine_cases import N_LAYER, config, global_batches
-    from tests.models import TinyGPT
+    from tests.support.engine_cases import N_LAYER, config, global_batches
+    from tests.support.models import TinyGPT
 
     def work(out, pipe, data, victim, timeout_s, how):
         rank = int(os.environ["RANK"])
@@ -135,8 +134,8 @@ def test_a_worker_stopped_mid_step_ends_the_launcher_with_the_peer_named_last(tm
 RAW_PEER = textwrap.dedent('''
     import os, signal, sys, time
     import pipegrid as pg
-    from tests.dist.engine_cases import N_LAYER, config, global_batches
-    from tests.models import TinyGPT
+    from tests.support.engine_cases import N_LAYER, config, global_batches
+    from tests.support.models import TinyGPT
 
     out, how, timeout_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
     rank = int(os.environ["RANK"])
@@ -271,7 +270,7 @@ def test_rank0_killed_while_publishing_leaves_latest_on_the_previous_checkpoint(
         run_local(_killed_while_publishing, 2, (cfg, str(tmp_path)), timeout_s=60)
     assert (tmp_path / "latest").read_text() == "step_00000001"
     assert ckpt.whole_checkpoints(str(tmp_path)) == ["step_00000001", "step_00000002"]
-    step, _ = run_local(_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)[0]
+    step, _ = run_local(loaded_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)[0]
     assert step == 1  # ``latest`` decides; the unpublished step 2 is ignored (and overwritten later)
 
 
@@ -282,7 +281,7 @@ def test_a_second_save_of_the_same_step_killed_midway_leaves_a_whole_checkpoint(
     assert (tmp_path / "latest").read_text() == "step_00000002" and not (tmp_path / "step_00000002").exists()
     with pytest.warns(RuntimeWarning, match="incomplete; loading step_00000001"):
         ckpt.latest_step_dir(str(tmp_path))
-    step, _ = run_local(_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)[0]
+    step, _ = run_local(loaded_outputs, 2, (config("1f1b", 2, 1, 2), str(tmp_path)), timeout_s=60)[0]
     assert step == 1  # the newest whole checkpoint is used
 
 

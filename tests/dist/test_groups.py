@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipegrid.launch import run_local
+from pipegrid.launch import WorkerError, run_local
 from pipegrid.topology.grid import Topology
 from pipegrid.topology.groups import ProcessGroups, check_world_size
 
@@ -38,7 +38,7 @@ def _wrong_world():
 
 
 def test_world_size_mismatch_is_named_before_any_collective():
-    with pytest.raises(Exception, match=r"needs 8 processes .*got WORLD_SIZE=2.*start 8 processes"):
+    with pytest.raises(WorkerError, match=r"ValueError: .*needs 8 processes .*got WORLD_SIZE=2.*start 8 processes"):
         run_local(_wrong_world, 2, timeout_s=30)
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import pipegrid as pg
 from pipegrid import hf
 from pipegrid.launch import run_local
-from tests.hf_models import ATTN, FAMILIES, lm_batches, load_reference, reference_step, save_tiny
+from tests.support.hf_models import ATTN, FAMILIES, lm_batches, load_reference, reference_step, save_tiny
 
 STEPS = 3
 CLIP = 0.5

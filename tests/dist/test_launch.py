@@ -1,14 +1,21 @@
 """The launcher as users meet it, in subprocesses: a failed worker ends the run with its
-traceback, CPU launchers re-execute with OMP_NUM_THREADS=1, and torchrun runs unchanged."""
+traceback, CPU launchers re-execute with OMP_NUM_THREADS=1, torchrun runs unchanged, and a
+rank's core binding reaches every thread (in a forked child)."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+
+import pytest
+
+from pipegrid.topology.affinity import bind_cores, cores_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,3 +136,35 @@ def test_a_script_that_never_destroys_the_group_exits_without_gloo_threads(tmp_p
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "gloo threads at exit: 0" in proc.stdout, proc.stdout
+
+
+# --- core binding, in a forked child: every thread, and later threads, on the rank's cores ---
+
+def _bound_in_child(queue):
+    started = threading.Event()
+    worker = threading.Thread(target=started.wait)  # a thread that exists before binding
+    worker.start()
+    cores = bind_cores({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    after = []
+    late = threading.Thread(target=lambda: after.append(sorted(os.sched_getaffinity(0))))
+    late.start()
+    late.join()
+    tids = os.listdir("/proc/self/task")
+    masks = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in tids}
+    started.set()
+    worker.join()
+    queue.put((cores, masks, after[0]))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs sched_setaffinity and two cores")
+def test_every_thread_and_later_threads_get_the_rank_cores():
+    queue = mp.get_context("fork").Queue()
+    child = mp.get_context("fork").Process(target=_bound_in_child, args=(queue,))
+    child.start()
+    cores, masks, late = queue.get(timeout=30)
+    child.join(timeout=30)
+    pool = sorted(os.sched_getaffinity(0))
+    assert cores == cores_for(1, 2, pool)
+    assert all(mask == cores for mask in masks.values()) and len(masks) >= 2
+    assert late == cores

@@ -11,7 +11,7 @@ import torch
 
 import pipegrid as pg
 from pipegrid.launch import launch, run_local, start_method_for
-from tests.models import mlp_batches, mlp_layers, mse_loss
+from tests.support.models import mlp_batches, mlp_layers, mse_loss
 
 _CALLS: list[str] = []  # CUDA-initialising calls made in this process (a forked worker has its own copy)
 

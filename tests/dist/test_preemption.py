@@ -1,13 +1,18 @@
 """Save and stop on a signal (issue 15, section 3) on a pipe x data grid: one rank's signal
 makes every rank save the step in flight (they agree through the end-of-step flag), a
 second signal during the save leaves it whole, the resumed run continues the one-process
-reference's loss curve, and inside submitit its requeue handler runs after the save.
-Whole jobs under the local launcher and torchrun: tests/dist/test_faults.py."""
+reference's loss curve, and inside submitit its requeue handler runs after the save; in a
+bare process without checkpoint.dir a signal ends it at once, saying so. Whole jobs under
+the local launcher and torchrun: tests/dist/test_faults.py."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +22,10 @@ import pipegrid as pg
 from pipegrid.launch import run_local
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe.preemption import Preempted
-from tests.dist.engine_cases import N_LAYER, config, global_batches, run_reference
-from tests.models import TinyGPT
+from tests.support.engine_cases import N_LAYER, config, global_batches, run_reference
+from tests.support.models import TinyGPT
 
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 
 
@@ -104,3 +110,25 @@ def _caught(directory: str) -> list[int]:
 
 def test_a_caught_preemption_is_not_raised_again(tmp_path):
     assert run_local(_caught, 2, (str(tmp_path),), backend=None, timeout_s=60) == [[2, 4], [2, 4]]
+
+
+# --- one bare process (no engine, no launcher) ---------------------------------------------
+
+NO_CHECKPOINT_DIR = textwrap.dedent('''
+    import os, signal, time
+    from pipegrid.pipe.preemption import SignalWatch
+
+    SignalWatch(["SIGTERM"], saves=False, rank=0).arm()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    print("still running")
+''')
+
+
+def test_without_a_checkpoint_dir_a_signal_ends_the_process_at_once_saying_so():
+    proc = subprocess.run([sys.executable, "-c", NO_CHECKPOINT_DIR], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == -signal.SIGTERM  # ended by the signal, as without pipegrid
+    assert "still running" not in proc.stdout
+    assert proc.stderr == ("pipegrid: SIGTERM received; checkpoint.dir is not set, so nothing was saved; "
+                           "exiting\n")

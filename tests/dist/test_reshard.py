@@ -2,7 +2,9 @@
 
 Checkpoints written at pipe x data x ZeRO = 2 x 2 x 1 and 4 x 1 x 0 resume at the other
 layouts (pipe 2 <-> 4, data 2 -> 1, 1 -> 2, 2 -> 4, ZeRO on <-> off) and continue the
-run that never stopped: the plain-torch reference training all steps with Adam. A load
+run that never stopped: the plain-torch reference training all steps with Adam. The weights
+alone (``load_optimizer_states=False``), saved at 2 x 2 x 1 and loaded at pipe 4, come back
+bit for bit and train on like the reference started from them with a fresh optimizer. A load
 at one layout followed by a save reproduces every saved value bit for bit (bf16 master
 weights included; the tensor-parallel GPT too), however differently the new layout
 shards it. Format-1 checkpoints (optimizer state per rank) still resume at
@@ -18,18 +20,19 @@ import torch
 import torch.distributed as dist
 
 import pipegrid as pg
-from examples.models.gpt import GPT, GPTConfig
+from examples.models.gpt import GPT
 from pipegrid.launch import run_local
 from pipegrid.pipe import checkpoint as ckpt
-from tests.dist.engine_cases import N_LAYER, canonical_state, config, global_batches
-from tests.models import TinyGPT
-from tests.reference import PlainGPT, PlainTinyGPT, train
+from tests.support.engine_cases import N_LAYER, assert_matches_reference, canonical_state, config, global_batches
+from tests.support.models import TinyGPT
+from tests.support.reference import PlainGPT, PlainTinyGPT, load_named, train
+from tests.support.tensor_gpt import GPT_CFG
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2, "eps": 1e-5}  # eps: see test_zero_precision.py
 GLOBAL_MICRO_BATCHES = 4  # the same global batch at every data degree
 BEFORE, AFTER = 2, 2  # steps before the save, steps after the resume
-GPT_CFG = GPTConfig(vocab_size=16, seq_len=6, n_layer=2, n_head=2, n_embd=8)
 RESUMES = [((2, 2, 1), (4, 1, 0)), ((2, 2, 1), (1, 4, 1)), ((4, 1, 0), (2, 2, 1))]  # (pipe, data, zero) from -> to
+WEIGHTS_ONLY = ((2, 2, 1), (4, 1, 0))  # saved at -> loaded at, load_optimizer_states=False
 
 
 def _config(layout: tuple[int, int, int], dtype: str = "float32") -> dict:
@@ -89,15 +92,21 @@ def _write_format_1(engine, directory):
 
 def _all_cases(root):
     """On each of 4 ranks: the saves, the resumes, the round trips and format 1, in turn."""
-    out = {"saved": {}, "resumed": {}}
+    out = {"saved": {}, "saved_state": {}, "resumed": {}}
     for layout in {source for source, _ in RESUMES}:
         engine = _engine(layout)
         out["saved"][layout] = _train(engine, BEFORE)
+        out["saved_state"][layout] = canonical_state(engine.module)
         engine.save_checkpoint(os.path.join(root, f"fp32-{layout}"))
     for source, target in RESUMES:
         engine = _engine(target, directory=os.path.join(root, f"fp32-{source}"))
         out["resumed"][(source, target)] = {"losses": _train(engine, BEFORE + AFTER),
                                             "state": canonical_state(engine.module)}
+    engine = _engine(WEIGHTS_ONLY[1])  # the weights alone: a fresh optimizer
+    assert engine.load_checkpoint(os.path.join(root, f"fp32-{WEIGHTS_ONLY[0]}"), load_optimizer_states=False) == BEFORE
+    loaded = canonical_state(engine.module)
+    out["weights_only"] = {"loaded": loaded, "losses": _train(engine, BEFORE + AFTER),
+                           "state": canonical_state(engine.module)}
     for dtype in ("float32", "bfloat16"):  # save at 2x2 ZeRO-1, load and save again at 4x1 and 1x4
         engine = _engine((2, 2, 1), dtype)
         _train(engine, BEFORE)
@@ -128,9 +137,11 @@ def _format_1(directory):
     return result
 
 
-def _reference():
-    steps = [global_batches(s, 1, GLOBAL_MICRO_BATCHES) for s in range(BEFORE + AFTER)]
-    return train(PlainTinyGPT(N_LAYER), steps, ADAM, grad_clip=_config((1, 1, 0))["train"]["grad_clip"])
+def _reference(model=None, first=0):
+    """The plain-torch run of steps ``first`` .. BEFORE + AFTER - 1 (from PlainTinyGPT's start by default)."""
+    steps = [global_batches(s, 1, GLOBAL_MICRO_BATCHES) for s in range(first, BEFORE + AFTER)]
+    return train(model if model is not None else PlainTinyGPT(N_LAYER), steps, ADAM,
+                 grad_clip=_config((1, 1, 0))["train"]["grad_clip"])
 
 
 def _assert_continues(result, reference, what):
@@ -184,6 +195,12 @@ def test_resume_at_another_layout(tmp_path):
         assert "load_optimizer_states=False" in result["format_1"]["refused"]
     seen = {name for result in results for resumed in result["resumed"].values() for name in resumed["state"]}
     assert seen == set(reference["state"])
+    saved = {k: v for result in results for k, v in result["saved_state"][WEIGHTS_ONLY[0]].items()}
+    loaded = {k: v for result in results for k, v in result["weights_only"]["loaded"].items()}
+    assert saved.keys() == loaded.keys() == set(reference["state"])
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved), "weights changed on the way from 2 x 2 to pipe 4"
+    fresh = _reference(load_named(PlainTinyGPT(N_LAYER), loaded), first=BEFORE)  # Adam starts again from zero
+    assert_matches_reference([result["weights_only"] for result in results], fresh, rtol=1e-5, atol=1e-6)
     for dtype in ("float32", "bfloat16"):
         saved = ckpt.latest_step_dir(str(tmp_path / f"trip-{dtype}"))
         for target in ((4, 1, 0), (1, 4, 1)):

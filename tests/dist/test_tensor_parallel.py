@@ -1,5 +1,6 @@
 """Tensor parallelism on gloo at tensor=2: each layer matches its dense counterpart (init,
-forward, gradients), and the TP GPT trains like the one-process dense GPT."""
+forward, gradients). (The TP GPT training like the one-process dense GPT, alone and with
+pipe, data and ZeRO-1: tests/dist/test_vs_reference.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipegrid as pg
-from examples.models.gpt import GPT, GPTConfig
 from pipegrid.launch import run_local
 from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                              vocab_parallel_cross_entropy)
@@ -147,98 +147,3 @@ def test_sizes_not_divisible_by_the_group_are_named(layer_results):
     assert re.search(r"out_features=5 must be divisible by the tensor-parallel group size 2", errors[0])
     assert re.search(r"in_features=5 must be divisible .* size 2", errors[1])
     assert re.search(r"vocab\)=7 must be divisible .* size 2", errors[2])
-
-
-# ---- end to end: the TP GPT against the one-process dense GPT -----------------------
-
-GPT_CFG = GPTConfig(vocab_size=16, seq_len=6, n_layer=2, n_head=2, n_embd=8)
-MICRO_BATCHES, STEPS = 2, 3
-GRIDS = [(1, 1, 0), (2, 1, 0), (1, 2, 1)]  # (pipe, data, zero.stage), all at tensor=2
-
-
-def _config(pipe: int, data: int, zero: int, grad_clip: float) -> dict:
-    return {"topology": {"pipe": pipe, "data": data, "tensor": 2},
-            "schedule": {"name": "1f1b", "micro_batches": MICRO_BATCHES}, "zero": {"stage": zero},
-            "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9},
-            "precision": {"dtype": "float32"}, "train": {"grad_clip": grad_clip}, "comm": {"timeout_s": 60}}
-
-
-def _global_batch(step: int, data: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """data x MICRO_BATCHES micro-batches of (ids, labels); data rank d takes slice d."""
-    gen = torch.Generator().manual_seed(100 + step)
-    shape = (data * MICRO_BATCHES, 2, GPT_CFG.seq_len + 1)
-    tokens = torch.randint(0, GPT_CFG.vocab_size, shape, generator=gen)
-    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
-
-
-def _state(module: nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
-    """name -> (this rank's tensor, its split dim or None when replicated)."""
-    return {re.sub(r"^stages\.\d+\.", "", name): (p.detach().clone(), getattr(p, "partition_dim", None))
-            for name, p in module.named_parameters()}
-
-
-def _train_tensor_parallel(cfg: dict) -> dict:
-    groups = pg.init_distributed(cfg)
-    model = GPT(GPT_CFG, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
-    engine = pg.initialize(model, cfg, groups=groups)
-    data, d = groups.topology.data, groups.coord.data
-    losses = [engine.train_batch(iter(_global_batch(step, data)[d * MICRO_BATCHES:(d + 1) * MICRO_BATCHES]))
-              for step in range(STEPS)]
-    return {"losses": losses, "state": _state(engine.module), "coord": tuple(groups.coord)}
-
-
-def _train_dense(cfg: dict) -> dict:
-    """One process, the same global batch by gradient accumulation."""
-    model = GPT(GPT_CFG)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    clip, losses = cfg["train"]["grad_clip"], []
-    for step in range(STEPS):
-        batch = _global_batch(step, cfg["topology"]["data"])
-        total = 0.0
-        for ids, labels in batch:
-            loss = model.loss_fn(model(ids), labels)  # (B, T, V) logits, all of them
-            (loss / len(batch)).backward()
-            total += loss.item()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(total / len(batch))
-    return {"losses": losses, "state": {k: v for k, (v, _) in _state(model).items()}}
-
-
-def _assert_matches_dense(results: list[dict], reference: dict) -> None:
-    """Every rank reports the dense losses; each pipe stage's shards, concatenated along
-    their split dim, equal the dense parameters (on every data rank)."""
-    for result in results:
-        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
-                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{result['coord']} losses: {m}")
-    by_stage: dict[tuple[int, int], list[dict]] = {}
-    for result in sorted(results, key=lambda r: r["coord"]):  # (pipe, data, tensor): tensor ranks in order
-        by_stage.setdefault(result["coord"][:2], []).append(result["state"])
-    seen = set()
-    for (pipe, data), states in by_stage.items():
-        for name, (_, dim) in states[0].items():
-            shards = [state[name][0] for state in states]
-            full = torch.cat(shards, dim=dim) if dim is not None else shards[0]
-            torch.testing.assert_close(full, reference["state"][name], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"(pipe, data)=({pipe}, {data}) parameter {name}: {m}")
-            if dim is None:  # replicated: every tensor rank holds the same value
-                for shard in shards[1:]:
-                    assert torch.equal(shard, shards[0]), f"{name} differs across tensor ranks"
-            seen.add(name)
-    assert seen == set(reference["state"]), f"parameters never compared: {set(reference['state']) - seen}"
-
-
-@pytest.mark.parametrize("pipe,data,zero", GRIDS)
-def test_tensor_parallel_gpt_trains_like_the_dense_one(pipe, data, zero):
-    cfg = _config(pipe, data, zero, grad_clip=0.0)
-    results = run_local(_train_tensor_parallel, pipe * data * 2, (cfg,), timeout_s=60)
-    _assert_matches_dense(results, _train_dense(cfg))
-
-
-@pytest.mark.parametrize("pipe,data,zero", GRIDS)
-def test_tensor_parallel_gpt_with_grad_clipping(pipe, data, zero):
-    cfg = _config(pipe, data, zero, grad_clip=0.05)  # small enough that every step clips
-    results = run_local(_train_tensor_parallel, pipe * data * 2, (cfg,), timeout_s=60)
-    _assert_matches_dense(results, _train_dense(cfg))

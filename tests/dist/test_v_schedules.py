@@ -7,7 +7,7 @@ receive must wait for its shape header first, the group's send leaves before it 
 
 Every case of one world size runs in one ``run_local`` call; the references (pipegrid's
 ``build_reference`` as in test_engine_equivalence, and the plain-torch model of
-tests/reference.py) run in this process.
+tests/support/reference.py) run in this process.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 
 import pipegrid as pg
 from pipegrid.launch import run_local
-from tests.dist.engine_cases import (N_LAYER, STEPS, assert_matches_reference, canonical_state, config, global_batches,
-                                     run_reference)
-from tests.models import TinyGPT, gpt_batches
-from tests.reference import PlainTinyGPT, evaluate, train
+from tests.support.engine_cases import (N_LAYER, STEPS, assert_matches_reference, canonical_state, config,
+                                        global_batches, run_reference)
+from tests.support.models import TinyGPT, gpt_batches
+from tests.support.reference import PlainTinyGPT, evaluate, train
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2, "eps": 1e-5}  # eps: see test_zero_precision.py
 

@@ -16,8 +16,8 @@ from safetensors import safe_open
 import pipegrid as pg
 from pipegrid import hf
 from pipegrid.hf.weights import CheckpointWeights
-from tests.hf_models import (ATTN, SWEEP, lm_batches, load_reference, save_config, save_tiny, sweep_config,
-                             tiny_config)
+from tests.support.hf_models import (ATTN, SWEEP, lm_batches, load_reference, save_config, save_tiny, sweep_config,
+                                     tiny_config)
 
 # Bloom declares no plan: the one a user passes (what the refusal asks for) must work too
 BLOOM_PLAN = {"word_embeddings": (["input_ids"], ["inputs_embeds"]),

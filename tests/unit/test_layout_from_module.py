@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import pipegrid as pg
 from pipegrid.conf.schema import ScheduleConfig, TopologyConfig, TrainConfig, to_train_config
 from pipegrid.pipe.module_grid import config_with_module_grid
-from tests.models import TinyGPT
+from tests.support.models import TinyGPT
 
 KINDS = ("dict", "DictConfig", "TrainConfig")
 

@@ -8,7 +8,7 @@ from torch import nn
 from pipegrid.pipe.module import PipelineModule, build_reference
 from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
 from pipegrid.topology.grid import Topology
-from tests.models import Block, Embed, cross_entropy, gpt_batches, gpt_layers, mlp_layers
+from tests.support.models import Block, Embed, cross_entropy, gpt_batches, gpt_layers, mlp_layers
 
 METHODS = ["parameters", "uniform", "type:Block", [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0]]
 LAYOUTS = [(1, 1), (2, 1), (3, 1), (4, 1), (2, 2), (3, 3)]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from pipegrid.plan import (
@@ -22,11 +19,6 @@ PUBLISHED_1T = Candidate(pipe=64, data=6, tensor=8, schedule="interleaved_1f1b",
 
 def _dgx(hosts: int) -> ClusterSpec:
     return ClusterSpec(f"a100_{hosts * 8}", hosts, 8, A100, intra_gbytes_per_s=300.0, inter_gbytes_per_s=25.0)
-
-
-def test_import_leaves_torch_out() -> None:
-    code = "import sys, pipegrid.plan; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_flops_follow_narayanan_eq3() -> None:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import subprocess
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +16,6 @@ from pipegrid.schedules import (
 from pipegrid.schedules import interleaved, zero_bubble
 from pipegrid.schedules.placement import Placement
 
-REPO = Path(__file__).resolve().parents[2]
 GRID = list(itertools.product(range(1, 9), range(1, 33), range(1, 5)))
 
 
@@ -277,9 +273,3 @@ def test_zero_bubble_and_interleaved_modules_are_pure_orders() -> None:
                for op in ops)
     with pytest.raises(ScheduleError):
         interleaved.check(3, 4, 2)
-
-
-def test_import_does_not_pull_in_torch() -> None:
-    code = "import sys, pipegrid.schedules; assert 'torch' not in sys.modules, 'torch!'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
-                   env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

@@ -1,25 +1,19 @@
 """Signal handling for preemption (issue 15, section 3), in one process: which signals are
 watched, that a noted signal waits for the end of the step, that handlers come off again,
-submitit's requeue handler runs after the save, and that without checkpoint.dir a signal
-ends the process at once saying nothing was saved. The saves themselves, with the local
-launcher and torchrun: tests/dist/test_preemption.py and tests/dist/test_faults.py."""
+and submitit's requeue handler runs after the save. A signal ending a process without
+checkpoint.dir, and the saves themselves with the local launcher and torchrun:
+tests/dist/test_preemption.py and tests/dist/test_faults.py."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
 from pipegrid.conf.schema import to_train_config
 from pipegrid.pipe.preemption import Preempted, SignalWatch
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -92,23 +86,3 @@ def test_preempted_exits_zero_and_survives_pickling():
     again = pickle.loads(pickle.dumps(stop))  # the local launcher sends it from a worker
     assert (again.code, again.signal_name, again.step, again.checkpoint, again.loss, str(again)) == \
         (0, "SIGTERM", 3, "/c/step_00000003", 1.5, str(stop))
-
-
-NO_CHECKPOINT_DIR = textwrap.dedent('''
-    import os, signal, time
-    from pipegrid.pipe.preemption import SignalWatch
-
-    SignalWatch(["SIGTERM"], saves=False, rank=0).arm()
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(5)
-    print("still running")
-''')
-
-
-def test_without_a_checkpoint_dir_a_signal_ends_the_process_at_once_saying_so():
-    proc = subprocess.run([sys.executable, "-c", NO_CHECKPOINT_DIR], env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == -signal.SIGTERM  # ended by the signal, as without pipegrid
-    assert "still running" not in proc.stdout
-    assert proc.stderr == ("pipegrid: SIGTERM received; checkpoint.dir is not set, so nothing was saved; "
-                           "exiting\n")

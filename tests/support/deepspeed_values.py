@@ -1,4 +1,4 @@
-"""DeepSpeed's own answers, computed in a separate process (``python -m tests.unit.deepspeed_values``):
+"""DeepSpeed's own answers, computed in a separate process (``python -m tests.support.deepspeed_values``):
 JSON requests on stdin, JSON answers on stdout's last line (after ``MARK``). The compat tests
 compare pipegrid's with these, so DeepSpeed is imported once, never into the test process.
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import pipegrid as pg
 from pipegrid.schedules import SCHEDULES
-from tests.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
+from tests.support.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
 
 N_LAYER = 3
 STEPS = 3
@@ -75,6 +75,16 @@ def run_reference(cfg: dict, steps: int = STEPS) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(total / len(batches))
     return {"losses": losses, "state": canonical_state(model)}
+
+
+def loaded_outputs(cfg: dict, directory: str, load_optimizer_states: bool = True) -> tuple[int, list | None]:
+    """On every rank: a fresh engine loads ``directory``'s checkpoint; the step it resumes at
+    and ``eval_batch``'s outputs on two fixed micro-batches (None but on the last stage)."""
+    topo = pg.Topology(**cfg["topology"])
+    engine = pg.initialize(TinyGPT(N_LAYER, topology=topo), cfg)
+    step = engine.load_checkpoint(directory, load_optimizer_states=load_optimizer_states)
+    _, outputs = engine.eval_batch(iter(gpt_batches(2, seed=7)), return_outputs=True)
+    return step, outputs
 
 
 def assert_matches_reference(results: list[dict], reference: dict, rtol: float, atol: float) -> None:

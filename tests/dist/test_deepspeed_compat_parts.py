@@ -1,6 +1,6 @@
 """The DeepSpeed adapter's parts against DeepSpeed's own: LR schedules step for step, the fp16
 loss-scale rule, the 'parameters' cut, topologies and the batch trio (DeepSpeed's answers come
-from tests/unit/deepspeed_values.py in a subprocess; skipped, saying why, without DeepSpeed).
+from tests/support/deepspeed_values.py in a subprocess; skipped, saying why, without DeepSpeed).
 Plus what needs no DeepSpeed: specs, seeds, the loader, checkpointable scheduler state."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pipegrid.compat.deepspeed.from_config import batch_sizes
 from pipegrid.compat.deepspeed.runtime import lr_schedules
 from pipegrid.compat.deepspeed.runtime.loss_scaler import DeepSpeedLossScaler
 from pipegrid.compat.deepspeed.runtime.utils import set_random_seed
-from tests.unit.deepspeed_values import MARK
+from tests.support.deepspeed_values import MARK
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,7 +89,7 @@ def deepspeed_says() -> dict:
     requests = {"schedules": SCHEDULES, "scalers": SCALERS, "partitions": PARTITIONS, "topologies": TOPOLOGIES,
                 "batches": BATCHES, "signatures": True}
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "tests.unit.deepspeed_values"], input=json.dumps(requests),
+    done = subprocess.run([sys.executable, "-m", "tests.support.deepspeed_values"], input=json.dumps(requests),
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     if done.returncode != 0 and ("No module named 'deepspeed'" in done.stderr or "ImportError" in done.stderr):
         pytest.skip(f"DeepSpeed cannot be imported: {done.stderr.strip().splitlines()[-1]} (CI installs "

@@ -1,6 +1,6 @@
 """One DeepSpeed-style training script, run under DeepSpeed itself and under pipegrid's adapter.
 
-    torchrun --standalone --nproc-per-node 2 -m tests.dist.deepspeed_script {deepspeed|pipegrid} CASES.json OUT/
+    torchrun --standalone --nproc-per-node 2 -m tests.support.deepspeed_script {deepspeed|pipegrid} CASES.json OUT/
 
 ``train(ds, pipe, case)`` is the script body: it only touches the ``deepspeed`` and
 ``deepspeed.pipe`` modules it is given, so the two runs differ in their imports alone
@@ -246,7 +246,7 @@ def launch(flavour: str, cases: list[dict], out: Path, nproc: int = 2, timeout_s
     out.mkdir(parents=True, exist_ok=True)
     (out / "cases.json").write_text(json.dumps(cases))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "tests.dist.deepspeed_script", flavour, str(out / "cases.json"), str(out)]
+               "-m", "tests.support.deepspeed_script", flavour, str(out / "cases.json"), str(out)]
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)

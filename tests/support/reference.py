@@ -8,7 +8,7 @@ optimizer. The layers are the models' own ``nn.Module`` classes; no pipegrid cod
 (PipelineModule, build_reference, the engine) runs here, so a bug that the engine
 shares with the code it is checked against cannot hide.
 
-Parameters are named as ``tests.dist.engine_cases.canonical_state`` names a pipeline's:
+Parameters are named as ``tests.support.engine_cases.canonical_state`` names a pipeline's:
 ``layers.<global index>.<name>``, and ``tied_modules.<key>.<name>`` for tied weights.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.models import HIDDEN, Block, Embed, PositionAndMask, cross_entropy
+from tests.support.models import HIDDEN, Block, Embed, PositionAndMask, cross_entropy
 
 SEED = 1234  # PipelineModule's default seed
 Batch = tuple[Any, torch.Tensor]  # (inputs, labels)
@@ -33,7 +33,7 @@ def built(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
 
 
 class PlainTinyGPT(nn.Module):
-    """``tests.models.gpt_layers(n_layer)`` as plain modules: Embed (tied) 0, PositionAndMask 1,
+    """``tests.support.models.gpt_layers(n_layer)`` as plain modules: Embed (tied) 0, PositionAndMask 1,
     Blocks 2..n+1, take_hidden n+2 (no parameters), LayerNorm n+3, the tied head n+4."""
 
     def __init__(self, n_layer: int = 3, seed: int = SEED) -> None:
