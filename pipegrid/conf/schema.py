@@ -7,6 +7,7 @@ onto this schema by :func:`to_train_config`, so a typo'd key fails with its name
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -295,11 +296,31 @@ def to_train_config(config: Any = None) -> TrainConfig:
     # instead of merging into it (SGD must not inherit AdamW's keys)
     replace = {k: config[k] for k in ("optimizer", "lr_scheduler") if k in config}
     rest = {k: v for k, v in config.items() if k not in replace}
-    merged = OmegaConf.to_object(OmegaConf.merge(schema, rest))
+    merged = OmegaConf.to_object(_merge_checked(schema, rest))
     for key, value in replace.items():
         setattr(merged, key, dict(value) if isinstance(value, Mapping) else value)
     merged.__post_init__()  # type: ignore[attr-defined]
     return merged  # type: ignore[return-value]
+
+
+def _merge_checked(schema: Any, values: dict[str, Any]) -> Any:
+    """``OmegaConf.merge``, with its errors for an unknown nested key or a value of the wrong
+    type turned into pipegrid's: the key's full name, the section's keys, the closest match."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    try:
+        return OmegaConf.merge(schema, values)
+    except ConfigKeyError as error:
+        section, _, key = str(error.full_key).rpartition(".")
+        valid = sorted(OmegaConf.select(schema, section).keys()) if section else sorted(_fields())
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"; did you mean {section}.{close[0]}?" if close else ""
+        raise ValueError(f"unknown config key {error.full_key}; the keys of {section or 'the config'} are "
+                         f"{valid}{hint}") from None
+    except ValidationError as error:
+        first = str(error).splitlines()[0]
+        raise ValueError(f"config key {error.full_key}: {first}") from None
 
 
 def _fields() -> set[str]:
