@@ -1,6 +1,6 @@
 """DeepSpeed scripts on pipegrid.
 
-The same DeepSpeed-style script (tests/dist/deepspeed_script.py) runs under DeepSpeed 0.19 itself
+The same DeepSpeed-style script (tests/support/deepspeed_script.py) runs under DeepSpeed 0.19 itself
 (CPU, gloo) and under ``pipegrid.compat.deepspeed``: the same starting weights, losses and
 learning rates step by step, wherever DeepSpeed is right; where it is not (fp32 clipping on a
 pipeline without ZeRO; seed_layers with partition_method="parameters" on Python >= 3.11; the

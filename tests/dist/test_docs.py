@@ -2,6 +2,7 @@
 
 A picture that exists only on the machine that drew it (``*.png`` is ignored outside
 ``docs/``) is a broken image for everyone else, so links to git-ignored files fail too.
+(In tests/dist: it asks git, in a subprocess, which files it ignores.)
 """
 
 from __future__ import annotations
