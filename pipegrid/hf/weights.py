@@ -115,14 +115,24 @@ class CheckpointWeights:
                              "or of another model")
 
     @torch.no_grad()
-    def read_into(self, target: torch.Tensor, key: str) -> None:
-        """Copy the tensor stored for model key ``key`` into ``target`` (casting its dtype)."""
+    def read_into(self, target: torch.Tensor, key: str, shard: tuple[Any, int, int] | None = None) -> None:
+        """Copy the tensor stored for model key ``key`` into ``target`` (casting its dtype); with
+        ``shard`` = (ShardRule, tensor rank, tensor degree) only that rank's slices are read."""
         if key in self.conversions:
+            if shard is not None:
+                raise RuntimeError(f"{key} is converted while loading (stacked experts); pipegrid.hf does not "
+                                   "split converted tensors over a tensor group: set topology.tensor=1")
             target.copy_(self._converted(self.conversions[key])[key])
             return
         name = self.names.get(key)
         assert name is not None, f"{key} was checked to be stored"
-        self._read_blocks(target, name)
+        if shard is None:
+            self._read_blocks(target, name)
+            return
+        rule, rank, parts = shard
+        with safe_open(os.path.join(self.path, self.tensors[name].file), framework="pt") as handle:
+            view = handle.get_slice(name)  # indexing reads just that slice from the file
+            target.copy_(rule.read_slices(lambda index: view[index], rank, parts))
 
     def release(self) -> None:
         """Drop the last converted group (kept while its sibling tensors are read)."""
