@@ -1,0 +1,142 @@
+"""pipegrid.hf split over a tensor group (tensor=2) on gloo: each family trains like the
+transformers model in one process, at (pipe, data, tensor) = (1,1,2), (2,1,2), (2,2,2), (3,1,2).
+
+One launch per grid runs every case: Llama (GQA, untied), GPT-2 (tied, adapter TP plan),
+Qwen2 (tied, q/k/v bias), Mistral (GQA, sliding window) under 1f1b and zb_h1 (split
+backward), padded batches, clipping that bites. After 3 steps the losses, every parameter
+(the shards gathered), the eval logits (vocab shards gathered by the test) and the logits of
+the saved directory loaded by transformers must equal the one-process model's. Every split
+tensor was read as a shard, never whole.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pipegrid as pg
+from pipegrid import hf
+from pipegrid.hf.weights import CheckpointWeights
+from pipegrid.launch import run_local
+from tests.support.hf_models import ATTN, lm_batches, load_reference, reference_step, save_tiny
+
+FAMILIES = ("llama", "gpt2", "qwen2", "mistral")
+SCHEDULES = ("1f1b", "zb_h1")
+STEPS, MICRO_BATCHES, CLIP = 3, 2, 0.5
+SGD = {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9}
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _config(schedule: str, pipe: int, data: int) -> dict:
+    return {"topology": {"pipe": pipe, "data": data, "tensor": 2},
+            "schedule": {"name": schedule, "micro_batches": MICRO_BATCHES}, "optimizer": SGD,
+            "train": {"grad_clip": CLIP}, "comm": {"timeout_s": 60}}
+
+
+def _step_batches(step: int, data: int) -> list:
+    return lm_batches(MICRO_BATCHES * data, seed=100 + step, padded=True)
+
+
+def _eval_batches() -> list:
+    return lm_batches(MICRO_BATCHES, seed=7, padded=True)
+
+
+def _gather_vocab(logits: torch.Tensor, group) -> torch.Tensor:
+    shards = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, logits.contiguous(), group=group)
+    return torch.cat(shards, dim=-1)
+
+
+def _train(case: dict, groups: pg.ProcessGroups, reads: list) -> dict:
+    """On every rank: load (shards only), train, evaluate, save; losses, whole tensors, whole logits."""
+    reads.clear()
+    model = hf.from_pretrained(case["dir"], topology=groups.topology, attn_implementation=ATTN,
+                               tensor_group=groups.tensor_parallel_group)
+    split_keys = set(model.skeleton.split.rules)
+    whole_reads = [key for key, shard in reads if key in split_keys and shard is None]
+    engine = pg.initialize(model, case["config"], groups)
+    data, m = groups.coord.data, MICRO_BATCHES
+    losses = [engine.train_batch(iter(_step_batches(s, groups.topology.data)[data * m:(data + 1) * m]))
+              for s in range(STEPS)]
+    _, logits = engine.eval_batch(iter(_eval_batches()), return_outputs=True)
+    if logits is not None:
+        logits = [_gather_vocab(x, groups.tensor_parallel_group) for x in logits]
+    hf.save_pretrained(engine, case["save"])
+    tensors = {key: t.detach().clone() for key, t in model.hf_state_dict().items()}
+    return {"losses": losses, "tensors": tensors, "logits": logits, "whole_reads": whole_reads,
+            "split_keys": len(split_keys)}
+
+
+def _run_cases(cases: list[dict]) -> list[dict]:
+    groups = pg.init_distributed(cases[0]["config"])  # one grid per launch: its groups serve every case
+    reads: list = []
+    original = CheckpointWeights.read_into
+
+    def recording(self, target, key, shard=None):
+        reads.append((key, shard))
+        return original(self, target, key, shard)
+
+    CheckpointWeights.read_into = recording  # this worker process only
+    return [_train(case, groups, reads) for case in cases]
+
+
+_REFERENCES: dict[tuple, tuple[torch.nn.Module, list[float]]] = {}
+
+
+def _reference(directory: str, data: int) -> tuple[torch.nn.Module, list[float]]:
+    """The transformers model trained in one process on the same global batches (once per family and data)."""
+    if (directory, data) not in _REFERENCES:
+        model = load_reference(directory).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=SGD["lr"], momentum=SGD["momentum"])
+        losses = [reference_step(model, _step_batches(s, data), optimizer, CLIP) for s in range(STEPS)]
+        _REFERENCES[(directory, data)] = (model.eval(), losses)
+    return _REFERENCES[(directory, data)]
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [model(input_ids=ids, attention_mask=mask).logits for (ids, mask), _ in _eval_batches()]
+
+
+def _check(case: dict, per_rank: list[dict]) -> None:
+    reference, losses = _reference(case["dir"], case["config"]["topology"]["data"])
+    state = reference.state_dict()
+    name = f"{os.path.basename(case['dir'])} {case['config']['schedule']['name']}"
+    seen = set()
+    for rank, result in enumerate(per_rank):
+        assert result["split_keys"] > 0 and not result["whole_reads"], f"{name} rank {rank}: read whole " \
+            f"{result['whole_reads']}"
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=ATOL,
+                                   msg=lambda m: f"{name} rank {rank} losses: {m}")
+        for key, value in result["tensors"].items():
+            torch.testing.assert_close(value, state[key], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"{name} rank {rank} {key}: {m}")
+            seen.add(key)
+    stored = {k for k in state if not (k == "lm_head.weight" and reference.config.tie_word_embeddings)}
+    assert seen >= stored, f"{name}: parameters never compared: {stored - seen}"
+    want = _logits(reference)
+    last = [r["logits"] for r in per_rank if r["logits"] is not None]
+    assert last, f"{name}: no rank returned logits"
+    for logits in last:
+        for got, expected in zip(logits, want):
+            torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name} eval logits: {m}")
+    for got, expected in zip(_logits(load_reference(case["save"])), want):
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name} saved: {m}")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-tp")
+    return {family: save_tiny(family, str(root / family)) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("pipe,data", [(1, 1), (2, 1), (2, 2), (3, 1)])
+def test_tensor_parallel_trains_and_saves_like_transformers(checkpoints, tmp_path, pipe, data):
+    cases = [{"dir": checkpoints[family], "config": _config(schedule, pipe, data),
+              "save": str(tmp_path / f"{family}-{schedule}")} for family in FAMILIES for schedule in SCHEDULES]
+    per_rank = run_local(_run_cases, pipe * data * 2, (cases,), timeout_s=600)
+    for i, case in enumerate(cases):
+        _check(case, [rank_results[i] for rank_results in per_rank])
