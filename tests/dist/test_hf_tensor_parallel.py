@@ -21,7 +21,7 @@ import pipegrid as pg
 from pipegrid import hf
 from pipegrid.hf.weights import CheckpointWeights
 from pipegrid.launch import run_local
-from tests.support.hf_models import ATTN, lm_batches, load_reference, reference_step, save_tiny
+from tests.support.hf_models import ATTN, lm_batches, load_reference, reference_step, save_tiny, tiny_config
 
 FAMILIES = ("llama", "gpt2", "qwen2", "mistral")
 SCHEDULES = ("1f1b", "zb_h1")
@@ -140,3 +140,21 @@ def test_tensor_parallel_trains_and_saves_like_transformers(checkpoints, tmp_pat
     per_rank = run_local(_run_cases, pipe * data * 2, (cases,), timeout_s=600)
     for i, case in enumerate(cases):
         _check(case, [rank_results[i] for rank_results in per_rank])
+
+
+def _random_start(family: str) -> dict[str, torch.Tensor]:
+    groups = pg.init_distributed({"topology": {"pipe": 2, "data": 1, "tensor": 2}})
+    model = hf.from_config(tiny_config(family), topology=groups.topology, tensor_group=groups.tensor_parallel_group)
+    return {key: t.detach().clone() for key, t in model.hf_state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_from_config_starts_as_the_dense_model(family):
+    """Random init draws each whole tensor as transformers would and keeps this rank's shard."""
+    dense = hf.from_config(tiny_config(family)).hf_state_dict()
+    seen = set()
+    for rank, tensors in enumerate(run_local(_random_start, 4, (family,), timeout_s=120)):
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, dense[key]), f"{family} rank {rank}: {key} starts differently"
+            seen.add(key)
+    assert seen == set(dense), f"never compared: {set(dense) - seen}"
