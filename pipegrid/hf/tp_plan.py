@@ -6,7 +6,7 @@ Every planned module is swapped, while still on the meta device, for its paralle
 added after the all-reduce), the token embedding -> VocabParallelEmbedding and the LM head ->
 ColumnParallelLinear without gather (the loss is vocab-parallel: no rank holds full logits).
 Each split tensor gets a :class:`ShardRule` saying which slices of the stored tensor are this
-rank's, so a rank reads only those (``read_slices``) and ``assemble`` puts shards back together.
+rank's, so a rank reads only those (``copy_slices``) and ``assemble`` puts shards back together.
 """
 
 from __future__ import annotations
@@ -62,11 +62,21 @@ class ShardRule:
         """This rank's shard of a whole tensor held in memory (random init)."""
         return self.from_slices([full.narrow(self.dim, a, b - a) for a, b in self.slices(rank, parts)])
 
-    def read_slices(self, read: Callable[[tuple[slice, ...]], torch.Tensor], rank: int,
-                    parts: int) -> torch.Tensor:
-        """This rank's shard read slice by slice (``read`` indexes a safetensors ``get_slice``)."""
-        lead = (slice(None),) * self.dim
-        return self.from_slices([read((*lead, slice(a, b))) for a, b in self.slices(rank, parts)])
+    def copy_slices(self, target: torch.Tensor, read: Callable[[tuple[slice, ...]], torch.Tensor], rank: int,
+                    parts: int, block_rows: int) -> None:
+        """Fill ``target`` (this rank's shard) from the stored tensor, ``block_rows`` stored rows at a
+        time: ``read`` indexes a safetensors ``get_slice``, which reads just that block from the file,
+        so a rank never holds the whole tensor, nor a second copy of its shard."""
+        held = target.t() if self.transposed else target  # the stored orientation
+        offset = 0
+        for start, stop in self.slices(rank, parts):
+            dest = held.narrow(self.dim, offset, stop - start)
+            offset += stop - start
+            rows = dest.shape[0]
+            for row in range(0, rows, block_rows):
+                end = min(row + block_rows, rows)
+                index = (slice(start + row, start + end),) if self.dim == 0 else (slice(row, end), slice(start, stop))
+                dest[row:end].copy_(read(index))
 
     def assemble(self, shards: list[torch.Tensor]) -> torch.Tensor:
         """The stored tensor from every rank's shard (in tensor-rank order)."""

@@ -130,9 +130,15 @@ class CheckpointWeights:
             self._read_blocks(target, name)
             return
         rule, rank, parts = shard
-        with safe_open(os.path.join(self.path, self.tensors[name].file), framework="pt") as handle:
-            view = handle.get_slice(name)  # indexing reads just that slice from the file
-            target.copy_(rule.read_slices(lambda index: view[index], rank, parts))
+        rows = target.shape[-1] if rule.transposed and target.dim() == 2 else target.shape[0]
+        block_rows = max(1, READ_BLOCK // max(1, target.numel() // max(rows, 1) * target.element_size()))
+        file = os.path.join(self.path, self.tensors[name].file)
+
+        def read(index: tuple[slice, ...]) -> torch.Tensor:  # the file opened per block, as _read_blocks does
+            with safe_open(file, framework="pt") as handle:
+                return handle.get_slice(name)[index]
+
+        rule.copy_slices(target, read, rank, parts, block_rows)
 
     def release(self) -> None:
         """Drop the last converted group (kept while its sibling tensors are read)."""

@@ -228,7 +228,10 @@ def test_shard_rules_take_read_and_assemble(rule, shape):
     whole = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
     shards = [rule.take(whole, rank, 2) for rank in range(2)]
     for rank, shard in enumerate(shards):
-        assert torch.equal(rule.read_slices(lambda index: whole[index], rank, 2), shard)
+        for block_rows in (1, 2, 100):
+            read = torch.full_like(shard, float("nan"))
+            rule.copy_slices(read, lambda index: whole[index], rank, 2, block_rows)
+            assert torch.equal(read, shard), f"rank {rank}, {block_rows} rows a block"
     assert torch.equal(rule.assemble(shards), whole)
 
 
