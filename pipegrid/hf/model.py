@@ -3,9 +3,9 @@ process holds only its own stages, read from a checkpoint or initialised as tran
 initialises that model.
 
 Everything that can be wrong with the input (a missing directory, no safetensors, an
-architecture that cannot be pipelined, tensors that disagree with config.json, tensor
-parallelism) is checked from config.json and the safetensors headers alone, the same
-way on every rank, before any layer is built and before any collective.
+architecture that cannot be pipelined, tensors that disagree with config.json, a model
+that cannot be split over topology.tensor) is checked from config.json and the safetensors
+headers alone, the same way on every rank, before any layer is built and before any collective.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``save_pretrained(engine, out_dir)``: a directory ``AutoModelForCausalLM.from_pretrained``
 loads, written from any pipe x data layout by the stages themselves.
 
-Each pipe rank of data replica 0 writes its own layers as one safetensors shard; rank 0
+Each pipe rank of data replica 0 writes its own layers as one safetensors shard (split over a
+tensor group, the stage's tensor ranks first gather whole tensors and tensor rank 0 writes); rank 0
 writes config.json, the shard index and (if given) the tokenizer. Everything goes to a
 temporary directory beside ``out_dir`` that is renamed into place once all shards are
 written, so an interrupted save leaves no half directory under the final name.
