@@ -129,6 +129,8 @@ class Skeleton:
         self.base: nn.Module = getattr(self.shell, self.plan.base_prefix)
         self.source = source
         self.full_shapes = {key: tuple(t.shape) for key, t in self.shell.state_dict().items()}
+        # whole parameter sizes, counted before any module is split (what partitioning and describe() see)
+        self.parameter_sizes = {key: p.numel() for key, p in self.shell.named_parameters()}
         self.split: TensorSplit | None = None
         if tensor > 1:
             tp_plan = check_tensor_parallel(self.config, self.shell, self.plan, tensor)
