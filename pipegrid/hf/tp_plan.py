@@ -11,6 +11,8 @@ rank's, so a rank reads only those (``copy_slices``) and ``assemble`` puts shard
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from pipegrid.hf.pp_plan import StagePlan
-from pipegrid.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from pipegrid.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, reduce_from_region
 
 # GPT-2 declares no base_model_tp_plan. Its c_attn is one Conv1D packing q, k and v: "colwise_qkv"
 # splits each of the three parts by heads, so a rank's shard is [q_r, k_r, v_r] and GPT-2's own
@@ -29,7 +31,7 @@ ADAPTER_TP_PLANS: dict[str, dict[str, str]] = {
     "gpt2": {"h.*.attn.c_attn": "colwise_qkv", "h.*.attn.c_proj": "rowwise",
              "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
 }
-SUPPORTED_STYLES = ("colwise", "rowwise", "colwise_qkv")
+SUPPORTED_STYLES = ("colwise", "rowwise", "colwise_qkv", "embedding_rowwise")  # the last: vocab rows, as we split
 # attention attributes that count heads (or their width) on this rank; head_dim and the
 # query-per-key-head ratio stay as they are
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "split_size")
@@ -136,7 +138,7 @@ def check_tensor_parallel(config: Any, shell: nn.Module, plan: StagePlan, tensor
                          f"to a multiple of {tensor} (resize_token_embeddings) or choose another tensor degree")
     base = getattr(shell, plan.base_prefix)
     for name, module in base.named_modules():
-        style = style_of(tp_plan, name)
+        style = style_of(tp_plan, name) if name != plan.embed else None  # the embedding: vocab rows, always
         sizes = _linear_sizes(module) if style else None
         if style and sizes is None:
             raise ValueError(f"{where}: the TP plan splits {name} ({type(module).__name__}) {style}, but pipegrid.hf "
@@ -187,7 +189,7 @@ class TensorSplit:
 
     def _parallel(self, full: str, module: nn.Module) -> nn.Module | None:
         base = f"{self.plan.base_prefix}."
-        if full == base + self.plan.embed:
+        if full == base + self.plan.embed:  # whatever the plan says (embedding_rowwise or nothing): vocab rows
             return self._embedding(full, module)
         if full == self.plan.head:
             return self._column(full, module, (module.weight.shape[0],))
@@ -201,6 +203,8 @@ class TensorSplit:
 
     def _embedding(self, full: str, module: nn.Module) -> nn.Module:
         self.rules[f"{full}.weight"] = ShardRule(0, (module.num_embeddings,))
+        if type(module) is not nn.Embedding:  # a family's own embedding (Gemma scales its output): keep its forward
+            return _vocab_parallel_copy(module, self.group, self.rank, self.parts)
         with torch.device("meta"):
             return VocabParallelEmbedding(module.num_embeddings, module.embedding_dim, group=self.group,
                                           init_from=nn.Embedding(module.num_embeddings, module.embedding_dim))
@@ -228,6 +232,8 @@ class TensorSplit:
         for sub in module.modules():
             dims = {ColumnParallelLinear: {"weight": 0, "bias": 0}, RowParallelLinear: {"weight": 1},
                     VocabParallelEmbedding: {"weight": 0}}.get(type(sub), {})
+            if getattr(sub, "_pipegrid_vocab_parallel", False):
+                dims = {"weight": 0}
             for attr, dim in dims.items():
                 param = getattr(sub, attr, None)
                 if param is not None:
@@ -256,3 +262,31 @@ def _localise_heads(module: nn.Module, parts: int) -> None:
         if isinstance(value, int) and not isinstance(value, bool):
             setattr(module, attr, value // parts)
     module._pipegrid_local_heads = True
+
+
+def _vocab_parallel_copy(module: nn.Embedding, group: Any, rank: int, parts: int) -> nn.Embedding:
+    """A copy of an nn.Embedding subclass holding this rank's vocabulary rows (on meta), whose own
+    forward (scaling and all) runs on the ids of its slice; other ids give zeros, and the all-reduce
+    fills them in, as VocabParallelEmbedding does. The whole module stays untouched (random init
+    cuts the shard from it)."""
+    count = module.num_embeddings // parts
+    start = rank * count
+    local = copy.copy(module)
+    local._parameters, local._buffers, local._modules = dict(module._parameters), dict(module._buffers), \
+        dict(module._modules)
+    local.weight = nn.Parameter(torch.empty(count, module.embedding_dim, dtype=module.weight.dtype, device="meta"))
+    local.num_embeddings = count
+    padding = module.padding_idx
+    local.padding_idx = padding - start if padding is not None and start <= padding < start + count else None
+    local.forward = functools.partial(_vocab_parallel_forward, type(module).forward.__get__(local), group, start,
+                                      count)
+    local._pipegrid_vocab_parallel = True
+    return local
+
+
+def _vocab_parallel_forward(forward: Callable[[torch.Tensor], torch.Tensor], group: Any, start: int, count: int,
+                            ids: torch.Tensor) -> torch.Tensor:
+    shifted = ids - start
+    outside = (shifted < 0) | (shifted >= count)
+    out = forward(shifted.masked_fill(outside, 0))  # (..., C)
+    return reduce_from_region(out.masked_fill(outside.unsqueeze(-1), 0.0), group)

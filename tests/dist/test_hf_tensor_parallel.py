@@ -22,7 +22,8 @@ import pipegrid as pg
 from pipegrid import hf
 from pipegrid.hf.weights import CheckpointWeights
 from pipegrid.launch import run_local
-from tests.support.hf_models import ATTN, lm_batches, load_reference, reference_step, save_tiny, tiny_config
+from tests.support.hf_models import (ATTN, lm_batches, load_reference, reference_step, save_config, save_tiny,
+                                     sweep_config, tiny_config)
 
 FAMILIES = ("llama", "gpt2", "qwen2", "mistral")
 SCHEDULES = ("1f1b", "zb_h1")
@@ -186,3 +187,37 @@ def test_from_config_starts_as_the_dense_model(family):
             assert torch.equal(tensor, dense[key]), f"{family} rank {rank}: {key} starts differently"
             seen.add(key)
     assert seen == set(dense), f"never compared: {set(dense) - seen}"
+
+
+# more plan families, one launch at tensor=2: a scaled embedding subclass (gemma), soft-capping (gemma2),
+# multipliers (granite), biases and an ungated MLP (starcoder2), parallel attention (cohere, phi),
+# a fused per-head query_key_value and an embedding_rowwise entry (gpt_neox)
+SPLIT_FAMILIES = ("gemma", "gemma2", "granite", "starcoder2", "cohere", "gpt_neox", "phi")
+
+
+def _sweep(directories: dict[str, str]) -> dict[str, tuple]:
+    cfg = _config("1f1b", 1, 1)
+    groups = pg.init_distributed(cfg)
+    out = {}
+    for family, directory in directories.items():
+        model = hf.from_pretrained(directory, topology=groups.topology, attn_implementation=ATTN,
+                                   tensor_group=groups.tensor_parallel_group)
+        engine = pg.initialize(model, cfg, groups)
+        losses = [engine.train_batch(iter(_step_batches(s, 1))) for s in range(STEPS)]
+        out[family] = (losses, {key: t.detach().clone() for key, t in model.hf_state_dict().items()})
+    return out
+
+
+def test_more_plan_families_train_like_transformers(tmp_path):
+    directories = {family: save_config(sweep_config(family), str(tmp_path / family)) for family in SPLIT_FAMILIES}
+    results = run_local(_sweep, 2, (directories,), timeout_s=600)
+    for family, directory in directories.items():
+        reference, losses = _reference(directory, 1, SGD)
+        state = reference.state_dict()
+        for rank, per_family in enumerate(results):
+            got_losses, tensors = per_family[family]
+            torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(losses), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"{family} rank {rank} losses: {m}")
+            for key, value in tensors.items():
+                torch.testing.assert_close(value, state[key], rtol=RTOL, atol=ATOL,
+                                           msg=lambda m: f"{family} rank {rank} {key}: {m}")

@@ -211,6 +211,12 @@ def test_tensor_parallel_bad_input_is_refused_before_any_group():
             tiny_config("llama", vocab_size=63), tensor2)
     refused(r"styles pipegrid.hf does not apply: .*qkv_proj': 'colwise_gather_output'", hf.from_config,
             sweep_config("phi3"), tensor2)
+    refused(r"styles pipegrid.hf does not apply: .*q_norm': 'replicated_with_grad_allreduce'", hf.from_config,
+            sweep_config("qwen3"), tensor2)
+    moe_style = tiny_config("llama")
+    moe_style.base_model_tp_plan = {**moe_style.base_model_tp_plan, "layers.*.mlp.gate_proj": "local_colwise"}
+    refused(r"styles pipegrid.hf does not apply: \{'layers.\*.mlp.gate_proj': 'local_colwise'\}", hf.from_config,
+            moe_style, tensor2)
     no_plan = tiny_config("llama")
     no_plan.base_model_tp_plan = None
     refused(r"no base_model_tp_plan and pipegrid.hf has no adapter TP plan for model_type 'llama'", hf.from_config,
