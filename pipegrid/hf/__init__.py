@@ -8,7 +8,9 @@
 
 Every causal LM whose config declares ``base_model_pp_plan`` (Llama, Mistral, Qwen2/3,
 Gemma, Phi-3, GPT-NeoX, ...) goes through one path driven by that plan; GPT-2 through
-pipegrid's adapter plan. Only this package of pipegrid imports transformers.
+pipegrid's adapter plan. ``topology.tensor > 1`` splits every stage by the config's
+``base_model_tp_plan`` (GPT-2: pipegrid's adapter TP plan). Only this package of pipegrid
+imports transformers.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ except ImportError as error:  # pragma: no cover - depends on the installation
     raise ImportError(f"pipegrid.hf needs the hf extra (transformers>=5, safetensors): pip install -e \".[hf]\" "
                       f"({error})") from None
 
-from pipegrid.hf.model import CausalLMLoss, HFCausalLM, from_config, from_pretrained
+from pipegrid.hf.model import CausalLMLoss, HFCausalLM, VocabParallelCausalLMLoss, from_config, from_pretrained
 from pipegrid.hf.pp_plan import ADAPTER_PLANS
 from pipegrid.hf.save import save_pretrained
+from pipegrid.hf.tp_plan import ADAPTER_TP_PLANS
 
-__all__ = ["ADAPTER_PLANS", "CausalLMLoss", "HFCausalLM", "from_config", "from_pretrained", "save_pretrained"]
+__all__ = ["ADAPTER_PLANS", "ADAPTER_TP_PLANS", "CausalLMLoss", "HFCausalLM", "VocabParallelCausalLMLoss",
+           "from_config", "from_pretrained", "save_pretrained"]

@@ -143,9 +143,11 @@ class _Described:
         return self._label
 
     def num_parameters(self) -> int:
-        """Counted on the meta-device skeleton: nothing is built or read."""
-        params = {id(p): p for name in self.hf_modules for p in self._skeleton.shell.get_submodule(name).parameters()}
-        return sum(p.numel() for p in params.values())
+        """Counted on the meta-device skeleton (whole, even once this rank's copy is split): nothing
+        is built or read."""
+        sizes = self._skeleton.parameter_sizes
+        keys = {key for name in self.hf_modules for key in sizes if key.startswith(f"{name}.")}
+        return sum(sizes[key] for key in keys)
 
 
 class HFLayerSpec(_Described, LayerSpec):

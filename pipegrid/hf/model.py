@@ -3,9 +3,9 @@ process holds only its own stages, read from a checkpoint or initialised as tran
 initialises that model.
 
 Everything that can be wrong with the input (a missing directory, no safetensors, an
-architecture that cannot be pipelined, tensors that disagree with config.json, tensor
-parallelism) is checked from config.json and the safetensors headers alone, the same
-way on every rank, before any layer is built and before any collective.
+architecture that cannot be pipelined, tensors that disagree with config.json, a model
+that cannot be split over topology.tensor) is checked from config.json and the safetensors
+headers alone, the same way on every rank, before any layer is built and before any collective.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from pipegrid.hf.layers import TIED_KEY, layer_specs
@@ -23,6 +25,7 @@ from pipegrid.hf.skeleton import Skeleton
 from pipegrid.hf.weights import CheckpointWeights
 from pipegrid.pipe.module import PipelineModule
 from pipegrid.pipe.spec import TiedLayerSpec
+from pipegrid.tensor import vocab_parallel_cross_entropy
 from pipegrid.topology.grid import Topology
 
 
@@ -38,8 +41,23 @@ class CausalLMLoss:
         return self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size)
 
 
+class VocabParallelCausalLMLoss:
+    """The causal-LM loss of logits split along the vocabulary over the tensor group, never
+    gathered: labels shifted as transformers' ``ForCausalLMLoss`` does, -100 ignored, mean over
+    the counted tokens, the softmax in float32."""
+
+    def __init__(self, tensor_group: Any) -> None:
+        self.tensor_group = tensor_group
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+        return vocab_parallel_cross_entropy(logits.float(), shifted, self.tensor_group)
+
+
 class _CheckpointSource:
-    """Fills materialised modules from a checkpoint, one tensor at a time."""
+    """Fills materialised modules from a checkpoint, one tensor (or one tensor shard) at a time."""
+
+    reads_whole = False
 
     def __init__(self, weights: CheckpointWeights) -> None:
         self.weights = weights
@@ -49,7 +67,9 @@ class _CheckpointSource:
         for local, tensor in module.state_dict(keep_vars=True).items():
             key = f"{name}.{local}"
             if key != tied:
-                self.weights.read_into(tensor, key)
+                rule = skeleton.shard_rule(key)
+                shard = None if rule is None else (rule, skeleton.split.rank, skeleton.split.parts)
+                self.weights.read_into(tensor, key, shard)
                 tensor._is_hf_initialized = True  # transformers' init then leaves it alone
         self.weights.release()
         skeleton.init_weights(module)  # what no checkpoint stores: rotary tables and other computed buffers
@@ -57,6 +77,8 @@ class _CheckpointSource:
 
 class _RandomInit:
     """Initialises materialised modules as transformers does (under the layer's seed)."""
+
+    reads_whole = True
 
     def fill(self, skeleton: Skeleton, module: nn.Module, name: str) -> None:
         skeleton.init_weights(module)
@@ -75,7 +97,9 @@ class HFCausalLM(PipelineModule):
                  partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
                  seed: int = 1234, **pipeline_kwargs: Any) -> None:
         skeleton.materialise_unplanned()
-        loss = CausalLMLoss(skeleton.shell.loss_function, skeleton.config.vocab_size)
+        loss: Any = CausalLMLoss(skeleton.shell.loss_function, skeleton.config.vocab_size)
+        if skeleton.split is not None:
+            loss = VocabParallelCausalLMLoss(skeleton.split.group)
         super().__init__(layer_specs(skeleton), loss_fn=loss, topology=topology, partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval, seed=seed,
                          **pipeline_kwargs)
@@ -92,7 +116,11 @@ class HFCausalLM(PipelineModule):
         return bool(owners) and min(owners) == self.pipe_rank
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """This process's tensors under their transformers names, each stored once in the model."""
+        """This process's tensors under their transformers names, each stored once in the model.
+
+        Collective over the tensor group when it is split: every shard is gathered into the
+        whole tensor the checkpoint stores (each tensor rank of a stage gets them all).
+        """
         tensors: dict[str, torch.Tensor] = {}
         for stage in self.stage_ids:
             for index, layer in self.local_layers(stage):
@@ -100,7 +128,16 @@ class HFCausalLM(PipelineModule):
                     continue
                 for key, tensor in layer.hf_tensors():
                     tensors.setdefault(key, tensor)
-        return tensors
+        return {key: self._whole(key, tensor) for key, tensor in tensors.items()}
+
+    def _whole(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        rule = self.skeleton.shard_rule(key)
+        if rule is None:
+            return tensor
+        split = self.skeleton.split
+        shards = [torch.empty_like(tensor) for _ in range(split.parts)]
+        dist.all_gather(shards, tensor.detach().contiguous(), group=split.group)
+        return rule.assemble(shards)
 
     def hf_shard_keys(self) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
         """pipe rank -> (key, shape) of the tensors it stores: every rank's, from the skeleton alone."""
@@ -110,20 +147,16 @@ class HFCausalLM(PipelineModule):
             owner = self.pipe_rank_of(self.layer_owner(index))
             if isinstance(spec, TiedLayerSpec):
                 owner = min(self.tied_pipe_ranks()[spec.key])
-            for name in spec.hf_modules:
-                for local, tensor in self.skeleton.shell.get_submodule(name).state_dict().items():
-                    key = f"{name}.{local}"
-                    if key not in seen:
+            for name in spec.hf_modules:  # whole shapes: this rank's own modules may be split by now
+                for key, shape in self.skeleton.full_shapes.items():
+                    if key.startswith(f"{name}.") and key not in seen and key != self.skeleton.tied_head_key():
                         seen.add(key)
-                        shards[owner].append((key, tuple(tensor.shape)))
+                        shards[owner].append((key, shape))
         return shards
 
 
-def _check_topology(topology: Topology | None) -> None:
-    if topology is not None and topology.tensor > 1:
-        raise ValueError(f"pipegrid.hf does not split transformers layers across a tensor group yet, got "
-                         f"topology.tensor={topology.tensor}; set topology.tensor=1 and use topology.data for "
-                         "more processes (tensor parallelism from the config's base_model_tp_plan is the next step)")
+def _tensor_degree(topology: Topology | None) -> int:
+    return 1 if topology is None else topology.tensor
 
 
 def _dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
@@ -146,7 +179,8 @@ def _dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
 def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch.dtype | str | None = None,
                     partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
                     seed: int = 1234, attn_implementation: str | None = None,
-                    pp_plan: Mapping[str, PlanEntry] | None = None, **pipeline_kwargs: Any) -> HFCausalLM:
+                    pp_plan: Mapping[str, PlanEntry] | None = None, tensor_group: Any = None,
+                    **pipeline_kwargs: Any) -> HFCausalLM:
     """A transformers checkpoint directory (config.json + safetensors) as pipeline stages.
 
     Each process materialises only its own stages' modules and reads only their tensors.
@@ -154,11 +188,14 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
     default, as in transformers; "auto": config.json's). ``pp_plan`` overrides the
     config's ``base_model_pp_plan``. Other keywords go to :class:`PipelineModule`
     (``virtual_stages``, ``pipe``/``pipe_rank`` without a topology, ...).
+
+    ``topology.tensor > 1`` splits every stage over ``tensor_group`` (pass
+    ``groups.tensor_parallel_group``, ``groups = pg.init_distributed(config)``) by the config's
+    ``base_model_tp_plan``; each rank then reads only its slice of each split tensor.
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    _check_topology(topology)
     stored = read_config_json(path)
     model_type = stored.get("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -170,7 +207,7 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
     config = AutoConfig.from_pretrained(path)
     weights = CheckpointWeights(path)
     skeleton = Skeleton(config, plan_for(config, pp_plan), _CheckpointSource(weights), _dtype(dtype, config),
-                        attn_implementation)
+                        attn_implementation, _tensor_degree(topology), tensor_group)
     weights.bind(skeleton.shell)
     weights.check(skeleton.expected_tensors(), where=f"{skeleton.plan.class_name} built from config.json")
     return HFCausalLM(skeleton, topology, partition_method=partition_method,
@@ -180,15 +217,16 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
 def from_config(config: Any, topology: Topology | None = None, *, dtype: torch.dtype | str | None = None,
                 partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
                 seed: int = 1234, attn_implementation: str | None = None,
-                pp_plan: Mapping[str, PlanEntry] | None = None, **pipeline_kwargs: Any) -> HFCausalLM:
+                pp_plan: Mapping[str, PlanEntry] | None = None, tensor_group: Any = None,
+                **pipeline_kwargs: Any) -> HFCausalLM:
     """A randomly initialised model of ``config`` (a transformers ``PretrainedConfig``) as pipeline stages.
 
     Each module is initialised by the model's own ``_init_weights``; pipeline layer i
     draws from ``seed + i`` (the tied embedding from ``seed``) whatever stage builds it,
     so every layout starts from bit-identical weights.
     """
-    _check_topology(topology)
     config = copy.deepcopy(config)
-    skeleton = Skeleton(config, plan_for(config, pp_plan), _RandomInit(), _dtype(dtype, config), attn_implementation)
+    skeleton = Skeleton(config, plan_for(config, pp_plan), _RandomInit(), _dtype(dtype, config), attn_implementation,
+                        _tensor_degree(topology), tensor_group)
     return HFCausalLM(skeleton, topology, partition_method=partition_method,
                       activation_checkpoint_interval=activation_checkpoint_interval, seed=seed, **pipeline_kwargs)

@@ -1,7 +1,8 @@
 """``save_pretrained(engine, out_dir)``: a directory ``AutoModelForCausalLM.from_pretrained``
 loads, written from any pipe x data layout by the stages themselves.
 
-Each pipe rank of data replica 0 writes its own layers as one safetensors shard; rank 0
+Each pipe rank of data replica 0 writes its own layers as one safetensors shard (split over a
+tensor group, the stage's tensor ranks first gather whole tensors and tensor rank 0 writes); rank 0
 writes config.json, the shard index and (if given) the tokenizer. Everything goes to a
 temporary directory beside ``out_dir`` that is renamed into place once all shards are
 written, so an interrupted save leaves no half directory under the final name.
@@ -77,24 +78,24 @@ def _publish(tmp: str, out_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _layout(target: PipelineEngine | HFCausalLM) -> tuple[HFCausalLM, int, int, bool, torch.dtype]:
-    """(module, rank, pipe rank, whether this rank writes its stage's shard, dtype) for an engine,
-    or for a one-process model (all stages here, no other process)."""
+def _layout(target: PipelineEngine | HFCausalLM) -> tuple[HFCausalLM, int, int, bool, bool, torch.dtype]:
+    """(module, rank, pipe rank, whether this rank gathers its stage's tensors, whether it writes
+    them, dtype) for an engine, or for a one-process model (all stages here, no other process).
+    Data replica 0 gathers (each tensor rank takes part); its tensor rank 0 writes."""
     if isinstance(target, HFCausalLM):
         alone = not dist.is_initialized() or dist.get_world_size() == 1
         if target.pipe != 1 or not alone:
             raise TypeError("hf.save_pretrained(model, ...) takes a model only when one process holds all of it; "
                             "pass the engine (pg.initialize's result) to save a pipeline")
-        return target, 0, 0, True, next(target.parameters()).dtype
+        return target, 0, 0, True, True, next(target.parameters()).dtype
     module = getattr(target, "module", None)
     if not isinstance(module, HFCausalLM):
         raise TypeError(f"hf.save_pretrained needs an engine over a pipegrid.hf model (hf.from_pretrained / "
                         f"hf.from_config), got {type(target).__name__} over {type(module).__name__}; use "
                         "engine.save_checkpoint for other models")
-    topology, coord = target.topology, target.groups.coord
-    if topology.tensor > 1:
-        raise ValueError(f"hf.save_pretrained: topology.tensor={topology.tensor} is not supported by pipegrid.hf")
-    return module, target.groups.rank, target.pipe_rank, coord.data == 0 and coord.tensor == 0, target.dtype
+    coord = target.groups.coord
+    gathers = coord.data == 0
+    return module, target.groups.rank, target.pipe_rank, gathers, gathers and coord.tensor == 0, target.dtype
 
 
 def save_pretrained(engine: PipelineEngine | HFCausalLM, out_dir: str, *, tokenizer: Any = None) -> str:
@@ -105,7 +106,7 @@ def save_pretrained(engine: PipelineEngine | HFCausalLM, out_dir: str, *, tokeni
     (anything with ``save_pretrained``) is saved with them. A model that one process
     holds whole (``pipe=1``) may be passed instead of an engine.
     """
-    module, rank, pipe_rank, writes, dtype = _layout(engine)
+    module, rank, pipe_rank, gathers, writes, dtype = _layout(engine)
     out_dir = os.path.abspath(out_dir)
     parent, name = os.path.split(out_dir)
     tmp = os.path.join(parent, f".{name}.tmp-pipegrid")
@@ -114,8 +115,10 @@ def save_pretrained(engine: PipelineEngine | HFCausalLM, out_dir: str, *, tokeni
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
+    if gathers:
+        whole = module.hf_state_dict()  # collective over the tensor group when the stage is split
     if writes:
-        tensors = _detached(stored_layout(module.skeleton.shell, module.hf_state_dict()))
+        tensors = _detached(stored_layout(module.skeleton.shell, whole))
         save_file(tensors, os.path.join(tmp, shard_name(pipe_rank, module.pipe)), metadata={"format": "pt"})
     _barrier()
     if rank == 0:

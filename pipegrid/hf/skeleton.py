@@ -18,12 +18,18 @@ import torch
 from torch import nn
 
 from pipegrid.hf.pp_plan import StagePlan, causal_lm_class, resolve
+from pipegrid.hf.tp_plan import ShardRule, TensorSplit, check_tensor_parallel
+from pipegrid.tensor import tensor_parallel_rank, tensor_parallel_size
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's arguments besides its hidden state
 
 
 class WeightSource(Protocol):
     """Fills a freshly materialised module: from a checkpoint, or with transformers' random init."""
+
+    reads_whole: bool
+    """True when the source draws whole tensors (random init): a split module is then cut from the
+    whole one, so every tensor degree starts from the same weights; False reads only the shard."""
 
     def fill(self, skeleton: Skeleton, module: nn.Module, name: str) -> None: ...
 
@@ -86,6 +92,14 @@ class _BaseStub(nn.Module):
         return _HiddenOnly(self.hidden)
 
 
+def _check_group(tensor: int, group: Any) -> None:
+    size = tensor_parallel_size(group)
+    if size != tensor:
+        raise ValueError(f"topology.tensor={tensor} needs its tensor-parallel group, got one of {size} ranks; pass "
+                         "tensor_group=groups.tensor_parallel_group with groups = pg.init_distributed(config) (and "
+                         "pg.initialize(model, config, groups))")
+
+
 def _on_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
@@ -101,7 +115,7 @@ class Skeleton:
     """The causal LM built on the meta device (no storage), its plan, and the glue between stages."""
 
     def __init__(self, config: Any, plan: dict, source: WeightSource, dtype: torch.dtype,
-                 attn_implementation: str | None = None) -> None:
+                 attn_implementation: str | None = None, tensor: int = 1, tensor_group: Any = None) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
@@ -114,6 +128,15 @@ class Skeleton:
         self.plan: StagePlan = resolve(self.shell, plan)
         self.base: nn.Module = getattr(self.shell, self.plan.base_prefix)
         self.source = source
+        self.full_shapes = {key: tuple(t.shape) for key, t in self.shell.state_dict().items()}
+        # whole parameter sizes, counted before any module is split (what partitioning and describe() see)
+        self.parameter_sizes = {key: p.numel() for key, p in self.shell.named_parameters()}
+        self.split: TensorSplit | None = None
+        if tensor > 1:
+            tp_plan = check_tensor_parallel(self.config, self.shell, self.plan, tensor)
+            _check_group(tensor, tensor_group)
+            self.split = TensorSplit(self.shell, self.plan, tp_plan, tensor_group,
+                                     tensor_parallel_rank(tensor_group), tensor)
         self._record: dict[int, tuple] = {}
         layers = self.decoder_layers()
         self._stubs = nn.ModuleList([_LayerStub(i, len(layers) - 1, self._record, layer)
@@ -145,13 +168,48 @@ class Skeleton:
         return self.materialise_module(module, name)
 
     def materialise_module(self, module: nn.Module, name: str) -> nn.Module:
-        if _on_meta(module):
+        """``module`` given storage and filled; under tensor parallelism its split version (which
+        replaces it in the skeleton when the module itself is split, as the embedding is)."""
+        if not _on_meta(module):
+            return module
+        if self.split is None:
             module.to_empty(device="cpu")
             self.source.fill(self, module, name)
-        return module
+            return module
+        return self._materialise_split(module, name)
+
+    def _materialise_split(self, module: nn.Module, name: str) -> nn.Module:
+        if self.source.reads_whole:  # random init: draw the whole tensors, keep this rank's slices
+            module.to_empty(device="cpu")
+            self.source.fill(self, module, name)
+        swaps = self.split.split(module, name)
+        top = next((parallel for full, _, parallel in swaps if full == name), module)
+        if not self.source.reads_whole:  # a checkpoint: read only this rank's slices
+            top.to_empty(device="cpu")
+            self.source.fill(self, top, name)
+            self.split.mark_shards(top)
+            return top
+        with torch.no_grad():
+            for full, dense, parallel in swaps:
+                parallel.to_empty(device="cpu")
+                whole = dense.state_dict()
+                for local, tensor in parallel.state_dict(keep_vars=True).items():
+                    rule = self.shard_rule(f"{full}.{local}")
+                    tensor.copy_(whole[local] if rule is None else rule.take(whole[local], self.split.rank,
+                                                                              self.split.parts))
+        self.split.mark_shards(top)
+        return top
+
+    def shard_rule(self, key: str) -> ShardRule | None:
+        """How the checkpoint tensor ``key`` is split over the tensor group (None: held whole)."""
+        return None if self.split is None else self.split.rules.get(key)
 
     def tie_head(self, embedding: nn.Module) -> None:
-        """Give the (tied) LM head the embedding's weight, as transformers' ``tie_weights`` does."""
+        """Give the (tied) LM head the embedding's weight, as transformers' ``tie_weights`` does;
+        split, the head holds the embedding's vocab shard, so the tie holds shard for shard."""
+        if self.split is not None:
+            self.split.tied_head(embedding)
+            return
         getattr(self.shell, self.plan.head).weight = embedding.weight
 
     def tied_head_key(self) -> str | None:

@@ -115,14 +115,30 @@ class CheckpointWeights:
                              "or of another model")
 
     @torch.no_grad()
-    def read_into(self, target: torch.Tensor, key: str) -> None:
-        """Copy the tensor stored for model key ``key`` into ``target`` (casting its dtype)."""
+    def read_into(self, target: torch.Tensor, key: str, shard: tuple[Any, int, int] | None = None) -> None:
+        """Copy the tensor stored for model key ``key`` into ``target`` (casting its dtype); with
+        ``shard`` = (ShardRule, tensor rank, tensor degree) only that rank's slices are read."""
         if key in self.conversions:
+            if shard is not None:
+                raise RuntimeError(f"{key} is converted while loading (stacked experts); pipegrid.hf does not "
+                                   "split converted tensors over a tensor group: set topology.tensor=1")
             target.copy_(self._converted(self.conversions[key])[key])
             return
         name = self.names.get(key)
         assert name is not None, f"{key} was checked to be stored"
-        self._read_blocks(target, name)
+        if shard is None:
+            self._read_blocks(target, name)
+            return
+        rule, rank, parts = shard
+        rows = target.shape[-1] if rule.transposed and target.dim() == 2 else target.shape[0]
+        block_rows = max(1, READ_BLOCK // max(1, target.numel() // max(rows, 1) * target.element_size()))
+        file = os.path.join(self.path, self.tensors[name].file)
+
+        def read(index: tuple[slice, ...]) -> torch.Tensor:  # the file opened per block, as _read_blocks does
+            with safe_open(file, framework="pt") as handle:
+                return handle.get_slice(name)[index]
+
+        rule.copy_slices(target, read, rank, parts, block_rows)
 
     def release(self) -> None:
         """Drop the last converted group (kept while its sibling tensors are read)."""

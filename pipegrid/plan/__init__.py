@@ -6,6 +6,7 @@ Timing goes through ``pipegrid.schedules.simulate``; FLOPs follow Narayanan et a
 """
 
 from pipegrid.plan.hardware import GEMM_EFFICIENCY, ClusterSpec, DeviceSpec, Link
+from pipegrid.plan.hf_config import transformer_config_from_hf
 from pipegrid.plan.memory import REPORT_KEYS, OptimizerSpec, activation_bytes, memory_report
 from pipegrid.plan.model import (
     LayerCost, TransformerConfig, megatron_flops_per_step, transformer_layers,
@@ -22,5 +23,6 @@ __all__ = [
     "Prediction", "REPORT_KEYS", "SearchSpace", "StepSimulation", "TransformerConfig",
     "activation_bytes", "candidates", "cluster_from_dict", "explain", "megatron_flops_per_step",
     "memory_report", "micro_batches_of", "model_from_dict", "predict", "predict_transformer",
-    "ring_allreduce_s", "search", "simulate_step", "split_chunks", "transformer_layers",
+    "ring_allreduce_s", "search", "simulate_step", "split_chunks", "transformer_config_from_hf",
+    "transformer_layers",
 ]

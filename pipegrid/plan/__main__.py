@@ -1,4 +1,6 @@
 """``python -m pipegrid.plan model=gpt_1t cluster=a100_3072``: print the fastest layouts.
+``python -m pipegrid.plan --hf-config path/config.json cluster=a100_64 model.seq_len=4096``:
+for a transformers model (its sizes; seq_len, global_batch, dtype, recompute from ``model.*``).
 
 Hydra's compose API reads ``pipegrid/plan/conf`` (presets: model=gpt_1t|gpt_175b|gpt_145b|
 gpt_18b, cluster=a100_3072|a100_1536|a100_64|cpu_2); any key can be overridden, e.g.
@@ -11,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pipegrid.plan.hf_config import transformer_config_from_hf
 from pipegrid.plan.predict import Candidate, Prediction, predict_transformer
 from pipegrid.plan.presets import cluster_from_dict, model_from_dict
 from pipegrid.plan.search import SearchSpace, explain, search
@@ -65,9 +68,32 @@ def _published(cfg: dict[str, Any], model, cluster, ranked: list[Prediction]) ->
     return lines
 
 
+def _hf_config_path(argv: list[str]) -> str | None:
+    """Take ``--hf-config PATH`` (or ``--hf-config=PATH``) out of ``argv``; the rest is Hydra's."""
+    for i, arg in enumerate(argv):
+        if arg == "--hf-config":
+            if i + 1 == len(argv):
+                raise SystemExit("--hf-config needs a path: --hf-config path/config.json")
+            path = argv[i + 1]
+            del argv[i:i + 2]
+            return path
+        if arg.startswith("--hf-config="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = compose(sys.argv[1:] if argv is None else argv)
-    model, cluster = model_from_dict(cfg["model"]), cluster_from_dict(cfg["cluster"])
+    args = list(sys.argv[1:] if argv is None else argv)
+    hf_config = _hf_config_path(args)
+    cfg = compose(args)
+    if hf_config is not None:
+        training = {k: cfg["model"][k] for k in ("seq_len", "global_batch", "dtype", "recompute")}
+        model = transformer_config_from_hf(hf_config, **training)
+        cfg["model"] = {"published": None}
+    else:
+        model = model_from_dict(cfg["model"])
+    cluster = cluster_from_dict(cfg["cluster"])
     s = cfg["search"]
     space = SearchSpace(schedules=tuple(s["schedules"]), micro_batch_sizes=tuple(s["micro_batch_sizes"]),
                         virtual_stages=tuple(s["virtual_stages"]), zero=tuple(s["zero"]),

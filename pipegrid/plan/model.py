@@ -36,6 +36,14 @@ class TransformerConfig:
     """Parameter/activation dtype; fp32 master weights and Adam state come on top."""
     recompute: bool = True
     """Full activation recomputation (the paper's setting): backward re-runs each forward."""
+    ffn: int = 0
+    """MLP width (0: 4 x hidden, GPT's)."""
+    kv_heads: int = 0
+    """Key/value heads (0: one per attention head; fewer: grouped-query attention)."""
+    gated_mlp: bool = False
+    """The MLP has a gate projection beside up (SwiGLU, Llama's): three matrices, not two."""
+    tied: bool = True
+    """The LM head is the embedding's weight; False: a second vocab x hidden matrix."""
 
     def __post_init__(self) -> None:
         for field in ("layers", "hidden", "heads", "seq_len", "vocab", "global_batch"):
@@ -44,14 +52,29 @@ class TransformerConfig:
                 raise ValueError(f"{self.name}: {field} must be a positive integer, got {value!r}")
         if self.hidden % self.heads:
             raise ValueError(f"{self.name}: hidden={self.hidden} must be divisible by heads={self.heads}")
+        if self.kv_heads and self.heads % self.kv_heads:
+            raise ValueError(f"{self.name}: heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"{self.name}: dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
 
     @property
+    def block_matrix_parameters(self) -> int:
+        """Weights of one block's matrices: q and output h^2 each, k and v h x kv_heads x head_dim
+        each, the MLP's 2 (3 gated) h x ffn; GPT's 12 h^2."""
+        h, kv = self.hidden, self.kv_heads or self.heads
+        return 2 * h * h + 2 * h * kv * (h // self.heads) + (3 if self.gated_mlp else 2) * h * (self.ffn or 4 * h)
+
+    @property
     def parameters(self) -> int:
-        """Total parameters: 12 l h^2 (1 + 13/(12h)) + (V + s) h, the paper's count."""
+        """Total parameters: l (M + 13 h) + (V + s) h (+ V h untied); GPT: the paper's
+        12 l h^2 (1 + 13/(12h)) + (V + s) h."""
         h = self.hidden
-        return 12 * self.layers * h * h + 13 * self.layers * h + (self.vocab + self.seq_len) * h
+        head = 0 if self.tied else self.vocab * h
+        return self.layers * (self.block_matrix_parameters + 13 * h) + (self.vocab + self.seq_len) * h + head
+
+    def splits_over(self, tensor: int) -> bool:
+        """Whether heads, key/value heads and the vocabulary divide over ``tensor`` ranks."""
+        return not (self.heads % tensor or (self.kv_heads or self.heads) % tensor or self.vocab % tensor)
 
 
 @dataclass(frozen=True)
@@ -91,8 +114,10 @@ class LayerCost:
 def _block(cfg: TransformerConfig, micro_batch: int, tensor: int) -> LayerCost:
     b, s, h, a, t = micro_batch, cfg.seq_len, cfg.hidden, cfg.heads, tensor
     width = DTYPE_BYTES[cfg.dtype]
-    # Narayanan et al. eq. 3 per layer: 24 b s h^2 (1 + s / (6h)) forward, 2x that backward.
-    forward = 24 * b * s * h * h * (1 + s / (6 * h)) / t
+    # Narayanan et al. eq. 3 per layer: 24 b s h^2 (1 + s / (6h)) forward, 2x that backward;
+    # 2 b s M + 4 b s^2 h for any block's matrices M (24 b s h^2 is GPT's 12 h^2).
+    matrices = cfg.block_matrix_parameters
+    forward = (2 * b * s * matrices + 4 * b * s * s * h) / t
     # Memory-bound traffic (tensor reads + writes, Megatron's fused kernels): norms and the
     # two bias-dropout-residual adds touch b s h on every rank (~12 passes), bias-GeLU the
     # 4h intermediate once each way, scale-mask-softmax + dropout the b a s^2 scores ~5 times.
@@ -100,7 +125,7 @@ def _block(cfg: TransformerConfig, micro_batch: int, tensor: int) -> LayerCost:
     # Korthikanti et al. (arXiv 2205.05198) eq. 2: s b h (10 + 24/t + 5 a s / (h t)) bytes (16-bit).
     stored = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width / 2
     return LayerCost(
-        name="block", parameters=(12 * h * h + 13 * h) // t, forward_flops=forward,
+        name="block", parameters=(matrices + 13 * h) // t, forward_flops=forward,
         backward_flops=2 * forward, forward_memory_bytes=elementwise, activation_bytes=stored,
         checkpoint_bytes=b * s * h * width, output_bytes=b * s * h * width,
         tensor_allreduce_bytes=b * s * h * width if t > 1 else 0.0, tensor_allreduces=2 if t > 1 else 0)
@@ -110,9 +135,9 @@ def transformer_layers(cfg: TransformerConfig, micro_batch: int, tensor: int = 1
     """[embedding, block x layers, logits]: Megatron's layer list, per tensor-parallel rank."""
     if micro_batch < 1 or tensor < 1:
         raise ValueError(f"micro_batch and tensor must be >= 1, got {micro_batch} and {tensor}")
-    if cfg.heads % tensor:
-        raise ValueError(f"{cfg.name}: tensor={tensor} must divide heads={cfg.heads}; "
-                         "pick a tensor degree that divides the head count")
+    if not cfg.splits_over(tensor):
+        raise ValueError(f"{cfg.name}: tensor={tensor} must divide heads={cfg.heads} and kv_heads="
+                         f"{cfg.kv_heads or cfg.heads}; pick a tensor degree that divides the head counts")
     b, s, h, width = micro_batch, cfg.seq_len, cfg.hidden, DTYPE_BYTES[cfg.dtype]
     embed = LayerCost(name="embedding", parameters=(cfg.vocab * h) // tensor + s * h,
                       forward_memory_bytes=3 * b * s * h * width, checkpoint_bytes=0.0,
@@ -132,7 +157,7 @@ def megatron_flops_per_step(cfg: TransformerConfig, recompute: bool | None = Non
     recompute = cfg.recompute if recompute is None else recompute
     passes = 4 if recompute else 3
     b, s, l, h = cfg.global_batch, cfg.seq_len, cfg.layers, cfg.hidden
-    per_pass = 24 * b * s * l * h * h * (1 + s / (6 * h)) + 2 * b * s * h * cfg.vocab
+    per_pass = l * (2 * b * s * cfg.block_matrix_parameters + 4 * b * s * s * h) + 2 * b * s * h * cfg.vocab
     # logits layer: 3 passes (never recomputed), as in eq. 3's V/(16 l h) term
     logits = 2 * b * s * h * cfg.vocab
     return passes * (per_pass - logits) + 3 * logits

@@ -43,7 +43,7 @@ def candidates(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace)
     """Every candidate using all devices: tensor <= GPUs per host (dividing the heads),
     pipe chunks <= layers, interleaving only when layers split evenly into p x v chunks."""
     out = []
-    for t in [t for t in _divisors(cluster.devices_per_host) if cfg.heads % t == 0]:
+    for t in [t for t in _divisors(cluster.devices_per_host) if cfg.splits_over(t)]:
         if cluster.num_devices % t:
             continue
         for p in [p for p in _divisors(cluster.num_devices // t) if p <= cfg.layers]:

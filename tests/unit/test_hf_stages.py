@@ -6,6 +6,7 @@ directories load in transformers; bad input fails before anything distributed st
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors import safe_open
 
 import pipegrid as pg
 from pipegrid import hf
+from pipegrid.hf.tp_plan import ShardRule
 from pipegrid.hf.weights import CheckpointWeights
 from tests.support.hf_models import (ATTN, SWEEP, lm_batches, load_reference, save_config, save_tiny, sweep_config,
                                      tiny_config)
@@ -60,7 +62,7 @@ def test_a_stage_reads_and_materialises_only_its_own_tensors(tmp_path, monkeypat
     directory = save_tiny("llama", str(tmp_path / "llama"), n_layer=4)
     read: list[str] = []
     original = CheckpointWeights.read_into
-    monkeypatch.setattr(CheckpointWeights, "read_into", lambda self, t, key: (read.append(key), original(self, t, key)))
+    monkeypatch.setattr(CheckpointWeights, "read_into", lambda self, t, key, shard=None: (read.append(key), original(self, t, key, shard)))
     everything = set()
     for r in range(3):
         read.clear()
@@ -199,11 +201,44 @@ def test_tensors_that_disagree_with_config_json(tmp_path):
     refused(r"lacks 9 tensors .* e.g. \['model.layers.2", hf.from_pretrained, directory)
 
 
-def test_tensor_parallelism_is_refused(tmp_path):
-    directory = save_tiny("llama", str(tmp_path / "llama"))
-    topology = pg.Topology(pipe=1, data=1, tensor=2)
-    refused(r"topology.tensor=2; set topology.tensor=1", hf.from_pretrained, directory, topology)
-    refused(r"topology.tensor=2", hf.from_config, tiny_config("gpt2"), topology)
+def test_tensor_parallel_bad_input_is_refused_before_any_group():
+    """No process group exists here: every refusal comes from the config and the meta skeleton."""
+    tensor2 = pg.Topology(pipe=1, data=1, tensor=2)
+    refused(r"num_key_value_heads=1 is not divisible by 2 .*choose topology.tensor", hf.from_config,
+            tiny_config("llama", num_key_value_heads=1), tensor2)
+    refused(r"num_attention_heads=4 is not divisible by 8", hf.from_config, tiny_config("llama"), pg.Topology(tensor=8))
+    refused(r"vocab_size=63 is not divisible by 2; pad the vocabulary", hf.from_config,
+            tiny_config("llama", vocab_size=63), tensor2)
+    refused(r"styles pipegrid.hf does not apply: .*qkv_proj': 'colwise_gather_output'", hf.from_config,
+            sweep_config("phi3"), tensor2)
+    refused(r"styles pipegrid.hf does not apply: .*q_norm': 'replicated_with_grad_allreduce'", hf.from_config,
+            sweep_config("qwen3"), tensor2)
+    moe_style = tiny_config("llama")
+    moe_style.base_model_tp_plan = {**moe_style.base_model_tp_plan, "layers.*.mlp.gate_proj": "local_colwise"}
+    refused(r"styles pipegrid.hf does not apply: \{'layers.\*.mlp.gate_proj': 'local_colwise'\}", hf.from_config,
+            moe_style, tensor2)
+    no_plan = tiny_config("llama")
+    no_plan.base_model_tp_plan = None
+    refused(r"no base_model_tp_plan and pipegrid.hf has no adapter TP plan for model_type 'llama'", hf.from_config,
+            no_plan, tensor2)
+    refused(r"topology.tensor=2 needs its tensor-parallel group.*tensor_group=groups.tensor_parallel_group",
+            hf.from_config, tiny_config("gpt2"), tensor2)
+
+
+@pytest.mark.parametrize("rule,shape", [(ShardRule(0, (8,)), (8, 3)), (ShardRule(1, (6,)), (4, 6)),
+                                        (ShardRule(1, (4, 4, 4), transposed=True), (3, 12)),
+                                        (ShardRule(0, (4, 4, 4)), (12,))])
+def test_shard_rules_take_read_and_assemble(rule, shape):
+    """A rank's shard cut from the whole tensor equals the one read slice by slice, and the
+    shards assemble back into the stored tensor (GPT-2's packed, transposed c_attn included)."""
+    whole = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
+    shards = [rule.take(whole, rank, 2) for rank in range(2)]
+    for rank, shard in enumerate(shards):
+        for block_rows in (1, 2, 100):
+            read = torch.full_like(shard, float("nan"))
+            rule.copy_slices(read, lambda index: whole[index], rank, 2, block_rows)
+            assert torch.equal(read, shard), f"rank {rank}, {block_rows} rows a block"
+    assert torch.equal(rule.assemble(shards), whole)
 
 
 def test_bad_inputs_and_dtypes():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipegrid.plan import (
     REPORT_KEYS, Candidate, ClusterSpec, DeviceSpec, LayerCost, OptimizerSpec, TransformerConfig,
     explain, megatron_flops_per_step, memory_report, model_from_dict, predict, predict_transformer,
-    ring_allreduce_s, search, simulate_step, split_chunks, Link,
+    ring_allreduce_s, search, simulate_step, split_chunks, transformer_config_from_hf, Link,
 )
 from pipegrid.schedules import build, simulate
 
@@ -154,3 +156,32 @@ def test_cli_prints_a_table(capsys) -> None:
     main(["model=gpt_18b", "cluster=a100_64", "search.top=3", "search.shortlist=3"])
     out = capsys.readouterr().out
     assert "layout" in out and "HFU" in out and out.count("\n") >= 5
+
+
+LLAMA_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+             "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+GPT2_SMALL = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_inner": None}
+
+
+@pytest.mark.parametrize("stored,billions", [(LLAMA_70B, 70.55), (GPT2_SMALL, 0.1244)])
+def test_a_transformers_config_counts_its_parameters(tmp_path, stored, billions) -> None:
+    """GQA, SwiGLU and an untied head (Llama-3-70B: 70.55B) or GPT's 12 h^2 blocks (GPT-2: 124M)."""
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    cfg = transformer_config_from_hf(str(tmp_path), seq_len=1024)
+    assert cfg.parameters / 1e9 == pytest.approx(billions, rel=0.002)
+
+
+def test_cli_plans_a_transformers_config(tmp_path, capsys) -> None:
+    """``--hf-config``: the model read from config.json, tensor degrees that split its 8 key/value heads only."""
+    from pipegrid.plan.__main__ import main
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    main(["--hf-config", str(tmp_path / "config.json"), "cluster=a100_64", "model.seq_len=4096",
+          "model.global_batch=128", "search.top=3", "search.shortlist=3"])
+    out = capsys.readouterr().out
+    assert out.startswith("llama (70.6B parameters") and "layout" in out
+    cfg = transformer_config_from_hf(str(tmp_path), seq_len=4096)
+    assert cfg.splits_over(8) and not cfg.splits_over(16)
+    with pytest.raises(ValueError, match=r"gives no \['layers'"):
+        (tmp_path / "bad.json").write_text(json.dumps({"hidden_size": 8}))
+        transformer_config_from_hf(str(tmp_path / "bad.json"))
