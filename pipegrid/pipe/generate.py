@@ -139,19 +139,25 @@ class Generation:
         return tensors
 
     def _transfer(self, op: Any) -> None:
+        """Post a send, a receive or an Exchange as one group. Every receive here first waits
+        for its header (shapes change every step), so the members before it go first as a
+        group of their own: its sender may need them before it can send (as the executor does)."""
         sends: list[Outgoing] = []
         receives: list[tuple[tuple[str, int, int], Incoming]] = []
         for part in ins.parts(op):
             peer = self.peers[self.schedule.rank_of(part.peer_stage)]
-            key = ins.message_of(part)
-            if isinstance(part, ins.SendToken) and self.schedule.placement.same_rank(0, self.last):
-                continue
             if ins.is_send(part):
                 mb = self.micro[part.micro_batch % self.m]
                 payload = mb.output if isinstance(mb.output, tuple) else (mb.output,)
                 sends.append(Outgoing("act", part.stage, payload, True, peer))
-            else:
-                receives.append((key, Incoming("act", part.peer_stage, peer)))
+                continue
+            if sends or receives:
+                self._post(sends, receives)
+                sends, receives = [], []
+            receives.append((ins.message_of(part), Incoming("act", part.peer_stage, peer)))
+        self._post(sends, receives)
+
+    def _post(self, sends: list[Outgoing], receives: list[tuple[tuple[str, int, int], Incoming]]) -> None:
         handles = self.p2p.post(sends, [incoming for _, incoming in receives])
         for (key, _), handle in zip(receives, handles):
             self.received.handles[key] = handle

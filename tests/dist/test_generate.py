@@ -33,6 +33,7 @@ def _prompts(padded: bool, batch: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
 def _cases(checkpoints: dict[str, str], eos: dict[str, int]) -> list[dict]:
     cases = [{"family": f, "padded": padded, "micro_batches": 2, "kwargs": {}}
              for f in FAMILIES for padded in (False, True)]
+    cases += [{"family": "llama", "padded": True, "micro_batches": 1, "kwargs": {}}]  # m = 1 < p: never full
     cases += [{"family": f, "padded": True, "micro_batches": 5, "kwargs": {"eos_token_id": eos[f], "pad_token_id": 0}}
               for f in FAMILIES]  # one sequence per micro-batch: a micro-batch that finishes runs empty
     cases += [{"family": f, "padded": True, "micro_batches": 3, "kwargs": SAMPLING} for f in FAMILIES]
