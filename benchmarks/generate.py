@@ -2,7 +2,7 @@
 full pipeline pass per token, side by side in one run on CPU, with the KV cache each rank holds.
 
 1. A Llama-family model where decode is compute-bound on a CPU core (hidden 512, 4 layers,
-   8 prompts of 32 tokens, 32 new, greedy): transformers' ``generate`` in one process, then
+   64 prompts of 32 tokens, 32 new, greedy): transformers' ``generate`` in one process, then
    ``engine.generate`` at pipe=1 (our loop's overhead over transformers' own) and at pipe=2
    with 2 and 4 micro-batches in flight. One thread per process, so pipe=2 uses 2 cores.
 2. The GPT example (examples/models/gpt.py, tiny config) writing 120 characters at pipe=2:
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 LLAMA = dict(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
-BATCH, PROMPT, NEW = 8, 32, 32
+BATCH, PROMPT, NEW = 64, 32, 32
 REPEATS = 3
 
 

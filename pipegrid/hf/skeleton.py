@@ -206,11 +206,10 @@ class Skeleton:
     def cached_layer_call(self, index: int, hidden: torch.Tensor, step: Any, cache: Any) -> LayerCall:
         """``layer_call`` with a cache: the arguments (mask over cached + new tokens, rotary
         tables at the new positions, the cache itself) for this step, captured once per stage."""
-        key = (step, tuple(hidden.shape), hidden.dtype, hidden.device, False)
-        if self._cache is None or not self._same_key(self._cache[0], hidden, step, False):  # type: ignore[arg-type]
+        if self._cache is None or not self._same_key(self._cache[0], hidden, step, False):  # the step's identity
             with torch.no_grad():
                 self._capture(hidden.detach(), None, False, step=step, cache=cache)
-        assert self._cache is not None and self._cache[0][0] is key[0]
+        assert self._cache is not None
         return self._cache[1][index]
 
     def _capture(self, embeds: torch.Tensor, mask: torch.Tensor | None, training: bool,
