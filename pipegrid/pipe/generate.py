@@ -11,7 +11,7 @@ left runs no layers at all and sends empty messages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,11 +36,6 @@ class _MicroBatch:
     output: Any = None  # this item's output, until sent or fed back
 
 
-@dataclass
-class _Received:
-    handles: dict[tuple[str, int, int], Received] = field(default_factory=dict)
-
-
 class Generation:
     """Runs one generate schedule on this pipe rank; the last rank holds the sequences."""
 
@@ -54,7 +49,7 @@ class Generation:
         new_cache = getattr(module, "new_generation_cache", None)
         self.micro = [_MicroBatch(rows, new_cache(self.stage) if new_cache else LayerCaches())
                       for rows in request.batch_rows]
-        self.received = _Received()
+        self.received: dict[tuple[str, int, int], Received] = {}  # message -> its posted receive
         self.tokens: dict[int, torch.Tensor] = {}  # one rank only: item -> its sampled tokens
         batch = request.input_ids.shape[0]
         self.generated = torch.full((batch, request.max_new_tokens), request.pad_token_id, dtype=torch.int64)
@@ -63,13 +58,16 @@ class Generation:
             self.generators = request.sampling.generators(batch, request.seed)
 
     def run(self) -> None:
-        handlers = {ins.LoadMicroBatch: lambda op: None, ins.Forward: self._forward}
+        """Every instruction of this rank's stream in order; a LoadMicroBatch reads nothing (the
+        prompts are at hand), sends and receives are posted where they stand."""
         for op in self.schedule.streams[self.pipe_rank]:
-            handler = handlers.get(type(op))
-            if handler is not None:
-                handler(op)
-            else:
+            if isinstance(op, ins.Forward):
+                self._forward(op)
+            elif isinstance(op, ins.Exchange) or ins.is_send(op) or ins.is_recv(op):
                 self._transfer(op)
+            elif not isinstance(op, ins.LoadMicroBatch):
+                raise TypeError(f"generate cannot run {op} ({type(op).__name__}); its schedule holds forwards, "
+                                "loads, sends and receives only")
         self.p2p.wait_all()
 
     def cache_bytes(self) -> int:
@@ -135,7 +133,7 @@ class Generation:
 
     # --- transfers -----------------------------------------------------------------
     def _take(self, key: tuple[str, int, int]) -> tuple[torch.Tensor, ...]:
-        tensors, _ = self.received.handles.pop(key).wait()
+        tensors, _ = self.received.pop(key).wait()
         return tensors
 
     def _transfer(self, op: Any) -> None:
@@ -160,7 +158,7 @@ class Generation:
     def _post(self, sends: list[Outgoing], receives: list[tuple[tuple[str, int, int], Incoming]]) -> None:
         handles = self.p2p.post(sends, [incoming for _, incoming in receives])
         for (key, _), handle in zip(receives, handles):
-            self.received.handles[key] = handle
+            self.received[key] = handle
 
 
 def _is_eos(tokens: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
