@@ -252,13 +252,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class FinalNorm(nn.LayerNorm):
-    """The LayerNorm before the head (an ``nn.LayerNorm`` that also runs under generate)."""
-
-    def forward_cached(self, x: torch.Tensor, cache: dict, step: Any) -> torch.Tensor:
-        return self(x)
-
-
 # ---- the loss and the model ---------------------------------------------------------
 
 def gpt_loss(logits: torch.Tensor, labels: torch.Tensor, tensor_group: Group = None) -> torch.Tensor:
@@ -293,7 +286,7 @@ class GPT(PipelineModule):
             TiedLayerSpec("embed", TokenEmbedding, *embed, tied_weight_attr="tok.weight"),
             LayerSpec(PositionEmbedding, cfg),
             *[LayerSpec(Block, cfg, group) for _ in range(cfg.n_layer)],
-            LayerSpec(FinalNorm, cfg.n_embd),
+            LayerSpec(nn.LayerNorm, cfg.n_embd),  # position-wise: generate runs it as is
             TiedLayerSpec("embed", TokenEmbedding, *embed, forward_fn=TokenEmbedding.logits,
                           tied_weight_attr="tok.weight"),
         ]

@@ -11,7 +11,8 @@ prefill, one token per sequence after), ``cache`` its own store (a dict it fills
 likes, kept between steps; a model may give its stages another store through
 ``new_generation_cache``) and ``step`` the positions and padding mask of the new tokens.
 A layer without state answers ``return self(x)``; a tied position with a ``forward_fn``
-(the LM head of a tied embedding) is called as in training.
+(the LM head of a tied embedding) and torch's own position-wise modules (``POSITIONWISE``:
+Linear, Embedding, norms, activations, dropout) are called as in training.
 """
 
 from __future__ import annotations
@@ -22,7 +23,21 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["CachedLayer", "DecodeStep", "LayerCaches", "StageCache", "missing_cache_protocol"]
+__all__ = ["CachedLayer", "DecodeStep", "LayerCaches", "POSITIONWISE", "StageCache", "missing_cache_protocol",
+           "runs_as_in_training"]
+
+POSITIONWISE: tuple[type, ...] = (
+    torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.Dropout, torch.nn.Identity,
+    torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh,
+)
+"""torch modules that treat each position alone: the new tokens alone give the same output, so
+they run under generate without a cache (their subclasses too)."""
+
+
+def runs_as_in_training(layer: Any) -> bool:
+    """A module or class generate calls as ``layer(x)``: position-wise, without ``forward_cached``."""
+    cls = layer if isinstance(layer, type) else type(layer)
+    return issubclass(cls, POSITIONWISE) and not hasattr(cls, "forward_cached")
 
 
 @dataclass(frozen=True)
@@ -90,7 +105,7 @@ def missing_cache_protocol(layers: Sequence[Any]) -> list[str]:
         cls = getattr(layer, "typename", None)
         target = cls if cls is not None else layer
         if isinstance(target, torch.nn.Module) or isinstance(target, type):
-            if not hasattr(target, "forward_cached"):
+            if not hasattr(target, "forward_cached") and not runs_as_in_training(target):
                 name = getattr(layer, "class_name", None) or getattr(target, "__name__", type(target).__name__)
                 missing.append(name)
     return sorted(set(missing))

@@ -91,9 +91,16 @@ def test_sampling_arguments_out_of_range_are_refused(kwargs, match) -> None:
         Sampling(do_sample=True, **kwargs)
 
 
+class _Mixer(nn.Module):
+    """Mixes positions (a cumulative mean), so it cannot run on the new tokens alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum(1) / torch.arange(1, x.shape[1] + 1)[:, None]
+
+
 def test_a_layerspec_model_without_the_cache_protocol_is_told_what_to_implement() -> None:
-    module = pg.PipelineModule([pg.LayerSpec(nn.Embedding, 8, 4), pg.LayerSpec(nn.Linear, 4, 8)])
-    with pytest.raises(TypeError, match="Embedding, Linear define no forward_cached.*pipegrid.CachedLayer"):
+    module = pg.PipelineModule([pg.LayerSpec(nn.Embedding, 8, 4), pg.LayerSpec(_Mixer), pg.LayerSpec(nn.Linear, 4, 8)])
+    with pytest.raises(TypeError, match="_Mixer define no forward_cached.*pipegrid.CachedLayer"):
         _check(module)
 
 
