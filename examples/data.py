@@ -39,7 +39,8 @@ class Corpus:
     val: torch.Tensor  # (N_val,) int64
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        # ids past the text's characters (the vocabulary is padded) never occur in it: shown as "?"
+        return "".join(self.chars[int(i)] if int(i) < len(self.chars) else "?" for i in ids)
 
     def unigram_entropy(self) -> float:
         """Entropy (nats/char) of the held-out text's own character frequencies: the best

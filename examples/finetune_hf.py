@@ -1,5 +1,7 @@
 """Train a transformers causal LM through a pipeline, save it with ``hf.save_pretrained``,
 then load it with plain transformers and generate: the round trip, on Python's own docs.
+The trained pipeline generates too (``engine.generate``), and its greedy tokens must be
+what transformers writes from the saved model.
 
     python examples/finetune_hf.py                         # pretrain a small Llama from scratch, 2 stages
     python examples/finetune_hf.py model.path=DIR train.steps=100 optimizer.lr=3e-4   # fine-tune DIR
@@ -162,7 +164,31 @@ def train(cfg: HFAppConfig, tokenizer: Any, train_ids: torch.Tensor, val_ids: to
     saved = hf.save_pretrained(engine, out_dir, tokenizer=tokenizer)
     if groups.rank == 0:
         log.info("held-out loss %.4f nats/token; saved %s with hf.save_pretrained", val, saved)
-    return {"loss": loss, "val_loss": val, "steps": engine.global_steps, "saved": saved}
+    result = {"loss": loss, "val_loss": val, "steps": engine.global_steps, "saved": saved}
+    if cfg.generate.lines > 0 and cfg.schedule.virtual_stages == 1:  # generate runs one stage per rank
+        result.update(generate_in_pipeline(cfg, engine, tokenizer, groups.rank == 0))
+    return result
+
+
+def _prompts(cfg: HFAppConfig, tokenizer: Any) -> dict[str, torch.Tensor]:
+    return tokenizer([cfg.generate.prompt] * cfg.generate.lines, return_tensors="pt", add_special_tokens=False)
+
+
+def generate_in_pipeline(cfg: HFAppConfig, engine: pg.PipelineEngine, tokenizer: Any, log_it: bool) -> dict:
+    """engine.generate on the training layout, each stage with its own KV cache: sampled lines to
+    read, and the greedy tokens the saved model must reproduce in plain transformers."""
+    inputs = _prompts(cfg, tokenizer)
+    sample = cfg.generate.temperature > 0
+    out = engine.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=cfg.generate.max_new_tokens,
+                          do_sample=sample, temperature=cfg.generate.temperature if sample else 1.0,
+                          seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id)
+    greedy = engine.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=cfg.generate.max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
+    if log_it:
+        lines = [text.replace("\n", " ") for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        log.info("engine.generate through the pipeline (KV cache per stage) writes:\n%s",
+                 "\n".join(f"  {line!r}" for line in lines))
+    return {"pipeline_greedy": greedy}
 
 
 def generate(cfg: HFAppConfig, directory: str) -> list[str]:
@@ -173,13 +199,30 @@ def generate(cfg: HFAppConfig, directory: str) -> list[str]:
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    inputs = tokenizer([cfg.generate.prompt] * cfg.generate.lines, return_tensors="pt", add_special_tokens=False)
+    inputs = _prompts(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)
     sample = cfg.generate.temperature > 0
     out = model.generate(**inputs, max_new_tokens=cfg.generate.max_new_tokens, do_sample=sample,
                          temperature=cfg.generate.temperature if sample else None, top_k=None, top_p=None,
                          pad_token_id=tokenizer.pad_token_id)
     return [text.replace("\n", " ") for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def check_greedy_round_trip(cfg: HFAppConfig, directory: str, pipeline_greedy: torch.Tensor) -> None:
+    """The saved model, greedy in plain transformers, must write the pipeline's greedy tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    inputs = _prompts(cfg, tokenizer)
+    out = model.generate(**inputs, max_new_tokens=cfg.generate.max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    if torch.equal(out, pipeline_greedy):
+        log.info("greedy round trip: engine.generate and transformers' generate of the saved model write the same "
+                 "%d tokens", out.numel())
+    else:
+        log.warning("greedy round trip: engine.generate and transformers' generate of the saved model differ "
+                    "(expected only below float32, e.g. precision.dtype=bfloat16)")
 
 
 @hydra_main("finetune_hf")
@@ -198,6 +241,8 @@ def main(config: DictConfig) -> float:
         lines = generate(cfg, result["saved"])
         log.info("loaded %s with AutoModelForCausalLM.from_pretrained; it writes:\n%s", result["saved"],
                  "\n".join(f"  {line!r}" for line in lines))
+        if "pipeline_greedy" in result:
+            check_greedy_round_trip(cfg, result["saved"], result["pipeline_greedy"])
     return result["val_loss"]
 
 

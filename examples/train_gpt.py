@@ -147,7 +147,30 @@ def prompt(corpus: Corpus, seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(engine: pg.PipelineEngine, groups: pg.ProcessGroups, corpus: Corpus, cfg: GPTAppConfig) -> str:
+def sample(engine: pg.PipelineEngine, groups: pg.ProcessGroups, corpus: Corpus, cfg: GPTAppConfig) -> str:
+    """Continue a held-out prompt with ``engine.generate``: each stage keeps its KV cache, so a
+    new character costs one token's forward, not a whole window's.
+
+    The model has ``seq_len`` learned positions: the text is written in chunks, each
+    continuing the last ``seq_len // 2`` characters with up to ``seq_len // 2 + 1`` new ones.
+    Layouts generate does not run yet (tensor > 1, several chunks per rank) take the full pass.
+    """
+    if groups.topology.tensor > 1 or cfg.schedule.virtual_stages > 1:
+        return sample_full_pass(engine, groups, corpus, cfg)
+    keep = cfg.model.seq_len // 2
+    text = prompt(corpus, keep)[None]  # (1, keep)
+    chunk = 0
+    while text.shape[1] - keep < cfg.sample.length:
+        new = min(cfg.model.seq_len - keep + 1, cfg.sample.length - (text.shape[1] - keep))
+        out = engine.generate(text[:, -keep:], max_new_tokens=new, do_sample=cfg.sample.temperature > 0,
+                              temperature=cfg.sample.temperature or 1.0, seed=cfg.train.seed + chunk)
+        text = torch.cat([text, out[:, keep:]], dim=1)
+        chunk += 1
+    return corpus.decode(text[0, keep:])
+
+
+@torch.no_grad()
+def sample_full_pass(engine: pg.PipelineEngine, groups: pg.ProcessGroups, corpus: Corpus, cfg: GPTAppConfig) -> str:
     """Continue a held-out prompt of ``seq_len`` characters, one pipeline forward per character.
 
     The pipeline runs the training shapes, so each forward carries micro_batch_size
@@ -234,11 +257,11 @@ def _finish(engine: pg.PipelineEngine, groups: pg.ProcessGroups, corpus: Corpus,
                  val, val / math.log(2), entropy, entropy / math.log(2))
         memory = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in engine.memory_report().items() if v)
         log.info("memory of rank 0: %s", memory)
-    sample = generate(engine, groups, corpus, cfg) if cfg.sample.length else ""
-    if rank0 and sample:
-        start = corpus.decode(prompt(corpus, cfg.model.seq_len))
-        log.info("sample, continuing the held-out text %r:\n%s", start, sample)
-    return {"loss": loss, "val_loss": val, "unigram_entropy": entropy, "sample": sample,
+    sample_text = sample(engine, groups, corpus, cfg) if cfg.sample.length else ""
+    if rank0 and sample_text:
+        start = corpus.decode(prompt(corpus, cfg.model.seq_len // 2))
+        log.info("sample, continuing the held-out text %r:\n%s", start, sample_text)
+    return {"loss": loss, "val_loss": val, "unigram_entropy": entropy, "sample": sample_text,
             "steps": engine.global_steps}
 
 

@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "init_distributed": "pipegrid.topology.join",
     "TrainConfig": "pipegrid.conf.schema",
     "Preempted": "pipegrid.pipe.preemption",
+    "CachedLayer": "pipegrid.pipe.kv_cache",
+    "DecodeStep": "pipegrid.pipe.kv_cache",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -49,6 +51,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pipegrid.conf.schema import TrainConfig
     from pipegrid.pipe.engine import PipelineEngine, initialize
+    from pipegrid.pipe.kv_cache import CachedLayer, DecodeStep
     from pipegrid.topology.join import init_distributed
     from pipegrid.pipe.module import PipelineModule, build_reference
     from pipegrid.pipe.preemption import Preempted

@@ -139,6 +139,9 @@ class TokenEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.tok(ids)  # (B, T) -> (B, T, C)
 
+    def forward_cached(self, ids: torch.Tensor, cache: dict, step: Any) -> torch.Tensor:
+        return self(ids)  # stateless: engine.generate's cache protocol (pipegrid.CachedLayer)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The tied head: (B, T, C) -> (B, T, V / tensor), this rank's vocab slice."""
         h = copy_to_region(h, self.tensor_group) if self.tensor_group is not None else h
@@ -156,6 +159,10 @@ class PositionEmbedding(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         t = h.shape[1]
         return self.drop(h + self.pos[:t])  # (B, T, C)
+
+    def forward_cached(self, h: torch.Tensor, cache: dict, step: Any) -> torch.Tensor:
+        """The new tokens at their own positions (left padding counted out)."""
+        return self.drop(h + self.pos[step.positions])  # (B, T, C)
 
 
 class CausalSelfAttention(nn.Module):
@@ -184,6 +191,33 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)  # (B, T, C / tensor)
         return self.resid_drop(self.c_proj(y))  # (B, T, C)
 
+    def forward_cached(self, x: torch.Tensor, cache: dict, step: Any) -> torch.Tensor:
+        """Attention of the new tokens over the cached keys/values and their own; ``cache``
+        keeps k and v (B, h, past + T, hd) for the next step."""
+        b, t, _ = x.shape
+        qkv = self.c_attn(x).view(b, t, self.local_heads, 3 * self.head_dim)
+        q, k, v = (z.transpose(1, 2) for z in qkv.split(self.head_dim, dim=-1))  # (B, h, T, hd)
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+        past = k.shape[2] - t
+        if past == 0 and not step.padded:  # the prefill of unpadded prompts: as in training
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_mask(step.attention_mask, t))
+        y = y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)
+        return self.resid_drop(self.c_proj(y))
+
+
+def _cached_mask(attention_mask: torch.Tensor, t: int) -> torch.Tensor:
+    """(B, 1, T, S) bool: query i sees real keys up to its own place; each query also sees
+    itself, so a padding query attends to something and stays finite."""
+    s = attention_mask.shape[1]
+    query = torch.arange(s - t, s, device=attention_mask.device)[:, None]  # (T, 1)
+    key = torch.arange(s, device=attention_mask.device)[None, :]  # (1, S)
+    allowed = (key <= query) & attention_mask[:, None, :].bool()  # (B, T, S)
+    return (allowed | (key == query))[:, None]
+
 
 class MLP(nn.Module):
     """C -> 4C -> GELU -> C; with a tensor group the 4C hidden units are split."""
@@ -211,6 +245,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x: torch.Tensor, cache: dict, step: Any) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.ln_1(x), cache, step)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -248,12 +286,17 @@ class GPT(PipelineModule):
             TiedLayerSpec("embed", TokenEmbedding, *embed, tied_weight_attr="tok.weight"),
             LayerSpec(PositionEmbedding, cfg),
             *[LayerSpec(Block, cfg, group) for _ in range(cfg.n_layer)],
-            LayerSpec(nn.LayerNorm, cfg.n_embd),
+            LayerSpec(nn.LayerNorm, cfg.n_embd),  # position-wise: generate runs it as is
             TiedLayerSpec("embed", TokenEmbedding, *embed, forward_fn=TokenEmbedding.logits,
                           tied_weight_attr="tok.weight"),
         ]
         super().__init__(layers, topology=topology, **pipeline_kwargs)
         self.cfg = cfg
+
+    @property
+    def max_positions(self) -> int:
+        """Learned positions: ``engine.generate`` refuses prompt + new tokens beyond them."""
+        return self.cfg.seq_len
 
     def num_flops_per_token(self) -> int:
         """Training FLOPs per token of the whole model (all stages and shards), for MFU."""

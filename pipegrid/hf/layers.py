@@ -73,6 +73,10 @@ class Embedding(_Part):
                             f"got {ids.dtype} input_ids; tokenize the text first")
         return join(self.embed(ids), mask)
 
+    def forward_cached(self, ids: torch.Tensor, cache: Any, step: Any) -> torch.Tensor:
+        """Generation: the new tokens' embeddings (the mask travels in ``step``)."""
+        return self.embed(ids)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied LM head's position: the causal LM's own logits from the final hidden state."""
         return self.skeleton.logits(hidden, self.training)
@@ -92,6 +96,9 @@ class EmbeddingPrefix(_Part):
         embeds, mask = split(x, "EmbeddingPrefix")
         return join(self.skeleton.first_hidden(embeds, mask, self.training), mask)
 
+    def forward_cached(self, embeds: torch.Tensor, cache: Any, step: Any) -> torch.Tensor:
+        return self.skeleton.first_hidden_cached(embeds, step, cache)
+
 
 class DecoderLayer(_Part):
     """One of the model's decoder layers, called as the model's forward would call it."""
@@ -107,6 +114,12 @@ class DecoderLayer(_Part):
         out = self.layer(hidden, *args, **kwargs)
         return join(out[0] if isinstance(out, tuple) else out, mask)
 
+    def forward_cached(self, hidden: torch.Tensor, cache: Any, step: Any) -> torch.Tensor:
+        """Generation: the layer as the model's forward calls it with a cache (``hf/kv_cache.py``)."""
+        args, kwargs = self.skeleton.cached_layer_call(self.index, hidden, step, cache)
+        out = self.layer(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
 
 class FinalNorm(_Part):
     """The norm after the last decoder layer; the padding mask stops here."""
@@ -119,6 +132,9 @@ class FinalNorm(_Part):
         hidden, _ = split(x, "the final norm")
         return self.norm(hidden)
 
+    def forward_cached(self, hidden: torch.Tensor, cache: Any, step: Any) -> torch.Tensor:
+        return self.norm(hidden)
+
 
 class LMHead(_Part):
     """An untied LM head: the causal LM's own logits from the final hidden state."""
@@ -129,6 +145,9 @@ class LMHead(_Part):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.skeleton.logits(hidden, self.training)
+
+    def forward_cached(self, hidden: torch.Tensor, cache: Any, step: Any) -> torch.Tensor:
+        return self.skeleton.logits(hidden, False)
 
 
 class _Described:

@@ -110,6 +110,24 @@ class HFCausalLM(PipelineModule):
         """The transformers config of the whole model."""
         return self.skeleton.config
 
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions the model was made for (``engine.generate`` refuses longer)."""
+        config = self.skeleton.config.get_text_config(decoder=True)
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def new_generation_cache(self, stage: int) -> Any:
+        """A stage's KV cache for one micro-batch: transformers' DynamicCache, its layers only."""
+        from pipegrid.hf.kv_cache import StageDynamicCache
+        from pipegrid.hf.layers import DecoderLayer
+
+        owned = [layer.index for _, layer in self.local_layers(stage) if isinstance(layer, DecoderLayer)]
+        return StageDynamicCache(self.skeleton.config, owned)
+
     def writes_tied_embedding(self) -> bool:
         """The first pipe rank holding the tied embedding stores it (once, as transformers does)."""
         owners = self.tied_pipe_ranks().get(TIED_KEY)

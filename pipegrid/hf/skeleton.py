@@ -255,8 +255,28 @@ class Skeleton:
         other = self._key(hidden, mask, training)
         return key[0] is other[0] and key[1:] == other[1:]
 
-    def _capture(self, embeds: torch.Tensor, mask: torch.Tensor | None, training: bool) -> torch.Tensor:
-        """Run the base model's forward on ``embeds`` with recording stubs; cache each layer's call."""
+    # ---- the same glue with a KV cache (engine.generate) ---------------------------------
+    def first_hidden_cached(self, embeds: torch.Tensor, step: Any, cache: Any) -> torch.Tensor:
+        """``first_hidden`` for new tokens at ``step.positions`` after what ``cache`` holds."""
+        with torch.no_grad():
+            return self._capture(embeds, None, False, step=step, cache=cache)
+
+    def cached_layer_call(self, index: int, hidden: torch.Tensor, step: Any, cache: Any) -> LayerCall:
+        """``layer_call`` with a cache: the arguments (mask over cached + new tokens, rotary
+        tables at the new positions, the cache itself) for this step, captured once per stage."""
+        if self._cache is None or not self._same_key(self._cache[0], hidden, step, False):  # the step's identity
+            with torch.no_grad():
+                self._capture(hidden.detach(), None, False, step=step, cache=cache)
+        assert self._cache is not None
+        return self._cache[1][index]
+
+    def _capture(self, embeds: torch.Tensor, mask: torch.Tensor | None, training: bool,
+                 step: Any = None, cache: Any = None) -> torch.Tensor:
+        """Run the base model's forward on ``embeds`` with recording stubs; cache each layer's call.
+
+        With a generation ``step`` the forward gets its positions, its padding mask (None
+        when nothing is padded, as transformers' generate drops an all-ones mask) and the
+        stage's ``cache``, which the recorded calls then carry to the real layers."""
         for module in self.unplanned:  # rotary tables follow the activations' device
             if any(b.device != embeds.device for b in module.buffers()):
                 module.to(embeds.device)
@@ -270,14 +290,24 @@ class Skeleton:
         self._record.clear()
         self.base._modules.update(swaps)
         self.base.training = training
+        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
+        if step is not None:
+            kwargs = {"attention_mask": step.attention_mask if step.padded else None, "use_cache": True,
+                      "position_ids": step.positions, self._cache_keyword(): cache}
         try:
-            self.base(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+            self.base(inputs_embeds=embeds, **kwargs)
         except _Captured:
             pass
         finally:
             self.base._modules.update(saved)
             self.base.training = was_training
-        return self._keep_calls(embeds, mask, training)
+        return self._keep_calls(embeds, step if step is not None else mask, training)
+
+    def _cache_keyword(self) -> str:
+        """transformers 5 calls the cache argument ``cache``; earlier releases ``past_key_values``."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
 
     def _keep_calls(self, embeds: torch.Tensor, mask: torch.Tensor | None, training: bool) -> torch.Tensor:
         count = len(self._stubs)

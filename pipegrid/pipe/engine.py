@@ -24,14 +24,18 @@ from pipegrid.conf.schema import TrainConfig, to_train_config
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe import trace as tracing
 from pipegrid.pipe.executor import Executor, PeerLostError, StepState, is_transport_failure
+from pipegrid.pipe.generate import run_generation
+from pipegrid.pipe.generate_request import check_request
 from pipegrid.pipe.p2p import P2P
 from pipegrid.pipe import preemption
 from pipegrid.pipe.module_grid import check_schedule_runs_module, config_with_module_grid
 from pipegrid.pipe.preemption import SignalWatch
 from pipegrid.pipe.precision import LossScaler
+from pipegrid.pipe.sampling import Sampling
 from pipegrid.pipe.update import GradientUpdate
 from pipegrid.pipe.zero import OptimizerState, build_optimizer_state
 from pipegrid.schedules import build, validate
+from pipegrid.schedules import generate as generate_schedule
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import header_group, init_distributed, local_cuda_device
 
@@ -121,6 +125,8 @@ class PipelineEngine:
         """Called with each instruction before it runs, when set: the seam for fault injection
         and debugging (an error it raises is the step's, with its own type and words)."""
         self._timeline: list[tuple[int, str, float, float]] = []
+        self.generate_cache_bytes = 0
+        """Bytes of KV cache this rank's stage held at the end of the last ``generate``."""
         self.last_save: tuple[int, str] | None = None
         """(step, directory) of this engine's newest checkpoint."""
         self._arm_signal_handlers()
@@ -267,6 +273,29 @@ class PipelineEngine:
             return loss
         outputs = [state.results[mb] for mb in sorted(state.results)] if state.results else None
         return loss, outputs
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, seed: int | None = None,
+                 micro_batches: int | None = None) -> torch.Tensor:
+        """Prompts (left padded) -> prompts + new tokens, on every rank (as transformers' ``generate``
+        returns ``sequences``). Each stage keeps its own layers' KV cache; the batch is split into
+        ``micro_batches`` (default: the schedule's, at most the batch) in flight at once; a sampled
+        sequence draws from its own generator seeded ``seed + row``. See docs/generate.md."""
+        request = check_request(
+            self.module, pipe=self.topology.pipe, tensor=self.topology.tensor,
+            virtual_stages=self.config.schedule.virtual_stages, input_ids=input_ids, attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, micro_batches=micro_batches,
+            default_micro_batches=max(self.config.schedule.micro_batches, self.topology.pipe))
+        schedule = generate_schedule.build(self.topology.pipe, request.micro_batches, request.max_new_tokens)
+        self.module.eval()
+        sequences, self.generate_cache_bytes = run_generation(
+            schedule, self.pipe_rank, self.module, self.p2p.with_dynamic_shapes(), self._pipe_peers, request,
+            self.device, self.groups.pipe_parallel_group)
+        return sequences
 
     def _iterator(self, data_iter: Iterable | None) -> Iterator | None:
         if data_iter is None or isinstance(data_iter, Iterator):

@@ -137,6 +137,12 @@ class P2P:
         self._layouts: dict[MessageMeta, kernels.FlatLayout] = {}
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
+    def with_dynamic_shapes(self) -> "P2P":
+        """A P2P on the same groups whose every activation message carries its header: what
+        generation needs, where the prefill and each decode step differ in shape."""
+        return P2P(self.device, True, self.kernels_backend, self.rank, self.group,
+                   self._header_group if self._header_tag == 0 else None)
+
     # --- one group of transfers --------------------------------------------
     def post(self, sends: list[Outgoing], receives: list[Incoming]) -> list[Received]:
         """Put ``sends`` and ``receives`` on the wire as one group; a handle per receive.

@@ -50,6 +50,17 @@ class StageChunk(nn.Module):
             x = checkpoint(self._run, x, start, min(start + every, n), use_reentrant=False)
         return x
 
+    def forward_cached(self, x: Any, cache: Any, step: Any) -> Any:
+        """The stage under ``engine.generate``: each layer with its own cache (``pipe/kv_cache.py``).
+        A position with a ``forward_fn`` (a tied LM head), torch's position-wise modules and a plain
+        callable run as in training."""
+        from pipegrid.pipe.kv_cache import runs_as_in_training
+
+        for entry in self._entries:
+            runs_itself = (entry.call is entry.layer and isinstance(entry.layer, nn.Module)
+                           and not runs_as_in_training(entry.layer))
+            x = entry.layer.forward_cached(x, cache.for_layer(entry.index), step) if runs_itself else entry.call(x)
+        return x
 
 
 @contextlib.contextmanager

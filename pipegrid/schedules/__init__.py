@@ -10,7 +10,7 @@ from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, ComputeInstruction, Exchange, Forward, Instruction,
     LoadMicroBatch, MicroBatchInstruction, OptimizerStep, RecvActivation, RecvGrad,
-    ReduceGrads, ReduceTiedGrads, SendActivation, SendGrad, is_compute, is_recv, is_send,
+    RecvToken, ReduceGrads, ReduceTiedGrads, SendActivation, SendGrad, SendToken, is_compute, is_recv, is_send,
     message_of, parse_instruction, parts,
 )
 from pipegrid.schedules.lower import build, lower
@@ -24,8 +24,8 @@ from pipegrid.schedules.validate import validate
 __all__ = [
     "Backward", "BackwardInput", "BackwardWeight", "ComputeInstruction", "DEFAULT_COSTS",
     "Event", "Exchange", "Forward", "Instruction", "LoadMicroBatch", "MicroBatchInstruction",
-    "OptimizerStep", "PLACEMENTS", "Placement", "RecvActivation", "RecvGrad", "ReduceGrads",
+    "OptimizerStep", "PLACEMENTS", "Placement", "RecvActivation", "RecvGrad", "RecvToken", "ReduceGrads",
     "ReduceTiedGrads", "SCHEDULES", "SCHEDULE_NAMES", "Schedule", "ScheduleError", "ScheduleSpec",
-    "SendActivation", "SendGrad", "SimResult", "TRAINING_SCHEDULES", "build", "is_compute", "lower", "is_recv", "is_send", "message_of", "parse_instruction", "parts",
+    "SendActivation", "SendGrad", "SendToken", "SimResult", "TRAINING_SCHEDULES", "build", "is_compute", "lower", "is_recv", "is_send", "message_of", "parse_instruction", "parts",
     "simulate", "to_chrome_trace", "to_png", "to_text", "validate",
 ]

@@ -1,6 +1,7 @@
 """Command line: build a schedule, print its timeline table and simulated bubble.
 
-``python -m pipegrid.schedules 1f1b --ranks 4 --micro-batches 8 --png out.png``
+``python -m pipegrid.schedules 1f1b --ranks 4 --micro-batches 8 --png out.png``;
+``python -m pipegrid.schedules generate --ranks 2 --micro-batches 4 --new-tokens 3``.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import json
 import sys
 from typing import Sequence
 
+from pipegrid.schedules import generate
 from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.lower import build
 from pipegrid.schedules.placement import PLACEMENTS
 from pipegrid.schedules.registry import SCHEDULE_NAMES, SCHEDULES
+from pipegrid.schedules.schedule import Schedule
 from pipegrid.schedules.render import to_chrome_trace, to_png, to_text
 from pipegrid.schedules.simulate import simulate
 from pipegrid.schedules.validate import validate
@@ -22,8 +25,9 @@ from pipegrid.schedules.validate import validate
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipegrid.schedules",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=SCHEDULE_NAMES,
-                        help="; ".join(f"{spec.name}: {spec.summary}" for spec in SCHEDULES.values()))
+    summaries = [f"{spec.name}: {spec.summary}" for spec in SCHEDULES.values()]
+    summaries.append(f"{generate.NAME}: prefill then decode steps, sampled tokens fed back (see --new-tokens)")
+    parser.add_argument("name", choices=(*SCHEDULE_NAMES, generate.NAME), help="; ".join(summaries))
     parser.add_argument("--ranks", "--stages", dest="ranks", type=int, required=True,
                         help="pipe ranks: the pipeline degree p (--stages is the old name)")
     parser.add_argument("--micro-batches", type=int, required=True, help="micro-batches m")
@@ -32,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--placement", choices=PLACEMENTS, default=None,
                         help="stage -> rank map (default: the schedule's own; inference takes any)")
     parser.add_argument("--coalesce", type=int, default=1, help="micro-batches per message")
+    parser.add_argument("--new-tokens", type=int, default=3,
+                        help="generate only: forward steps (the prefill and each decode step make one token)")
     for key, default in (("F", 1.0), ("B", 2.0), ("W", 0.0), ("comm", 0.0)):
         parser.add_argument(f"--cost-{key}", type=float, default=None,
                             help=f"cost of {key} (default {default}; split-backward schedules: F=B=W=1)")
@@ -42,13 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _build(args: argparse.Namespace) -> Schedule:
+    if args.name == generate.NAME:
+        if (args.virtual or 1) != 1 or args.coalesce != 1 or args.placement not in (None, "loop"):
+            raise ScheduleError("generate runs one model stage per rank, one micro-batch per message; "
+                                "leave --virtual, --coalesce and --placement unset")
+        return generate.build(args.ranks, args.micro_batches, args.new_tokens)
+    chunks = SCHEDULES[args.name].chunks
+    virtual = args.virtual if args.virtual is not None else (chunks or (1,))[0]
+    return build(args.name, args.ranks, args.micro_batches, virtual, coalesce=args.coalesce,
+                 placement=args.placement)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        chunks = SCHEDULES[args.name].chunks
-        virtual = args.virtual if args.virtual is not None else (chunks or (1,))[0]
-        schedule = build(args.name, args.ranks, args.micro_batches, virtual, coalesce=args.coalesce,
-                         placement=args.placement)
+        schedule = _build(args)
         validate(schedule)
     except ScheduleError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -15,7 +15,7 @@ from pipegrid.schedules.errors import ScheduleError
 __all__ = [
     "LoadMicroBatch", "Forward", "Backward", "BackwardInput", "BackwardWeight",
     "SendActivation", "RecvActivation", "SendGrad", "RecvGrad",
-    "ReduceTiedGrads", "ReduceGrads", "OptimizerStep", "Exchange",
+    "SendToken", "RecvToken", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep", "Exchange",
     "Instruction", "MicroBatchInstruction", "ComputeInstruction",
     "parse_instruction", "is_compute", "is_send", "is_recv", "message_of", "parts",
 ]
@@ -129,6 +129,30 @@ class RecvGrad(_GradOp):
 
 
 @dataclass(frozen=True)
+class SendToken(_MicroBatchOp):
+    """Generation: the last stage sends the token it sampled for item ``micro_batch`` to stage 0,
+    which feeds it in as the next item of that micro-batch. ``stage`` is the last stage."""
+
+    code: ClassVar[str] = "ST"
+
+    @property
+    def peer_stage(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class RecvToken(_MicroBatchOp):
+    """Generation: stage 0 receives the token the last stage (``stage``) sampled for item
+    ``micro_batch``. Named by the sending stage, as the message is; it runs on stage 0's rank."""
+
+    code: ClassVar[str] = "RT"
+
+    @property
+    def peer_stage(self) -> int:
+        return self.stage
+
+
+@dataclass(frozen=True)
 class _RankOp:
     """Base of the once-per-step, per-rank instructions (no stage, no micro-batch)."""
 
@@ -171,7 +195,7 @@ class Exchange:
     receive is waited for only where it is read.
     """
 
-    ops: "tuple[SendActivation | SendGrad | RecvActivation | RecvGrad, ...]"
+    ops: "tuple[SendActivation | SendGrad | RecvActivation | RecvGrad | SendToken | RecvToken, ...]"
     """The group's sends and receives, in the order the rank would run them alone."""
 
     code: ClassVar[str] = "X"
@@ -182,7 +206,7 @@ class Exchange:
 
 MicroBatchInstruction = Union[
     LoadMicroBatch, Forward, Backward, BackwardInput, BackwardWeight,
-    SendActivation, RecvActivation, SendGrad, RecvGrad,
+    SendActivation, RecvActivation, SendGrad, RecvGrad, SendToken, RecvToken,
 ]
 ComputeInstruction = Union[Forward, Backward, BackwardInput, BackwardWeight]
 Instruction = Union[MicroBatchInstruction, Exchange, ReduceTiedGrads, ReduceGrads, OptimizerStep]
@@ -190,7 +214,7 @@ Instruction = Union[MicroBatchInstruction, Exchange, ReduceTiedGrads, ReduceGrad
 _MICRO_BATCH_TYPES: dict[str, type] = {
     cls.code: cls
     for cls in (LoadMicroBatch, Forward, Backward, BackwardInput, BackwardWeight,
-                SendActivation, RecvActivation, SendGrad, RecvGrad)
+                SendActivation, RecvActivation, SendGrad, RecvGrad, SendToken, RecvToken)
 }
 _RANK_TYPES: dict[str, type] = {
     cls.code: cls for cls in (ReduceTiedGrads, ReduceGrads, OptimizerStep)
@@ -230,13 +254,13 @@ def is_compute(op: Instruction) -> bool:
 
 
 def is_send(op: Instruction) -> bool:
-    """True for SendActivation and SendGrad."""
-    return isinstance(op, (SendActivation, SendGrad))
+    """True for SendActivation, SendGrad and SendToken."""
+    return isinstance(op, (SendActivation, SendGrad, SendToken))
 
 
 def is_recv(op: Instruction) -> bool:
-    """True for RecvActivation and RecvGrad."""
-    return isinstance(op, (RecvActivation, RecvGrad))
+    """True for RecvActivation, RecvGrad and RecvToken."""
+    return isinstance(op, (RecvActivation, RecvGrad, RecvToken))
 
 
 def parts(op: Instruction) -> tuple[Instruction, ...]:
@@ -248,8 +272,11 @@ def message_of(op: Instruction) -> tuple[str, int, int]:
     """The tensor a send or receive carries, named alike on both ends.
 
     ``("activation", s, mb)`` is the input of model stage s; ``("grad", s, mb)`` the
-    gradient of model stage s's output. ``1SA3`` and ``2RA3`` both carry ("activation", 2, 3).
+    gradient of model stage s's output; ``("token", s, mb)`` the token last stage s sampled
+    for generation item mb. ``1SA3`` and ``2RA3`` both carry ("activation", 2, 3).
     """
+    if isinstance(op, (SendToken, RecvToken)):
+        return ("token", op.stage, op.micro_batch)
     if isinstance(op, SendActivation):
         return ("activation", op.stage + 1, op.micro_batch)
     if isinstance(op, RecvActivation):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipegrid.schedules.instructions import (
-    Backward, BackwardInput, Forward, Instruction, is_send, message_of,
+    Backward, BackwardInput, Forward, Instruction, RecvToken, is_send, message_of,
 )
 from pipegrid.schedules.placement import Placement
 
@@ -37,6 +37,10 @@ class Schedule:
     """Micro-batches per message: each group of this many consecutive micro-batches is
     computed one by one but crosses between stages as one message (the schedule is built
     over the groups). Fewer, larger messages for a longer fill and drain."""
+    feedback: int = 0
+    """Generation (``generate.build``): the last stage's output of item w, a sampled token,
+    is stage 0's input of item ``w + feedback`` (the next token of the same micro-batch);
+    ``micro_batches`` then counts items, ``feedback`` per decode step. 0: no feedback."""
 
     def message_group(self, micro_batch: int) -> range:
         """The micro-batches whose tensors travel in one message with ``micro_batch``'s."""
@@ -67,6 +71,12 @@ class Schedule:
         the first op that reads it (the forward of its input, the backward of its
         output's gradient), so a receive posted early never holds compute up.
         """
+        if isinstance(op, Forward) and op.stage == 0:
+            source = self.fed_by(op.micro_batch)
+            last = self.num_model_stages - 1
+            if source is None or self.placement.same_rank(0, last):
+                return None
+            return ("token", last, source)
         if isinstance(op, Forward):
             kind, remote = "activation", self.placement.remote_before(op.stage)
         elif isinstance(op, (Backward, BackwardInput)):
@@ -74,6 +84,16 @@ class Schedule:
         else:
             return None
         return (kind, op.stage, op.micro_batch - op.micro_batch % self.coalesce) if remote else None
+
+    def fed_by(self, item: int) -> int | None:
+        """Generation: the item whose sampled token stage 0's item ``item`` reads, if any."""
+        if self.feedback and item >= self.feedback:
+            return item - self.feedback
+        return None
+
+    def home_stage(self, op: Instruction) -> int:
+        """The model stage whose rank runs ``op``: stage 0 for a RecvToken (named by its sender)."""
+        return 0 if isinstance(op, RecvToken) else op.stage  # type: ignore[union-attr]
 
     @property
     def num_ranks(self) -> int:
@@ -114,7 +134,8 @@ class Schedule:
             f"{self.name}: ranks={self.num_ranks} micro_batches={self.micro_batches} "
             f"virtual_stages={self.virtual_stages}"
             + (f" placement={self.placement.kind}" if self.placement.kind != "loop" else "")
-            + (f" coalesce={self.coalesce}" if self.coalesce > 1 else ""),
+            + (f" coalesce={self.coalesce}" if self.coalesce > 1 else "")
+            + (f" feedback={self.feedback}" if self.feedback else ""),
             header,
         ]
         for rank, row in enumerate(cells):

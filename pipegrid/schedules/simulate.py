@@ -114,6 +114,11 @@ def build_graph(schedule: Schedule, comm: float = 0.0) -> nx.DiGraph:
             if message is not None and message in sends:
                 graph.add_edge(sends[message], (rank, position), latency=comm)
     _add_data_edges(graph, compute)
+    last = schedule.num_model_stages - 1
+    for (code, stage, item), node in compute.items():  # generation: a sampled token feeds stage 0
+        source = schedule.fed_by(item) if (code, stage) == ("F", 0) else None
+        if source is not None and ("F", last, source) in compute:
+            graph.add_edge(compute[("F", last, source)], node, latency=0)
     return graph
 
 
@@ -187,6 +192,9 @@ def _ready(schedule: Schedule, op: Instruction, free: float, sent: Mapping[tuple
         return max(free, sent[message] + comm)
     if isinstance(op, Forward) and op.stage > 0 and ("F", op.stage - 1, op.micro_batch) not in done:
         return None  # the previous stage is on this rank and has not run: only a cycle does that
+    source = schedule.fed_by(op.micro_batch) if isinstance(op, Forward) and op.stage == 0 else None
+    if source is not None and ("F", schedule.num_model_stages - 1, source) not in done:
+        return None  # generation, first and last stage on this rank: the token is not sampled yet
     if isinstance(op, (Backward, BackwardInput)) and op.stage < schedule.num_model_stages - 1 \
             and ("G", op.stage + 1, op.micro_batch) not in done:
         return None

@@ -14,7 +14,8 @@ from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.instructions import (
     Backward, BackwardInput, BackwardWeight, Forward, Instruction, LoadMicroBatch,
     OptimizerStep, RecvActivation, RecvGrad, ReduceGrads, ReduceTiedGrads,
-    SendActivation, SendGrad, Exchange, _MicroBatchOp, _RankOp, is_compute, is_recv, is_send, parts,
+    RecvToken, SendActivation, SendGrad, SendToken, Exchange, _MicroBatchOp, _RankOp, is_compute, is_recv,
+    is_send, parts,
 )
 from pipegrid.schedules.loss_message import check_loss_messages
 from pipegrid.schedules.schedule import Schedule
@@ -69,6 +70,12 @@ def _requirements(schedule: Schedule, rank: int, op: Instruction) -> list[tuple[
             local = placement.same_rank(s - 1, s)
             need.append(((("F", s - 1, mb) if local else ("RA", s, mb)),
                          "the forward of the previous stage" if local else "its RecvActivation"))
+        elif schedule.fed_by(mb) is not None:  # generation: the previous token of this micro-batch
+            source, local = schedule.fed_by(mb), placement.same_rank(0, last)
+            need.append(((("F", last, source) if local else ("RT", last, source)),
+                         "the last stage's forward that samples its token" if local else "its RecvToken"))
+    elif isinstance(op, SendToken):
+        need.append((("F", s, mb), "the forward that samples the token"))
     elif isinstance(op, (Backward, BackwardInput)):
         need.append((("F", s, mb), "its forward"))
         if s < last:
@@ -105,6 +112,8 @@ def _allowed(schedule: Schedule, rank: int, op: Instruction) -> str | None:
     if not isinstance(op, _MicroBatchOp):
         return f"unknown instruction type {type(op).__name__}"
     s, mb = op.stage, op.micro_batch
+    if isinstance(op, (SendToken, RecvToken)):
+        return _token_problem(schedule, rank, op)
     if not (0 <= s <= last and placement.rank_of(s) == rank):
         return f"stage {s} does not run on rank {rank} (stages here: {schedule.stages_of(rank)})"
     if not 0 <= mb < schedule.micro_batches:
@@ -120,6 +129,23 @@ def _allowed(schedule: Schedule, rank: int, op: Instruction) -> str | None:
         return "no communication: the next stage is absent or on the same rank"
     if isinstance(op, (SendGrad, RecvActivation)) and (s == 0 or placement.same_rank(s - 1, s)):
         return "no communication: the previous stage is absent or on the same rank"
+    return None
+
+
+def _token_problem(schedule: Schedule, rank: int, op: SendToken | RecvToken) -> str | None:
+    """Why a token transfer may not appear on ``rank``, or None when it may."""
+    last, placement = schedule.num_model_stages - 1, schedule.placement
+    if not schedule.feedback:
+        return "only a generate schedule (feedback > 0) sends sampled tokens back"
+    if op.stage != last:
+        return f"a token comes from the last model stage ({last}), not stage {op.stage}"
+    if placement.rank_of(schedule.home_stage(op)) != rank:
+        return f"runs on rank {placement.rank_of(schedule.home_stage(op))}, not rank {rank}"
+    if placement.same_rank(0, last):
+        return "no communication: the first and last stages are on the same rank"
+    if not 0 <= op.micro_batch < schedule.micro_batches - schedule.feedback:
+        return (f"item {op.micro_batch} has no next item to feed (items fed: "
+                f"[0, {schedule.micro_batches - schedule.feedback}))")
     return None
 
 
@@ -189,6 +215,9 @@ def _expected(schedule: Schedule, rank: int) -> list[_Key]:
                 keys.append(("RA", s, mb))
             if after:
                 keys.append(("SA", s, mb))
+            fed = mb + schedule.feedback < schedule.micro_batches and schedule.feedback > 0
+            if fed and not placement.same_rank(0, last) and s in (0, last):
+                keys.append(("RT" if s == 0 else "ST", last, mb))
             if not schedule.training:
                 continue
             keys.append(("G", s, mb))

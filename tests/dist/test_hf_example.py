@@ -37,6 +37,8 @@ def test_pretrains_saves_and_generates_with_plain_transformers(pretrained):
     assert "LlamaForCausalLM" in out and "new (random init)" in out and out.count("step 4/4: loss") == 1
     saved = root / "scratch" / "hf_model"
     assert "saved " + str(saved) in out and "with AutoModelForCausalLM.from_pretrained; it writes:" in out
+    assert "engine.generate through the pipeline (KV cache per stage) writes:" in out
+    assert "greedy round trip: engine.generate and transformers' generate of the saved model write the same" in out
     lines = out.split("it writes:")[1].strip().splitlines()
     assert len(lines) >= 2 and all(line.strip().startswith("'The ") for line in lines[:2])
     names = set(os.listdir(saved))

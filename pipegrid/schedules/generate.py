@@ -1,0 +1,91 @@
+"""Generation: a prefill pass, then decode steps, micro-batches in flight at once.
+
+Item ``w = step * m + mb`` is micro-batch mb's forward at decode step ``step`` (step 0 is
+the prefill of the whole prompt; each later step feeds one token per sequence). The last
+stage samples a token from item w and sends it back to stage 0, where it is item
+``w + m``: a ``SendToken``/``RecvToken`` pair the validator plays out like any other
+message. Timeline (p=3, m=3, 2 new tokens; ``1F4`` = stage 1, item 4 = micro-batch 1,
+step 1)::
+
+    rank 0 | 0F0 0F1 0F2 0F3 0F4 0F5   ·   ·
+    rank 1 |   · 1F0 1F1 1F2 1F3 1F4 1F5   ·
+    rank 2 |   ·   · 2F0 2F1 2F2 2F3 2F4 2F5
+
+With ``m >= p`` a token is back at stage 0 by the time stage 0 finished the step's other
+micro-batches: micro-batch i's token t+1 enters stage 0 while its token t is still in the
+later stages, and no rank idles after the fill. With ``m < p`` stage 0 waits each step
+for the token (the pipeline is never full: a decode step is one sequential chain).
+"""
+
+from __future__ import annotations
+
+
+
+from pipegrid.schedules.errors import ScheduleError
+from pipegrid.schedules.fusion import order_transfers
+from pipegrid.schedules.instructions import Forward, Instruction, RecvToken, SendToken
+from pipegrid.schedules.lower import add_communication
+from pipegrid.schedules.placement import Placement
+from pipegrid.schedules.schedule import Schedule
+
+__all__ = ["NAME", "build", "compute_order", "describe", "items"]
+
+NAME = "generate"
+
+
+def items(micro_batches: int, new_tokens: int) -> int:
+    """How many forward items a generation runs: one per micro-batch per new token."""
+    return micro_batches * new_tokens
+
+
+def compute_order(placement: Placement, micro_batches: int, new_tokens: int) -> list[list[Forward]]:
+    """Per rank, every item in order: step by step, micro-batch by micro-batch.
+
+    Item order is the only order that never waits on itself: item w's token feeds item
+    w + m, which comes after every item of step ``w // m`` on every rank.
+    """
+    total = items(micro_batches, new_tokens)
+    return [[Forward(rank, w) for w in range(total)] for rank in range(placement.num_ranks)]
+
+
+def build(num_ranks: int, micro_batches: int, new_tokens: int) -> Schedule:
+    """The generate schedule: ``new_tokens`` forward steps of ``micro_batches`` micro-batches
+    over ``num_ranks`` pipe ranks, one model stage each, the sampled tokens fed back."""
+    for label, value in (("num_ranks", num_ranks), ("micro_batches", micro_batches),
+                         ("new_tokens", new_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{label} must be an int, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ScheduleError(f"{label} must be >= 1, got {value}; set {label}=1 or more")
+    placement = Placement("loop", num_ranks, 1)
+    streams = add_communication(compute_order(placement, micro_batches, new_tokens), placement)
+    if num_ranks > 1:
+        streams = [_add_token_transfers(stream, num_ranks - 1, micro_batches) for stream in streams]
+    schedule = Schedule(name=NAME, placement=placement, micro_batches=items(micro_batches, new_tokens),
+                        streams=tuple(tuple(s) for s in streams), training=False, feedback=micro_batches)
+    return order_transfers(schedule)
+
+
+def _add_token_transfers(stream: list[Instruction], last: int, feedback: int) -> list[Instruction]:
+    """The last stage sends each sampled token right after its forward; stage 0 receives it
+    just before the forward that reads it (its item ``feedback`` later)."""
+    total = max((op.micro_batch for op in stream if isinstance(op, Forward)), default=-1) + 1
+    out: list[Instruction] = []
+    for op in stream:
+        if isinstance(op, Forward) and op.stage == 0 and op.micro_batch >= feedback:
+            out.append(RecvToken(last, op.micro_batch - feedback))
+        out.append(op)
+        if isinstance(op, Forward) and op.stage == last and op.micro_batch + feedback < total:
+            out.append(SendToken(last, op.micro_batch))
+    return out
+
+
+def describe(schedule: Schedule) -> str:
+    """One line: the generation a schedule runs, in the words of ``build``'s arguments."""
+    m = schedule.feedback
+    return (f"generate: {schedule.num_ranks} ranks, {m} micro-batches in flight, "
+            f"{schedule.micro_batches // m} forward steps (prefill + {schedule.micro_batches // m - 1} decode)")
+
+
+
+

@@ -1,0 +1,111 @@
+"""engine.generate for a LayerSpec model (the GPT example, which implements the cache
+protocol): greedy tokens equal a cacheless full forward per token in one process at pipe
+1, 2 and 3, left padding and a batch the micro-batches do not divide included; and what
+``generate`` refuses, before any work, with the fix in the message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pipegrid as pg
+from examples.models.gpt import GPT, tiny_gpt_config
+from pipegrid.launch import run_local
+from pipegrid.pipe.generate_request import check_request
+from pipegrid.pipe.sampling import Sampling
+
+NEW_TOKENS = 5
+
+
+def _config(**overrides):
+    return tiny_gpt_config(n_layer=3, seq_len=16, **overrides)
+
+
+def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, _config().vocab_size, (5, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 is row 4's prompt, left padded
+    ids[1, 3:] = ids[4, :3]
+    ids[1, :3] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def _greedy_full_pass(ids: torch.Tensor) -> torch.Tensor:
+    """One row at a time, its real tokens only, a whole forward per new token: no cache."""
+    model = GPT(_config(), seed=7).eval()
+    out = ids
+    for _ in range(NEW_TOKENS):
+        out = torch.cat([out, model(out)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+def _generate(pipe: int) -> torch.Tensor:
+    model = GPT(_config(), topology=pg.Topology(pipe=pipe), seed=7)
+    engine = pg.initialize(model, {"topology": {"pipe": pipe}, "comm": {"timeout_s": 60},
+                                   "schedule": {"name": "1f1b", "micro_batches": 2}})
+    ids, mask = _prompts()
+    return engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, micro_batches=2)
+
+
+@pytest.mark.parametrize("pipe", [1, 2, 3])
+def test_gpt_greedy_equals_a_full_pass_per_token(pipe: int) -> None:
+    ids, mask = _prompts()
+    for rank, got in enumerate(run_local(_generate, pipe, (pipe,), timeout_s=120)):
+        for row in range(ids.shape[0]):
+            real = ids[row][mask[row].bool()][None]
+            want = _greedy_full_pass(real)[0, real.shape[1]:]
+            assert torch.equal(got[row, ids.shape[1]:], want), f"pipe={pipe} rank {rank} row {row}"
+
+
+def _check(module, **overrides):
+    args = {"pipe": 1, "tensor": 1, "virtual_stages": 1, "input_ids": torch.zeros(2, 4, dtype=torch.long),
+            "attention_mask": None, "max_new_tokens": 3, "sampling": Sampling(), "eos_token_id": None,
+            "pad_token_id": None, "seed": 0, "micro_batches": None, "default_micro_batches": 2}
+    args.update(overrides)
+    return check_request(module, **args)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    ({"input_ids": torch.zeros(2, 17, dtype=torch.long)}, ValueError, "17 tokens long but the model has 16 positions"),
+    ({"max_new_tokens": 14}, ValueError, "set max_new_tokens <= 13"),
+    ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1"),
+    ({"tensor": 2}, ValueError, "topology.tensor=2"),
+    ({"virtual_stages": 2}, ValueError, "virtual_stages=1"),
+    ({"input_ids": torch.zeros(2, 4)}, TypeError, "2-D integer tensor"),
+    ({"attention_mask": torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]])}, ValueError, "left-padded"),
+    ({"micro_batches": 3}, ValueError, r"micro_batches must be an int in \[1, batch size 2\]"),
+    ({"eos_token_id": -1}, ValueError, "eos_token_id must be a token id"),
+])
+def test_bad_input_is_refused_with_the_fix(overrides, error, match) -> None:
+    with pytest.raises(error, match=match):
+        _check(GPT(_config()), **overrides)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"temperature": 0}, "temperature must be a number > 0"),
+                                          ({"top_k": 0}, "top_k must be an int >= 1"),
+                                          ({"top_p": 1.5}, r"top_p must be in \(0, 1\]")])
+def test_sampling_arguments_out_of_range_are_refused(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        Sampling(do_sample=True, **kwargs)
+
+
+class _Mixer(nn.Module):
+    """Mixes positions (a cumulative mean), so it cannot run on the new tokens alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum(1) / torch.arange(1, x.shape[1] + 1)[:, None]
+
+
+def test_a_layerspec_model_without_the_cache_protocol_is_told_what_to_implement() -> None:
+    module = pg.PipelineModule([pg.LayerSpec(nn.Embedding, 8, 4), pg.LayerSpec(_Mixer), pg.LayerSpec(nn.Linear, 4, 8)])
+    with pytest.raises(TypeError, match="_Mixer define no forward_cached.*pipegrid.CachedLayer"):
+        _check(module)
+
+
+def test_defaults_pick_micro_batches_up_to_the_batch() -> None:
+    request = _check(GPT(_config()), input_ids=torch.zeros(5, 4, dtype=torch.long), default_micro_batches=8)
+    assert request.micro_batches == 5 and [len(r) for r in request.batch_rows] == [1] * 5
+    request = _check(GPT(_config()), input_ids=torch.zeros(5, 4, dtype=torch.long))
+    assert [len(r) for r in request.batch_rows] == [3, 2]
