@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from pipegrid.hf.pp_plan import StagePlan
-from pipegrid.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, reduce_from_region
+from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, SharedInputCopy, VocabParallelEmbedding,
+                             reduce_from_region)
 
 # GPT-2 declares no base_model_tp_plan. Its c_attn is one Conv1D packing q, k and v: "colwise_qkv"
 # splits each of the three parts by heads, so a rank's shard is [q_r, k_r, v_r] and GPT-2's own
@@ -183,9 +184,25 @@ class TensorSplit:
         for full, _, parallel in swaps:
             parent, _, attr = full.rpartition(".")
             setattr(self.shell.get_submodule(parent), attr, parallel)
+        self._share_inputs(swaps)
         for sub in module.modules():
             _localise_heads(sub, self.parts)
         return swaps
+
+    def _share_inputs(self, swaps: list[tuple[str, nn.Module, nn.Module]]) -> None:
+        """Column-parallel siblings (q, k, v; gate, up) share one input copy per call of their
+        parent: one backward all-reduce for them all instead of one each."""
+        by_parent: dict[str, list[ColumnParallelLinear]] = {}
+        for full, _, parallel in swaps:
+            if isinstance(parallel, ColumnParallelLinear) and full != self.plan.head:
+                by_parent.setdefault(full.rpartition(".")[0], []).append(parallel)
+        for parent, columns in by_parent.items():
+            if len(columns) < 2:
+                continue
+            shared = SharedInputCopy(self.group)
+            shared.attach(self.shell.get_submodule(parent))
+            for column in columns:
+                column.input_copy = shared
 
     def _parallel(self, full: str, module: nn.Module) -> nn.Module | None:
         base = f"{self.plan.base_prefix}."

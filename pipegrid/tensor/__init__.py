@@ -6,13 +6,15 @@ Every layer and mapping takes ``group``: pass ``groups.tensor_parallel_group``;
 """
 
 from pipegrid.tensor.cross_entropy import vocab_parallel_cross_entropy
-from pipegrid.tensor.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_tensor_sharded
+from pipegrid.tensor.layers import (ColumnParallelLinear, RowParallelLinear, SharedInputCopy, VocabParallelEmbedding,
+                                    is_tensor_sharded)
 from pipegrid.tensor.mappings import (copy_to_region, gather_from_region, reduce_from_region, split_to_region,
                                       tensor_parallel_rank, tensor_parallel_size)
 
 __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
+    "SharedInputCopy",
     "VocabParallelEmbedding",
     "copy_to_region",
     "gather_from_region",

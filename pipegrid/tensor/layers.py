@@ -22,6 +22,7 @@ from pipegrid.tensor.mappings import (Group, _active, _shard_size, copy_to_regio
 __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
+    "SharedInputCopy",
     "VocabParallelEmbedding",
     "is_tensor_sharded",
 ]
@@ -54,6 +55,40 @@ def _check_dense(dense: nn.Module, expected: type, shape: tuple[int, int], has_b
                          f"{shape} (bias: {has_bias}); pass a dense layer of the same sizes")
 
 
+class SharedInputCopy:
+    """One ``copy_to_region`` for sibling column-parallel layers that read the same input
+    within one call of their parent (q, k and v of an attention; gate and up of an MLP).
+
+    Each column layer's copy all-reduces its input's gradient in backward; siblings sharing
+    one copy let autograd sum their gradients first, so the parent pays one all-reduce
+    instead of one per projection (Megatron gets this by fusing q, k and v into one layer).
+    The shared copy lives only during the parent's forward (its hooks clear it), so no
+    activation outlives the call, and an input seen again (recomputation) gets a fresh one.
+    """
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self._held: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its copy) in this call
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._held is not None and self._held[0] is x:
+            return self._held[1]
+        copied = copy_to_region(x, self.group)
+        self._held = (x, copied)
+        return copied
+
+    def attach(self, parent: nn.Module) -> None:
+        """Scope the sharing to each call of ``parent``."""
+        parent.register_forward_pre_hook(self._open)
+        parent.register_forward_hook(self._close)
+
+    def _open(self, module: nn.Module, args: tuple) -> None:
+        self._held = None
+
+    def _close(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._held = None
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x A^T + b`` with A's rows (output features) split across the group.
 
@@ -76,9 +111,12 @@ class ColumnParallelLinear(nn.Module):
         _check_dense(dense, nn.Linear, (out_features, in_features), bias)
         self.weight = _shard_parameter(dense.weight, 0, rank, parts)  # (out / parts, in)
         self.bias = _shard_parameter(dense.bias, 0, rank, parts) if bias else None
+        self.input_copy: SharedInputCopy | None = None
+        """Set when siblings read the same input: one backward all-reduce for all of them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_region(x, self.group), self.weight, self.bias)  # (..., out / parts)
+        x = self.input_copy(x) if self.input_copy is not None else copy_to_region(x, self.group)
+        y = F.linear(x, self.weight, self.bias)  # (..., out / parts)
         return gather_from_region(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
