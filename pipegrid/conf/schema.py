@@ -95,11 +95,18 @@ class ScheduleConfig:
 @dataclass
 class ZeroConfig:
     stage: int = 0
-    """0: every data rank keeps the full optimizer state; 1: state sharded over the data axis."""
+    """0: every data rank keeps the full optimizer state; 1: state sharded over the data axis;
+    2: gradients sharded too (each data rank keeps its shard of the reduced gradient)."""
+    reduce_every_micro_batch: bool = False
+    """Stage 2: reduce-scatter after every micro-batch's backward instead of once per step
+    (less gradient memory during the step, one reduction per micro-batch)."""
 
     def __post_init__(self) -> None:
-        if self.stage not in (0, 1):
-            raise ValueError(f"zero.stage must be 0 or 1, got {self.stage!r}")
+        if self.stage not in (0, 1, 2):
+            raise ValueError(f"zero.stage must be 0, 1 or 2, got {self.stage!r}")
+        if self.reduce_every_micro_batch and self.stage != 2:
+            raise ValueError(f"zero.reduce_every_micro_batch needs zero.stage=2, got zero.stage={self.stage}; "
+                             "set zero.stage=2 or drop zero.reduce_every_micro_batch")
 
 
 @dataclass

@@ -153,7 +153,9 @@ class PipelineEngine:
         once-per-step work over them."""
         optimizer_state = build_optimizer_state(
             self.config.zero.stage, self.params, lambda params: build_optimizer(self.config.optimizer, params),
-            self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend)
+            self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend,
+            reduce_every_micro_batch=self.config.zero.reduce_every_micro_batch,
+            tied=self._tied_across_pipe_ranks())
         scheduler = (instantiate(self.config.lr_scheduler, optimizer_state.optimizer)
                      if self.config.lr_scheduler else None)
         prec = self.config.precision
@@ -161,6 +163,11 @@ class PipelineEngine:
                             prec.backoff_factor, prec.hysteresis, prec.min_loss_scale)
         return GradientUpdate(self.module, self.config, self.groups, optimizer_state, scaler, scheduler,
                               self.device, self.dtype, self.schedule.loss_rank, self.kernels_backend)
+
+    def _tied_across_pipe_ranks(self) -> frozenset[int]:
+        """Ids of local parameters a tied layer shares with another pipe rank (summed at ReduceTiedGrads)."""
+        return frozenset(id(p) for key, owners in self.module.tied_pipe_ranks().items() if len(owners) > 1
+                         for p in self.module.tied_parameters(key))
 
     def _arm_signal_handlers(self) -> None:
         self._stop = SignalWatch(self.config.train.save_on_signal, saves=bool(self.config.checkpoint.dir),

@@ -28,8 +28,9 @@ import torch
 from pipegrid.pipe.zero.common import MASTER, Factory, ParamState, all_reduce_flat, buckets, storage_bytes
 from pipegrid.pipe.zero.replicated import ReplicatedOptimizer
 from pipegrid.pipe.zero.stage1 import ZeroOptimizer
+from pipegrid.pipe.zero.stage2 import Zero2Optimizer
 
-__all__ = ["MASTER", "OptimizerState", "ParamState", "ReplicatedOptimizer", "ZeroOptimizer", "all_reduce_flat",
+__all__ = ["MASTER", "OptimizerState", "ParamState", "ReplicatedOptimizer", "Zero2Optimizer", "ZeroOptimizer", "all_reduce_flat",
            "buckets", "build_optimizer_state", "storage_bytes"]
 
 
@@ -44,6 +45,10 @@ class OptimizerState(Protocol):
 
     def grad_of(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The gradient this step accumulates for ``param`` (fp32 in 16-bit training)."""
+
+    def weight_grads_done(self) -> None:
+        """A model stage finished one micro-batch's parameter gradients (ZeRO-2 may reduce them now;
+        a collective there, called at the same point of the schedule on every data rank)."""
 
     def reduce_grads(self) -> None:
         """Collective over the data axis: sum (or reduce-scatter) the step's gradients."""
@@ -76,8 +81,13 @@ class OptimizerState(Protocol):
 
 
 def build_optimizer_state(stage: int, params: list[torch.nn.Parameter], factory: Factory, data_group: Any,
-                          data_size: int, data_rank: int, backend: str) -> OptimizerState:
-    """The optimizer state ``zero.stage`` asks for (the config checks the stage's range)."""
+                          data_size: int, data_rank: int, backend: str, *, reduce_every_micro_batch: bool = False,
+                          tied: frozenset[int] = frozenset()) -> OptimizerState:
+    """The optimizer state ``zero.stage`` asks for (the config checks the stage's range); ``tied``:
+    ids of the parameters a tied layer shares with other pipe ranks."""
+    if stage == 2:
+        return Zero2Optimizer(params, factory, data_group, data_size, data_rank, backend,
+                              reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied)
     if stage == 1:
         return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend)
     return ReplicatedOptimizer(params, factory, data_group, data_size, backend)

@@ -42,6 +42,9 @@ class ReplicatedOptimizer:
         if self.data_size > 1:
             all_reduce_flat(grads, self.group, scale=1.0 / self.data_size, backend=self.backend)
 
+    def weight_grads_done(self) -> None:
+        """A model stage finished a micro-batch's parameter gradients: nothing to do before the step's end."""
+
     def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
         """Master gradients (of the parameters whose ``id`` is in ``counted``, if given)."""
         pairs = zip(self.params, ensure_grads(self.master))

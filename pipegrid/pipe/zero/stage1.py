@@ -51,26 +51,32 @@ class ZeroOptimizer:
         self.layout = kernels.FlatLayout.from_tensors(params)
         self.shard_size = -(-self.layout.total // data_size)  # padded: every rank owns an equal shard
         self.low_precision = dtype != torch.float32 and dtype != torch.float64
-        grad_dtype = torch.float32 if self.low_precision else dtype  # 16-bit gradients accumulate in fp32
+        self.grad_dtype = torch.float32 if self.low_precision else dtype  # 16-bit gradients accumulate in fp32
         self.param_flat = torch.zeros(self.shard_size * data_size, dtype=dtype, device=device)
-        self.grad_flat = torch.zeros(self.shard_size * data_size, dtype=grad_dtype, device=device)
-        self._grad_views = _views_at(self.grad_flat, self.layout)  # element for element with the parameters
         with torch.no_grad():
-            for p, view, grad in zip(params, kernels.views(self.param_flat, self.layout), self._grad_views):
+            for p, view in zip(params, kernels.views(self.param_flat, self.layout)):
                 view.copy_(p)
                 p.data = view  # the parameter now lives in the flat buffer
-                p.grad = None if self.low_precision else grad  # float32: autograd writes in place
-        if self.low_precision:
-            self._hooks = accumulate_in_fp32(params, lambda i: self._grad_views[i],
-                                              lambda i, grad: self._grad_views[i].copy_(grad))
         lo = data_rank * self.shard_size
         self._range = (lo, lo + self.shard_size)
         own = self.param_flat[lo:lo + self.shard_size]
         self.shard = torch.nn.Parameter(own.detach().float().clone() if self.low_precision else own)
-        self.shard.grad = self.grad_flat[lo:lo + self.shard_size]  # this rank's slice of the flat gradient
+        self._attach_grads()
         # reduce-scatter's output: a collective must not write into the buffer it reads
-        self._scattered = torch.empty(self.shard_size if data_size > 1 else 0, dtype=grad_dtype, device=device)
+        self._scattered = torch.empty(self.shard_size if data_size > 1 else 0, dtype=self.grad_dtype, device=device)
         self.optimizer = factory([self.shard])
+
+    def _attach_grads(self) -> None:
+        """One full-size flat gradient buffer for the whole run; the shard's gradient is its slice."""
+        self.grad_flat = torch.zeros_like(self.param_flat, dtype=self.grad_dtype)
+        self._grad_views = _views_at(self.grad_flat, self.layout)  # element for element with the parameters
+        for p, grad in zip(self.params, self._grad_views):
+            p.grad = None if self.low_precision else grad  # float32: autograd writes in place
+        if self.low_precision:
+            self._hooks = accumulate_in_fp32(self.params, lambda i: self._grad_views[i],
+                                              lambda i, grad: self._grad_views[i].copy_(grad))
+        lo, hi = self._range
+        self.shard.grad = self.grad_flat[lo:hi]  # this rank's slice of the flat gradient
 
     def grad_of(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The tensor holding ``param``'s gradient of this step (fp32 in 16-bit training)."""
@@ -81,6 +87,9 @@ class ZeroOptimizer:
         if self.data_size > 1:
             _reduce_scatter(self._scattered, self.grad_flat, group=self.group)
             self.shard.grad.copy_(self._scattered).mul_(1.0 / self.data_size)
+
+    def weight_grads_done(self) -> None:
+        """A model stage finished a micro-batch's parameter gradients: nothing to do before the step's end."""
 
     def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
         """This rank's slices of the gradient (only the parameters in ``counted``, if given)."""
