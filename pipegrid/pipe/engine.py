@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import signal
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -155,7 +156,7 @@ class PipelineEngine:
             self.config.zero.stage, self.params, lambda params: build_optimizer(self.config.optimizer, params),
             self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend,
             reduce_every_micro_batch=self.config.zero.reduce_every_micro_batch,
-            tied=self._tied_across_pipe_ranks())
+            tied=self._tied_across_pipe_ranks(), offload=self._offloads())
         scheduler = (instantiate(self.config.lr_scheduler, optimizer_state.optimizer)
                      if self.config.lr_scheduler else None)
         prec = self.config.precision
@@ -163,6 +164,18 @@ class PipelineEngine:
                             prec.backoff_factor, prec.hysteresis, prec.min_loss_scale)
         return GradientUpdate(self.module, self.config, self.groups, optimizer_state, scaler, scheduler,
                               self.device, self.dtype, self.schedule.loss_rank, self.kernels_backend)
+
+    def _offloads(self) -> bool:
+        """``zero.offload_optimizer=cpu`` on an accelerator; on a CPU-only run it changes nothing (one notice)."""
+        if self.config.zero.offload_optimizer != "cpu":
+            return False
+        if self.device.type == "cpu":
+            if self.groups.rank == 0:
+                logging.getLogger("pipegrid").warning(
+                    "zero.offload_optimizer=cpu: this run trains on the CPU, where the optimizer state "
+                    "already is; nothing is offloaded")
+            return False
+        return True
 
     def _tied_across_pipe_ranks(self) -> frozenset[int]:
         """Ids of local parameters a tied layer shares with another pipe rank (summed at ReduceTiedGrads)."""

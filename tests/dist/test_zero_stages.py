@@ -1,13 +1,15 @@
 """ZeRO-2 trains like one process (design.md invariant 1): every schedule at pipe x data =
 2 x 2 in float32 with Adam and clipping, the tied embedding and head of TinyGPT, gradients
 reduce-scattered once per step and after every micro-batch; bf16 identical to ZeRO-1;
-tensor=2; the gradient held at the optimizer step is the shard alone.
+tensor=2; the gradient held at the optimizer step is the shard alone; offload on a CPU run.
 
 All cases of the 4-rank world run in one ``run_local`` call (start-up dominates); the
 references run in this process.
 """
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -67,12 +69,27 @@ def _memory(cfg: dict) -> dict:
             "rank": dist.get_rank()}
 
 
+def _offload_on_a_cpu_run() -> dict:
+    """zero.offload_optimizer=cpu where everything is on the CPU already: the notice, and no host part."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("pipegrid").addHandler(handler)
+    try:
+        result = _memory(config("1f1b", 1, 4, M, optimizer=ADAM, zero={"stage": 2, "offload_optimizer": "cpu"},
+                                topology={"pipe": 1, "data": 4}))
+    finally:
+        logging.getLogger("pipegrid").removeHandler(handler)
+    return {**result, "messages": messages}
+
+
 def _all_cases(cases: dict, tensor: dict) -> dict:
     out = {name: _pipeline(cfg) for name, cfg in cases.items()}
     out["tensor"] = _tensor(tensor)
     for stage in (1, 2):
         out[f"memory-zero{stage}"] = _memory(config("1f1b", 1, 4, M, optimizer=ADAM, zero={"stage": stage},
                                                     topology={"pipe": 1, "data": 4}))
+    out["offload-cpu-run"] = _offload_on_a_cpu_run()
     return out
 
 
@@ -110,3 +127,11 @@ def test_zero2_holds_only_the_gradient_shard_at_the_step(results):
         full = one["memory"]["gradients"]
         assert two["memory"]["gradients"] * 4 == full, (one, two)  # data=4: a quarter, padding included
         assert two["step_gradient_bytes"] == full  # during the backwards the buffer is full size
+
+
+def test_offload_on_a_cpu_run_changes_nothing_and_says_so_once(results):
+    per_rank = results["offload-cpu-run"]
+    notices = [m for r in per_rank for m in r["messages"] if "offload_optimizer" in m]
+    assert len(notices) == 1 and "nothing is offloaded" in notices[0], notices
+    for plain, offload in zip(results["memory-zero2"], per_rank):
+        assert offload["memory"] == plain["memory"]

@@ -82,12 +82,13 @@ class OptimizerState(Protocol):
 
 def build_optimizer_state(stage: int, params: list[torch.nn.Parameter], factory: Factory, data_group: Any,
                           data_size: int, data_rank: int, backend: str, *, reduce_every_micro_batch: bool = False,
-                          tied: frozenset[int] = frozenset()) -> OptimizerState:
+                          tied: frozenset[int] = frozenset(), offload: bool = False) -> OptimizerState:
     """The optimizer state ``zero.stage`` asks for (the config checks the stage's range); ``tied``:
-    ids of the parameters a tied layer shares with other pipe ranks."""
+    ids of the parameters a tied layer shares with other pipe ranks; ``offload``: master weights
+    and optimizer state in host memory, stepped there (ZeRO-1/2)."""
     if stage == 2:
         return Zero2Optimizer(params, factory, data_group, data_size, data_rank, backend,
-                              reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied)
+                              reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied, offload=offload)
     if stage == 1:
-        return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend)
+        return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend, offload=offload)
     return ReplicatedOptimizer(params, factory, data_group, data_size, backend)
