@@ -105,6 +105,9 @@ class ZeroConfig:
     the optimizer step on the CPU (ZeRO-Offload); on a CPU-only run it changes nothing."""
 
     def __post_init__(self) -> None:
+        if self.stage == 3:
+            raise ValueError("zero.stage=3 (parameters sharded over data) is not built yet; set zero.stage=2, "
+                             "and zero.offload_optimizer=cpu to move the optimizer state off the device")
         if self.stage not in (0, 1, 2):
             raise ValueError(f"zero.stage must be 0, 1 or 2, got {self.stage!r}")
         if self.offload_optimizer not in ("none", "cpu"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
 import signal
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -77,9 +78,20 @@ def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None
     """Refuse a bad module or (resolved) config on every rank before any process group exists."""
     build(cfg.schedule.name, cfg.topology.pipe, cfg.schedule.micro_batches,  # ScheduleError says what to change
           cfg.schedule.virtual_stages, coalesce=cfg.schedule.coalesce)
+    _notice_useless_zero(cfg)
     if module.loss_fn is None:
         raise ValueError("the PipelineModule has no loss_fn, which the last stage needs to train; "
                          "pass loss_fn=... (called as loss_fn(output, labels)) to PipelineModule")
+
+
+def _notice_useless_zero(cfg: TrainConfig) -> None:
+    """One line (from rank 0) where a ZeRO setting can save nothing: one data rank, nothing offloaded."""
+    zero = cfg.zero
+    if zero.stage > 0 and cfg.topology.data == 1 and zero.offload_optimizer == "none" \
+            and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("pipegrid").warning(
+            f"zero.stage={zero.stage} with topology.data=1: one data rank holds every shard, so nothing is saved; "
+            "set zero.stage=0, or topology.data > 1")
 
 
 def initialize(module: torch.nn.Module, config: Any = None,

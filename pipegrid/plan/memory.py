@@ -1,4 +1,4 @@
-"""Memory per device: parameters, gradients, optimizer state after ZeRO-1, master weights,
+"""Memory per device: parameters, gradients, optimizer state after ZeRO-1/2 (or on the host), master weights,
 and activations in flight for the schedule.
 
 The first five keys (and ``total``, their sum) are those of ``engine.memory_report()``;
@@ -44,31 +44,44 @@ class OptimizerSpec:
         return _STATE_SLOTS[self.name] * max(4, DTYPE_BYTES[self.dtype])
 
 
-def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, zero: bool = False,
-                  buffers: int = 0) -> dict[str, int]:
+def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, zero: bool | int = False,
+                  buffers: int = 0, offload: bool = False) -> dict[str, int]:
     """Bytes on one rank holding ``parameters`` (its stages, its tensor shard), as
     ``engine.memory_report()`` counts them: the storages allocated during a step.
 
-    ZeRO-1 puts parameters and gradients in flat buffers padded to a multiple of ``data``
-    and splits optimizer state and master weights over the ``data`` ranks; gradients
-    stay whole. (The engine also pads each tensor to 16 bytes, which this ignores.)
+    ZeRO-1 (``zero=True`` or 1) puts parameters and gradients in flat buffers padded to a
+    multiple of ``data`` and splits optimizer state and master weights over the ``data``
+    ranks; gradients stay whole. ZeRO-2 (``zero=2``) holds only the gradient shard at the
+    optimizer step; ``step_gradients`` (not in ``total``) is the full-size buffer its
+    backwards fill, alive beside the activations. ``offload`` moves optimizer state and
+    master weights (and a gradient shard) to ``*_host`` keys, outside the device ``total``.
+    (The engine also pads each tensor to 16 bytes, which this ignores.)
     """
     if data < 1:
         raise ValueError(f"data must be >= 1, got {data}")
+    stage = int(zero)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"zero must be 0, 1 or 2 (or a bool for 0/1), got {zero!r}")
     width = DTYPE_BYTES[optimizer.dtype]
     grad_width = max(width, 4)  # 16-bit training accumulates its gradients in fp32
-    sharded = -(-parameters // data) if zero else parameters
-    held = sharded * data if zero else parameters  # the flat buffers' padding
-    # the engine's own buffer (pipegrid/pipe/zero.py): ZeRO-1's reduce-scatter output
-    engine_buffers = sharded * grad_width if zero and data > 1 else 0
+    sharded = -(-parameters // data) if stage else parameters
+    held = sharded * data if stage else parameters  # the flat buffers' padding
+    # the engine's own buffer (pipegrid/pipe/zero/): ZeRO-1's reduce-scatter output (ZeRO-2 writes the shard)
+    engine_buffers = sharded * grad_width if stage == 1 and data > 1 else 0
+    master = sharded * (optimizer.master_bytes or (4 if offload else 0))  # offload: always a separate copy
     report = {
         "parameters": held * width,
-        "gradients": held * grad_width,
-        "optimizer": sharded * optimizer.state_bytes,
-        "master_weights": sharded * optimizer.master_bytes,
+        "gradients": (sharded if stage == 2 else held) * grad_width,
+        "optimizer": 0 if offload else sharded * optimizer.state_bytes,
+        "master_weights": 0 if offload else master,
         "buffers": engine_buffers + int(buffers),
     }
     report["total"] = sum(report.values())
+    if stage == 2:
+        report["step_gradients"] = held * grad_width
+    if offload:
+        report.update(optimizer_host=sharded * optimizer.state_bytes, master_weights_host=master,
+                      gradients_host=master)
     return report
 
 

@@ -42,6 +42,7 @@ ADAM = ("adam", {"_target_": "torch.optim.Adam", "lr": 1e-3})
 SGD = ("sgd_momentum", {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9})
 CASES = [(dtype, data, zero, ADAM) for dtype in ("float32", "bfloat16") for data, zero in ((1, 0), (2, 1), (4, 1))]
 CASES += [("float32", 2, 0, SGD), ("bfloat16", 2, 1, SGD), ("bfloat16", 2, 0, ADAM)]
+CASES += [("float32", 4, 2, ADAM), ("bfloat16", 4, 2, ADAM), ("bfloat16", 2, 2, SGD)]  # ZeRO-2
 
 
 def _run_all(cases):
@@ -68,16 +69,18 @@ def test_memory_report_accounts_for_every_live_tensor(measured, index):
     dtype, zero = case[0], case[2]
     # without ZeRO the step's gradients (and the master copy's) are freed after it:
     # the report counts them, the census after the step does not
-    between_steps = report["total"] - (report["gradients"] + report["buffers"] if zero == 0 else 0)
+    # (ZeRO-2's gradient shard too: it is made by the step's reduction and freed with its gradients)
+    between_steps = report["total"] - (report["gradients"] + report["buffers"] if zero in (0, 2) else 0)
     assert live == between_steps, (report, live)
-    # 16-bit training accumulates its gradients in fp32: twice the parameters' bytes
-    assert report["gradients"] == report["parameters"] * (2 if dtype == "bfloat16" else 1) > 0
+    # 16-bit training accumulates its gradients in fp32: twice the parameters' bytes (ZeRO-2: a shard)
+    shards = case[1] if zero == 2 else 1
+    assert report["gradients"] * shards == report["parameters"] * (2 if dtype == "bfloat16" else 1) > 0
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
 def test_memory_prediction_matches_the_engine(measured, index):
     (dtype, data, zero, (name, _)), (report, _, parameters) = CASES[index], measured[index]
-    predicted = memory_report(parameters, OptimizerSpec(name, dtype), data=data, zero=bool(zero))
+    predicted = memory_report(parameters, OptimizerSpec(name, dtype), data=data, zero=zero)
     for key in ("parameters", "gradients", "master_weights", "buffers"):
         assert predicted[key] == report[key], (key, predicted, report)
     # Adam's step counters (4 bytes per optimizer tensor: 2 x DEPTH without ZeRO, 1 shard with it)
