@@ -1,4 +1,4 @@
-"""ZeRO-2 trains like one process (design.md invariant 1): every schedule at pipe x data =
+"""ZeRO-2 and ZeRO-3 train like one process (design.md invariant 1): every schedule at pipe x data =
 2 x 2 in float32 with Adam and clipping, the tied embedding and head of TinyGPT, gradients
 reduce-scattered once per step and after every micro-batch; bf16 identical to ZeRO-1;
 tensor=2; the gradient held at the optimizer step is the shard alone; offload on a CPU run.
@@ -18,9 +18,11 @@ import torch.distributed as dist
 import pipegrid as pg
 from examples.models.gpt import GPT
 from pipegrid.launch import run_local
-from tests.support.engine_cases import assert_matches_reference, config, run_pipeline, run_reference
+from pipegrid.schedules import SCHEDULES as SCHEDULE_SPECS
+from tests.support.engine_cases import (N_LAYER, STEPS, assert_matches_reference, canonical_state, config,
+                                        global_batches, run_reference)
+from tests.support.models import TinyGPT
 from tests.support.reference import PlainGPT, train
-from tests.support.engine_cases import global_batches
 from tests.support.tensor_gpt import GPT_CFG, assert_matches_dense, sharded_state
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2, "eps": 1e-5}  # eps: see test_zero_precision.py
@@ -35,7 +37,9 @@ def _cfg(schedule: str, stage: int, *, every: bool = False, dtype: str = "float3
 
 
 CASES = {
-    **{f"zero2-{s}": _cfg(s, 2) for s in SCHEDULES},
+    **{f"zero{stage}-{s}": _cfg(s, stage) for stage in (2, 3) for s in SCHEDULES},
+    "zero3-every-zb_h1": _cfg("zb_h1", 3, every=True),
+    "bf16-zero3": _cfg("1f1b", 3, dtype="bfloat16"),
     **{f"zero2-every-{s}": _cfg(s, 2, every=True) for s in PER_MICRO_BATCH},
     "bf16-zero1": _cfg("1f1b", 1, dtype="bfloat16"),
     "bf16-zero2": _cfg("1f1b", 2, dtype="bfloat16"),
@@ -43,11 +47,21 @@ CASES = {
 }
 TENSOR = {**config("1f1b", 1, 2, M, optimizer=ADAM, grad_clip=0.05, zero={"stage": 2}),
           "topology": {"pipe": 1, "data": 2, "tensor": 2}}
+TENSOR3 = {**TENSOR, "zero": {"stage": 3}}
 
 
 def _pipeline(cfg: dict) -> dict:
-    result = run_pipeline(cfg)
-    return result
+    """``run_pipeline``, gathering ZeRO-3's parameters before reading them."""
+    topo = pg.Topology(**cfg["topology"])
+    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"],
+                    stage_placement=SCHEDULE_SPECS[cfg["schedule"]["name"]].placement or "loop")
+    engine = pg.initialize(model, cfg)
+    d, m = topo.coord(dist.get_rank()).data, cfg["schedule"]["micro_batches"]
+    losses = [engine.train_batch(iter(global_batches(s, topo.data, m)[d * m:(d + 1) * m])) for s in range(STEPS)]
+    between_steps = engine.memory_report()
+    engine.gather_parameters()
+    return {"losses": losses, "state": canonical_state(engine.module), "memory": between_steps,
+            "step_parameter_bytes": getattr(engine.zero, "step_parameter_bytes", between_steps["parameters"])}
 
 
 def _tensor(cfg: dict) -> dict:
@@ -56,12 +70,12 @@ def _tensor(cfg: dict) -> dict:
     engine = pg.initialize(model, cfg, groups=groups)
     d, m = groups.coord.data, cfg["schedule"]["micro_batches"]
     losses = [engine.train_batch(iter(global_batches(s, 2, m)[d * m:(d + 1) * m])) for s in range(3)]
+    engine.gather_parameters()
     return {"losses": losses, "state": sharded_state(engine.module), "coord": tuple(groups.coord)}
 
 
 def _memory(cfg: dict) -> dict:
     """Gradient bytes after a step (what the optimizer step held) at ZeRO-1 and ZeRO-2."""
-    from tests.support.models import TinyGPT
     engine = pg.initialize(TinyGPT(3, topology=pg.Topology(**cfg["topology"])), cfg)
     d = engine.groups.coord.data
     engine.train_batch(iter(global_batches(0, 4, M)[d * M:(d + 1) * M]))
@@ -83,9 +97,9 @@ def _offload_on_a_cpu_run() -> dict:
     return {**result, "messages": messages}
 
 
-def _all_cases(cases: dict, tensor: dict) -> dict:
+def _all_cases(cases: dict, tensor: dict, tensor3: dict) -> dict:
     out = {name: _pipeline(cfg) for name, cfg in cases.items()}
-    out["tensor"] = _tensor(tensor)
+    out["tensor"], out["tensor-zero3"] = _tensor(tensor), _tensor(tensor3)
     for stage in (1, 2):
         out[f"memory-zero{stage}"] = _memory(config("1f1b", 1, 4, M, optimizer=ADAM, zero={"stage": stage},
                                                     topology={"pipe": 1, "data": 4}))
@@ -95,13 +109,28 @@ def _all_cases(cases: dict, tensor: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, list[dict]]:
-    per_rank = run_local(_all_cases, 4, (CASES, TENSOR), timeout_s=500)
+    per_rank = run_local(_all_cases, 4, (CASES, TENSOR, TENSOR3), timeout_s=500)
     return {name: [rank[name] for rank in per_rank] for name in per_rank[0]}
 
 
-@pytest.mark.parametrize("name", [*(f"zero2-{s}" for s in SCHEDULES), *(f"zero2-every-{s}" for s in PER_MICRO_BATCH)])
-def test_zero2_matches_the_reference(results, name):
+@pytest.mark.parametrize("name", [*(f"zero{stage}-{s}" for stage in (2, 3) for s in SCHEDULES),
+                                  *(f"zero2-every-{s}" for s in PER_MICRO_BATCH), "zero3-every-zb_h1"])
+def test_zero2_and_zero3_match_the_reference(results, name):
     assert_matches_reference(results[name], run_reference(CASES[name]), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_zero3_is_identical_to_zero1(results):
+    for rank, (one, three) in enumerate(zip(results["bf16-zero1"], results["bf16-zero3"])):
+        assert one["losses"] == three["losses"], f"rank {rank}"
+        for name, value in one["state"].items():
+            assert torch.equal(value, three["state"][name]), f"rank {rank} {name}"
+
+
+def test_zero3_holds_only_the_master_shard_between_steps(results):
+    for one, three in zip(results["bf16-zero1"], results["bf16-zero3"]):
+        assert three["memory"]["parameters"] == 0, three["memory"]  # freed after the optimizer step
+        assert three["step_parameter_bytes"] == one["memory"]["parameters"]  # whole while the step runs
+        assert three["memory"]["master_weights"] == one["memory"]["master_weights"] > 0  # the fp32 shard stays
 
 
 def test_bf16_zero2_is_identical_to_zero1(results):
@@ -116,10 +145,11 @@ def test_bf16_zero2_is_identical_to_zero1(results):
                                        msg=lambda e: f"rank {rank} {name} per micro-batch: {e}")
 
 
-def test_zero2_with_tensor_parallel_matches_the_dense_reference(results):
+@pytest.mark.parametrize("name", ["tensor", "tensor-zero3"])
+def test_zero2_and_zero3_with_tensor_parallel_match_the_dense_reference(results, name):
     reference = train(PlainGPT(GPT_CFG), [global_batches(s, 2, M) for s in range(3)], ADAM, 0.05)
     assert min(reference["norms"]) > 0.05, reference["norms"]  # clipping bites every step
-    assert_matches_dense(results["tensor"], reference)
+    assert_matches_dense(results[name], reference)
 
 
 def test_zero2_holds_only_the_gradient_shard_at_the_step(results):

@@ -187,7 +187,7 @@ def test_a_command_line_lr_scheduler_merges_into_an_app_that_has_none():
 
 
 @pytest.mark.parametrize("zero,fragment", [
-    ({"stage": 3}, "set zero.stage=2"),
+    ({"stage": 4}, "must be 0, 1, 2 or 3"),
     ({"stage": 1, "reduce_every_micro_batch": True}, "needs zero.stage=2"),
     ({"stage": 0, "offload_optimizer": "cpu"}, "set zero.stage=1"),
     ({"stage": 1, "offload_optimizer": "nvme"}, "must be none or cpu"),

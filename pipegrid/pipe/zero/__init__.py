@@ -29,8 +29,9 @@ from pipegrid.pipe.zero.common import MASTER, Factory, ParamState, all_reduce_fl
 from pipegrid.pipe.zero.replicated import ReplicatedOptimizer
 from pipegrid.pipe.zero.stage1 import ZeroOptimizer
 from pipegrid.pipe.zero.stage2 import Zero2Optimizer
+from pipegrid.pipe.zero.stage3 import Zero3Optimizer
 
-__all__ = ["MASTER", "OptimizerState", "ParamState", "ReplicatedOptimizer", "Zero2Optimizer", "ZeroOptimizer", "all_reduce_flat",
+__all__ = ["MASTER", "OptimizerState", "ParamState", "ReplicatedOptimizer", "Zero2Optimizer", "Zero3Optimizer", "ZeroOptimizer", "all_reduce_flat",
            "buckets", "build_optimizer_state", "storage_bytes"]
 
 
@@ -45,6 +46,10 @@ class OptimizerState(Protocol):
 
     def grad_of(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The gradient this step accumulates for ``param`` (fp32 in 16-bit training)."""
+
+    def gather_params(self) -> None:
+        """Collective over data (ZeRO-3): put the whole parameters back into the model until the
+        next optimizer step frees them; a no-op where they never leave."""
 
     def weight_grads_done(self) -> None:
         """A model stage finished one micro-batch's parameter gradients (ZeRO-2 may reduce them now;
@@ -86,8 +91,8 @@ def build_optimizer_state(stage: int, params: list[torch.nn.Parameter], factory:
     """The optimizer state ``zero.stage`` asks for (the config checks the stage's range); ``tied``:
     ids of the parameters a tied layer shares with other pipe ranks; ``offload``: master weights
     and optimizer state in host memory, stepped there (ZeRO-1/2)."""
-    if stage == 2:
-        return Zero2Optimizer(params, factory, data_group, data_size, data_rank, backend,
+    if stage in (2, 3):
+        return (Zero3Optimizer if stage == 3 else Zero2Optimizer)(params, factory, data_group, data_size, data_rank, backend,
                               reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied, offload=offload)
     if stage == 1:
         return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend, offload=offload)

@@ -62,6 +62,7 @@ class ZeroOptimizer:
         self.shard_size = -(-self.layout.total // data_size)  # padded: every rank owns an equal shard
         self.low_precision = dtype != torch.float32 and dtype != torch.float64
         self.grad_dtype = torch.float32 if self.low_precision else dtype  # 16-bit gradients accumulate in fp32
+        self.device = device
         self.param_flat = torch.zeros(self.shard_size * data_size, dtype=dtype, device=device)
         with torch.no_grad():
             for p, view in zip(params, kernels.views(self.param_flat, self.layout)):
@@ -70,15 +71,21 @@ class ZeroOptimizer:
         lo = data_rank * self.shard_size
         self._range = (lo, lo + self.shard_size)
         own = self.param_flat[lo:lo + self.shard_size]
-        self.separate_master = self.low_precision or offload
-        """Whether the master shard is a copy (fp32, or on the host) rather than the parameters' slice."""
-        self.shard = torch.nn.Parameter(_host_copy(own) if offload else
-                                        own.detach().float().clone() if self.low_precision else own)
+        self.shard = torch.nn.Parameter(self._master_copy(own))
+        self.separate_master = self.shard.data_ptr() != own.data_ptr()
+        """Whether the master shard is a copy (fp32, on the host, ZeRO-3's) rather than the parameters' slice."""
         self._attach_grads()
         self.shard.grad = _host_copy(own).zero_() if offload else self.reduced_grad
         # reduce-scatter's output: a collective must not write into the buffer it reads
         self._scattered = torch.empty(self.shard_size if data_size > 1 else 0, dtype=self.grad_dtype, device=device)
         self.optimizer = factory([self.shard])
+
+    def _master_copy(self, own: torch.Tensor) -> torch.Tensor:
+        """The master shard over this rank's slice ``own`` of the parameters: the slice itself in
+        float32, an fp32 copy in 16-bit, a host copy with offload."""
+        if self.offload:
+            return _host_copy(own)
+        return own.detach().float().clone() if self.low_precision else own
 
     def _attach_grads(self) -> None:
         """One full-size flat gradient buffer for the whole run; the shard's gradient is its slice."""
@@ -107,6 +114,9 @@ class ZeroOptimizer:
         """Offload: the reduced shard's gradient goes to the host, where the step and the norms read it."""
         if self.offload:
             self.shard.grad.copy_(self.reduced_grad)
+
+    def gather_params(self) -> None:
+        """The whole parameters are always in place (ZeRO-3 gathers them here)."""
 
     def weight_grads_done(self) -> None:
         """A model stage finished a micro-batch's parameter gradients: nothing to do before the step's end."""

@@ -41,7 +41,7 @@ class Zero2Optimizer(ZeroOptimizer):
         self._whole_ids = whole_grads
         super().__init__(params, factory, data_group, data_size, data_rank, backend, offload=offload)
         if not reduce_every_micro_batch:  # one reduce-scatter a step, straight into a fresh shard
-            self._scattered = torch.empty(0, dtype=self.grad_dtype, device=self.param_flat.device)
+            self._scattered = torch.empty(0, dtype=self.grad_dtype, device=self.device)
 
     def _attach_grads(self) -> None:
         """No gradient between steps: the step's first gradient makes the full-size buffer, the
@@ -72,7 +72,7 @@ class Zero2Optimizer(ZeroOptimizer):
     def _full_grads(self) -> list[torch.Tensor]:
         """Views of this step's full-size gradient buffer (made, zeroed, on first use)."""
         if self.grad_flat is None:
-            self.grad_flat = torch.zeros_like(self.param_flat, dtype=self.grad_dtype)
+            self.grad_flat = torch.zeros(self.shard_size * self.data_size, dtype=self.grad_dtype, device=self.device)
             self._grad_views = _views_at(self.grad_flat, self.layout)
             self.step_gradient_bytes = self.grad_flat.untyped_storage().nbytes()
         return self._grad_views
@@ -83,7 +83,7 @@ class Zero2Optimizer(ZeroOptimizer):
         if self.reduce_every_micro_batch and i in self._whole:
             if i not in self._held:
                 self._held[i] = torch.zeros(self.layout.numels[i], dtype=self.grad_dtype,
-                                            device=self.param_flat.device).view(self.layout.shapes[i])
+                                            device=self.device).view(self.layout.shapes[i])
             return self._held[i]
         return self._full_grads()[i]
 
@@ -117,7 +117,7 @@ class Zero2Optimizer(ZeroOptimizer):
     def _shard_grad(self) -> torch.Tensor:
         """This step's reduced gradient shard (made, zeroed, on first use); the optimizer's unless offloaded."""
         if self.reduced_grad is None:
-            self.reduced_grad = torch.zeros(self.shard_size, dtype=self.grad_dtype, device=self.param_flat.device)
+            self.reduced_grad = torch.zeros(self.shard_size, dtype=self.grad_dtype, device=self.device)
             if not self.offload:
                 self.shard.grad = self.reduced_grad
         return self.reduced_grad
