@@ -53,32 +53,37 @@ def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, z
     multiple of ``data`` and splits optimizer state and master weights over the ``data``
     ranks; gradients stay whole. ZeRO-2 (``zero=2``) holds only the gradient shard at the
     optimizer step; ``step_gradients`` (not in ``total``) is the full-size buffer its
-    backwards fill, alive beside the activations. ``offload`` moves optimizer state and
+    backwards fill, alive beside the activations. ZeRO-3 (``zero=3``) holds no parameters
+    between steps, only the fp32 master shard; ``step_parameters`` (not in ``total``) is the
+    whole parameters a step gathers. ``offload`` moves optimizer state and
     master weights (and a gradient shard) to ``*_host`` keys, outside the device ``total``.
     (The engine also pads each tensor to 16 bytes, which this ignores.)
     """
     if data < 1:
         raise ValueError(f"data must be >= 1, got {data}")
     stage = int(zero)
-    if stage not in (0, 1, 2):
-        raise ValueError(f"zero must be 0, 1 or 2 (or a bool for 0/1), got {zero!r}")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0, 1, 2 or 3 (or a bool for 0/1), got {zero!r}")
     width = DTYPE_BYTES[optimizer.dtype]
     grad_width = max(width, 4)  # 16-bit training accumulates its gradients in fp32
     sharded = -(-parameters // data) if stage else parameters
     held = sharded * data if stage else parameters  # the flat buffers' padding
     # the engine's own buffer (pipegrid/pipe/zero/): ZeRO-1's reduce-scatter output (ZeRO-2 writes the shard)
     engine_buffers = sharded * grad_width if stage == 1 and data > 1 else 0
-    master = sharded * (optimizer.master_bytes or (4 if offload else 0))  # offload: always a separate copy
+    # offload and ZeRO-3: the master shard is always a copy of its own
+    master = sharded * (optimizer.master_bytes or (max(width, 4) if offload or stage == 3 else 0))
     report = {
-        "parameters": held * width,
-        "gradients": (sharded if stage == 2 else held) * grad_width,
+        "parameters": 0 if stage == 3 else held * width,
+        "gradients": (sharded if stage >= 2 else held) * grad_width,
         "optimizer": 0 if offload else sharded * optimizer.state_bytes,
         "master_weights": 0 if offload else master,
         "buffers": engine_buffers + int(buffers),
     }
     report["total"] = sum(report.values())
-    if stage == 2:
+    if stage >= 2:
         report["step_gradients"] = held * grad_width
+    if stage == 3:
+        report["step_parameters"] = held * width
     if offload:
         report.update(optimizer_host=sharded * optimizer.state_bytes, master_weights_host=master,
                       gradients_host=master)

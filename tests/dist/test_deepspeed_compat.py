@@ -332,7 +332,8 @@ def test_bad_configs_fail_before_any_process_group(tmp_path):
     from pipegrid.compat.deepspeed import pipe
 
     model = pipe.PipelineModule(layers(pipe), num_stages=1, loss_fn=nn.CrossEntropyLoss(), seed_layers=True)
-    bad = {**BASE, "zero_optimization": {"stage": 3}, "optimizer": {"type": "OneBitAdam"}, "amp": {"enabled": True}}
+    bad = {**BASE, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
+           "optimizer": {"type": "OneBitAdam"}, "amp": {"enabled": True}}
     with pytest.raises(deepspeed.DeepSpeedConfigError, match="3 setting") as info:
         deepspeed.initialize(model=model, config=bad)
     assert len(info.value.problems) == 3 and not dist.is_initialized()

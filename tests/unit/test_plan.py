@@ -84,13 +84,16 @@ def test_split_chunks_puts_embedding_first_logits_last() -> None:
         split_chunks(layers, 6)
 
 
-def test_memory_report_zero2_and_offload() -> None:
+def test_memory_report_zero2_zero3_and_offload() -> None:
     two = memory_report(1000, OptimizerSpec("adam", "bfloat16"), data=4, zero=2)
     assert two["gradients"] == 250 * 4 and two["step_gradients"] == 1000 * 4 and two["buffers"] == 0
     off = memory_report(1000, OptimizerSpec("adam", "bfloat16"), data=4, zero=2, offload=True)
     assert off["optimizer"] == off["master_weights"] == 0  # nothing of the optimizer on the device
     assert off["optimizer_host"] == 250 * 8 and off["master_weights_host"] == off["gradients_host"] == 250 * 4
     assert off["total"] == two["total"] - two["optimizer"] - two["master_weights"]
+    three = memory_report(1000, OptimizerSpec("adam", "float32"), data=4, zero=3)
+    assert three["parameters"] == 0 and three["step_parameters"] == 1000 * 4  # gathered only within a step
+    assert three["master_weights"] == 250 * 4  # the fp32 shard, the parameters' one copy between steps
 
 
 def test_memory_report_keys_and_zero() -> None:

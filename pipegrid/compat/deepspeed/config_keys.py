@@ -54,7 +54,9 @@ _DEFAULT_ONLY = {"prescale_gradients": False, "gradient_predivide_factor": 1.0, 
 _ZERO_KNOBS = {"contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_partitions",
                "allgather_bucket_size", "overlap_comm", "load_from_fp32_weights", "elastic_checkpoint",
                "round_robin_gradients", "sub_group_size", "ignore_unused_parameters", "legacy_stage1",
-               "use_multi_rank_bucket_allreduce", "memory_efficient_linear", "zero_force_ds_cpu_optimizer"}
+               "use_multi_rank_bucket_allreduce", "memory_efficient_linear", "zero_force_ds_cpu_optimizer",
+               "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+               "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save"}
 _PIPELINE_KEYS = {"stages", "partition", "seed_layers", "activation_checkpoint_interval", "pipe_partitioned",
                   "grad_partitioned", "use_reentrant"}
 _CHECKPOINTING_KEYS = {"partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
@@ -248,17 +250,14 @@ def precision_of(ds: dict, zero_stage: int, problems: list[str],
 
 
 def zero_stage_of(ds: dict, problems: list[str]) -> int:
-    """zero_optimization.stage (0, 1 or 2; ZeRO-3 refused); ZeRO's bucket knobs accepted."""
+    """zero_optimization.stage (0 to 3); ZeRO's bucket and prefetch knobs accepted, without effect."""
     zero = _section(ds, "zero_optimization", problems)
     stage = zero.get("stage", 0)
-    if stage == 3:
-        problems.append("zero_optimization.stage=3 shards gradients and parameters, which pipegrid does not yet; "
-                        "set it to 2 (gradients and optimizer state sharded) or 1")
-    elif stage not in (0, 1, 2):
-        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}; set 0, 1 or 2")
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}; set one of them")
     _unknown_keys(zero, "zero_optimization", _ZERO_KNOBS | {"stage", "offload_optimizer", "offload_param",
                                                             "cpu_offload", "cpu_offload_params"}, problems)
-    return stage if stage in (0, 1, 2) else 0
+    return stage if stage in (0, 1, 2, 3) else 0
 
 
 def offload_of(ds: dict, stage: int, problems: list[str]) -> str:
