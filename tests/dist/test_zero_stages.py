@@ -19,8 +19,15 @@ import pipegrid as pg
 from examples.models.gpt import GPT
 from pipegrid.launch import run_local
 from pipegrid.schedules import SCHEDULES as SCHEDULE_SPECS
-from tests.support.engine_cases import (N_LAYER, STEPS, assert_matches_reference, canonical_state, config,
-                                        global_batches, run_reference)
+from tests.support.engine_cases import (
+    N_LAYER,
+    STEPS,
+    assert_matches_reference,
+    canonical_state,
+    config,
+    global_batches,
+    run_reference,
+)
 from tests.support.models import TinyGPT
 from tests.support.reference import PlainGPT, train
 from tests.support.tensor_gpt import GPT_CFG, assert_matches_dense, sharded_state
@@ -142,7 +149,7 @@ def test_bf16_zero2_is_identical_to_zero1(results):
         for name, value in one["state"].items():
             assert torch.equal(value, two["state"][name]), f"rank {rank} {name}"
             torch.testing.assert_close(every["state"][name].float(), value.float(), rtol=0, atol=2 ** -7,
-                                       msg=lambda e: f"rank {rank} {name} per micro-batch: {e}")
+                                       msg=lambda e, r=rank, n=name: f"rank {r} {n} per micro-batch: {e}")
 
 
 @pytest.mark.parametrize("name", ["tensor", "tensor-zero3"])
