@@ -1,7 +1,7 @@
 """ZeRO-2 and ZeRO-3 train like one process (design.md invariant 1): every schedule at pipe x data =
 2 x 2 in float32 with Adam and clipping, the tied embedding and head of TinyGPT, gradients
 reduce-scattered once per step and after every micro-batch; bf16 identical to ZeRO-1;
-tensor=2; the gradient held at the optimizer step is the shard alone; offload on a CPU run.
+tensor=2; activation checkpointing; parameters and gradients held between steps; offload on a CPU run.
 
 All cases of the 4-rank world run in one ``run_local`` call (start-up dominates); the
 references run in this process.
@@ -46,6 +46,7 @@ def _cfg(schedule: str, stage: int, *, every: bool = False, dtype: str = "float3
 CASES = {
     **{f"zero{stage}-{s}": _cfg(s, stage) for stage in (2, 3) for s in SCHEDULES},
     "zero3-every-zb_h1": _cfg("zb_h1", 3, every=True),
+    "zero3-recompute-zb_h1": _cfg("zb_h1", 3),  # activation checkpointing: the backwards recompute
     "bf16-zero3": _cfg("1f1b", 3, dtype="bfloat16"),
     **{f"zero2-every-{s}": _cfg(s, 2, every=True) for s in PER_MICRO_BATCH},
     "bf16-zero1": _cfg("1f1b", 1, dtype="bfloat16"),
@@ -57,11 +58,12 @@ TENSOR = {**config("1f1b", 1, 2, M, optimizer=ADAM, grad_clip=0.05, zero={"stage
 TENSOR3 = {**TENSOR, "zero": {"stage": 3}}
 
 
-def _pipeline(cfg: dict) -> dict:
+def _pipeline(cfg: dict, recompute: int = 0) -> dict:
     """``run_pipeline``, gathering ZeRO-3's parameters before reading them."""
     topo = pg.Topology(**cfg["topology"])
     model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"],
-                    stage_placement=SCHEDULE_SPECS[cfg["schedule"]["name"]].placement or "loop")
+                    stage_placement=SCHEDULE_SPECS[cfg["schedule"]["name"]].placement or "loop",
+                    activation_checkpoint_interval=recompute)
     engine = pg.initialize(model, cfg)
     d, m = topo.coord(dist.get_rank()).data, cfg["schedule"]["micro_batches"]
     losses = [engine.train_batch(iter(global_batches(s, topo.data, m)[d * m:(d + 1) * m])) for s in range(STEPS)]
@@ -105,7 +107,7 @@ def _offload_on_a_cpu_run() -> dict:
 
 
 def _all_cases(cases: dict, tensor: dict, tensor3: dict) -> dict:
-    out = {name: _pipeline(cfg) for name, cfg in cases.items()}
+    out = {name: _pipeline(cfg, recompute=int("recompute" in name)) for name, cfg in cases.items()}
     out["tensor"], out["tensor-zero3"] = _tensor(tensor), _tensor(tensor3)
     for stage in (1, 2):
         out[f"memory-zero{stage}"] = _memory(config("1f1b", 1, 4, M, optimizer=ADAM, zero={"stage": stage},
@@ -121,7 +123,8 @@ def results() -> dict[str, list[dict]]:
 
 
 @pytest.mark.parametrize("name", [*(f"zero{stage}-{s}" for stage in (2, 3) for s in SCHEDULES),
-                                  *(f"zero2-every-{s}" for s in PER_MICRO_BATCH), "zero3-every-zb_h1"])
+                                  *(f"zero2-every-{s}" for s in PER_MICRO_BATCH), "zero3-every-zb_h1",
+                                  "zero3-recompute-zb_h1"])
 def test_zero2_and_zero3_match_the_reference(results, name):
     assert_matches_reference(results[name], run_reference(CASES[name]), rtol=1e-5, atol=1e-6)
 
