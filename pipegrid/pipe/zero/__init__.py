@@ -7,9 +7,11 @@ reduce-scattered into the shards, the wrapped torch optimizer steps on this rank
 shard only, and the updated parameters are all-gathered back. Both keep fp32 master
 weights when the model runs in bf16/fp16, move bytes through pipegrid.kernels, and
 hand checkpoints their state per parameter (``ParamState``), whatever the sharding.
-Both answer to ``OptimizerState``, the interface the engine's ``GradientUpdate`` and
-checkpoints use; a new stage (ZeRO-2/3, offload) is one more class behind it and one
-more branch in :func:`build_optimizer_state`.
+``Zero2Optimizer`` (``zero.stage: 2``) also keeps only the reduced gradient's shard outside
+the backwards, and ``Zero3Optimizer`` (``zero.stage: 3``) only the master shard between
+steps, gathering the parameters at each step's start (docs/zero.md). ZeRO-1/2/3 take
+``offload``: master shard and optimizer state in host memory, stepped there. All answer to
+``OptimizerState``, the interface the engine's ``GradientUpdate`` and checkpoints use.
 
 In bf16/fp16 the gradients accumulate in fp32 (as Megatron's ``main_grad`` and
 DeepSpeed's bf16 optimizer do): each micro-batch's 16-bit gradient is added into an

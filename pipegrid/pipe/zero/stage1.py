@@ -1,5 +1,7 @@
 """``zero.stage: 1``: optimizer state and fp32 master weights sharded evenly over the data
-group; gradients reduce-scattered into the shards, parameters all-gathered back."""
+group; gradients reduce-scattered into the shards, parameters all-gathered back; with
+``offload`` the shard's master, gradient and optimizer state in host memory. ZeRO-2 and
+ZeRO-3 (stage2.py, stage3.py) build on this class."""
 
 from __future__ import annotations
 
