@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pipegrid.plan.model import DTYPE_BYTES, LayerCost
 
-__all__ = ["OptimizerSpec", "REPORT_KEYS", "memory_report", "activation_bytes"]
+__all__ = ["OptimizerSpec", "REPORT_KEYS", "memory_report", "activation_bytes", "in_step_bytes"]
 
 REPORT_KEYS = ("parameters", "gradients", "optimizer", "master_weights", "buffers", "total")
 _STATE_SLOTS = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
@@ -88,6 +88,13 @@ def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, z
         report.update(optimizer_host=sharded * optimizer.state_bytes, master_weights_host=master,
                       gradients_host=master)
     return report
+
+
+def in_step_bytes(report: dict[str, int]) -> int:
+    """Bytes a step holds beside the activations on top of ``report["total"]``: ZeRO-2's
+    full-size gradient buffer (beyond the shard) and ZeRO-3's gathered parameters."""
+    extra_gradients = report.get("step_gradients", report["gradients"]) - report["gradients"]
+    return extra_gradients + report.get("step_parameters", 0)
 
 
 def activation_bytes(chunks: Sequence[Sequence[LayerCost]], inflight: Sequence[int],

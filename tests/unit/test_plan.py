@@ -119,6 +119,19 @@ def test_small_model_memory_prediction() -> None:
     assert pred.peak_memory_bytes == report["total"] + 3200
 
 
+def test_zero2_and_zero3_predictions_count_what_a_step_holds_beside_the_activations() -> None:
+    layers = [LayerCost("Block", 1000, forward_s=1e-3, backward_s=2e-3, activation_bytes=400,
+                        checkpoint_bytes=100, output_bytes=100) for _ in range(8)]
+    cluster = ClusterSpec("cpu", 1, 4, DeviceSpec(1e11, 2 ** 30, 1e10), 5.0, 5.0)
+    one, two, three = (predict(layers, Candidate(pipe=2, data=2, zero=z), cluster, micro_batches=4) for z in (1, 2, 3))
+    assert two.candidate.label().endswith("zero2") and three.step_s == two.step_s == one.step_s  # same traffic
+    # in a step ZeRO-2 holds the full gradient buffer, ZeRO-3 the gathered parameters too: ZeRO-1's peak
+    # without its reduce-scatter buffer
+    assert two.peak_memory_bytes == one.peak_memory_bytes - one.memory["buffers"]
+    # (in float32 ZeRO-3's master shard is a copy of its own: the parameters are freed between steps)
+    assert three.peak_memory_bytes == two.peak_memory_bytes + three.memory["master_weights"]
+
+
 def test_measured_profile_prediction_is_the_simulated_makespan() -> None:
     layers = [LayerCost("Block", 10, forward_s=1.0, backward_s=2.0) for _ in range(4)]
     cluster = ClusterSpec("cpu", 1, 2, DeviceSpec(1e11, 2 ** 30, 1e10), 5.0, 5.0, 0.0, 0.0)
