@@ -1,5 +1,5 @@
 """ZeRO-2 and ZeRO-3 train like one process (design.md invariant 1): every schedule at pipe x data =
-2 x 2 in float32 with Adam and clipping, the tied embedding and head of TinyGPT, gradients
+2 x 2 in float32 with Adam and clipping (bf16 and fp16 identical to ZeRO-1), the tied embedding and head of TinyGPT, gradients
 reduce-scattered once per step and after every micro-batch; bf16 identical to ZeRO-1;
 tensor=2; activation checkpointing; parameters and gradients held between steps; offload on a CPU run.
 
@@ -48,6 +48,8 @@ CASES = {
     "zero3-every-zb_h1": _cfg("zb_h1", 3, every=True),
     "zero3-recompute-zb_h1": _cfg("zb_h1", 3),  # activation checkpointing: the backwards recompute
     "bf16-zero3": _cfg("1f1b", 3, dtype="bfloat16"),
+    **{f"fp16-zero{stage}": {**_cfg("1f1b", stage, dtype="float16"),
+                             "precision": {"dtype": "float16", "initial_loss_scale": 1024.0}} for stage in (1, 2, 3)},
     **{f"zero2-every-{s}": _cfg(s, 2, every=True) for s in PER_MICRO_BATCH},
     "bf16-zero1": _cfg("1f1b", 1, dtype="bfloat16"),
     "bf16-zero2": _cfg("1f1b", 2, dtype="bfloat16"),
@@ -141,6 +143,14 @@ def test_zero3_holds_only_the_master_shard_between_steps(results):
         assert three["memory"]["parameters"] == 0, three["memory"]  # freed after the optimizer step
         assert three["step_parameter_bytes"] == one["memory"]["parameters"]  # whole while the step runs
         assert three["memory"]["master_weights"] == one["memory"]["master_weights"] > 0  # the fp32 shard stays
+
+
+def test_fp16_zero2_and_zero3_are_identical_to_zero1(results):
+    # the loss scale, the overflow check over the gradient shards and the unscaling as ZeRO-1's
+    for one, two, three in zip(results["fp16-zero1"], results["fp16-zero2"], results["fp16-zero3"]):
+        assert one["losses"] == two["losses"] == three["losses"]
+        for name, value in one["state"].items():
+            assert torch.equal(value, two["state"][name]) and torch.equal(value, three["state"][name]), name
 
 
 def test_bf16_zero2_is_identical_to_zero1(results):
