@@ -1,6 +1,6 @@
 """ZeRO-2 and ZeRO-3 train like one process (design.md invariant 1): every schedule at pipe x data =
-2 x 2 in float32 with Adam and clipping (bf16 and fp16 identical to ZeRO-1), the tied embedding and head of TinyGPT, gradients
-reduce-scattered once per step and after every micro-batch; bf16 identical to ZeRO-1;
+2 x 2 in float32 with Adam and clipping, the tied embedding and head of TinyGPT, gradients
+reduce-scattered once per step and after every micro-batch; bf16 and fp16 identical to ZeRO-1;
 tensor=2; activation checkpointing; parameters and gradients held between steps; offload on a CPU run.
 
 All cases of the 4-rank world run in one ``run_local`` call (start-up dominates); the
