@@ -96,11 +96,27 @@ class ScheduleConfig:
 @dataclass
 class ZeroConfig:
     stage: int = 0
-    """0: every data rank keeps the full optimizer state; 1: state sharded over the data axis."""
+    """0: every data rank keeps the full optimizer state; 1: state sharded over the data axis;
+    2: gradients sharded too (each data rank keeps its shard of the reduced gradient);
+    3: parameters sharded too (gathered at each step's start, freed after its optimizer step)."""
+    reduce_every_micro_batch: bool = False
+    """Stage 2/3: reduce-scatter after every micro-batch's backward instead of once per step
+    (less gradient memory during the step, one reduction per micro-batch)."""
+    offload_optimizer: str = "none"
+    """none | cpu: fp32 master weights and optimizer state (this rank's shard) in host memory,
+    the optimizer step on the CPU (ZeRO-Offload); on a CPU-only run it changes nothing."""
 
     def __post_init__(self) -> None:
-        if self.stage not in (0, 1):
-            raise ValueError(f"zero.stage must be 0 or 1, got {self.stage!r}")
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero.stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        if self.offload_optimizer not in ("none", "cpu"):
+            raise ValueError(f"zero.offload_optimizer must be none or cpu, got {self.offload_optimizer!r}")
+        if self.offload_optimizer == "cpu" and self.stage == 0:
+            raise ValueError("zero.offload_optimizer=cpu offloads this rank's shard of the optimizer state and "
+                             "needs zero.stage >= 1, got zero.stage=0; set zero.stage=1 (or 2)")
+        if self.reduce_every_micro_batch and self.stage < 2:
+            raise ValueError(f"zero.reduce_every_micro_batch needs zero.stage=2 or 3, got zero.stage={self.stage}; "
+                             "set zero.stage=2 or drop zero.reduce_every_micro_batch")
 
 
 @dataclass

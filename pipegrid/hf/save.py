@@ -106,6 +106,8 @@ def save_pretrained(engine: PipelineEngine | HFCausalLM, out_dir: str, *, tokeni
     (anything with ``save_pretrained``) is saved with them. A model that one process
     holds whole (``pipe=1``) may be passed instead of an engine.
     """
+    if hasattr(engine, "gather_parameters"):  # ZeRO-3 frees the whole parameters between steps
+        engine.gather_parameters()
     module, rank, pipe_rank, gathers, writes, dtype = _layout(engine)
     out_dir = os.path.abspath(out_dir)
     parent, name = os.path.split(out_dir)

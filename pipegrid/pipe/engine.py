@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+import os
 import signal
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -80,9 +82,25 @@ def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None
     """Refuse a bad module or (resolved) config on every rank before any process group exists."""
     build(cfg.schedule.name, cfg.topology.pipe, cfg.schedule.micro_batches,  # ScheduleError says what to change
           cfg.schedule.virtual_stages, coalesce=cfg.schedule.coalesce)
+    _check_zero_layout(cfg)
     if module.loss_fn is None:
         raise ValueError("the PipelineModule has no loss_fn, which the last stage needs to train; "
                          "pass loss_fn=... (called as loss_fn(output, labels)) to PipelineModule")
+
+
+def _check_zero_layout(cfg: TrainConfig) -> None:
+    """ZeRO-3 needs data ranks to shard the parameters over; where a ZeRO setting merely saves
+    nothing (one data rank, nothing offloaded) one line from rank 0 says so."""
+    zero = cfg.zero
+    if zero.stage == 3 and cfg.topology.data == 1:
+        raise ValueError("zero.stage=3 shards the parameters over the data axis, but topology.data=1; set "
+                         "topology.data > 1, or zero.stage=1 with zero.offload_optimizer=cpu to save memory "
+                         "on one data rank")
+    if zero.stage > 0 and cfg.topology.data == 1 and zero.offload_optimizer == "none" \
+            and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("pipegrid").warning(
+            f"zero.stage={zero.stage} with topology.data=1: one data rank holds every shard, so nothing is saved; "
+            "set zero.stage=0, or topology.data > 1")
 
 
 def initialize(module: torch.nn.Module, config: Any = None,
@@ -159,7 +177,9 @@ class PipelineEngine:
         once-per-step work over them."""
         optimizer_state = build_optimizer_state(
             self.config.zero.stage, self.params, lambda params: build_optimizer(self.config.optimizer, params),
-            self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend)
+            self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend,
+            reduce_every_micro_batch=self.config.zero.reduce_every_micro_batch,
+            tied=self._tied_across_pipe_ranks(), offload=self._offloads())
         scheduler = (instantiate(self.config.lr_scheduler, optimizer_state.optimizer)
                      if self.config.lr_scheduler else None)
         prec = self.config.precision
@@ -167,6 +187,23 @@ class PipelineEngine:
                             prec.backoff_factor, prec.hysteresis, prec.min_loss_scale)
         return GradientUpdate(self.module, self.config, self.groups, optimizer_state, scaler, scheduler,
                               self.device, self.dtype, self.schedule.loss_rank, self.kernels_backend)
+
+    def _offloads(self) -> bool:
+        """``zero.offload_optimizer=cpu`` on an accelerator; on a CPU-only run it changes nothing (one notice)."""
+        if self.config.zero.offload_optimizer != "cpu":
+            return False
+        if self.device.type == "cpu":
+            if self.groups.rank == 0:
+                logging.getLogger("pipegrid").warning(
+                    "zero.offload_optimizer=cpu: this run trains on the CPU, where the optimizer state "
+                    "already is; nothing is offloaded")
+            return False
+        return True
+
+    def _tied_across_pipe_ranks(self) -> frozenset[int]:
+        """Ids of local parameters a tied layer shares with another pipe rank (summed at ReduceTiedGrads)."""
+        return frozenset(id(p) for key, owners in self.module.tied_pipe_ranks().items() if len(owners) > 1
+                         for p in self.module.tied_parameters(key))
 
     def _arm_signal_handlers(self) -> None:
         self._stop = SignalWatch(self.config.train.save_on_signal, saves=bool(self.config.checkpoint.dir),
@@ -306,6 +343,7 @@ class PipelineEngine:
         trace = self.config.trace.enabled
         # A failure leaves this step's sends pending, unwaited: their peer may be the one
         # lost, and waiting would put the transport's error (or a hang) in place of the cause.
+        self.zero.gather_params()  # (ZeRO-3: the whole parameters until the optimizer step frees them)
         executor.run(state, self.update, trace=trace, before=self.before_instruction)
         try:
             self.p2p.wait_all()
@@ -319,12 +357,14 @@ class PipelineEngine:
 
     def save_checkpoint(self, directory: str | None = None) -> str:
         """Collective: write checkpoint ``step_<global_steps>`` under ``directory`` and point ``latest`` at it."""
+        self.zero.gather_params()
         path = ckpt.save_engine(self, directory or self._checkpoint_dir())
         self.last_save = (self.global_steps, path)
         return path
 
     def load_checkpoint(self, directory: str | None = None, load_optimizer_states: bool = True) -> int | None:
         """Load the newest whole checkpoint (any pipe/data degree for the model); its step or None."""
+        self.zero.gather_params()
         loaded = ckpt.load_engine(self, directory or self._checkpoint_dir(), load_optimizer_states)
         if loaded is None:
             return None
@@ -351,6 +391,11 @@ class PipelineEngine:
     def last_timeline(self) -> list[tuple[int, str, float, float]]:
         """(rank, instruction, start, end) of the last traced step on this rank (``trace.enabled``)."""
         return list(self._timeline)
+
+    def gather_parameters(self) -> None:
+        """Collective over data: the whole parameters back in ``self.module`` (ZeRO-3 frees them after
+        each optimizer step; the next step, save or load gathers them itself) until the next step."""
+        self.zero.gather_params()
 
     def global_grad_norm(self) -> float:
         """Collective: L2 norm of the whole model's (scaled) gradient over the grid."""

@@ -257,6 +257,8 @@ class Executor:
             _, slot.weight_grad = backward_input(tensors, grads, leaves, params)
         elif tensors:
             torch.autograd.backward(tensors, grads)
+        if not isinstance(op, ins.BackwardInput):  # (a split backward's W has the parameter gradients)
+            hooks.weight_grads_done()
         if op.stage > 0:
             grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t)
                           for t in inputs if t.is_floating_point() or t.is_complex())
@@ -268,6 +270,7 @@ class Executor:
     def _backward_weight(self, op: ins.BackwardWeight, state: StepState, hooks: StepHooks) -> None:
         """The deferred weight-gradient half of a split backward (zero-bubble's W)."""
         backward_weight(state.take(op.stage, op.micro_batch, "weight_grad"))
+        hooks.weight_grads_done()
 
     # --- communication -----------------------------------------------------
     # With schedule.coalesce > 1 a message carries a group of micro-batches: the group's

@@ -42,6 +42,9 @@ class StepHooks(Protocol):
     def reduce_tied_grads(self) -> None:
         """Sum tied layers' gradients over the ranks that hold a copy."""
 
+    def weight_grads_done(self) -> None:
+        """A model stage has this micro-batch's parameter gradients (after B, or W of a split backward)."""
+
     def reduce_data_parallel_grads(self) -> None:
         """All-reduce (ZeRO-1: reduce-scatter) gradients over the data axis."""
 

@@ -95,6 +95,9 @@ class GradientUpdate:
             grads = [self.zero.grad_of(p) for p in self.module.tied_parameters(key)]  # fp32 in 16-bit
             all_reduce_flat(grads, group, backend=self.kernels_backend)
 
+    def weight_grads_done(self) -> None:
+        self.zero.weight_grads_done()
+
     def reduce_data_parallel_grads(self) -> None:
         self.zero.reduce_grads()
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipegrid.plan.hardware import ClusterSpec, DeviceSpec, Link
-from pipegrid.plan.memory import OptimizerSpec, activation_bytes, memory_report
+from pipegrid.plan.memory import OptimizerSpec, activation_bytes, in_step_bytes, memory_report
 from pipegrid.plan.model import (
     DTYPE_BYTES, LayerCost, TransformerConfig, megatron_flops_per_step, transformer_layers,
 )
@@ -38,8 +38,9 @@ class Candidate:
     """Model chunks per pipe rank (interleaved_1f1b: any; zb_v, dualpipev: 2)."""
     micro_batch_size: int = 1
     """Sequences per micro-batch."""
-    zero: bool = False
-    """ZeRO-1: optimizer state and master weights sharded over the data axis."""
+    zero: bool | int = False
+    """ZeRO stage (True: 1): 1 shards optimizer state and master weights over the data axis, 2 the
+    gradients too, 3 the parameters too; all three move the same bytes per step (docs/zero.md)."""
     coalesce: int = 1
     """Micro-batches per point-to-point message (``schedule.coalesce``)."""
 
@@ -51,7 +52,7 @@ class Candidate:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         c = f" c={self.coalesce}" if self.coalesce > 1 else ""
         return (f"p={self.pipe} d={self.data} t={self.tensor} {self.schedule}{v}{c} "
-                f"b={self.micro_batch_size}{' zero1' if self.zero else ''}")
+                f"b={self.micro_batch_size}{f' zero{int(self.zero)}' if self.zero else ''}")
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], in
         counts = [inflight[s] for s in placement.stages_of(rank)]  # each chunk's own peak: an upper bound
         report = memory_report(params[rank], optimizer, data=candidate.data, zero=candidate.zero)
         report["activations"] = activation_bytes(chunks, counts, recompute)
-        peak = report["total"] + report["activations"]
+        peak = report["total"] + in_step_bytes(report) + report["activations"]
         if peak > best[0]:
             best = (peak, report)
     return best[1], best[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from pipegrid.plan.hardware import ClusterSpec
-from pipegrid.plan.memory import OptimizerSpec, activation_bytes, memory_report
+from pipegrid.plan.memory import OptimizerSpec, activation_bytes, in_step_bytes, memory_report
 from pipegrid.plan.model import LayerCost, TransformerConfig, transformer_layers
 from pipegrid.plan.predict import (
     Candidate, Prediction, _chunk_costs, micro_batches_of, placement_of, predict_transformer, split_chunks,
@@ -29,7 +29,8 @@ class SearchSpace:
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4)
     virtual_stages: tuple[int, ...] = (2, 4)
     """Chunks per rank tried for schedules that run any number (interleaved_1f1b)."""
-    zero: tuple[bool, ...] = (False, True)
+    zero: tuple[bool | int, ...] = (False, True)
+    """ZeRO stages tried (0-3; True is 1); at equal predicted time the lower stage is proposed."""
     shortlist: int = 8
     """How many screened candidates the simulator times."""
     optimizer: str = "adam"
@@ -98,7 +99,8 @@ def _screen(cfg: TransformerConfig, candidate: Candidate, cluster: ClusterSpec,
     pipeline = hints.pipeline(p, m, v, c["F"], c["B"], c["W"])
     first = [chunks[s] for s in placement_of(candidate).stages_of(0)]  # rank 0: the most held in 1F1B
     params = sum(l.parameters for chunk in first for l in chunk)
-    static = memory_report(params, optimizer, data=candidate.data, zero=candidate.zero)["total"]
+    report = memory_report(params, optimizer, data=candidate.data, zero=candidate.zero)
+    static = report["total"] + in_step_bytes(report)
     held = activation_bytes(first, [hints.held(p, m, v)] * v, cfg.recompute)
     return pipeline, static + held <= cluster.device.memory_bytes
 

@@ -332,7 +332,8 @@ def test_bad_configs_fail_before_any_process_group(tmp_path):
     from pipegrid.compat.deepspeed import pipe
 
     model = pipe.PipelineModule(layers(pipe), num_stages=1, loss_fn=nn.CrossEntropyLoss(), seed_layers=True)
-    bad = {**BASE, "zero_optimization": {"stage": 3}, "optimizer": {"type": "OneBitAdam"}, "amp": {"enabled": True}}
+    bad = {**BASE, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
+           "optimizer": {"type": "OneBitAdam"}, "amp": {"enabled": True}}
     with pytest.raises(deepspeed.DeepSpeedConfigError, match="3 setting") as info:
         deepspeed.initialize(model=model, config=bad)
     assert len(info.value.problems) == 3 and not dist.is_initialized()
@@ -369,3 +370,32 @@ def _fp16_scales(stages: list[int]) -> list[tuple]:
 def test_fp16_follows_deepspeeds_loss_scale_rule():
     """Window 1: DeepSpeed raises the scale after the 2nd and 3rd clean steps (x4); pipegrid's own rule would x8."""
     assert run_local(_fp16_scales, 1, ([0, 1],), timeout_s=120)[0] == [("DeepSpeedLossScaler", 2.0 ** 10, 0, True)] * 2
+
+
+def _drop_in_zero(zeros: list[dict]) -> list[dict]:
+    """Each ``zero_optimization`` through deepspeed.initialize at data=2: losses and parameters."""
+    from pipegrid.compat import deepspeed
+    from pipegrid.compat.deepspeed import pipe
+
+    out = []
+    for zero in zeros:
+        model = pipe.PipelineModule(layers(pipe), num_stages=1, loss_fn=nn.CrossEntropyLoss(), seed_layers=True)
+        config = {**BASE, "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+                  "zero_optimization": zero, "gradient_clipping": CLIP}
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config, training_data=RandomClassification(size=32))
+        losses = [engine.train_batch().item() for _ in range(3)]
+        engine.engine.gather_parameters()  # (ZeRO-3 frees them after each step)
+        out.append({"losses": losses, "state": canonical(engine.module)})
+    return out
+
+
+def test_drop_in_zero2_zero3_and_offload_train_like_zero1():
+    # DeepSpeed refuses ZeRO-2/3 with a pipeline, so the drop-in's ZeRO-1 is the yardstick
+    zeros = [{"stage": 1}, {"stage": 2}, {"stage": 3}, {"stage": 2, "offload_optimizer": {"device": "cpu"}}]
+    for rank in run_local(_drop_in_zero, 2, (zeros,), timeout_s=120):
+        one = rank[0]
+        for zero, other in zip(zeros[1:], rank[1:]):
+            torch.testing.assert_close(torch.tensor(other["losses"]), torch.tensor(one["losses"]), rtol=1e-6, atol=0)
+            for key, value in one["state"].items():
+                torch.testing.assert_close(other["state"][key], value, rtol=1e-6, atol=1e-7,
+                                           msg=lambda e, z=zero, k=key: f"{z} {k}: {e}")

@@ -28,6 +28,7 @@ def _measured(data, zero, dtype, optimizer):
     before = _live_storages()  # (a forked worker also holds whatever the test process held)
     layers = [pg.LayerSpec(nn.Linear, WIDTH, WIDTH) for _ in range(DEPTH)]
     model = pg.PipelineModule(layers, loss_fn=nn.functional.mse_loss, topology=pg.Topology(data=data))
+    count = sum(p.numel() for p in model.parameters())  # (ZeRO-3 frees them after the step)
     engine = pg.initialize(model, {"topology": {"data": data}, "zero": {"stage": zero},
                                    "precision": {"dtype": dtype}, "schedule": {"micro_batches": 1},
                                    "optimizer": optimizer})
@@ -35,13 +36,15 @@ def _measured(data, zero, dtype, optimizer):
     engine.train_batch(iter([(x, x)]))
     del x
     new = sum(size for address, size in _live_storages().items() if address not in before)
-    return engine.memory_report(), new, sum(p.numel() for p in model.parameters())
+    return engine.memory_report(), new, count
 
 
 ADAM = ("adam", {"_target_": "torch.optim.Adam", "lr": 1e-3})
 SGD = ("sgd_momentum", {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9})
 CASES = [(dtype, data, zero, ADAM) for dtype in ("float32", "bfloat16") for data, zero in ((1, 0), (2, 1), (4, 1))]
 CASES += [("float32", 2, 0, SGD), ("bfloat16", 2, 1, SGD), ("bfloat16", 2, 0, ADAM)]
+CASES += [("float32", 4, 2, ADAM), ("bfloat16", 4, 2, ADAM), ("bfloat16", 2, 2, SGD)]  # ZeRO-2
+CASES += [("float32", 4, 3, ADAM), ("bfloat16", 2, 3, ADAM)]  # ZeRO-3
 
 
 def _run_all(cases):
@@ -68,16 +71,20 @@ def test_memory_report_accounts_for_every_live_tensor(measured, index):
     dtype, zero = case[0], case[2]
     # without ZeRO the step's gradients (and the master copy's) are freed after it:
     # the report counts them, the census after the step does not
-    between_steps = report["total"] - (report["gradients"] + report["buffers"] if zero == 0 else 0)
+    # (ZeRO-2's gradient shard too: it is made by the step's reduction and freed with its gradients)
+    between_steps = report["total"] - (report["gradients"] + report["buffers"] if zero in (0, 2, 3) else 0)
     assert live == between_steps, (report, live)
-    # 16-bit training accumulates its gradients in fp32: twice the parameters' bytes
-    assert report["gradients"] == report["parameters"] * (2 if dtype == "bfloat16" else 1) > 0
+    # 16-bit training accumulates its gradients in fp32: twice the parameters' bytes (ZeRO-2: a shard)
+    shards = case[1] if zero >= 2 else 1
+    parameters = report["master_weights"] * case[1] // (2 if dtype == "bfloat16" else 1) if zero == 3 \
+        else report["parameters"]  # ZeRO-3 frees them: the master shard is what is left
+    assert report["gradients"] * shards == parameters * (2 if dtype == "bfloat16" else 1) > 0
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
 def test_memory_prediction_matches_the_engine(measured, index):
     (dtype, data, zero, (name, _)), (report, _, parameters) = CASES[index], measured[index]
-    predicted = memory_report(parameters, OptimizerSpec(name, dtype), data=data, zero=bool(zero))
+    predicted = memory_report(parameters, OptimizerSpec(name, dtype), data=data, zero=zero)
     for key in ("parameters", "gradients", "master_weights", "buffers"):
         assert predicted[key] == report[key], (key, predicted, report)
     # Adam's step counters (4 bytes per optimizer tensor: 2 x DEPTH without ZeRO, 1 shard with it)

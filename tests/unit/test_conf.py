@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import pipegrid.conf
 from pipegrid.conf.apps import GPTAppConfig, MLPAppConfig
 from pipegrid.conf.checks import to_app_config
-from pipegrid.conf.schema import to_train_config
+from pipegrid.conf.schema import ZeroConfig, to_train_config
 from pipegrid.conf.store import register_configs
 from pipegrid.schedules import ScheduleError
 
@@ -184,3 +184,14 @@ def test_a_command_line_lr_scheduler_merges_into_an_app_that_has_none():
     assert app.lr_scheduler == {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1}
     with pytest.raises(TypeError, match="lr_scheduler must be a mapping with a _target_ .*got int 5"):
         to_train_config({"lr_scheduler": 5})
+
+
+@pytest.mark.parametrize("zero,fragment", [
+    ({"stage": 4}, "must be 0, 1, 2 or 3"),
+    ({"stage": 1, "reduce_every_micro_batch": True}, "needs zero.stage=2"),
+    ({"stage": 0, "offload_optimizer": "cpu"}, "set zero.stage=1"),
+    ({"stage": 1, "offload_optimizer": "nvme"}, "must be none or cpu"),
+])
+def test_zero_combinations_that_cannot_work_are_refused_with_the_fix(zero, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        ZeroConfig(**zero)

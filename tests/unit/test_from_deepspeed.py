@@ -210,17 +210,24 @@ def test_zero_stage_and_its_bucket_knobs():
     t = tr(zero_optimization={"stage": 1, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8,
                               "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
                               "offload_optimizer": {"device": "none"}}, optimizer={"type": "AdamW"})
-    assert t.config.zero.stage == 1
+    assert t.config.zero.stage == 1 and t.config.zero.offload_optimizer == "none"
     assert tr(zero_optimization={"stage": 0}).config.zero.stage == 0
 
 
+@pytest.mark.parametrize("zero", [{"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+                                  {"stage": 1, "cpu_offload": True},
+                                  {"stage": 3, "offload_optimizer": {"device": "cpu"}, "stage3_prefetch_bucket_size": 5e7}])
+def test_zero2_zero3_and_cpu_offload_are_accepted(zero):
+    t = tr(zero_optimization=zero, optimizer={"type": "AdamW"})
+    assert t.config.zero.stage == zero["stage"] and t.config.zero.offload_optimizer == "cpu"
+
+
 @pytest.mark.parametrize("zero,fragment", [
-    ({"stage": 2}, "stage=2 shards gradients, which DeepSpeed refuses with pipeline parallelism"),
-    ({"stage": 3}, "stage=3 shards gradients and parameters"),
     ({"stage": 4}, "must be 0, 1, 2 or 3"),
-    ({"stage": 1, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer (device 'cpu')"),
+    ({"stage": 1, "offload_optimizer": {"device": "nvme"}}, "offload_optimizer (device 'nvme')"),
+    ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, "needs zero_optimization.stage >= 1"),
     ({"stage": 1, "offload_param": {"device": "nvme"}}, "offload_param (device 'nvme')"),
-    ({"stage": 1, "cpu_offload": True}, "cpu_offload"),
+    ({"stage": 1, "cpu_offload_params": True}, "offload_param"),
     ({"stage": 1, "zero_quantized_weights": True}, "zero_quantized_weights"),
 ])
 def test_zero_pipegrid_cannot_honour_is_refused(zero, fragment):
@@ -276,14 +283,14 @@ def test_other_keys_pipegrid_cannot_honour_are_refused(ds, fragment):
 
 def test_one_error_lists_every_problem_before_anything_starts():
     ds = {"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-          "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "optimizer": {"type": "Lamb"},
+          "zero_optimization": {"stage": 4, "offload_optimizer": {"device": "nvme"}}, "optimizer": {"type": "Lamb"},
           "scheduler": {"type": "Foo"}, "tensorboard": {"enabled": True}, "fp16": {"enabled": True},
           "bf16": {"enabled": True}}
     with pytest.raises(DeepSpeedConfigError) as info:
         translate(ds, world_size=2, pipe=2)
     text = str(info.value)
     assert text.startswith("7 setting(s) of the DeepSpeed config cannot run on pipegrid")
-    for fragment in ("tensorboard", "10 != 4 x 2 x 1", "stage=2", "offload_optimizer", "Lamb", "'Foo'", "both enabled"):
+    for fragment in ("tensorboard", "10 != 4 x 2 x 1", "must be 0, 1, 2 or 3", "offload_optimizer", "Lamb", "'Foo'", "both enabled"):
         assert fragment in text
 
 
@@ -325,9 +332,9 @@ def test_cli_prints_overrides_yaml_and_notes(tmp_path, capsys):
         from_deepspeed(DS_EXAMPLE, world_size=2, pipe=2)  # the YAML is the whole translation
     assert "micro-batches of 8 samples per data rank" in out
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({**DS_EXAMPLE, "zero_optimization": {"stage": 3}}))
+    bad.write_text(json.dumps({**DS_EXAMPLE, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}))
     assert fd.main([str(bad), "--world-size", "2"]) == 2
-    assert "zero_optimization.stage=3" in capsys.readouterr().err
+    assert "zero_optimization.offload_param" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("app_name", ["gpt", "mlp"])  # gpt has an lr_scheduler preset, mlp none

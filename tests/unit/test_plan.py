@@ -86,6 +86,18 @@ def test_split_chunks_puts_embedding_first_logits_last() -> None:
         split_chunks(layers, 6)
 
 
+def test_memory_report_zero2_zero3_and_offload() -> None:
+    two = memory_report(1000, OptimizerSpec("adam", "bfloat16"), data=4, zero=2)
+    assert two["gradients"] == 250 * 4 and two["step_gradients"] == 1000 * 4 and two["buffers"] == 0
+    off = memory_report(1000, OptimizerSpec("adam", "bfloat16"), data=4, zero=2, offload=True)
+    assert off["optimizer"] == off["master_weights"] == 0  # nothing of the optimizer on the device
+    assert off["optimizer_host"] == 250 * 8 and off["master_weights_host"] == off["gradients_host"] == 250 * 4
+    assert off["total"] == two["total"] - two["optimizer"] - two["master_weights"]
+    three = memory_report(1000, OptimizerSpec("adam", "float32"), data=4, zero=3)
+    assert three["parameters"] == 0 and three["step_parameters"] == 1000 * 4  # gathered only within a step
+    assert three["master_weights"] == 250 * 4  # the fp32 shard, the parameters' one copy between steps
+
+
 def test_memory_report_keys_and_zero() -> None:
     plain = memory_report(1000, OptimizerSpec("adam", "float32"))
     assert tuple(plain) == REPORT_KEYS
@@ -107,6 +119,19 @@ def test_small_model_memory_prediction() -> None:
     assert {k: pred.memory[k] for k in REPORT_KEYS} == report
     assert pred.memory["activations"] == 2 * 4 * 400  # stage 0 of 1F1B: min(m, p) micro-batches
     assert pred.peak_memory_bytes == report["total"] + 3200
+
+
+def test_zero2_and_zero3_predictions_count_what_a_step_holds_beside_the_activations() -> None:
+    layers = [LayerCost("Block", 1000, forward_s=1e-3, backward_s=2e-3, activation_bytes=400,
+                        checkpoint_bytes=100, output_bytes=100) for _ in range(8)]
+    cluster = ClusterSpec("cpu", 1, 4, DeviceSpec(1e11, 2 ** 30, 1e10), 5.0, 5.0)
+    one, two, three = (predict(layers, Candidate(pipe=2, data=2, zero=z), cluster, micro_batches=4) for z in (1, 2, 3))
+    assert two.candidate.label().endswith("zero2") and three.step_s == two.step_s == one.step_s  # same traffic
+    # in a step ZeRO-2 holds the full gradient buffer, ZeRO-3 the gathered parameters too: ZeRO-1's peak
+    # without its reduce-scatter buffer
+    assert two.peak_memory_bytes == one.peak_memory_bytes - one.memory["buffers"]
+    # (in float32 ZeRO-3's master shard is a copy of its own: the parameters are freed between steps)
+    assert three.peak_memory_bytes == two.peak_memory_bytes + three.memory["master_weights"]
 
 
 def test_measured_profile_prediction_is_the_simulated_makespan() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from pipegrid.compat.deepspeed.runtime import lr_schedules
 
 __all__ = ["DS_SCHEDULES", "SCHEDULES_MODULE", "check_top_level", "optimizer_spec", "pipeline_interval",
-           "precision_of", "scalar", "scheduler_spec", "zero_stage_of", "zero_supports"]
+           "offload_of", "precision_of", "scalar", "scheduler_spec", "zero_stage_of", "zero_supports"]
 
 SCHEDULES_MODULE = lr_schedules.__name__
 """Where DeepSpeed's LR schedules live as torch schedulers (the ``_target_`` of a translated ``scheduler``)."""
@@ -54,7 +54,9 @@ _DEFAULT_ONLY = {"prescale_gradients": False, "gradient_predivide_factor": 1.0, 
 _ZERO_KNOBS = {"contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_partitions",
                "allgather_bucket_size", "overlap_comm", "load_from_fp32_weights", "elastic_checkpoint",
                "round_robin_gradients", "sub_group_size", "ignore_unused_parameters", "legacy_stage1",
-               "use_multi_rank_bucket_allreduce", "memory_efficient_linear", "zero_force_ds_cpu_optimizer"}
+               "use_multi_rank_bucket_allreduce", "memory_efficient_linear", "zero_force_ds_cpu_optimizer",
+               "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+               "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save"}
 _PIPELINE_KEYS = {"stages", "partition", "seed_layers", "activation_checkpoint_interval", "pipe_partitioned",
                   "grad_partitioned", "use_reentrant"}
 _CHECKPOINTING_KEYS = {"partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
@@ -248,24 +250,35 @@ def precision_of(ds: dict, zero_stage: int, problems: list[str],
 
 
 def zero_stage_of(ds: dict, problems: list[str]) -> int:
-    """zero_optimization.stage (0 or 1); ZeRO-2/3 and offload refused, ZeRO-1's bucket knobs accepted."""
+    """zero_optimization.stage (0 to 3); ZeRO's bucket and prefetch knobs accepted, without effect."""
     zero = _section(ds, "zero_optimization", problems)
     stage = zero.get("stage", 0)
-    if stage in (2, 3):
-        problems.append(f"zero_optimization.stage={stage} shards gradients{' and parameters' * (stage == 3)}, "
-                        "which DeepSpeed refuses with pipeline parallelism too; set it to 0 or 1")
-    elif stage not in (0, 1):
-        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}; set 0 or 1")
-    for key in ("offload_optimizer", "offload_param"):
-        value = zero.get(key)
-        device = value.get("device", "none") if isinstance(value, dict) else value
-        if value is not None and str(device).lower() != "none":
-            problems.append(f"zero_optimization.{key} (device {device!r}): pipegrid does not offload; remove it")
-    if zero.get("cpu_offload") or zero.get("cpu_offload_params"):
-        problems.append("zero_optimization.cpu_offload: pipegrid does not offload; remove it")
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}; set one of them")
     _unknown_keys(zero, "zero_optimization", _ZERO_KNOBS | {"stage", "offload_optimizer", "offload_param",
                                                             "cpu_offload", "cpu_offload_params"}, problems)
-    return stage if stage in (0, 1) else 0
+    return stage if stage in (0, 1, 2, 3) else 0
+
+
+def offload_of(ds: dict, stage: int, problems: list[str]) -> str:
+    """zero_optimization.offload_optimizer: {device: cpu} (or the older cpu_offload: true) -> "cpu";
+    NVMe and parameter offload refused."""
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    value = zero.get("offload_optimizer")
+    device = str(value.get("device", "none") if isinstance(value, dict) else value).lower()
+    offload = "cpu" if device == "cpu" or zero.get("cpu_offload") else "none"
+    if value is not None and device not in ("none", "cpu"):
+        problems.append(f"zero_optimization.offload_optimizer (device {device!r}): pipegrid offloads to the CPU "
+                        "only; set device to \"cpu\" or remove it")
+    param = zero.get("offload_param")
+    param_device = param.get("device", "none") if isinstance(param, dict) else param
+    if param is not None and str(param_device).lower() != "none" or zero.get("cpu_offload_params"):
+        problems.append(f"zero_optimization.offload_param (device {param_device!r}): pipegrid does not offload "
+                        "parameters; remove it")
+    if offload == "cpu" and stage == 0:
+        problems.append("zero_optimization.offload_optimizer needs zero_optimization.stage >= 1, as in DeepSpeed; "
+                        "set stage to 1 or 2")
+    return offload
 
 
 def pipeline_interval(ds: dict, pipe: int, problems: list[str]) -> int:

@@ -7,9 +7,11 @@ reduce-scattered into the shards, the wrapped torch optimizer steps on this rank
 shard only, and the updated parameters are all-gathered back. Both keep fp32 master
 weights when the model runs in bf16/fp16, move bytes through pipegrid.kernels, and
 hand checkpoints their state per parameter (``ParamState``), whatever the sharding.
-Both answer to ``OptimizerState``, the interface the engine's ``GradientUpdate`` and
-checkpoints use; a new stage (ZeRO-2/3, offload) is one more class behind it and one
-more branch in :func:`build_optimizer_state`.
+``Zero2Optimizer`` (``zero.stage: 2``) also keeps only the reduced gradient's shard outside
+the backwards, and ``Zero3Optimizer`` (``zero.stage: 3``) only the master shard between
+steps, gathering the parameters at each step's start (docs/zero.md). ZeRO-1/2/3 take
+``offload``: master shard and optimizer state in host memory, stepped there. All answer to
+``OptimizerState``, the interface the engine's ``GradientUpdate`` and checkpoints use.
 
 In bf16/fp16 the gradients accumulate in fp32 (as Megatron's ``main_grad`` and
 DeepSpeed's bf16 optimizer do): each micro-batch's 16-bit gradient is added into an
@@ -28,8 +30,10 @@ import torch
 from pipegrid.pipe.zero.common import MASTER, Factory, ParamState, all_reduce_flat, buckets, storage_bytes
 from pipegrid.pipe.zero.replicated import ReplicatedOptimizer
 from pipegrid.pipe.zero.stage1 import ZeroOptimizer
+from pipegrid.pipe.zero.stage2 import Zero2Optimizer
+from pipegrid.pipe.zero.stage3 import Zero3Optimizer
 
-__all__ = ["MASTER", "OptimizerState", "ParamState", "ReplicatedOptimizer", "ZeroOptimizer", "all_reduce_flat",
+__all__ = ["MASTER", "OptimizerState", "ParamState", "ReplicatedOptimizer", "Zero2Optimizer", "Zero3Optimizer", "ZeroOptimizer", "all_reduce_flat",
            "buckets", "build_optimizer_state", "storage_bytes"]
 
 
@@ -44,6 +48,14 @@ class OptimizerState(Protocol):
 
     def grad_of(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The gradient this step accumulates for ``param`` (fp32 in 16-bit training)."""
+
+    def gather_params(self) -> None:
+        """Collective over data (ZeRO-3): put the whole parameters back into the model until the
+        next optimizer step frees them; a no-op where they never leave."""
+
+    def weight_grads_done(self) -> None:
+        """A model stage finished one micro-batch's parameter gradients (ZeRO-2 may reduce them now;
+        a collective there, called at the same point of the schedule on every data rank)."""
 
     def reduce_grads(self) -> None:
         """Collective over the data axis: sum (or reduce-scatter) the step's gradients."""
@@ -76,8 +88,14 @@ class OptimizerState(Protocol):
 
 
 def build_optimizer_state(stage: int, params: list[torch.nn.Parameter], factory: Factory, data_group: Any,
-                          data_size: int, data_rank: int, backend: str) -> OptimizerState:
-    """The optimizer state ``zero.stage`` asks for (the config checks the stage's range)."""
+                          data_size: int, data_rank: int, backend: str, *, reduce_every_micro_batch: bool = False,
+                          tied: frozenset[int] = frozenset(), offload: bool = False) -> OptimizerState:
+    """The optimizer state ``zero.stage`` asks for (the config checks the stage's range); ``tied``:
+    ids of the parameters a tied layer shares with other pipe ranks; ``offload``: master weights
+    and optimizer state in host memory, stepped there (ZeRO-1/2)."""
+    if stage in (2, 3):
+        return (Zero3Optimizer if stage == 3 else Zero2Optimizer)(params, factory, data_group, data_size, data_rank, backend,
+                              reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied, offload=offload)
     if stage == 1:
-        return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend)
+        return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend, offload=offload)
     return ReplicatedOptimizer(params, factory, data_group, data_size, backend)

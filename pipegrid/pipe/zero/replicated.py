@@ -42,6 +42,12 @@ class ReplicatedOptimizer:
         if self.data_size > 1:
             all_reduce_flat(grads, self.group, scale=1.0 / self.data_size, backend=self.backend)
 
+    def gather_params(self) -> None:
+        """The whole parameters are always in place (ZeRO-3 gathers them here)."""
+
+    def weight_grads_done(self) -> None:
+        """A model stage finished a micro-batch's parameter gradients: nothing to do before the step's end."""
+
     def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
         """Master gradients (of the parameters whose ``id`` is in ``counted``, if given)."""
         pairs = zip(self.params, ensure_grads(self.master))

@@ -1,5 +1,7 @@
 """``zero.stage: 1``: optimizer state and fp32 master weights sharded evenly over the data
-group; gradients reduce-scattered into the shards, parameters all-gathered back."""
+group; gradients reduce-scattered into the shards, parameters all-gathered back; with
+``offload`` the shard's master, gradient and optimizer state in host memory. ZeRO-2 and
+ZeRO-3 (stage2.py, stage3.py) build on this class."""
 
 from __future__ import annotations
 
@@ -22,6 +24,12 @@ def _views_at(flat: torch.Tensor, layout: kernels.FlatLayout) -> list[torch.Tens
             for shape, stride, offset in zip(layout.shapes, layout.strides, layout.offsets)]
 
 
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` in host memory (fp32 when it is 16-bit), pinned when CUDA copies to and from it."""
+    dtype = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
+    return torch.empty(tensor.shape, dtype=dtype, pin_memory=torch.cuda.is_available()).copy_(tensor)
+
+
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -34,13 +42,17 @@ class ZeroOptimizer:
     autograd wrote them and all-gather writes the parameters where the model reads
     them. In float32 the master shard *is* this rank's slice of the parameters;
     in bf16/fp16 it is an fp32 copy of that slice alone.
+
+    ``offload`` (ZeRO-Offload): the fp32 master shard, its gradient and the optimizer state
+    live in host memory (pinned under CUDA) and the optimizer steps there; the device keeps
+    the parameters and the reduced gradient shard, which is copied over once per step.
     """
 
     sharded = True
 
     def __init__(self, params: list[torch.nn.Parameter], factory: Factory, data_group: Any, data_size: int,
-                 data_rank: int, backend: str = "auto") -> None:
-        self.params, self.group, self.backend = params, data_group, backend
+                 data_rank: int, backend: str = "auto", *, offload: bool = False) -> None:
+        self.params, self.group, self.backend, self.offload = params, data_group, backend, offload
         self.data_size, self.data_rank = data_size, data_rank
         self._index = {id(p): i for i, p in enumerate(params)}
         device = params[0].device if params else torch.device("cpu")
@@ -51,26 +63,43 @@ class ZeroOptimizer:
         self.layout = kernels.FlatLayout.from_tensors(params)
         self.shard_size = -(-self.layout.total // data_size)  # padded: every rank owns an equal shard
         self.low_precision = dtype != torch.float32 and dtype != torch.float64
-        grad_dtype = torch.float32 if self.low_precision else dtype  # 16-bit gradients accumulate in fp32
+        self.grad_dtype = torch.float32 if self.low_precision else dtype  # 16-bit gradients accumulate in fp32
+        self.device = device
         self.param_flat = torch.zeros(self.shard_size * data_size, dtype=dtype, device=device)
-        self.grad_flat = torch.zeros(self.shard_size * data_size, dtype=grad_dtype, device=device)
-        self._grad_views = _views_at(self.grad_flat, self.layout)  # element for element with the parameters
         with torch.no_grad():
-            for p, view, grad in zip(params, kernels.views(self.param_flat, self.layout), self._grad_views):
+            for p, view in zip(params, kernels.views(self.param_flat, self.layout)):
                 view.copy_(p)
                 p.data = view  # the parameter now lives in the flat buffer
-                p.grad = None if self.low_precision else grad  # float32: autograd writes in place
-        if self.low_precision:
-            self._hooks = accumulate_in_fp32(params, lambda i: self._grad_views[i],
-                                              lambda i, grad: self._grad_views[i].copy_(grad))
         lo = data_rank * self.shard_size
         self._range = (lo, lo + self.shard_size)
         own = self.param_flat[lo:lo + self.shard_size]
-        self.shard = torch.nn.Parameter(own.detach().float().clone() if self.low_precision else own)
-        self.shard.grad = self.grad_flat[lo:lo + self.shard_size]  # this rank's slice of the flat gradient
+        self.shard = torch.nn.Parameter(self._master_copy(own))
+        self.separate_master = self.shard.data_ptr() != own.data_ptr()
+        """Whether the master shard is a copy (fp32, on the host, ZeRO-3's) rather than the parameters' slice."""
+        self._attach_grads()
+        self.shard.grad = _host_copy(own).zero_() if offload else self.reduced_grad
         # reduce-scatter's output: a collective must not write into the buffer it reads
-        self._scattered = torch.empty(self.shard_size if data_size > 1 else 0, dtype=grad_dtype, device=device)
+        self._scattered = torch.empty(self.shard_size if data_size > 1 else 0, dtype=self.grad_dtype, device=device)
         self.optimizer = factory([self.shard])
+
+    def _master_copy(self, own: torch.Tensor) -> torch.Tensor:
+        """The master shard over this rank's slice ``own`` of the parameters: the slice itself in
+        float32, an fp32 copy in 16-bit, a host copy with offload."""
+        if self.offload:
+            return _host_copy(own)
+        return own.detach().float().clone() if self.low_precision else own
+
+    def _attach_grads(self) -> None:
+        """One full-size flat gradient buffer for the whole run; the shard's gradient is its slice."""
+        self.grad_flat = torch.zeros_like(self.param_flat, dtype=self.grad_dtype)
+        self._grad_views = _views_at(self.grad_flat, self.layout)  # element for element with the parameters
+        for p, grad in zip(self.params, self._grad_views):
+            p.grad = None if self.low_precision else grad  # float32: autograd writes in place
+        if self.low_precision:
+            self._hooks = accumulate_in_fp32(self.params, lambda i: self._grad_views[i],
+                                              lambda i, grad: self._grad_views[i].copy_(grad))
+        lo, hi = self._range
+        self.reduced_grad = self.grad_flat[lo:hi]  # this rank's slice of the flat gradient, reduced in place
 
     def grad_of(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The tensor holding ``param``'s gradient of this step (fp32 in 16-bit training)."""
@@ -80,7 +109,19 @@ class ZeroOptimizer:
         """Reduce-scatter the gradients: this rank receives the mean of its shard."""
         if self.data_size > 1:
             _reduce_scatter(self._scattered, self.grad_flat, group=self.group)
-            self.shard.grad.copy_(self._scattered).mul_(1.0 / self.data_size)
+            self.reduced_grad.copy_(self._scattered).mul_(1.0 / self.data_size)
+        self._copy_grad_to_host()
+
+    def _copy_grad_to_host(self) -> None:
+        """Offload: the reduced shard's gradient goes to the host, where the step and the norms read it."""
+        if self.offload:
+            self.shard.grad.copy_(self.reduced_grad)
+
+    def gather_params(self) -> None:
+        """The whole parameters are always in place (ZeRO-3 gathers them here)."""
+
+    def weight_grads_done(self) -> None:
+        """A model stage finished a micro-batch's parameter gradients: nothing to do before the step's end."""
 
     def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
         """This rank's slices of the gradient (only the parameters in ``counted``, if given)."""
@@ -100,14 +141,14 @@ class ZeroOptimizer:
         self.optimizer.step()
         lo, hi = self._range
         own = self.param_flat[lo:hi]
-        if self.low_precision:
-            own.copy_(self.shard.detach())  # (in float32 the shard is this very slice)
+        if self.separate_master:
+            own.copy_(self.shard.detach())  # (in float32 without offload the shard is this very slice)
         if self.data_size > 1:  # in place: this rank's input is its own slice of the output
             _all_gather(self.param_flat, own, group=self.group)
 
     def sync_master_from_params(self) -> None:
         """After loading model weights alone: the fp32 master shard follows them."""
-        if self.low_precision:
+        if self.separate_master:
             lo, hi = self._range
             with torch.no_grad():
                 self.shard.copy_(self.param_flat[lo:hi])
@@ -118,16 +159,25 @@ class ZeroOptimizer:
     def memory(self) -> dict[str, int]:
         """Storage bytes by kind (the flat buffers whole, padding included); all of it
         lives between steps too."""
-        master = [self.shard] if self.low_precision else []
-        return storage_bytes({"parameters": self.params, "gradients": [self.grad_flat],
-                              "optimizer": state_tensors(self.optimizer), "master_weights": master,
-                              "buffers": [self._scattered]})
+        return self._memory([self.grad_flat])
+
+    def _memory(self, device_grads: list[torch.Tensor | None]) -> dict[str, int]:
+        """Bytes by kind; with offload the host's master, gradient and optimizer state under ``*_host``."""
+        master = [self.shard] if self.separate_master else []
+        host = {"master_weights": master, "gradients": [self.shard.grad], "optimizer": state_tensors(self.optimizer)}
+        if not self.offload:
+            return storage_bytes({"parameters": self.params, "gradients": device_grads, "optimizer": host["optimizer"],
+                                  "master_weights": master, "buffers": [self._scattered]})
+        report = storage_bytes({"parameters": self.params, "gradients": device_grads, "buffers": [self._scattered]})
+        report.update(optimizer=0, master_weights=0)
+        report.update({f"{kind}_host": size for kind, size in storage_bytes(host).items()})
+        return report
 
     # --- checkpoints: state per parameter --------------------------------------------
     def elementwise_keys(self) -> list[str]:
         state = self.optimizer.state.get(self.shard, {})
         keys = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == self.shard.shape}
-        return sorted(keys | ({MASTER} if self.low_precision else set()))
+        return sorted(keys | ({MASTER} if self.separate_master else set()))
 
     def local_param_states(self) -> list[tuple[int, int, int, ParamState]]:
         """(parameter index, first element, end element, state of those elements, flattened)
@@ -168,7 +218,7 @@ class ZeroOptimizer:
             for key, value in saved.elementwise.items():
                 shard[key][start - lo:end - lo].copy_(value.reshape(-1)[start - offset:end - offset])
         fp32 = shard.pop(MASTER, None)
-        if self.low_precision:
+        if self.separate_master:
             with torch.no_grad():
                 self.shard.copy_(fp32 if fp32 is not None else self.param_flat[lo:hi])
         scalars = {k: v.clone() for k, v in first.scalars.items()}  # (``read`` may map a file)
