@@ -87,7 +87,7 @@ def time_optimizer_step(parameters: int, factory: str = "torch.optim.Adam", repe
     built as the engine builds it (fused where torch has the kernel)."""
     import torch
 
-    from pipegrid.pipe.engine import build_optimizer
+    from pipegrid.pipe.optimizer_build import build_optimizer
 
     weight = torch.nn.Parameter(torch.zeros(parameters))
     weight.grad = torch.ones(parameters)

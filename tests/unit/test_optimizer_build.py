@@ -2,7 +2,7 @@
 
 import torch
 
-from pipegrid.pipe.engine import build_optimizer
+from pipegrid.pipe.optimizer_build import build_optimizer
 
 
 def _params():
