@@ -156,7 +156,7 @@ def test_tensor_parallel_trains_and_saves_like_transformers(checkpoints, tmp_pat
         _check(case, [rank_results[i] for rank_results in per_rank])
 
 
-def test_tensor_parallel_composes_with_zero_interleaving_zb_v_and_activation_checkpointing(checkpoints, tmp_path):
+def test_tensor_parallel_composes_with_zero_1_2_3_interleaving_zb_v_and_activation_checkpointing(checkpoints, tmp_path):
     cases = [
         {"dir": checkpoints["llama"], "save": str(tmp_path / "zero"),
          "config": _config("1f1b", 2, 2, ADAM, zero={"stage": 1}), "model": {"activation_checkpoint_interval": 1},
@@ -167,6 +167,10 @@ def test_tensor_parallel_composes_with_zero_interleaving_zb_v_and_activation_che
          "config": _config("interleaved_1f1b", 2, 2, virtual_stages=2)},
         {"dir": checkpoints["mistral"], "save": str(tmp_path / "zb_v"),  # V placement: first and last stage on rank 0
          "config": _config("zb_v", 2, 2, virtual_stages=2), "model": {"stage_placement": "v"}},
+        {"dir": checkpoints["llama"], "save": str(tmp_path / "zero2"),
+         "config": _config("zb_h1", 2, 2, ADAM, zero={"stage": 2}), "atol": ADAM_ATOL},
+        {"dir": checkpoints["gpt2"], "save": str(tmp_path / "zero3-tied"),  # parameters gathered per step
+         "config": _config("1f1b", 2, 2, ADAM, zero={"stage": 3}), "atol": ADAM_ATOL},
     ]
     per_rank = run_local(_run_cases, 8, (cases,), timeout_s=600)
     for i, case in enumerate(cases):
