@@ -20,15 +20,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pipegrid as pg  # noqa: E402  (from PYTHONPATH: the checkout being measured)
-
-
-class Block(nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(hidden, 4 * hidden), nn.Linear(4 * hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, H)
-        return x + self.fc2(torch.relu(self.fc1(x)))
+from gpu_engine import Block  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 
 
 def main(argv: list[str] | None = None) -> int:
