@@ -22,8 +22,8 @@ import pipegrid as pg
 from pipegrid import hf
 from pipegrid.hf.weights import CheckpointWeights
 from pipegrid.launch import run_local
-from tests.support.hf_models import (ATTN, lm_batches, load_reference, reference_step, save_config, save_tiny,
-                                     sweep_config, tiny_config)
+from tests.support.hf_models import (ATTN, assert_ranks_match, lm_batches, load_reference, reference_step,
+                                     save_config, save_tiny, sweep_config, tiny_config)
 
 FAMILIES = ("llama", "gpt2", "qwen2", "mistral")
 SCHEDULES = ("1f1b", "zb_h1")
@@ -118,19 +118,12 @@ def _check(case: dict, per_rank: list[dict]) -> None:
     reference, losses = _reference(case["dir"], cfg["topology"]["data"], cfg["optimizer"])
     state = reference.state_dict()
     name = f"{os.path.basename(case['dir'])} {case['config']['schedule']['name']}"
-    seen = set()
     atol = case.get("atol", ATOL)
     for rank, result in enumerate(per_rank):
         assert result["split_keys"] > 0 and not result["whole_reads"], f"{name} rank {rank}: read whole " \
             f"{result['whole_reads']}"
-        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=ATOL,
-                                   msg=lambda m: f"{name} rank {rank} losses: {m}")
-        for key, value in result["tensors"].items():
-            torch.testing.assert_close(value, state[key], rtol=RTOL, atol=atol,
-                                       msg=lambda m: f"{name} rank {rank} {key}: {m}")
-            seen.add(key)
-    stored = {k for k in state if not (k == "lm_head.weight" and reference.config.tie_word_embeddings)}
-    assert seen >= stored, f"{name}: parameters never compared: {stored - seen}"
+    assert_ranks_match(name, per_rank, losses, state, reference.config.tie_word_embeddings, RTOL, atol,
+                       loss_atol=ATOL)
     want = _logits(reference)
     last = [r["logits"] for r in per_rank if r["logits"] is not None]
     assert last, f"{name}: no rank returned logits"

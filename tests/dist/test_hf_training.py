@@ -19,7 +19,8 @@ import torch.distributed as dist
 import pipegrid as pg
 from pipegrid import hf
 from pipegrid.launch import run_local
-from tests.support.hf_models import ATTN, FAMILIES, lm_batches, load_reference, reference_step, save_tiny
+from tests.support.hf_models import (ATTN, FAMILIES, assert_ranks_match, lm_batches, load_reference, reference_step,
+                                      save_tiny)
 
 STEPS = 3
 CLIP = 0.5
@@ -102,16 +103,7 @@ def _check(case: dict, per_rank: list[dict], rtol: float = RTOL, atol: float = A
     reference, losses = _reference(case)
     state = reference.state_dict()
     name = f"{os.path.basename(case['dir'])} {case['config']['schedule']['name']} padded={case['padded']}"
-    seen = set()
-    for rank, result in enumerate(per_rank):
-        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{name} rank {rank} losses: {m}")
-        for key, value in result["tensors"].items():
-            torch.testing.assert_close(value, state[key], rtol=rtol, atol=atol,
-                                       msg=lambda m: f"{name} rank {rank} {key}: {m}")
-            seen.add(key)
-    stored = {k for k in state if not (k == "lm_head.weight" and reference.config.tie_word_embeddings)}
-    assert seen >= stored, f"{name}: parameters never compared: {stored - seen}"
+    assert_ranks_match(name, per_rank, losses, state, reference.config.tie_word_embeddings, rtol, atol)
     m = case["config"]["schedule"]["micro_batches"]
     want = _logits(reference, _eval_batches(case, m))
     last = [r["logits"] for r in per_rank if r["logits"] is not None]

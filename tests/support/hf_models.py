@@ -132,3 +132,20 @@ def save_config(config: Any, directory: str, seed: int = 0) -> str:
     model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN)
     model.save_pretrained(directory, max_shard_size="8KB")
     return directory
+
+
+def assert_ranks_match(name: str, per_rank: list[dict], losses: list[float], state: dict, tied: bool,
+                       rtol: float, atol: float, loss_atol: float | None = None) -> None:
+    """Every rank's losses equal the reference's, and every tensor it holds (whole, after any
+    gather) equals the reference's; every stored parameter is compared on some rank."""
+    seen = set()
+    for rank, result in enumerate(per_rank):
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=rtol,
+                                   atol=atol if loss_atol is None else loss_atol,
+                                   msg=lambda m: f"{name} rank {rank} losses: {m}")
+        for key, value in result["tensors"].items():
+            torch.testing.assert_close(value, state[key], rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{name} rank {rank} {key}: {m}")
+            seen.add(key)
+    stored = {k for k in state if not (k == "lm_head.weight" and tied)}
+    assert seen >= stored, f"{name}: parameters never compared: {stored - seen}"
