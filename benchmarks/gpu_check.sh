@@ -105,7 +105,7 @@ json.dump(env, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(env))
 EOF
 step gpu_tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
-step kernels 150 "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --out "$OUT/kernels_$DEVICE.json"
+step kernels 150 "$PY" benchmarks/kernel_bandwidth.py "${KERNEL_ARGS[@]}" --out "$OUT/kernels_$DEVICE.json"
 step engine 120 "$PY" benchmarks/gpu_engine.py --device "$DEVICE" "${QUICK[@]}" --out "$OUT/engine_$DEVICE.json"
 step gpt 150 "$PY" examples/train_gpt.py topology=single "${GPT_ARGS[@]}" "hydra.run.dir=$OUT/gpt"
 # the README's first command, as written but for its length (pipe=2: on one GPU, the CPU fallback)

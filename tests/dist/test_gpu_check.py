@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 # loaded from its file: benchmarks/ on sys.path would shadow packages of the same names
-# (benchmarks/kernels.py hides the `kernels` package transformers imports)
+# (benchmarks/kernels.py hid the `kernels` package transformers imports; now kernel_bandwidth.py)
 _spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "benchmarks" / "gpu_report.py")
 gpu_report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_report)

@@ -6,8 +6,8 @@ and reports GB/s (bytes read + written) and the fraction of the device's copy
 bandwidth, measured as one large ``dst.copy_(src)``. Prints a markdown table and
 writes JSON.
 
-    python benchmarks/kernels.py --quick                  # CPU smoke run, ~1 minute
-    python benchmarks/kernels.py --device cuda            # full GPU run
+    python benchmarks/kernel_bandwidth.py --quick                  # CPU smoke run, ~1 minute
+    python benchmarks/kernel_bandwidth.py --device cuda            # full GPU run
 """
 
 from __future__ import annotations
@@ -160,18 +160,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1 and 16 MB only, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/kernels_<device>.json)")
+                        help="JSON path (default benchmarks/results/kernel_bandwidth_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cap = 1024 * MB if device.type == "cuda" else 256 * MB
     totals = [MB, 16 * MB] if args.quick else [t for t in (MB, 16 * MB, 256 * MB, 1024 * MB) if t <= cap]
     repeats = args.repeats or (5 if args.quick else 20)
     result = run(device, (10, 100, 1000), totals, repeats)
-    result.update(command=" ".join(["python", "benchmarks/kernels.py", *(argv or sys.argv[1:])]),
+    result.update(command=" ".join(["python", "benchmarks/kernel_bandwidth.py", *(argv or sys.argv[1:])]),
                   torch=torch.__version__, commit=_commit(),
                   date=datetime.datetime.now().isoformat(timespec="seconds"))
     print(markdown(result))
-    out = args.out or Path(__file__).parent / "results" / f"kernels_{device.type}.json"
+    out = args.out or Path(__file__).parent / "results" / f"kernel_bandwidth_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
