@@ -120,11 +120,11 @@ def _use_cupy(backend: str, device: torch.device, floats: set[torch.dtype] | fro
     return _path(backend, device, None, floats) != "torch"
 
 
-def _measured(path: str, op: str, device: torch.device, layout: FlatLayout, run) -> str:
+def _measured(path: str, op: str, device: torch.device, layout: FlatLayout, run, casts: bool) -> str:
     """``path``, with "auto" replaced by the path this process measured faster for such a move."""
     if path != "auto":
         return path
-    return process_choice().choose(op, device, layout.nbytes, len(layout), run)
+    return process_choice().choose(op, device, layout.nbytes, len(layout), run, "cast" if casts else "copy")
 
 
 def _converted(layout: FlatLayout, scale: Scale | None) -> set[torch.dtype]:
@@ -229,7 +229,7 @@ def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None,
             _cupy().pack(tensors, flat, layout, scale)
         else:
             _pack_torch(tensors, views(flat, layout), layout, scale)
-    run(_measured(path, "pack", device, layout, run))
+    run(_measured(path, "pack", device, layout, run, bool(_converted(layout, scale))))
     return out
 
 
@@ -255,7 +255,8 @@ def unpack(flat: torch.Tensor, like_or_layout: FlatLayout | Sequence[torch.Tenso
         if chosen == "cupy":
             return _cupy().unpack(flat, layout, out)
         return _unpack_torch(views(flat, layout), layout, out)
-    return run(_measured(_path(backend, device, layout, _converted(layout, None)), "unpack", device, layout, run))
+    converted = _converted(layout, None)
+    return run(_measured(_path(backend, device, layout, converted), "unpack", device, layout, run, bool(converted)))
 
 
 def _floating(tensors: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
@@ -353,7 +354,7 @@ class FlatBuffer:
                 _cupy().pack(tensors, self.flat, self.layout, scale, cache=self._tables)
             else:
                 _pack_torch(tensors, self._views, self.layout, scale)
-        run(_measured(self.backend, "pack", self.device, self.layout, run))
+        run(_measured(self.backend, "pack", self.device, self.layout, run, bool(_converted(self.layout, scale))))
         return self.flat
 
     @torch.no_grad()
@@ -367,7 +368,7 @@ class FlatBuffer:
             if chosen == "cupy":
                 return _cupy().unpack(self.flat, self.layout, tensors, cache=self._tables)
             return _unpack_torch(self._views, self.layout, tensors)
-        return run(_measured(self.backend, "unpack", self.device, self.layout, run))
+        return run(_measured(self.backend, "unpack", self.device, self.layout, run, self.layout.casts))
 
     @torch.no_grad()
     def unpack(self) -> list[torch.Tensor]:
@@ -376,7 +377,7 @@ class FlatBuffer:
             if chosen == "cupy":
                 return _cupy().unpack(self.flat, self.layout, None)
             return _unpack_torch(self._views, self.layout, None)
-        return run(_measured(self.backend, "unpack", self.device, self.layout, run))
+        return run(_measured(self.backend, "unpack", self.device, self.layout, run, self.layout.casts))
 
     def __repr__(self) -> str:
         return (f"FlatBuffer({len(self.layout)} tensors, {self.layout.total} x "

@@ -7,8 +7,9 @@ So ``auto`` measures: the first time a process packs (or unpacks) a buffer of a 
 size class on a device, both paths run on that very buffer, alternating, and the faster
 one is kept for every later move of that direction and class.
 
-A size class is (bytes, tensors) rounded up to powers of two, so a training step's few
-buffer shapes cost a handful of measurements in all. CuPy must beat torch by
+A size class is (bytes, tensors) rounded up to powers of two, and a bit copy is told apart
+from a move that casts or scales (another kernel), so a training step's few buffer shapes
+cost a handful of measurements in all. CuPy must beat torch by
 ``MARGIN`` to be taken: a tie (within timing noise) goes to torch, the reference path,
 so ``auto`` is never meaningfully slower than torch. ``PathChoice.table()`` lists what was
 measured (``benchmarks/gpu_check.sh`` prints it).
@@ -54,6 +55,7 @@ class Measured:
 
     device: str
     op: str
+    kind: str
     nbytes: int
     tensors: int
     seconds: dict[str, float]
@@ -76,24 +78,25 @@ class PathChoice:
         self._choices: dict[tuple, Measured] = {}
 
     def choose(self, op: str, device: torch.device | str, nbytes: int, tensors: int,
-               run: Callable[[str], object]) -> str:
+               run: Callable[[str], object], kind: str = "copy") -> str:
         """"torch" or "cupy" for this move; measured with ``run(path)`` the first time its class is seen.
 
         ``run`` must be safe to repeat (a pack into the same buffer, an unpack into the
-        same tensors): it is called ``repeats + 1`` times per path on a first sight.
+        same tensors): it is called ``repeats + 1`` times per path on a first sight. ``kind``
+        tells moves that run different kernels apart ("copy": bits; "cast": dtype or scale).
         """
         if op not in ("pack", "unpack"):
             raise ValueError(f"op must be pack or unpack, got {op!r}")
-        key = (str(device), op, *size_class(nbytes, tensors))
+        key = (str(device), op, kind, *size_class(nbytes, tensors))
         known = self._choices.get(key)
         if known is not None:
             return known.path
         seconds = self._measure(run)
         path = "cupy" if seconds["cupy"] < seconds["torch"] * (1 - MARGIN) else "torch"
-        self._choices[key] = Measured(key[0], op, key[2], key[3], seconds, path)
+        self._choices[key] = Measured(key[0], op, kind, key[3], key[4], seconds, path)
         logging.getLogger("pipegrid.kernels").debug(
-            "kernels.backend=auto: %s of <= %d bytes in <= %d tensors on %s: torch %.1f us, cupy %.1f us -> %s",
-            op, key[2], key[3], key[0], seconds["torch"] * 1e6, seconds["cupy"] * 1e6, path)
+            "kernels.backend=auto: %s (%s) of <= %d bytes in <= %d tensors on %s: torch %.1f us, cupy %.1f us -> %s",
+            op, kind, key[3], key[4], key[0], seconds["torch"] * 1e6, seconds["cupy"] * 1e6, path)
         return path
 
     def _measure(self, run: Callable[[str], object]) -> dict[str, float]:

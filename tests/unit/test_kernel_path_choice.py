@@ -99,3 +99,12 @@ def test_auto_leaves_the_choice_to_each_move_where_cupy_can_run(monkeypatch):
     assert select_backend("auto", "cuda:0") == "auto"
     assert select_backend("cupy", "cuda:0") == "cupy"
     assert select_backend("auto", "cpu") == "torch"
+
+
+def test_a_casting_move_is_measured_apart_from_a_bit_copy():
+    device = FakeDevice({("pack", 1024, 4): {"torch": 100.0, "cupy": 10.0}})
+    choice = PathChoice(timer=device.timer)
+    device.move = ("pack", 1024, 4)
+    choice.choose("pack", "cuda:0", 1000, 3, device.run)
+    choice.choose("pack", "cuda:0", 1000, 3, device.run, kind="cast")
+    assert [(m.op, m.kind) for m in choice.table()] == [("pack", "copy"), ("pack", "cast")]
