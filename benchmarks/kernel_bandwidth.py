@@ -3,8 +3,10 @@
 Times packing and unpacking 10, 100 and 1000 fp32 tensors of mixed (log-uniform)
 sizes, 1 MB up to 1 GB in all on CUDA (256 MB on CPU), for every available path,
 and reports GB/s (bytes read + written) and the fraction of the device's copy
-bandwidth, measured as one large ``dst.copy_(src)``. Prints a markdown table and
-writes JSON.
+bandwidth, measured as one large ``dst.copy_(src)``. On CUDA with CuPy, ``pipegrid/auto``
+is what ``kernels.backend=auto`` does: per direction and size class, the path (torch or
+CuPy) it measured faster on first use; the JSON lists those choices. Prints a markdown
+table and writes JSON.
 
     python benchmarks/kernel_bandwidth.py --quick                  # CPU smoke run, ~1 minute
     python benchmarks/kernel_bandwidth.py --device cuda            # full GPU run
@@ -13,6 +15,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -28,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipegrid.kernels import FlatBuffer, FlatLayout  # noqa: E402
 from pipegrid.kernels.backend import cupy_unavailable_reason  # noqa: E402
+from pipegrid.kernels.path_choice import process_choice  # noqa: E402
 
 MB = 1 << 20
 
@@ -108,7 +112,8 @@ def _unpack_methods(tensors, backends) -> dict[str, Callable[[], object]]:
 
 def run(device: torch.device, counts, totals, repeats: int) -> dict:
     measure = _timer(device, repeats)
-    backends = ["torch"] + (["cupy"] if device.type == "cuda" and cupy_unavailable_reason() is None else [])
+    # auto: each direction and size class takes the path it measured faster (pipegrid/kernels/path_choice.py)
+    backends = ["torch"] + (["cupy", "auto"] if device.type == "cuda" and cupy_unavailable_reason() is None else [])
     copy_gbs = copy_bandwidth(device, max(totals), measure)
     rows = []
     for total in totals:
@@ -127,7 +132,9 @@ def run(device: torch.device, counts, totals, repeats: int) -> dict:
                                      copy_fraction=round(gbs / copy_gbs, 3),
                                      speedup_vs_first=round(baseline / seconds, 2)))
             del tensors
-    return dict(device=_device_name(device), backends=backends, copy_gb_s=round(copy_gbs, 2), rows=rows)
+    choices = [dataclasses.asdict(m) for m in process_choice().table()]
+    return dict(device=_device_name(device), backends=backends, copy_gb_s=round(copy_gbs, 2), rows=rows,
+                auto_choices=choices)
 
 
 def _device_name(device: torch.device) -> str:
