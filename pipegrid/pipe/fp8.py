@@ -10,6 +10,8 @@ What is left in bf16, and why:
 * layers whose in or out features are not multiples of 16 (float8 GEMMs need them);
 * the LM head (a Linear named ``lm_head``, ``output`` or ``head``): its logits feed the
   loss directly and float8 there costs accuracy for little speed (torchtitan skips it too);
+* anything that is not an ``nn.Linear`` (transformers' GPT-2 uses ``Conv1D``: nothing of it
+  is converted, and a warning says so);
 * pipegrid.tensor's column/row-parallel layers, which are not ``nn.Linear``: fp8 with
   ``topology.tensor > 1`` is refused rather than silently leaving the big matmuls in bf16.
 
@@ -127,6 +129,7 @@ def convert_to_fp8(module: nn.Module, prec: PrecisionConfig) -> list[str]:
     convert_to_float8_training(module, config=_float8_config(prec), module_filter_fn=eligible)
     if not converted:
         logging.getLogger("pipegrid").warning(
-            "precision.fp8=true converted no layer of this stage: no nn.Linear with in/out features "
-            "that are multiples of 16 outside the LM head; it trains in bf16")
+            "precision.fp8=true converted no layer of this stage: it has no nn.Linear outside the LM head "
+            "with in/out features that are multiples of 16 (other layer types, such as transformers' "
+            "Conv1D in GPT-2, are not converted); it trains in bf16")
     return converted

@@ -25,7 +25,7 @@ def _batches(step: int) -> list:
 
 def _config(pipe: int, fp8: bool) -> dict:
     return {"topology": {"pipe": pipe}, "schedule": {"name": "1f1b", "micro_batches": MICRO_BATCHES},
-            "optimizer": SGD, "comm": {"timeout_s": 60},
+            "optimizer": SGD, "comm": {"timeout_s": 60, "backend": "gloo"},  # the CPU, on a GPU host too
             "precision": {"dtype": "bfloat16", "fp8": fp8, "fp8_emulate": fp8}}
 
 
