@@ -100,7 +100,7 @@ if [ "$MODE" = gpu ]; then
   # pytest-xdist spreads the unit tests over the GPU host's cores when it is there
   "$PY" -c "import xdist" 2>/dev/null && UNIT_TESTS+=(-n auto)
 else
-  DEVICE=cpu; QUICK=(--quick); KERNEL_ARGS=(--device cpu --quick --repeats 1); MODELS_ARGS=(--cpu --budget-s 60)
+  DEVICE=cpu; QUICK=(--quick); KERNEL_ARGS=(--device cpu --quick --repeats 1); MODELS_ARGS=(--cpu --budget-s 150)
   GPT_ARGS=(model=gpt_tiny precision=fp32 train.steps=3 eval.interval=0 eval.batches=1 sample.length=0
             data.micro_batch_size=4)
   README_ARGS=(train.steps=3 eval.interval=0 eval.batches=1 sample.length=0)
