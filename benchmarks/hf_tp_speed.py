@@ -22,7 +22,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
-# benchmarks/ on sys.path would hide the `kernels` package transformers imports (benchmarks/kernels.py)
+# benchmarks/ on sys.path could hide packages transformers imports (benchmarks/kernels.py once hid `kernels`)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.insert(0, os.path.dirname(HERE))
 

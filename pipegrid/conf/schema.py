@@ -21,6 +21,7 @@ LAYOUT_KEYS = ("topology.pipe", "topology.data", "topology.tensor", "schedule.vi
 """Keys a config may leave unset for :func:`pipegrid.initialize` to take from the module."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 KERNEL_BACKENDS = ("auto", "torch", "cupy")  # pipegrid.kernels.backend.BACKENDS (no torch import here)
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao.float8's recipe names (pipegrid.pipe.fp8)
 
 
 def signal_number(name: str) -> int:
@@ -133,6 +134,12 @@ class PrecisionConfig:
     """float16 only: overflows tolerated before the scale is lowered."""
     min_loss_scale: float = 1.0
     """float16 only: the scale never goes below this."""
+    fp8: bool = False
+    """Train each stage's nn.Linear layers in float8 (torchao; CUDA sm_89+), bf16 elsewhere; needs dtype=bfloat16."""
+    fp8_recipe: str = "tensorwise"
+    """fp8 scaling: tensorwise (one scale per tensor) or rowwise (per row; more accurate, a little slower)."""
+    fp8_emulate: bool = False
+    """fp8 matmuls emulated in high precision (torchao's emulate): runs anywhere, slowly; for tests."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -147,6 +154,11 @@ class PrecisionConfig:
         if not 0 < self.backoff_factor < 1:
             raise ValueError(f"precision.backoff_factor must be in (0, 1) (the scale shrinks on overflow), "
                              f"got {self.backoff_factor}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"precision.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
+        if self.fp8 and self.dtype != "bfloat16":
+            raise ValueError(f"precision.fp8=true keeps everything but the float8 matmuls in bfloat16, got "
+                             f"precision.dtype={self.dtype}; set precision.dtype=bfloat16 (precision=bf16)")
         for name in ("growth_interval", "hysteresis"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from pipegrid import kernels
 from pipegrid.conf.schema import TrainConfig, to_train_config
 from pipegrid.pipe import checkpoint as ckpt
-from pipegrid.pipe import preemption
+from pipegrid.pipe import fp8, preemption
 from pipegrid.pipe import trace as tracing
 from pipegrid.pipe.executor import (
     Executor,
@@ -57,6 +57,7 @@ def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None
     build(cfg.schedule.name, cfg.topology.pipe, cfg.schedule.micro_batches,  # ScheduleError says what to change
           cfg.schedule.virtual_stages, coalesce=cfg.schedule.coalesce)
     _check_zero_layout(cfg)
+    fp8.check_fp8(cfg)  # torchao, the GPU, the schedule: refused before any process group
     if module.loss_fn is None:
         raise ValueError("the PipelineModule has no loss_fn, which the last stage needs to train; "
                          "pass loss_fn=... (called as loss_fn(output, labels)) to PipelineModule")
@@ -107,6 +108,8 @@ class PipelineEngine:
         self.device = self._device()
         self.dtype = _DTYPES[config.precision.dtype]
         self.module = module.to(device=self.device, dtype=self.dtype)
+        if config.precision.fp8:  # before anything holds the Linear modules or builds the optimizer
+            fp8.convert_to_fp8(self.module, config.precision)
         self._build_schedules()
         self._connect()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
