@@ -221,8 +221,10 @@ def test_tensor_parallel_bad_input_is_refused_before_any_group():
     no_plan.base_model_tp_plan = None
     refused(r"no base_model_tp_plan and pipegrid.hf has no adapter TP plan for model_type 'llama'", hf.from_config,
             no_plan, tensor2)
-    refused(r"topology.tensor=2 needs its tensor-parallel group.*tensor_group=groups.tensor_parallel_group",
-            hf.from_config, tiny_config("gpt2"), tensor2)
+    with pytest.raises(RuntimeError, match=r"topology.tensor=2 splits .* torch.distributed is not initialised and "
+                       r"RANK/WORLD_SIZE are not set; start the job with torchrun --nproc-per-node 2"):
+        hf.from_config(tiny_config("gpt2"), tensor2)  # no group given, none can be built here
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize("rule,shape", [(ShardRule(0, (8,)), (8, 3)), (ShardRule(1, (6,)), (4, 6)),
