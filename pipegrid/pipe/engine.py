@@ -84,8 +84,11 @@ def initialize(module: torch.nn.Module, config: Any = None,
 
     The grid (``topology``) and ``schedule.virtual_stages`` come from the module, and from
     ``groups`` when given, unless the config sets them; a config that sets another value
-    is refused.
+    is refused. A module that built its own groups (``hf.from_pretrained`` at tensor > 1)
+    brings them as ``module.process_groups``: they are used when ``groups`` is not given.
     """
+    if groups is None:
+        groups = getattr(module, "process_groups", None)
     cfg = config_with_module_grid(to_train_config(config), module, groups)
     _check_before_collectives(module, cfg)
     if groups is None:
