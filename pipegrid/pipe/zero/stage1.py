@@ -120,6 +120,12 @@ class ZeroOptimizer:
     def gather_params(self) -> None:
         """The whole parameters are always in place (ZeRO-3 gathers them here)."""
 
+    def begin_step(self) -> None:
+        """Nothing to gather: the whole parameters are always in place."""
+
+    def parameters_needed(self, params: list[torch.Tensor]) -> None:
+        """The whole parameters are always in place."""
+
     def weight_grads_done(self) -> None:
         """A model stage finished a micro-batch's parameter gradients: nothing to do before the step's end."""
 
@@ -145,6 +151,11 @@ class ZeroOptimizer:
             own.copy_(self.shard.detach())  # (in float32 without offload the shard is this very slice)
         if self.data_size > 1:  # in place: this rank's input is its own slice of the output
             _all_gather(self.param_flat, own, group=self.group)
+
+    def _own_parameters(self) -> torch.Tensor:
+        """This rank's range of the (whole) parameters."""
+        lo, hi = self._range
+        return self.param_flat[lo:hi]
 
     def sync_master_from_params(self) -> None:
         """After loading model weights alone: the fp32 master shard follows them."""
@@ -220,7 +231,7 @@ class ZeroOptimizer:
         fp32 = shard.pop(MASTER, None)
         if self.separate_master:
             with torch.no_grad():
-                self.shard.copy_(fp32 if fp32 is not None else self.param_flat[lo:hi])
+                self.shard.copy_(fp32 if fp32 is not None else self._own_parameters())
         scalars = {k: v.clone() for k, v in first.scalars.items()}  # (``read`` may map a file)
         state = {0: {**scalars, **shard}} if shard or scalars else {}
         load_torch_state(self.optimizer, state, hyperparameters)
