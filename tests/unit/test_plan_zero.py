@@ -8,7 +8,15 @@ import json
 
 import pytest
 
-from pipegrid.plan import Candidate, ClusterSpec, DeviceSpec, LayerCost, predict, search, transformer_config_from_hf
+from pipegrid.plan import (
+    Candidate,
+    ClusterSpec,
+    DeviceSpec,
+    LayerCost,
+    predict,
+    search,
+    transformer_config_from_hf,
+)
 from pipegrid.plan.predict import offload_step_s
 from pipegrid.plan.search import SearchSpace, candidates
 
