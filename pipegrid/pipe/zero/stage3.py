@@ -86,7 +86,7 @@ class Zero3Optimizer(Zero2Optimizer):
         self.param_flat = torch.empty(self.shard_size * self.data_size, dtype=self.param_dtype, device=self.device)
         lo, hi = self._range
         own = self.param_flat[lo:hi]
-        own.copy_(self.shard.detach())
+        self.host.to_device(own, self.shard.detach())
         if self.data_size > 1:
             _all_gather(self.param_flat, own, group=self.group)
         with torch.no_grad():
@@ -105,6 +105,7 @@ class Zero3Optimizer(Zero2Optimizer):
 
     def step(self, grad_coef: float = 1.0) -> None:
         self._shard_grad()
+        self.host.host_ready()
         if grad_coef != 1.0:
             self.shard.grad.mul_(grad_coef)
         self.optimizer.step()
