@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import write_record
 
 Builder = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 HYPER = {"lr": 1e-4, "weight_decay": 0.01}
@@ -36,7 +36,8 @@ def _deepspeed_cpu_adam(params: list[torch.nn.Parameter]) -> torch.optim.Optimiz
 
 
 def _torchao_offload(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    from torchao.optim import CPUOffloadOptimizer  # keeps the state on the host, the params on CUDA
+    # state on the host, parameters on CUDA
+    from torchao.optim import CPUOffloadOptimizer
 
     return CPUOffloadOptimizer(params, torch.optim.AdamW, **HYPER)
 
@@ -95,8 +96,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows, refused = measure(args.elements, args.rounds)
     fastest = min(rows, key=lambda r: r["median_step_s"])
-    lines = [f"AdamW step over {args.elements / 2**20:.0f}M fp32 parameters on {args.threads} CPU thread(s), "
-             f"median of {args.rounds}", "| optimizer | median step s | GB/s | vs fastest |", "|---|---|---|---|"]
+    title = (f"AdamW step over {args.elements / 2**20:.0f}M fp32 parameters on {args.threads} CPU thread(s), "
+             f"median of {args.rounds}")
+    lines = [title, "| optimizer | median step s | GB/s | vs fastest |", "|---|---|---|---|"]
     lines += [f"| {r['optimizer']} | {r['median_step_s']:.4f} | {r['gbytes_per_s']:.1f} | "
               f"{r['median_step_s'] / fastest['median_step_s']:.2f} |" for r in rows]
     lines += [f"| {name} | did not run here: {why} | | |" for name, why in refused.items()]
