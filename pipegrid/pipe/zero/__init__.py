@@ -57,8 +57,9 @@ class OptimizerState(Protocol):
         """Collective over data (ZeRO-3): what a step needs before its first instruction (the whole
         parameters, or with ``zero.gather=per_layer`` nothing: each layer gathers its own)."""
 
-    def parameters_needed(self, params: list[torch.Tensor]) -> None:
-        """Collective over data (ZeRO-3 per layer): gather the layers holding ``params`` again."""
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
+        """Collective over data (ZeRO-3 per layer): gather the layers holding ``params`` again (and
+        free the others), post the gather of those holding ``following``."""
 
     def weight_grads_done(self) -> None:
         """A model stage finished one micro-batch's parameter gradients (ZeRO-2 may reduce them now;

@@ -4,7 +4,7 @@ use, and freed after it, with the next layer's gather in flight while the curren
     forward   use(l): wait l's gather, post l+1's ─► layer l ─► free l
     backward  l's output gradient arrives: use(l), post l-1's ─► l's backward ─► l's input
               gradient arrives: free l
-    W         (split backward) the layers whose parameter gradients it computes, gathered again
+    W         (split backward) before each W call: its layers gathered again, the next call's posted
     recompute (activation checkpointing, inside backward) use(l), kept until l's backward frees it
 
 A layer ("unit") is one module a stage position runs (a tied module is one unit wherever it
@@ -161,9 +161,16 @@ class LayerGather:
     def release_all(self) -> None:
         self.release(list(self.units.values()))
 
-    def gather_for(self, params: Sequence[torch.Tensor]) -> None:
-        """The layers holding ``params`` (a split backward's W computes their gradients)."""
-        self.use(list({id(u): u for p in params if (u := self._unit_of_param.get(id(p))) is not None}.values()))
+    def gather_for(self, params: Sequence[torch.Tensor], following: Sequence[torch.Tensor] = ()) -> None:
+        """The layers holding ``params`` whole (a split backward's W call computes their
+        gradients), every other layer freed, those holding ``following`` (the next call's) posted."""
+        needed = self._units_of(params)
+        self.release([u for u in self.units.values() if u not in needed])
+        self.use(needed)
+        self.post(self._units_of(following))
+
+    def _units_of(self, params: Sequence[torch.Tensor]) -> list[_Unit]:
+        return list({id(u): u for p in params if (u := self._unit_of_param.get(id(p))) is not None}.values())
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.gathered_bytes

@@ -48,7 +48,7 @@ class ReplicatedOptimizer:
     def begin_step(self) -> None:
         """Nothing to gather: the whole parameters are always in place."""
 
-    def parameters_needed(self, params: list[torch.Tensor]) -> None:
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
         """The whole parameters are always in place."""
 
     def weight_grads_done(self) -> None:

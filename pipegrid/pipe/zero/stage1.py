@@ -134,7 +134,7 @@ class ZeroOptimizer:
     def begin_step(self) -> None:
         """Nothing to gather: the whole parameters are always in place."""
 
-    def parameters_needed(self, params: list[torch.Tensor]) -> None:
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
         """The whole parameters are always in place."""
 
     def weight_grads_done(self) -> None:

@@ -61,9 +61,9 @@ class Zero3Optimizer(Zero2Optimizer):
         else:
             self.layers.reset_peak()
 
-    def parameters_needed(self, params: list[torch.Tensor]) -> None:
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
         if self.layers is not None:
-            self.layers.gather_for(params)
+            self.layers.gather_for(params, following)
 
     def weight_grads_done(self) -> None:
         super().weight_grads_done()
