@@ -1,7 +1,8 @@
-"""ZeRO-3 with ``zero.gather=per_layer`` trains like one process (design.md invariant 1): 1f1b, zb_h1
-(split backward: W gathers again), interleaved (two chunks) and zb_v (the tied embedding and head on
-one pipe rank) at pipe 2 x data 2 with TinyGPT's tied layers, activation checkpointing (recompute
-gathers), tensor=2; bf16 bit-identical to ``per_step``; fewer parameter bytes at the step's peak.
+"""ZeRO-3 with ``zero.gather=per_layer`` trains like one process (design.md invariant 1): all six
+schedules at pipe 2 x data 2 with TinyGPT's tied layers (zb_h1's split backward: W gathers again;
+interleaved's two chunks; zb_v and dualpipev with the tied embedding and head on one pipe rank),
+activation checkpointing (recompute gathers), tensor=2; bf16 bit-identical to ``per_step``; fewer
+parameter bytes at the step's peak, none between steps.
 
 All cases of the 4-rank world run in one ``run_local`` call; the references run in this process.
 """
@@ -39,7 +40,7 @@ def _cfg(schedule: str, *, dtype: str = "float32", gather: str = "per_layer") ->
 
 
 CASES = {
-    **{s: _cfg(s) for s in ("1f1b", "zb_h1", "interleaved_1f1b", "zb_v")},
+    **{s: _cfg(s) for s in ("gpipe", "1f1b", "zb_h1", "interleaved_1f1b", "zb_v", "dualpipev")},
     "recompute-zb_h1": _cfg("zb_h1"),
     "recompute-1f1b": _cfg("1f1b"),
     "bf16-per_step": _cfg("1f1b", dtype="bfloat16", gather="per_step"),
@@ -86,7 +87,8 @@ def results() -> dict[str, list[dict]]:
     return {name: [rank[name] for rank in per_rank] for name in per_rank[0]}
 
 
-@pytest.mark.parametrize("name", ["1f1b", "zb_h1", "interleaved_1f1b", "zb_v", "recompute-zb_h1", "recompute-1f1b"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb_h1", "interleaved_1f1b", "zb_v", "dualpipev", "recompute-zb_h1",
+                                  "recompute-1f1b"])
 def test_per_layer_gathering_matches_the_reference(results, name):
     assert_matches_reference(results[name], run_reference(CASES[name]), rtol=1e-5, atol=1e-6)
 
