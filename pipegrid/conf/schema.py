@@ -106,6 +106,11 @@ class ZeroConfig:
     offload_optimizer: str = "none"
     """none | cpu: fp32 master weights and optimizer state (this rank's shard) in host memory,
     the optimizer step on the CPU (ZeRO-Offload); on a CPU-only run it changes nothing."""
+    gather: str = "per_step"
+    """Stage 3: per_step gathers a pipe rank's whole parameters at the step's start and frees them
+    after its optimizer step; per_layer gathers each layer just before each use (forward, backward,
+    W, recompute) and frees it after, the next layer's gather in flight meanwhile (least memory,
+    most traffic)."""
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -115,6 +120,11 @@ class ZeroConfig:
         if self.offload_optimizer == "cpu" and self.stage == 0:
             raise ValueError("zero.offload_optimizer=cpu offloads this rank's shard of the optimizer state and "
                              "needs zero.stage >= 1, got zero.stage=0; set zero.stage=1 (or 2)")
+        if self.gather not in ("per_step", "per_layer"):
+            raise ValueError(f"zero.gather must be per_step or per_layer, got {self.gather!r}")
+        if self.gather == "per_layer" and self.stage != 3:
+            raise ValueError(f"zero.gather=per_layer gathers ZeRO-3's sharded parameters layer by layer and needs "
+                             f"zero.stage=3, got zero.stage={self.stage}; set zero.stage=3 or drop zero.gather")
         if self.reduce_every_micro_batch and self.stage < 2:
             raise ValueError(f"zero.reduce_every_micro_batch needs zero.stage=2 or 3, got zero.stage={self.stage}; "
                              "set zero.stage=2 or drop zero.reduce_every_micro_batch")

@@ -159,7 +159,8 @@ class PipelineEngine:
             self.config.zero.stage, self.params, lambda params: build_optimizer(self.config.optimizer, params),
             self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend,
             reduce_every_micro_batch=self.config.zero.reduce_every_micro_batch,
-            tied=self._tied_across_pipe_ranks(), offload=self._offloads())
+            tied=self._tied_across_pipe_ranks(), offload=self._offloads(), gather=self.config.zero.gather,
+            chunks=[self.module.stage_module(s) for s in self.module.stage_ids])
         scheduler = (instantiate(self.config.lr_scheduler, optimizer_state.optimizer)
                      if self.config.lr_scheduler else None)
         prec = self.config.precision
@@ -323,7 +324,7 @@ class PipelineEngine:
         trace = self.config.trace.enabled
         # A failure leaves this step's sends pending, unwaited: their peer may be the one
         # lost, and waiting would put the transport's error (or a hang) in place of the cause.
-        self.zero.gather_params()  # (ZeRO-3: the whole parameters until the optimizer step frees them)
+        self.zero.begin_step()  # (ZeRO-3: the whole parameters until the optimizer step frees them, or per layer)
         executor.run(state, self.update, trace=trace, before=self.before_instruction)
         try:
             self.p2p.wait_all()
