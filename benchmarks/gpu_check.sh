@@ -16,6 +16,8 @@
 # models ~240 [300], gpt 30 [90], readme 30 [90], unit_tests 60 [120]: ~7.5 minutes.
 # GPU_CHECK_SET="key=value ..." passes pipegrid config overrides to the models step
 # (e.g. a fused-loss key), which skips a system whose key this pipegrid does not know.
+# GPU_CHECK_OFFLOAD=1 adds gpu_offload [240 s]: the largest Llama (8B class first) that trains
+# on the one GPU with zero.offload_optimizer=cpu; past the 8 minutes, so only when time allows.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh        # on the GPU machine: ~7 minutes, at most 8
 #   OUT=/tmp/cpu bash benchmarks/gpu_check.sh --cpu  # every step, tiny, on the CPU (its test does this)
@@ -138,5 +140,11 @@ step gpt 90 "$PY" examples/train_gpt.py topology=single "${GPT_ARGS[@]}" "hydra.
 # the README's first command, as written but for its length (pipe=2: on one GPU, the CPU fallback)
 step readme 90 "$PY" examples/train_gpt.py "${README_ARGS[@]}" "hydra.run.dir=$OUT/readme"
 step unit_tests 120 "$PY" -m pytest -q -p no:cacheprovider "${UNIT_TESTS[@]}"
+# issue 25's largest Llama that trains on one GPU with optimizer offload: optional (about 4 minutes),
+# run with GPU_CHECK_OFFLOAD=1 when the device time allows it
+if [ "${GPU_CHECK_OFFLOAD:-0}" = 1 ]; then
+  OFFLOAD_ARGS=(); [ "$MODE" = cpu ] && OFFLOAD_ARGS=(--cpu)
+  step gpu_offload 240 "$PY" benchmarks/gpu_offload.py "${OFFLOAD_ARGS[@]}" --out "$OUT/gpu_offload_$DEVICE.json"
+fi
 
 GPU_CHECK_GPT="${GPT_ARGS[*]}" "$PY" benchmarks/gpu_report.py "$OUT"
