@@ -26,6 +26,7 @@ import torch.distributed as dist
 from pipegrid.pipe.generate_request import GenerateRequest
 from pipegrid.pipe.kv_cache import DecodeStep, LayerCaches, StageCache
 from pipegrid.pipe.p2p import P2P, Incoming, MessageMeta, Outgoing, Received
+from pipegrid.schedules import generate as generate_schedule
 from pipegrid.schedules import instructions as ins
 from pipegrid.schedules.schedule import Schedule
 
@@ -77,7 +78,8 @@ class GenerationReport:
     """Forward instructions in this rank's stream (every micro-batch, every step)."""
     instructions_skipped: int = 0
     """Instructions (transfers counted per part) skipped because their micro-batch had left."""
-    by_item: dict[int, int] = field(default_factory=dict)  # decode step -> forwards run in it
+    forwards_by_step: dict[int, int] = field(default_factory=dict)
+    """Step (0: the prefill) -> forwards this rank ran in it."""
 
 
 class Generation:
@@ -121,14 +123,9 @@ class Generation:
         return self.report
 
     def _left(self, op: Any) -> bool:
-        """Whether ``op`` belongs to a micro-batch that left the pipeline before it. A token of
-        the item a micro-batch left at is not sent back either (nothing was chosen)."""
-        item = op.micro_batch
-        if isinstance(op, (ins.SendToken, ins.RecvToken)):
-            left = self.state[0 if isinstance(op, ins.RecvToken) else self.last][item % self.m].left_at
-            return left is not None and item >= left
-        left = self.state[op.stage][item % self.m].left_at
-        return left is not None and item > left
+        """Whether ``op`` is skipped: its micro-batch left before it, as its home stage saw."""
+        stage = 0 if isinstance(op, ins.RecvToken) else self.last if isinstance(op, ins.SendToken) else op.stage
+        return generate_schedule.skipped(op, self.state[stage][op.micro_batch % self.m].left_at)
 
     # --- compute -------------------------------------------------------------------
     def _forward(self, op: ins.Forward) -> None:
@@ -144,7 +141,8 @@ class Generation:
             with torch.no_grad():
                 out = self.module.stage_module(stage).forward_cached(x, batch.cache, step)
             self.report.forwards_run += 1
-            self.report.by_item[item // self.m] = self.report.by_item.get(item // self.m, 0) + 1
+            steps = self.report.forwards_by_step
+            steps[item // self.m] = steps.get(item // self.m, 0) + 1
         else:
             batch.left_at = item
         if stage == self.last:

@@ -15,18 +15,36 @@ With ``m >= p`` a token is back at stage 0 by the time stage 0 finished the step
 micro-batches: micro-batch i's token t+1 enters stage 0 while its token t is still in the
 later stages, and no rank idles after the fill. With ``m < p`` stage 0 waits each step
 for the token (the pipeline is never full: a decode step is one sequential chain).
+
+With several chunks per rank (``virtual_stages``, placed "loop" or "v") each micro-batch's
+chain walks the model stages in order across the ranks (down, and for "v" back up), and a
+rank interleaves its chunks as items reach them (``compute_order``). A micro-batch whose
+sequences all finished leaves: ``skipped`` says which of its instructions then do not run,
+on both ends of each message alike, and ``without_left`` is the schedule that then runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 from pipegrid.schedules.errors import ScheduleError
 from pipegrid.schedules.fusion import order_transfers
-from pipegrid.schedules.instructions import Forward, Instruction, RecvToken, SendToken
+from pipegrid.schedules.instructions import (
+    Exchange,
+    Forward,
+    Instruction,
+    LoadMicroBatch,
+    RecvActivation,
+    RecvToken,
+    SendActivation,
+    SendToken,
+)
 from pipegrid.schedules.lower import add_communication
 from pipegrid.schedules.placement import Placement
 from pipegrid.schedules.schedule import Schedule
 
-__all__ = ["NAME", "build", "compute_order", "describe", "items"]
+__all__ = ["NAME", "build", "compute_order", "describe", "items", "skipped", "without_left"]
 
 NAME = "generate"
 
@@ -104,6 +122,37 @@ def _add_token_transfers(stream: list[Instruction], last: int, feedback: int) ->
         if isinstance(op, Forward) and op.stage == last and op.micro_batch + feedback < total:
             out.append(SendToken(last, op.micro_batch))
     return out
+
+
+def skipped(op: Instruction, left_at: int | None) -> bool:
+    """Whether ``op`` (a forward, load or one transfer, not an Exchange) is not run because its
+    micro-batch left the pipeline at item ``left_at`` (the item whose message carried no live
+    row; None: it has not left). That item still runs everywhere (its message tells each stage);
+    its token is not sent back (none was chosen) and no later item of it runs."""
+    if left_at is None or not isinstance(op, (Forward, LoadMicroBatch, SendToken, RecvToken, SendActivation,
+                                              RecvActivation)):
+        return False
+    if isinstance(op, (SendToken, RecvToken)):
+        return op.micro_batch >= left_at
+    return op.micro_batch > left_at
+
+
+def without_left(schedule: Schedule, left_at: Mapping[int, int]) -> Schedule:
+    """The schedule as it runs once micro-batch ``mb`` left at item ``left_at[mb]``: every
+    rank's instructions ``skipped`` removed, Exchange groups shrunk to what remains. Both ends
+    of each message drop it alike, so it still plays out under gloo's and NCCL's rules
+    (``transports.check_gloo``/``check_nccl``; the unit tests check many)."""
+    m = schedule.feedback
+
+    def kept(op: Instruction) -> Instruction | None:
+        if isinstance(op, Exchange):
+            rest = tuple(part for part in op.ops if not skipped(part, left_at.get(part.micro_batch % m)))
+            return None if not rest else rest[0] if len(rest) == 1 else Exchange(rest)
+        micro_batch = getattr(op, "micro_batch", None)
+        return op if micro_batch is None or not skipped(op, left_at.get(micro_batch % m)) else None
+
+    streams = tuple(tuple(k for k in map(kept, stream) if k is not None) for stream in schedule.streams)
+    return dataclasses.replace(schedule, streams=streams)
 
 
 def describe(schedule: Schedule) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 from fractions import Fraction
 
 import pytest
@@ -23,6 +24,7 @@ from pipegrid.schedules import (
 )
 from pipegrid.schedules.__main__ import main
 from pipegrid.schedules.render import to_text
+from pipegrid.schedules.transports import check_gloo, check_nccl
 
 GRID = list(itertools.product(range(1, 7), range(1, 10), range(1, 5)))
 UNIT = {"F": Fraction(1), "B": Fraction(0), "W": Fraction(0), "comm": Fraction(0)}
@@ -147,3 +149,33 @@ def test_cli_prints_a_chunked_generate_schedule(capsys: pytest.CaptureFixture[st
                  "--placement", "v", "--streams"]) == 0
     out = capsys.readouterr().out
     assert "virtual_stages=2" in out and "placement=v" in out and "rank 0 | 0F0 0F1   . 3F0" in out
+
+
+# --- micro-batches that leave early (all their sequences hit EOS) ------------------------------------------
+LEAVING = [(p, m, t, v, placement, seed) for p in (1, 2, 3) for m in (1, 2, 4) for t in (2, 4)
+           for v, placement in ((1, "loop"), (2, "loop"), (2, "v")) for seed in range(2)]
+
+
+@pytest.mark.parametrize("p,m,t,v,placement,seed", LEAVING)
+def test_the_schedule_without_micro_batches_that_left_still_validates(p, m, t, v, placement, seed) -> None:
+    """What the ranks run once micro-batches left: every send still has its receive, in an order
+    NCCL and gloo finish, and the forwards of the items after each leaving are gone everywhere."""
+    schedule = generate.build(p, m, t, v, placement)
+    rng = random.Random(seed * 1000 + p * 100 + m * 10 + t)
+    left = {mb: rng.randrange(1, t) * m + mb for mb in range(m) if rng.random() < 0.7}  # a decode item
+    pruned = generate.without_left(schedule, left)
+    check_gloo(pruned)  # validate's transport half: its structure half wants every item (m * t of them)
+    check_nccl(pruned)
+    simulate(pruned, UNIT)
+    for rank, stream in enumerate(pruned.streams):
+        items = {op.micro_batch for op in stream if isinstance(op, Forward)}
+        want = {w for w in range(m * t) if w % m not in left or w <= left[w % m]}
+        assert items == want, (rank, sorted(items), sorted(want))
+
+
+def test_a_micro_batch_that_left_sends_no_token_back_for_its_last_item() -> None:
+    pruned = generate.without_left(generate.build(2, 2, 3), {1: 3})  # micro-batch 1 left at step 1
+    tokens = [part.micro_batch for stream in pruned.streams for op in stream for part in parts(op)
+              if isinstance(part, (SendToken, RecvToken))]
+    assert 3 not in tokens and 1 in tokens and 5 not in tokens
+    assert generate.skipped(Forward(0, 3), 3) is False and generate.skipped(Forward(0, 5), 3) is True
