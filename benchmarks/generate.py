@@ -182,7 +182,7 @@ def _decode_run(tree: str, directory: str, batch: int, micro_batches: int) -> tu
     return wall, cpu
 
 
-def _decode_compare(before: str, rounds: int, out_path: str) -> None:
+def _decode_compare(before: str, rounds: int, out_path: str, only: str | None = None) -> None:
     import statistics
 
     from benchmarks.record import write_record
@@ -195,6 +195,8 @@ def _decode_compare(before: str, rounds: int, out_path: str) -> None:
     table = [title]
     with tempfile.TemporaryDirectory() as tmp:
         for name, (overrides, batch, micro_batches) in DECODE.items():
+            if only and only not in name:
+                continue
             directory = os.path.join(tmp, name.split()[0])
             _save_llama(directory, **overrides)
             times: dict[str, list[tuple[float, float]]] = {label: [] for label in trees}
@@ -219,6 +221,7 @@ def main() -> None:
     parser.add_argument("--gpt-chars", type=int, default=120)
     parser.add_argument("--before", help="another checkout: compare per-token decode time at pipe=2 with it")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", help="with --before: only the decode models whose name holds this")
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--decode-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,7 +235,7 @@ def main() -> None:
         print(json.dumps([ranks[0][0], sum(cpu for _, cpu in ranks)]))
         return
     if args.before:
-        _decode_compare(args.before, args.rounds, args.out or "benchmarks/results/generate_decode.json")
+        _decode_compare(args.before, args.rounds, args.out or "benchmarks/results/generate_decode.json", args.only)
         return
     args.out = args.out or "benchmarks/results/generate.json"
     from benchmarks.record import write_record
