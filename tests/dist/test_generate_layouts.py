@@ -76,7 +76,7 @@ def _reference(directory: str, **kwargs) -> torch.Tensor:
 
 def _forwards_needed(sequences: torch.Tensor, eos: int, micro_batches: int) -> int:
     """Per model stage: each micro-batch runs the steps up to its last row's EOS (or the end)."""
-    new = sequences[:, -NEW_TOKENS:] if sequences.shape[1] > 6 else sequences[:, :0]
+    new = sequences[:, _prompts()[0].shape[1]:]  # shorter than NEW_TOKENS when every row finished
     total = 0
     for rows in torch.arange(BATCH).tensor_split(micro_batches):
         ends = []
