@@ -9,7 +9,12 @@ full pipeline pass per token, side by side in one run on CPU, with the KV cache 
    ``engine.generate`` (what ``train_gpt.py``'s sample now runs) against the full pass per
    character it ran before (``eval_batch`` over the whole window, micro_batches x 16 windows).
 
+3. Per decode token at pipe=2, this tree against another checkout (``--before DIR``, e.g. a
+   ``git archive`` of the commit before decode messages lost their shape header), alternating
+   rounds, each a fresh 2-process launch: (time of T new tokens - time of 1) / (T - 1), medians.
+
     python benchmarks/generate.py [--out benchmarks/results/generate.json]
+    python benchmarks/generate.py --before /tmp/before --rounds 5 [--out benchmarks/results/generate_decode.json]
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # a module in benchmarks/ can hide a package transformers imports (kernels.py did): the repo root instead
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+# --tree DIR (a decode worker, see main): that checkout's pipegrid instead of this one's
+_TREE = sys.argv[sys.argv.index("--tree") + 1] if "--tree" in sys.argv else os.path.dirname(_HERE)
+sys.path.insert(0, _TREE)
 
 import torch  # noqa: E402
 
@@ -38,11 +45,12 @@ def _prompts() -> torch.Tensor:
     return torch.randint(0, LLAMA["vocab_size"], (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
 
 
-def _save_llama(directory: str) -> str:
+def _save_llama(directory: str, **overrides: object) -> str:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), attn_implementation="sdpa").save_pretrained(directory)
+    config = LlamaConfig(**{**LLAMA, **overrides})
+    AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").save_pretrained(directory)
     return directory
 
 
@@ -122,11 +130,114 @@ class _Corpus:
         return "".join(self.chars[int(i)] if int(i) < 96 else "?" for i in ids)
 
 
+# --- 3. per decode token, this tree against another checkout ------------------------------------
+DECODE = {  # name -> (model overrides, batch, micro-batches): compute-bound and message-bound decode
+    "llama512 batch 64, 4 micro-batches": ({}, 64, 4),
+    "llama64 batch 8, 2 micro-batches": ({"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
+                                          "num_key_value_heads": 2, "vocab_size": 256}, 8, 2),
+}
+DECODE_NEW, DECODE_REPEATS = 32, 3
+
+
+def _decode_worker(directory: str, batch: int, micro_batches: int) -> tuple[float, float]:
+    """(wall, this rank's CPU) seconds per decode token: CPU time counts the work done, whatever
+    else loads the machine."""
+    import statistics
+
+    import torch.distributed as dist
+
+    import pipegrid as pg
+    from pipegrid import hf
+
+    model = hf.from_pretrained(directory, topology=pg.Topology(pipe=2), attn_implementation="sdpa")
+    engine = pg.initialize(model, {"topology": {"pipe": 2}, "comm": {"timeout_s": 120}})
+    ids = torch.randint(0, model.hf_config.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
+
+    def timed(new: int) -> tuple[float, float]:
+        dist.barrier()
+        wall, cpu = time.perf_counter(), time.process_time()
+        engine.generate(ids, max_new_tokens=new, micro_batches=micro_batches)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    timed(DECODE_NEW)  # warm-up
+    walls, cpus = [], []
+    for _ in range(DECODE_REPEATS):
+        (wall, cpu), (wall_1, cpu_1) = timed(DECODE_NEW), timed(1)
+        walls.append((wall - wall_1) / (DECODE_NEW - 1))
+        cpus.append((cpu - cpu_1) / (DECODE_NEW - 1))
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def _decode_run(tree: str, directory: str, batch: int, micro_batches: int) -> tuple[float, float]:
+    """One fresh launch of ``tree``'s pipegrid (this script re-run with --tree): seconds per token,
+    wall and CPU (both ranks' CPU time summed)."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": tree}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--tree", tree, "--decode-worker",
+                          json.dumps([directory, batch, micro_batches])], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    wall, cpu = json.loads(out.strip().splitlines()[-1])
+    return wall, cpu
+
+
+def _decode_compare(before: str, rounds: int, out_path: str, only: str | None = None) -> None:
+    import statistics
+
+    from benchmarks.record import write_record
+
+    trees = {"before": os.path.abspath(before), "this tree": _TREE}
+    title = (f"per decode token at pipe=2 (ms, wall and both ranks' CPU; median of {rounds} alternating rounds, each the median of "
+             f"{DECODE_REPEATS} x ({DECODE_NEW} tokens - 1 token) / {DECODE_NEW - 1}), load "
+             f"{os.getloadavg()[0]:.1f} at the start")
+    rows: list[dict] = []
+    table = [title]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (overrides, batch, micro_batches) in DECODE.items():
+            if only and only not in name:
+                continue
+            directory = os.path.join(tmp, name.split()[0])
+            _save_llama(directory, **overrides)
+            times: dict[str, list[tuple[float, float]]] = {label: [] for label in trees}
+            for r in range(rounds):
+                for label in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+                    times[label].append(_decode_run(trees[label], directory, batch, micro_batches))
+            wall = {label: statistics.median(w for w, _ in values) for label, values in times.items()}
+            cpu = {label: statistics.median(c for _, c in values) for label, values in times.items()}
+            rows.append({"what": name, "per_token_wall_cpu_s": times, "median_wall_s": wall, "median_cpu_s": cpu})
+            table.append(f"{name:38} wall: before {wall['before'] * 1e3:7.2f} this tree {wall['this tree'] * 1e3:7.2f}"
+                         f" ({wall['before'] / wall['this tree']:.2f}x)   CPU: before {cpu['before'] * 1e3:7.2f} "
+                         f"this tree {cpu['this tree'] * 1e3:7.2f} ({cpu['before'] / cpu['this tree']:.2f}x)")
+    table.append(f"load {os.getloadavg()[0]:.1f} at the end")
+    print("\n".join(table))
+    write_record(out_path, rows, table, before=before, rounds=rounds, new_tokens=DECODE_NEW, prompt=PROMPT)
+    print(f"wrote {out_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/generate.json")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/generate[_decode].json")
     parser.add_argument("--gpt-chars", type=int, default=120)
+    parser.add_argument("--before", help="another checkout: compare per-token decode time at pipe=2 with it")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", help="with --before: only the decode models whose name holds this")
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
+    parser.add_argument("--decode-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.decode_worker:
+        import json
+
+        from pipegrid.launch import run_local
+
+        directory, batch, micro_batches = json.loads(args.decode_worker)
+        ranks = run_local(_decode_worker, 2, (directory, batch, micro_batches), timeout_s=600)
+        print(json.dumps([ranks[0][0], sum(cpu for _, cpu in ranks)]))
+        return
+    if args.before:
+        _decode_compare(args.before, args.rounds, args.out or "benchmarks/results/generate_decode.json", args.only)
+        return
+    args.out = args.out or "benchmarks/results/generate.json"
     from benchmarks.record import write_record
     from pipegrid.launch import run_local
 

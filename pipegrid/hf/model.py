@@ -126,6 +126,11 @@ class HFCausalLM(PipelineModule):
                 return value
         return None
 
+    @property
+    def vocab_parallel_group(self) -> Any:
+        """The tensor group the logits are split over (vocab-parallel head), None when whole."""
+        return self.skeleton.split.group if self.skeleton.split is not None else None
+
     def new_generation_cache(self, stage: int) -> Any:
         """A stage's KV cache for one micro-batch: transformers' DynamicCache, its layers only."""
         from pipegrid.hf.kv_cache import StageDynamicCache

@@ -30,7 +30,7 @@ from pipegrid.pipe.executor import (
     StepState,
     is_transport_failure,
 )
-from pipegrid.pipe.generate import run_generation
+from pipegrid.pipe.generate import GenerationReport, run_generation
 from pipegrid.pipe.generate_request import check_request
 from pipegrid.pipe.module_grid import (
     check_schedule_runs_module,
@@ -124,7 +124,9 @@ class PipelineEngine:
         and debugging (an error it raises is the step's, with its own type and words)."""
         self._timeline: list[tuple[int, str, float, float]] = []
         self.generate_cache_bytes = 0
-        """Bytes of KV cache this rank's stage held at the end of the last ``generate``."""
+        """Bytes of KV cache this rank's stages held at the end of the last ``generate``."""
+        self.generate_report: GenerationReport | None = None
+        """What this rank's last ``generate`` ran and skipped (micro-batches that finished early)."""
         self.last_save: tuple[int, str] | None = None
         """(step, directory) of this engine's newest checkpoint."""
         self._arm_signal_handlers()
@@ -303,16 +305,18 @@ class PipelineEngine:
         ``micro_batches`` (default: the schedule's, at most the batch) in flight at once; a sampled
         sequence draws from its own generator seeded ``seed + row``. See docs/generate.md."""
         request = check_request(
-            self.module, pipe=self.topology.pipe, tensor=self.topology.tensor,
-            virtual_stages=self.config.schedule.virtual_stages, input_ids=input_ids, attention_mask=attention_mask,
+            self.module, pipe=self.topology.pipe, tensor=self.topology.tensor, input_ids=input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, micro_batches=micro_batches,
             default_micro_batches=max(self.config.schedule.micro_batches, self.topology.pipe))
-        schedule = generate_schedule.build(self.topology.pipe, request.micro_batches, request.max_new_tokens)
+        schedule = generate_schedule.build(self.topology.pipe, request.micro_batches, request.max_new_tokens,
+                                           self.schedule.virtual_stages, self.schedule.placement.kind)
         self.module.eval()
-        sequences, self.generate_cache_bytes = run_generation(
+        sequences, self.generate_report = run_generation(
             schedule, self.pipe_rank, self.module, self.p2p.with_dynamic_shapes(), self._pipe_peers, request,
             self.device, self.groups.pipe_parallel_group)
+        self.generate_cache_bytes = self.generate_report.cache_bytes
         return sequences
 
     def _iterator(self, data_iter: Iterable | None) -> Iterator | None:

@@ -37,11 +37,11 @@ class GenerateRequest:
         return list(torch.arange(self.input_ids.shape[0]).tensor_split(self.micro_batches))
 
 
-def check_request(module: Any, *, pipe: int, tensor: int, virtual_stages: int, input_ids: Any,
+def check_request(module: Any, *, pipe: int, tensor: int, input_ids: Any,
                   attention_mask: Any, max_new_tokens: Any, sampling: Sampling, eos_token_id: Any,
                   pad_token_id: Any, seed: Any, micro_batches: int | None, default_micro_batches: int) -> GenerateRequest:
     """Every refusal ``engine.generate`` makes, each naming the fix, in one place."""
-    _check_layout(module, tensor, virtual_stages)
+    _check_layout(module, tensor)
     ids, mask = _check_prompts(input_ids, attention_mask)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -62,13 +62,14 @@ def check_request(module: Any, *, pipe: int, tensor: int, virtual_stages: int, i
                            int(torch.randint(2**62, ())) if seed is None else seed, chosen)
 
 
-def _check_layout(module: Any, tensor: int, virtual_stages: int) -> None:
-    if tensor > 1:
-        raise ValueError(f"engine.generate does not run tensor-parallel stages yet, got topology.tensor={tensor}; "
-                         "generate on a layout with topology.tensor=1 (save and reload the model there)")
-    if virtual_stages != 1:
-        raise ValueError(f"engine.generate runs one model stage per pipe rank, got virtual_stages={virtual_stages}; "
-                         "build the module with virtual_stages=1 for generation")
+def _check_layout(module: Any, tensor: int) -> None:
+    """Any pipe x tensor degree and chunk placement runs; at tensor > 1 the module must say
+    whether its logits are split over the vocabulary (``vocab_parallel_group``, None: whole),
+    so the last stage knows whether to gather them before it chooses a token."""
+    if tensor > 1 and not hasattr(module, "vocab_parallel_group"):
+        raise ValueError(f"engine.generate at topology.tensor={tensor} needs {type(module).__name__}."
+                         "vocab_parallel_group: the tensor group its logits are split over, or None when every "
+                         "tensor rank holds whole logits; define it on the module (pipegrid.hf models do)")
     missing = missing_cache_protocol(module.layer_specs)
     if missing:
         raise TypeError(f"engine.generate needs every layer to run with a KV cache; {', '.join(missing)} "

@@ -93,6 +93,8 @@ class Incoming:
     src: int
     """Global rank of the sender."""
     activation: tuple[torch.Tensor, ...] = ()
+    meta: MessageMeta | None = None
+    """Shapes both ends know (generation's decode messages): no header is waited for."""
 
 
 class Received:
@@ -198,9 +200,11 @@ class P2P:
 
     def needs_header(self, receive: Incoming) -> bool:
         """Whether posting ``receive`` first waits for its header (its sender posts it with the send)."""
-        return receive.kind == "act" and (self.dynamic_shapes or receive.stage not in self._recv_meta)
+        return receive.kind == "act" and receive.meta is None and (self.dynamic_shapes or receive.stage not in self._recv_meta)
 
     def _incoming_meta(self, receive: Incoming) -> MessageMeta | None:
+        if receive.meta is not None:
+            return receive.meta
         if receive.kind == "act":
             meta = self._recv_meta.get(receive.stage)
             if meta is None or self.dynamic_shapes:

@@ -50,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _build(args: argparse.Namespace) -> Schedule:
     if args.name == generate.NAME:
-        if (args.virtual or 1) != 1 or args.coalesce != 1 or args.placement not in (None, "loop"):
-            raise ScheduleError("generate runs one model stage per rank, one micro-batch per message; "
-                                "leave --virtual, --coalesce and --placement unset")
-        return generate.build(args.ranks, args.micro_batches, args.new_tokens)
+        if args.coalesce != 1:
+            raise ScheduleError("generate sends one micro-batch per message; leave --coalesce unset")
+        return generate.build(args.ranks, args.micro_batches, args.new_tokens, args.virtual or 1,
+                              args.placement or "loop")
     chunks = SCHEDULES[args.name].chunks
     virtual = args.virtual if args.virtual is not None else (chunks or (1,))[0]
     return build(args.name, args.ranks, args.micro_batches, virtual, coalesce=args.coalesce,

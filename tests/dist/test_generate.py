@@ -35,7 +35,7 @@ def _cases(checkpoints: dict[str, str], eos: dict[str, int]) -> list[dict]:
              for f in FAMILIES for padded in (False, True)]
     cases += [{"family": "llama", "padded": True, "micro_batches": 1, "kwargs": {}}]  # m = 1 < p: never full
     cases += [{"family": f, "padded": True, "micro_batches": 5, "kwargs": {"eos_token_id": eos[f], "pad_token_id": 0}}
-              for f in FAMILIES]  # one sequence per micro-batch: a micro-batch that finishes runs empty
+              for f in FAMILIES]  # one sequence per micro-batch: a micro-batch that finishes leaves
     cases += [{"family": f, "padded": True, "micro_batches": 3, "kwargs": SAMPLING} for f in FAMILIES]
     for case in cases:
         case["dir"] = checkpoints[case["family"]]

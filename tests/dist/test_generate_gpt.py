@@ -60,7 +60,7 @@ def test_gpt_greedy_equals_a_full_pass_per_token(pipe: int) -> None:
 
 
 def _check(module, **overrides):
-    args = {"pipe": 1, "tensor": 1, "virtual_stages": 1, "input_ids": torch.zeros(2, 4, dtype=torch.long),
+    args = {"pipe": 1, "tensor": 1, "input_ids": torch.zeros(2, 4, dtype=torch.long),
             "attention_mask": None, "max_new_tokens": 3, "sampling": Sampling(), "eos_token_id": None,
             "pad_token_id": None, "seed": 0, "micro_batches": None, "default_micro_batches": 2}
     args.update(overrides)
@@ -71,8 +71,7 @@ def _check(module, **overrides):
     ({"input_ids": torch.zeros(2, 17, dtype=torch.long)}, ValueError, "17 tokens long but the model has 16 positions"),
     ({"max_new_tokens": 14}, ValueError, "set max_new_tokens <= 13"),
     ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1"),
-    ({"tensor": 2}, ValueError, "topology.tensor=2"),
-    ({"virtual_stages": 2}, ValueError, "virtual_stages=1"),
+    ({"tensor": 2}, ValueError, "GPT.vocab_parallel_group"),
     ({"input_ids": torch.zeros(2, 4)}, TypeError, "2-D integer tensor"),
     ({"attention_mask": torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]])}, ValueError, "left-padded"),
     ({"micro_batches": 3}, ValueError, r"micro_batches must be an int in \[1, batch size 2\]"),
