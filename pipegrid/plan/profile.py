@@ -90,7 +90,7 @@ def profile_chunks(layers: Sequence[Any], chunk_sizes: Sequence[int], example_in
     layers, each chunk as the engine runs one model stage: forward (the last adds
     ``loss_fn(output, labels)``), whole backward, and the split backward's I and W
     (``pipegrid.pipe.split_backward``). The first chunk's input needs no gradient, as the
-    data's does not. Median of ``repeats`` passes after one warm-up, in this process."""
+    data's does not. Mean of ``repeats`` passes after one warm-up, in this process."""
     from pipegrid.pipe.module import build_reference
 
     if sum(chunk_sizes) != len(layers) or min(chunk_sizes, default=0) < 1:
@@ -102,8 +102,9 @@ def profile_chunks(layers: Sequence[Any], chunk_sizes: Sequence[int], example_in
         chunks.append(entries[start:start + size])
         start += size
     passes = [_chunk_pass(chunks, example_input, loss_fn, labels) for _ in range(repeats + 1)][1:]
-    return [ChunkCost(*(sorted(p[c][k] for p in passes)[len(passes) // 2] for k in range(4)))
-            for c in range(len(chunks))]
+    # the mean, not the median: a step pays every op's time, the slow ones (a preempted core,
+    # a cold cache) included, and the simulator adds the costs up as a step does
+    return [ChunkCost(*(sum(p[c][k] for p in passes) / len(passes) for k in range(4))) for c in range(len(chunks))]
 
 
 def _run_chunk(chunk: Sequence[Any], x: Any) -> Any:
