@@ -2,8 +2,9 @@
 
 Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` cut into the chunks each
 schedule runs (2 of 4 blocks, or 4 of 2 for the V schedules), forward, whole backward and
-split I/W, in two processes at once, bound to a core each as the engine binds its ranks
-(so the costs carry the contention of 2 processes on 2 cores); measures what posting a
+split I/W, in two processes at once, bound to a core each as the engine binds its ranks,
+each rank its own chunks (so the costs carry the contention of 2 processes on 2 cores and
+each rank's own memory footprint); measures what posting a
 point-to-point transfer costs the host and what a message adds to a lockstep round; times
 the Adam step the same way. The planner (``pipegrid.plan.predict``) predicts each
 schedule's step with the schedule simulator, picks the fastest, and the engine then runs
@@ -55,30 +56,40 @@ def _inputs(w: dict) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(w["micro_batch"], w["hidden"], generator=gen))
 
 
+def _own_chunks(chunks: int, rank: int) -> list[int]:
+    """The model chunks pipe rank ``rank`` holds: one in a loop, two in a V (r and 2p-1-r)."""
+    return [rank] if chunks == STAGES else [rank, 2 * STAGES - 1 - rank]
+
+
 def _profile_rank(w: dict, chunk_counts: tuple[int, ...], repeats: int) -> dict:
-    """One of two ranks profiling at once: chunk costs per chunk count, and Adam's step on a stage."""
+    """One of two ranks profiling at once, each its own chunks as the engine places them (its
+    own blocks in memory, the other rank computing beside it), and Adam's step on a stage."""
     import torch.distributed as dist
 
     bind_cores()
     torch.set_num_threads(1)
-    layers = [pg.LayerSpec(Block, w["hidden"]) for _ in range(BLOCKS)]
+    rank = dist.get_rank()
     x, y = _inputs(w)
-    dist.barrier()
-    chunks = {n: profile_chunks(layers, [BLOCKS // n] * n, x, loss_fn=torch.nn.functional.mse_loss, labels=y,
-                                repeats=repeats) for n in chunk_counts}
+    measured: dict[int, dict[int, ChunkCost]] = {}
+    for n in chunk_counts:
+        size = BLOCKS // n
+        dist.barrier()
+        measured[n] = {c: profile_chunks([pg.LayerSpec(Block, w["hidden"]) for _ in range(size)], [size], x,
+                                         loss_fn=torch.nn.functional.mse_loss if c == n - 1 else None,
+                                         labels=y, repeats=repeats, input_grad=c > 0)[0]
+                       for c in _own_chunks(n, rank)}
     params = sum(p.numel() for p in Block(w["hidden"]).parameters()) * BLOCKS // STAGES
     dist.barrier()
-    return {"chunks": chunks, "adam_s": time_optimizer_step(params), "stage_params": params}
+    return {"chunks": measured, "adam_s": time_optimizer_step(params), "stage_params": params}
 
 
-def profile_under_contention(w: dict, repeats: int = 5) -> dict:
-    """Chunk costs for 2 and 4 chunks and the Adam step, measured by both ranks at once (mean of the two)."""
+def profile_under_contention(w: dict, repeats: int = 10) -> dict:
+    """Chunk costs for 2 and 4 chunks, each from the rank that runs it, and the Adam step (mean of both ranks)."""
     ranks = run_local(_profile_rank, STAGES, (w, (STAGES, 2 * STAGES), repeats), timeout_s=600)
-    mean = statistics.mean
-    chunks = {n: [ChunkCost(*(mean(getattr(r["chunks"][n][c], f) for r in ranks)
-                               for f in ("forward_s", "backward_s", "input_s", "weight_s")))
-                  for c in range(n)] for n in ranks[0]["chunks"]}
-    return {"chunks": chunks, "adam_s": mean(r["adam_s"] for r in ranks), "stage_params": ranks[0]["stage_params"]}
+    chunks = {n: [next(r["chunks"][n][c] for r in ranks if c in r["chunks"][n]) for c in range(n)]
+              for n in ranks[0]["chunks"]}
+    return {"chunks": chunks, "adam_s": statistics.mean(r["adam_s"] for r in ranks),
+            "stage_params": ranks[0]["stage_params"]}
 
 
 def _lockstep(w: dict, exchange: bool, rounds: int = 40) -> tuple[float, float]:

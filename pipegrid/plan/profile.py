@@ -85,12 +85,14 @@ def profile_layers(layers: Sequence[Any], example_input: Any, *, repeats: int = 
 
 
 def profile_chunks(layers: Sequence[Any], chunk_sizes: Sequence[int], example_input: Any, *,
-                   loss_fn: Any = None, labels: Any = None, repeats: int = 5, seed: int = 1234) -> list[ChunkCost]:
+                   loss_fn: Any = None, labels: Any = None, repeats: int = 5, seed: int = 1234,
+                   input_grad: bool = False) -> list[ChunkCost]:
     """Time a ``PipelineModule`` layer list cut into consecutive chunks of ``chunk_sizes``
     layers, each chunk as the engine runs one model stage: forward (the last adds
     ``loss_fn(output, labels)``), whole backward, and the split backward's I and W
     (``pipegrid.pipe.split_backward``). The first chunk's input needs no gradient, as the
-    data's does not. Mean of ``repeats`` passes after one warm-up, in this process."""
+    data's does not, unless ``input_grad`` (the layers are a later model stage, profiled on
+    the rank that holds it). Trimmed mean of ``repeats`` passes after one warm-up, in this process."""
     from pipegrid.pipe.module import build_reference
 
     if sum(chunk_sizes) != len(layers) or min(chunk_sizes, default=0) < 1:
@@ -101,10 +103,22 @@ def profile_chunks(layers: Sequence[Any], chunk_sizes: Sequence[int], example_in
     for size in chunk_sizes:
         chunks.append(entries[start:start + size])
         start += size
+    if input_grad:
+        from pipegrid.pipe.layer_costs import detached_input
+
+        example_input = detached_input(example_input)
     passes = [_chunk_pass(chunks, example_input, loss_fn, labels) for _ in range(repeats + 1)][1:]
-    # the mean, not the median: a step pays every op's time, the slow ones (a preempted core,
-    # a cold cache) included, and the simulator adds the costs up as a step does
-    return [ChunkCost(*(sum(p[c][k] for p in passes) / len(passes) for k in range(4))) for c in range(len(chunks))]
+    return [ChunkCost(*(_trimmed_mean([p[c][k] for p in passes]) for k in range(4))) for c in range(len(chunks))]
+
+
+def _trimmed_mean(values: Sequence[float]) -> float:
+    """The mean of the middle 60%: nearer than the median to what a step pays (the simulator adds
+    costs up as a step does, slow ops included), yet one preempted pass of a 0.1 ms op among a
+    few does not decide it."""
+    ordered = sorted(values)
+    cut = len(ordered) // 5
+    kept = ordered[cut:len(ordered) - cut]
+    return sum(kept) / len(kept)
 
 
 def _run_chunk(chunk: Sequence[Any], x: Any) -> Any:

@@ -123,5 +123,8 @@ def test_profile_chunks_times_each_chunk_as_the_engine_runs_it() -> None:
     costs = profile_chunks(layers, [1, 2, 1], x, loss_fn=torch.nn.functional.mse_loss, labels=y, repeats=1)
     assert len(costs) == 3
     assert all(c.forward_s > 0 and c.backward_s > 0 and c.weight_s > 0 for c in costs)
+    later = profile_chunks(layers[:2], [2], x, repeats=1, input_grad=True)  # a later stage: I computes dX
+    assert len(later) == 1 and later[0].input_s > 0
+    assert not x.requires_grad  # the caller's input is left alone
     with pytest.raises(ValueError, match="add up to the 4 layers"):
         profile_chunks(layers, [2, 1], x)
