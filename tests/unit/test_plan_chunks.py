@@ -128,3 +128,16 @@ def test_profile_chunks_times_each_chunk_as_the_engine_runs_it() -> None:
     assert not x.requires_grad  # the caller's input is left alone
     with pytest.raises(ValueError, match="add up to the 4 layers"):
         profile_chunks(layers, [2, 1], x)
+
+
+def test_trace_simulates_measured_durations_stage_by_stage() -> None:
+    """A measured zb_h1 step: stage 0 has no input gradient (I ~ 0, W the whole backward)."""
+    from pipegrid.pipe.trace import simulated
+
+    schedule = build("zb_h1", 2, 4)
+    durations = {(0, "F"): 1.0, (0, "I"): 0.0, (0, "W"): 3.0, (1, "F"): 1.5, (1, "I"): 1.5, (1, "W"): 1.5}
+    events = [(rank, str(op), 0.0, durations[(op.stage, op.code)]) for rank, stream in enumerate(schedule.streams)
+              for op in stream if (getattr(op, "stage", None), getattr(op, "code", None)) in durations]
+    stage_costs = [{"F": durations[(s, "F")], "B": durations[(s, "I")], "W": durations[(s, "W")]} for s in (0, 1)]
+    expected = simulate(schedule, {"F": 1.25, "B": 0.75, "W": 2.25, "comm": 0.0}, stage_costs)
+    assert simulated(schedule, events).makespan == pytest.approx(expected.makespan)
