@@ -7,8 +7,9 @@ each rank its own chunks (so the costs carry the contention of 2 processes on 2 
 each rank's own memory footprint); measures what posting a
 point-to-point transfer costs the host and what a message adds to a lockstep round; times
 the Adam step the same way. The planner (``pipegrid.plan.predict``) predicts each
-schedule's step with the schedule simulator, picks the fastest, and the engine then runs
-every schedule, alternating, round after round.
+schedule's step with the schedule simulator and the engine then runs every schedule,
+alternating; each round profiles and predicts again (the load of a shared machine drifts),
+and the table gives medians over rounds and the planner's pick (least median prediction).
 
     python benchmarks/plan_vs_measured.py [--rounds 3] [--workloads compute-bound overhead-bound]
                                           [--out benchmarks/results/plan_vs_measured.json]
@@ -156,24 +157,35 @@ def predict_all(w: dict, cases: list[tuple[str, int, int]], profile: dict, laten
 
 
 def run_workload(name: str, rounds: int) -> dict:
+    """Each round profiles, predicts and runs every schedule again, so a machine whose load
+    drifts (other jobs) is measured and predicted under the same load; medians over rounds."""
     w = WORKLOADS[name]
     cases = [c for c in CANDIDATES if ONLY_ON.get(c, name) == name]
-    profile = profile_under_contention(w)
-    latency, post = measure_message_cost(w)
-    results = predict_all(w, cases, profile, latency, post)
-    measured: dict[str, list[float]] = {label: [] for label in results}
-    for _ in range(rounds):  # alternate schedules so machine noise hits all of them alike
-        for schedule, v, coalesce in cases:
-            measured[_label(schedule, v, coalesce)].append(
-                run_local(pipegrid_run, STAGES, (w, schedule, coalesce), timeout_s=600)[0])
-    for label, r in results.items():
-        r["measured_s"] = statistics.median(measured[label])
-        r["rounds_s"] = measured[label]
-        r["error"] = r["predicted_s"] / r["measured_s"] - 1
+    per_round = []
+    for _ in range(rounds):
+        profile = profile_under_contention(w)
+        latency, post = measure_message_cost(w)
+        predicted = predict_all(w, cases, profile, latency, post)
+        for schedule, v, coalesce in cases:  # alternate schedules so machine noise hits all of them alike
+            label = _label(schedule, v, coalesce)
+            predicted[label]["measured_s"] = run_local(pipegrid_run, STAGES, (w, schedule, coalesce), timeout_s=600)[0]
+        per_round.append({"latency": latency, "post": post, "adam_s": profile["adam_s"], "profile": profile,
+                          "results": predicted})
+    med = statistics.median
+    results = {}
+    for label in per_round[0]["results"]:
+        rows = [r["results"][label] for r in per_round]
+        results[label] = {**rows[-1], "predicted_s": med(r["predicted_s"] for r in rows),
+                          "measured_s": med(r["measured_s"] for r in rows),
+                          "rounds_predicted_s": [r["predicted_s"] for r in rows],
+                          "rounds_s": [r["measured_s"] for r in rows],
+                          "bubble": med(r["bubble"] for r in rows)}
+        results[label]["error"] = results[label]["predicted_s"] / results[label]["measured_s"] - 1
     pick = min(results, key=lambda k: results[k]["predicted_s"])
     fastest = min(results, key=lambda k: results[k]["measured_s"])
-    return {"message_latency_s": latency, "post_s": post, "adam_s": profile["adam_s"],
-            "chunks": {n: [vars(c) for c in cs] for n, cs in profile["chunks"].items()},
+    return {"message_latency_s": med(r["latency"] for r in per_round), "post_s": med(r["post"] for r in per_round),
+            "adam_s": med(r["adam_s"] for r in per_round),
+            "chunks": {n: [vars(c) for c in cs] for n, cs in per_round[-1]["profile"]["chunks"].items()},
             "planner_pick": pick, "measured_fastest": fastest, "results": results}
 
 
