@@ -11,7 +11,7 @@ schedule's step with the schedule simulator and the engine then runs every sched
 alternating; each round profiles and predicts again (the load of a shared machine drifts),
 and the table gives medians over rounds and the planner's pick (least median prediction).
 
-    python benchmarks/plan_vs_measured.py [--rounds 3] [--workloads compute-bound overhead-bound]
+    python benchmarks/plan_vs_measured.py [--rounds 3] [--workloads compute-bound [overhead-bound]]
                                           [--out benchmarks/results/plan_vs_measured.json]
 """
 
@@ -210,7 +210,8 @@ def table(workloads: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workloads", nargs="*", default=["compute-bound", "overhead-bound"])
+    parser.add_argument("--workloads", nargs="*", default=["compute-bound"],
+                        help="compute-bound (default, ~2 minutes idle) and/or overhead-bound (~1.5 more)")
     parser.add_argument("--out", default="benchmarks/results/plan_vs_measured.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
