@@ -92,7 +92,7 @@ def profile_chunks(layers: Sequence[Any], chunk_sizes: Sequence[int], example_in
     ``loss_fn(output, labels)``), whole backward, and the split backward's I and W
     (``pipegrid.pipe.split_backward``). The first chunk's input needs no gradient, as the
     data's does not, unless ``input_grad`` (the layers are a later model stage, profiled on
-    the rank that holds it). Trimmed mean of ``repeats`` passes after one warm-up, in this process."""
+    the rank that holds it). Mean of ``repeats`` passes after one warm-up, in this process."""
     from pipegrid.pipe.module import build_reference
 
     if sum(chunk_sizes) != len(layers) or min(chunk_sizes, default=0) < 1:
@@ -108,17 +108,15 @@ def profile_chunks(layers: Sequence[Any], chunk_sizes: Sequence[int], example_in
 
         example_input = detached_input(example_input)
     passes = [_chunk_pass(chunks, example_input, loss_fn, labels) for _ in range(repeats + 1)][1:]
-    return [ChunkCost(*(_trimmed_mean([p[c][k] for p in passes]) for k in range(4))) for c in range(len(chunks))]
+    return [ChunkCost(*(_mean([p[c][k] for p in passes]) for k in range(4))) for c in range(len(chunks))]
 
 
-def _trimmed_mean(values: Sequence[float]) -> float:
-    """The mean of the middle 60%: nearer than the median to what a step pays (the simulator adds
-    costs up as a step does, slow ops included), yet one preempted pass of a 0.1 ms op among a
-    few does not decide it."""
-    ordered = sorted(values)
-    cut = len(ordered) // 5
-    kept = ordered[cut:len(ordered) - cut]
-    return sum(kept) / len(kept)
+def _mean(values: Sequence[float]) -> float:
+    """The mean, not the median: a step pays every op's time, the slow ones (a preempted core,
+    a cold cache) too, and the simulator adds costs up as a step does. Fed a traced run's own
+    op times, the simulator met the measured step within 10% from means and missed it by
+    22-25% from medians (docs/benchmarks.md)."""
+    return sum(values) / len(values)
 
 
 def _run_chunk(chunk: Sequence[Any], x: Any) -> Any:
