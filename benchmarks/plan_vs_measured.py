@@ -1,13 +1,18 @@
-"""Planner against the engine on this machine: profile, predict pipe=2 1f1b, then measure.
+"""Planner against the engine on this machine: profile, predict every schedule at pipe=2, measure.
 
-Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` layer by layer (one process,
-one thread), measures how much two busy processes slow each other (the CPU device model's
-contention factor), what one point-to-point message costs while both compute (the link
-latency) and the Adam step, predicts the pipe=2 1f1b step with the schedule
-simulator (also with schedule.coalesce=4 on the overhead-bound workload), then times
-pipegrid's engine on the same workloads and prints both.
+Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` cut into the chunks each
+schedule runs (2 of 4 blocks, or 4 of 2 for the V schedules), forward, whole backward and
+split I/W, in two processes at once, bound to a core each as the engine binds its ranks,
+each rank its own chunks (so the costs carry the contention of 2 processes on 2 cores and
+each rank's own memory footprint); measures what posting a
+point-to-point transfer costs the host and what a message adds to a lockstep round; times
+the Adam step the same way. The planner (``pipegrid.plan.predict``) predicts each
+schedule's step with the schedule simulator and the engine then runs every schedule,
+alternating; each round profiles and predicts again (the load of a shared machine drifts),
+and the table gives medians over rounds and the planner's pick (least median prediction).
 
-    python benchmarks/plan_vs_measured.py [--rounds 3] [--out benchmarks/results/plan_vs_measured.json]
+    python benchmarks/plan_vs_measured.py [--rounds 3] [--workloads compute-bound [overhead-bound]]
+                                          [--out benchmarks/results/plan_vs_measured.json]
 """
 
 from __future__ import annotations
@@ -30,98 +35,200 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pipegrid as pg  # noqa: E402
 from pipegrid.launch import run_local  # noqa: E402
 from pipegrid.plan import Candidate, ClusterSpec, DeviceSpec, OptimizerSpec, predict  # noqa: E402
-from pipegrid.plan.profile import measure_contention, profile_layers, time_optimizer_step  # noqa: E402
+from pipegrid.plan.model import ChunkCost  # noqa: E402
+from pipegrid.plan.profile import profile_chunks, profile_layers, time_optimizer_step  # noqa: E402
+from pipegrid.topology.affinity import bind_cores  # noqa: E402
 from vs_torch_pipelining import BLOCKS, STAGES, WORKLOADS, Block, pipegrid_run  # noqa: E402
 
 _ADAM_BYTES_PER_PARAM = 28  # what predict() charges per parameter for the optimizer step
+# (schedule, chunks per rank, schedule.coalesce): every schedule the engine benchmark runs
+CANDIDATES = [("gpipe", 1, 1), ("1f1b", 1, 1), ("zb_h1", 1, 1), ("zb_v", 2, 1), ("dualpipev", 2, 1),
+              ("1f1b", 1, 4)]
+ONLY_ON = {("1f1b", 1, 4): "overhead-bound"}  # grouping only pays where messages cost more than compute
 
 
-def _profile(w: dict) -> tuple[list, float]:
+def _label(schedule: str, v: int, coalesce: int) -> str:
+    return schedule + (f" coalesce={coalesce}" if coalesce > 1 else "")
+
+
+def _inputs(w: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(w["micro_batch"], w["hidden"], generator=gen),
+            torch.randn(w["micro_batch"], w["hidden"], generator=gen))
+
+
+def _own_chunks(chunks: int, rank: int) -> list[int]:
+    """The model chunks pipe rank ``rank`` holds: one in a loop, two in a V (r and 2p-1-r)."""
+    return [rank] if chunks == STAGES else [rank, 2 * STAGES - 1 - rank]
+
+
+def _profile_rank(w: dict, chunk_counts: tuple[int, ...], repeats: int) -> dict:
+    """One of two ranks profiling at once, each its own chunks as the engine places them (its
+    own blocks in memory, the other rank computing beside it), and Adam's step on a stage."""
+    import torch.distributed as dist
+
+    bind_cores()
     torch.set_num_threads(1)
-    layers = [pg.LayerSpec(Block, w["hidden"]) for _ in range(BLOCKS)]
-    costs = profile_layers(layers, torch.randn(w["micro_batch"], w["hidden"]), repeats=5)
-    stage_params = sum(c.parameters for c in costs) // STAGES
-    return costs, time_optimizer_step(stage_params)
+    rank = dist.get_rank()
+    x, y = _inputs(w)
+    measured: dict[int, dict[int, ChunkCost]] = {}
+    for n in chunk_counts:
+        size = BLOCKS // n
+        dist.barrier()
+        measured[n] = {c: profile_chunks([pg.LayerSpec(Block, w["hidden"]) for _ in range(size)], [size], x,
+                                         loss_fn=torch.nn.functional.mse_loss if c == n - 1 else None,
+                                         labels=y, repeats=repeats, input_grad=c > 0)[0]
+                       for c in _own_chunks(n, rank)}
+    params = sum(p.numel() for p in Block(w["hidden"]).parameters()) * BLOCKS // STAGES
+    dist.barrier()
+    return {"chunks": measured, "adam_s": time_optimizer_step(params), "stage_params": params}
 
 
-def _lockstep(w: dict, exchange: bool, rounds: int = 40) -> float:
-    """Seconds per round: both ranks run one stage's forward+backward of a micro-batch,
-    then (if ``exchange``) trade one activation-sized message each way."""
+def profile_under_contention(w: dict, repeats: int = 10) -> dict:
+    """Chunk costs for 2 and 4 chunks, each from the rank that runs it, and the Adam step (mean of both ranks)."""
+    ranks = run_local(_profile_rank, STAGES, (w, (STAGES, 2 * STAGES), repeats), timeout_s=600)
+    chunks = {n: [next(r["chunks"][n][c] for r in ranks if c in r["chunks"][n]) for c in range(n)]
+              for n in ranks[0]["chunks"]}
+    return {"chunks": chunks, "adam_s": statistics.mean(r["adam_s"] for r in ranks),
+            "stage_params": ranks[0]["stage_params"]}
+
+
+def _lockstep(w: dict, exchange: bool, rounds: int = 40) -> tuple[float, float]:
+    """(seconds per round, seconds posting per round): both ranks run one stage's forward+backward
+    of a micro-batch, then (if ``exchange``) trade one activation-sized message each way, posted
+    as the engine posts a send with the next receive (one ``batch_isend_irecv``)."""
     import torch.distributed as dist
     from torch import nn
 
+    bind_cores()
     torch.manual_seed(0)
     stage = nn.Sequential(*[Block(w["hidden"]) for _ in range(BLOCKS // STAGES)])
     x = torch.randn(w["micro_batch"], w["hidden"])
     payload, inbox = torch.randn_like(x), torch.empty_like(x)
     peer = 1 - dist.get_rank()
+    posting = 0.0
     dist.barrier()
     start = time.perf_counter()
     for _ in range(rounds):
         stage(x).sum().backward()
         if exchange:
-            work = dist.isend(payload, peer)
-            dist.recv(inbox, peer)
-            work.wait()
+            posted = time.perf_counter()
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, payload, peer),
+                                            dist.P2POp(dist.irecv, inbox, peer)])
+            posting += time.perf_counter() - posted
+            for work in works:
+                work.wait()
     dist.barrier()
-    return (time.perf_counter() - start) / rounds
+    return (time.perf_counter() - start) / rounds, posting / rounds
 
 
-def measure_message_cost(w: dict) -> float:
-    """What one point-to-point message costs here while both processes compute: the
-    lockstep round with a message each way, minus the same round without, halved."""
-    with_msgs = statistics.median(run_local(_lockstep, STAGES, (w, True))[0] for _ in range(3))
-    without = statistics.median(run_local(_lockstep, STAGES, (w, False))[0] for _ in range(3))
-    return max(with_msgs - without, 0.0) / 2
+def measure_message_cost(w: dict, repeats: int = 2) -> tuple[float, float]:
+    """(latency, post) of one point-to-point message here while both processes compute.
+
+    post: host time to post a transfer. latency: what a message adds to the lockstep round
+    beyond its posting, halved as before (both ranks' messages cross at once)."""
+    with_msgs = [run_local(_lockstep, STAGES, (w, True))[0] for _ in range(repeats)]
+    without = statistics.median(run_local(_lockstep, STAGES, (w, False))[0][0] for _ in range(repeats))
+    round_s = statistics.median(r[0] for r in with_msgs)
+    post_s = statistics.median(r[1] for r in with_msgs)
+    return max(round_s - without - post_s, 0.0) / 2, post_s
 
 
-def predict_workload(w: dict, contention: float, coalesce: int = 1) -> dict:
-    """Predicted seconds per step for pipe=2 1f1b (``coalesce`` micro-batches per message)."""
-    costs, adam_s = _profile(w)
-    message_s = measure_message_cost(w)
-    stage_params = sum(c.parameters for c in costs) // STAGES
-    # the measured Adam step as the bandwidth predict() divides by; both stages step at
-    # once, so it is slowed by the same measured contention as the layers
-    device = DeviceSpec(peak_flops=1e11, memory_bytes=8 * 2 ** 30, slowdown=contention,
-                        memory_bandwidth=stage_params * _ADAM_BYTES_PER_PARAM / (adam_s * contention))
+def predict_all(w: dict, cases: list[tuple[str, int, int]], profile: dict, latency: float, post: float) -> dict:
+    """The planner's prediction per case, from the chunk costs measured under contention."""
+    torch.set_num_threads(1)
+    layers = profile_layers([pg.LayerSpec(Block, w["hidden"]) for _ in range(BLOCKS)], _inputs(w)[0], repeats=1)
+    params = profile["stage_params"]
+    # costs are measured with both processes busy: no further slowdown; the Adam step, also timed
+    # with both busy, is given as the bandwidth predict() divides the optimizer's bytes by
+    device = DeviceSpec(peak_flops=1e11, memory_bytes=8 * 2 ** 30, post_s=post,
+                        memory_bandwidth=params * _ADAM_BYTES_PER_PARAM / profile["adam_s"])
     cluster = ClusterSpec("cpu_2", 1, STAGES, device, intra_gbytes_per_s=5.0, inter_gbytes_per_s=5.0,
-                          intra_latency_us=message_s * 1e6, inter_latency_us=message_s * 1e6)
-    pred = predict(costs, Candidate(pipe=STAGES, schedule="1f1b", coalesce=coalesce), cluster,
-                   micro_batches=w["micro_batches"],
-                   optimizer=OptimizerSpec("adam", "float32"))
-    return {"predicted_s": pred.step_s, "message_s": message_s, "pipeline_s": pred.pipeline_s, "optimizer_s": pred.optimizer_s,
-            "bubble": pred.bubble_fraction, "costs": pred.costs,
-            "layer_forward_s": [c.forward_s for c in costs], "layer_backward_s": [c.backward_s for c in costs]}
+                          intra_latency_us=latency * 1e6, inter_latency_us=latency * 1e6)
+    out = {}
+    for schedule, v, coalesce in cases:
+        pred = predict(layers, Candidate(pipe=STAGES, schedule=schedule, virtual_stages=v, coalesce=coalesce),
+                       cluster, micro_batches=w["micro_batches"], optimizer=OptimizerSpec("adam", "float32"),
+                       chunk_costs=profile["chunks"][STAGES * v])
+        out[_label(schedule, v, coalesce)] = {
+            "predicted_s": pred.step_s, "pipeline_s": pred.pipeline_s, "optimizer_s": pred.optimizer_s,
+            "bubble": pred.bubble_fraction, "costs": pred.costs, "stage_costs": pred.stage_costs}
+    return out
+
+
+def run_workload(name: str, rounds: int) -> dict:
+    """Each round profiles, predicts and runs every schedule again, so a machine whose load
+    drifts (other jobs) is measured and predicted under the same load; medians over rounds."""
+    w = WORKLOADS[name]
+    cases = [c for c in CANDIDATES if ONLY_ON.get(c, name) == name]
+    per_round = []
+    for _ in range(rounds):
+        profile = profile_under_contention(w)
+        latency, post = measure_message_cost(w)
+        predicted = predict_all(w, cases, profile, latency, post)
+        for schedule, v, coalesce in cases:  # alternate schedules so machine noise hits all of them alike
+            label = _label(schedule, v, coalesce)
+            predicted[label]["measured_s"] = run_local(pipegrid_run, STAGES, (w, schedule, coalesce), timeout_s=600)[0]
+        per_round.append({"latency": latency, "post": post, "adam_s": profile["adam_s"], "profile": profile,
+                          "results": predicted})
+    med = statistics.median
+    results = {}
+    for label in per_round[0]["results"]:
+        rows = [r["results"][label] for r in per_round]
+        results[label] = {**rows[-1], "predicted_s": med(r["predicted_s"] for r in rows),
+                          "measured_s": med(r["measured_s"] for r in rows),
+                          "rounds_predicted_s": [r["predicted_s"] for r in rows],
+                          "rounds_s": [r["measured_s"] for r in rows],
+                          "bubble": med(r["bubble"] for r in rows)}
+        results[label]["error"] = results[label]["predicted_s"] / results[label]["measured_s"] - 1
+    pick = min(results, key=lambda k: results[k]["predicted_s"])
+    fastest = min(results, key=lambda k: results[k]["measured_s"])
+    return {"message_latency_s": med(r["latency"] for r in per_round), "post_s": med(r["post"] for r in per_round),
+            "adam_s": med(r["adam_s"] for r in per_round),
+            "chunks": {n: [vars(c) for c in cs] for n, cs in per_round[-1]["profile"]["chunks"].items()},
+            "planner_pick": pick, "measured_fastest": fastest, "results": results}
+
+
+def table(workloads: dict) -> str:
+    header = ("| workload | schedule | predicted ms/step | measured ms/step (median) | rounds min-max | error "
+              "| simulated bubble |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for name, wl in workloads.items():
+        for label, r in wl["results"].items():
+            mark = " (pick)" if label == wl["planner_pick"] else ""
+            lines.append(f"| {name} | {label}{mark} | {r['predicted_s'] * 1e3:.1f} | {r['measured_s'] * 1e3:.1f} | "
+                         f"{min(r['rounds_s']) * 1e3:.1f}-{max(r['rounds_s']) * 1e3:.1f} | {r['error']:+.0%} | "
+                         f"{r['bubble']:.1%} |")
+    for name, wl in workloads.items():
+        agree = "agrees" if wl["planner_pick"] == wl["measured_fastest"] else "DIFFERS"
+        lines.append(f"{name}: planner's pick {wl['planner_pick']}, measured fastest {wl['measured_fastest']} "
+                     f"({agree}); post {wl['post_s'] * 1e3:.2f} ms, message latency "
+                     f"{wl['message_latency_s'] * 1e3:.2f} ms, Adam {wl['adam_s'] * 1e3:.1f} ms")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", nargs="*", default=["compute-bound"],
+                        help="compute-bound (default, ~2 minutes idle) and/or overhead-bound (~1.5 more)")
     parser.add_argument("--out", default="benchmarks/results/plan_vs_measured.json")
     args = parser.parse_args()
-    contention = measure_contention(STAGES)
-    results = {}
-    cases = [(name, w, 1) for name, w in WORKLOADS.items()] + [("overhead-bound coalesce=4", WORKLOADS["overhead-bound"], 4)]
-    for name, w, coalesce in cases:
-        pred = predict_workload(w, contention, coalesce)
-        measured = [run_local(pipegrid_run, STAGES, (w, "1f1b", coalesce), timeout_s=600)[0]
-                    for _ in range(args.rounds)]
-        pred["measured_s"] = statistics.median(measured)
-        pred["error"] = pred["predicted_s"] / pred["measured_s"] - 1
-        results[name] = pred
-    lines = [f"contention factor (2 busy processes vs 1): {contention:.2f}",
-             "| workload | predicted ms/step | measured ms/step | error |", "|---|---|---|---|"]
-    lines += [f"| {n} | {r['predicted_s'] * 1e3:.1f} | {r['measured_s'] * 1e3:.1f} | {r['error']:+.0%} |"
-              for n, r in results.items()]
-    table = "\n".join(lines)
-    print(table)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    workloads = {name: run_workload(name, args.rounds) for name in args.workloads}
+    text = table(workloads)
+    print(text)
+    print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
+          f"{time.perf_counter() - started:.0f} s")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.processor()
                    or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                   "rounds": args.rounds, "contention": contention, "workloads": WORKLOADS,
-                   "results": results, "table": table}, f, indent=2)
+                   "rounds": args.rounds, "load_average": [load_before, os.getloadavg()],
+                   "workloads": {n: WORKLOADS[n] for n in args.workloads}, "results": workloads,
+                   "table": text}, f, indent=2, default=list)
     print(f"wrote {args.out}")
 
 

@@ -15,6 +15,7 @@ each training half the blocks at once with no messages (what this machine gives 
 processes).
 
     python benchmarks/vs_torch_pipelining.py [--rounds 5] [--out benchmarks/results/vs_torch_pipelining.json]
+    python benchmarks/vs_torch_pipelining.py --quick   # compute-bound, QUICK_SYSTEMS, 3 rounds: < 3 minutes
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ SYSTEMS = {
 # grouping micro-batches into messages pays where a message costs more than a
 # micro-batch's compute; on the compute-bound workload it only lengthens the bubble
 ONLY_ON = {"pipegrid 1f1b coalesce=2": "overhead-bound", "pipegrid 1f1b coalesce=4": "overhead-bound"}
+# the zero-bubble question of issue 27 (is zb_v faster than zb_h1, and than torch's ZBV?) in one short run
+QUICK_SYSTEMS = ["two halves side by side", "torch Schedule1F1B", "torch ScheduleZBVZeroBubble", "pipegrid 1f1b",
+                 "pipegrid zb_h1", "pipegrid zb_v"]
 
 
 def measure(workload: str, rounds: int, systems: list[str]) -> dict[str, list[float]]:
@@ -205,16 +209,24 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--systems", nargs="*", default=list(SYSTEMS))
     parser.add_argument("--out", default="benchmarks/results/vs_torch_pipelining.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="compute-bound only, QUICK_SYSTEMS, 3 rounds unless --rounds says otherwise")
     args = parser.parse_args()
+    if args.quick:
+        args.workloads, args.systems = ["compute-bound"], QUICK_SYSTEMS
+        args.rounds = 3 if "--rounds" not in sys.argv else args.rounds
+    load_before = os.getloadavg()
     results = {wl: measure(wl, args.rounds, args.systems) for wl in args.workloads}
     table = report(results)
     print(table)
+    print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.processor() or
                    platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "rounds": args.rounds,
-                   "workloads": WORKLOADS, "seconds_per_step": results, "table": table}, f, indent=2)
+                   "load_average": [load_before, os.getloadavg()], "workloads": WORKLOADS,
+                   "seconds_per_step": results, "table": table}, f, indent=2)
     print(f"wrote {args.out}")
 
 

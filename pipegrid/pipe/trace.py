@@ -24,23 +24,43 @@ _COMPUTE = ("F", "B", "I", "W")
 
 
 def _kind(label: str) -> str:
-    letters = label.strip("0123456789")
+    letters = label.strip("0123456789*")
     return letters if letters in _COMPUTE else ""
 
 
-def simulated(schedule: Any, events: list[Event]) -> SimResult:
-    """The simulator's step for the same schedule, fed the measured mean op durations (seconds).
+def _stage(label: str) -> int:
+    """The model stage of a compute label such as ``3F0`` (the leading number)."""
+    digits = ""
+    for char in label:
+        if not char.isdigit():
+            break
+        digits += char
+    return int(digits)
 
-    A full backward B is costed as the measured B; a split one as I and W apart.
-    """
-    means = {kind: statistics.mean(durations) for kind in _COMPUTE
-             if (durations := [e[3] - e[2] for e in events if _kind(e[1]) == kind])}
-    costs = {"F": means.get("F", 1.0), "B": 2.0 * means.get("F", 1.0), "W": 0.0, "comm": 0.0}
+
+def _costs(durations: dict[str, list[float]], fallback_forward: float = 1.0) -> dict[str, float]:
+    """F, B, W from measured durations per kind: a split backward as I and W apart."""
+    means = {kind: statistics.mean(values) for kind, values in durations.items() if values}
+    forward = means.get("F", fallback_forward)
+    costs = {"F": forward, "B": 2.0 * forward, "W": 0.0}
     if "I" in means:  # split: B is the input half, W the weight half, a full B their sum
         costs["B"], costs["W"] = means["I"], means.get("W", 0.0)
     elif "B" in means:
         costs["B"] = means["B"]
-    return simulate(schedule, costs)
+    return costs
+
+
+def simulated(schedule: Any, events: list[Event]) -> SimResult:
+    """The simulator's step for the same schedule, fed the measured mean op durations (seconds),
+    model stage by model stage (the first stage has no input gradient, the last adds the loss).
+
+    A full backward B is costed as the measured B; a split one as I and W apart.
+    """
+    compute = [(_stage(e[1]), _kind(e[1]), e[3] - e[2]) for e in events if _kind(e[1])]
+    overall = _costs({kind: [d for _, k, d in compute if k == kind] for kind in _COMPUTE})
+    stage_costs = [_costs({kind: [d for s, k, d in compute if s == stage and k == kind] for kind in _COMPUTE},
+                          overall["F"]) for stage in range(schedule.num_model_stages)]
+    return simulate(schedule, {**overall, "comm": 0.0}, stage_costs)
 
 
 def simulated_bubble(schedule: Any, events: list[Event]) -> float:

@@ -45,6 +45,9 @@ class DeviceSpec:
     host_memory_bytes: float = 2048 * 2 ** 30
     """Host memory in bytes, shared by its devices (ZeRO-Offload keeps optimizer state there; a DGX
     A100 or H100 has 2 TiB)."""
+    post_s: float = 0.0
+    """Host seconds a rank spends posting one point-to-point transfer (CPU gloo: the send's
+    copy into the socket and the peer's wake-up); 0 where a copy engine moves the data."""
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bytes", "memory_bandwidth", "gemm_efficiency", "slowdown",
@@ -52,6 +55,8 @@ class DeviceSpec:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"DeviceSpec.{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.post_s, (int, float)) or not math.isfinite(self.post_s) or self.post_s < 0:
+            raise ValueError(f"DeviceSpec.post_s must be a finite number >= 0, got {self.post_s!r}")
 
 
 @dataclass(frozen=True)

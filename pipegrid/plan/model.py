@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LayerCost", "TransformerConfig", "transformer_layers", "megatron_flops_per_step"]
+__all__ = ["ChunkCost", "LayerCost", "TransformerConfig", "transformer_layers", "megatron_flops_per_step"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
@@ -75,6 +75,32 @@ class TransformerConfig:
     def splits_over(self, tensor: int) -> bool:
         """Whether heads, key/value heads and the vocabulary divide over ``tensor`` ranks."""
         return not (self.heads % tensor or (self.kv_heads or self.heads) % tensor or self.vocab % tensor)
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """One pipeline chunk (model stage) for one micro-batch, measured as the engine runs it.
+
+    A chunk is not the sum of its layers: each op pays a fixed overhead (dispatch, autograd
+    graph walk) that does not halve when the chunk does, the first chunk has no input
+    gradient to compute, the last adds the loss, and a split backward (I then W) costs more
+    than a whole one. ``pipegrid.plan.profile.profile_chunks`` measures these.
+    """
+
+    forward_s: float
+    """Forward seconds (the last chunk's includes the loss)."""
+    backward_s: float
+    """Whole backward seconds (B)."""
+    input_s: float = 0.0
+    """Split backward, input-gradient half (I); about 0 for the first chunk."""
+    weight_s: float = 0.0
+    """Split backward, weight-gradient half (W)."""
+
+    def stage_costs(self, split: bool, slowdown: float = 1.0) -> dict[str, float]:
+        """The simulator's F, B, W for this chunk under a schedule with or without split backward."""
+        if split:
+            return {"F": self.forward_s * slowdown, "B": self.input_s * slowdown, "W": self.weight_s * slowdown}
+        return {"F": self.forward_s * slowdown, "B": self.backward_s * slowdown, "W": 0.0}
 
 
 @dataclass(frozen=True)

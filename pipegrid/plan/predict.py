@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pipegrid.plan.hardware import ClusterSpec, DeviceSpec, Link
 from pipegrid.plan.memory import OptimizerSpec, activation_bytes, in_step_bytes, memory_report
 from pipegrid.plan.model import (
-    DTYPE_BYTES, LayerCost, TransformerConfig, megatron_flops_per_step, transformer_layers,
+    DTYPE_BYTES, ChunkCost, LayerCost, TransformerConfig, megatron_flops_per_step, transformer_layers,
 )
 from pipegrid.plan.simulation import simulate_step
 from pipegrid.schedules import Placement, registry
@@ -90,6 +90,9 @@ class Prediction:
     """Host memory one device's offloaded state takes (``*_host`` keys of ``memory``)."""
     host_memory_bytes: float = math.inf
     """Host memory per device (the host's, shared by its devices)."""
+    stage_costs: tuple[dict[str, float], ...] | None = None
+    """F, B, W per model stage when measured chunk costs were given (else None: every
+    stage costs ``costs``)."""
 
     @property
     def fits(self) -> bool:
@@ -208,14 +211,26 @@ def _chunk_costs(chunks: list[list[LayerCost]], device: DeviceSpec, tensor: int,
     return {"F": f, "B": b, "W": w} if split else {"F": f, "B": b + w, "W": 0.0}
 
 
+def _measured_stage_costs(chunk_costs: Sequence[ChunkCost] | None, chunks: int, split: bool,
+                          device: DeviceSpec, candidate: Candidate) -> tuple[dict[str, float], ...] | None:
+    if chunk_costs is None:
+        return None
+    if len(chunk_costs) != chunks:
+        raise ValueError(f"{candidate.label()} runs {chunks} chunks (pipe x virtual_stages), got "
+                         f"{len(chunk_costs)} measured chunk costs; profile the layers cut into {chunks} chunks")
+    return tuple(c.stage_costs(split, device.slowdown) for c in chunk_costs)
+
+
 def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterSpec, *, micro_batches: int,
             optimizer: OptimizerSpec = OptimizerSpec(), recompute: bool = False,
             hardware_flops: float | None = None, model_flops: float | None = None,
-            scatter_gather: bool = True) -> Prediction:
+            scatter_gather: bool = True, chunk_costs: Sequence[ChunkCost] | None = None) -> Prediction:
     """Predict ``candidate`` for ``layers`` (costs of one micro-batch on one tensor rank).
 
     ``scatter_gather``: Megatron's p2p optimisation (each tensor rank sends 1/t of the
     activation over its own link); p2p then moves ``output_bytes / tensor`` per hop.
+    ``chunk_costs``: measured costs of the candidate's p x v chunks in model-stage order
+    (``pipegrid.plan.profile.profile_chunks``); they replace the layer sums, stage by stage.
     """
     p, v, t, d = candidate.pipe, candidate.virtual_stages, candidate.tensor, candidate.data
     if candidate.devices > cluster.num_devices:
@@ -228,11 +243,17 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
     pp_link = cluster.slowest_link(hosts, topo.axis_groups("pipe"), ring=False)
     chunks = split_chunks(layers, p * v)
     placement = placement_of(candidate)
-    costs = _chunk_costs(chunks, cluster.device, t, tp_link, recompute, registry.get(candidate.schedule).split_backward)
+    split = registry.get(candidate.schedule).split_backward
+    costs = _chunk_costs(chunks, cluster.device, t, tp_link, recompute, split)
+    stage_costs = _measured_stage_costs(chunk_costs, len(chunks), split, cluster.device, candidate)
+    if stage_costs is not None:
+        costs = dict(max(stage_costs, key=lambda c: c["F"] + c["B"] + c["W"]))
     boundary = max(chunk[-1].output_bytes for chunk in chunks[:-1]) if p > 1 else 0.0
     message = candidate.coalesce * (boundary / t if scatter_gather else boundary)  # a group per message
     costs["comm"] = pp_link.time(message) if p > 1 else 0.0
-    sim = simulate_step(candidate.schedule, p, micro_batches, v, costs, coalesce=candidate.coalesce)
+    costs["post"] = cluster.device.post_s if p > 1 else 0.0
+    sim = simulate_step(candidate.schedule, p, micro_batches, v, costs, coalesce=candidate.coalesce,
+                        stage_costs=stage_costs)
     per_rank = [[chunks[s] for s in placement.stages_of(r)] for r in range(p)]
     params = [sum(l.parameters for c in cs for l in c) for cs in per_rank]
     grad_bytes = max(params) * DTYPE_BYTES[optimizer.dtype]
@@ -247,7 +268,7 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
     return Prediction(candidate=candidate, micro_batches=micro_batches,
                       step_s=sim.makespan + data_sync + optimizer_s, pipeline_s=sim.makespan,
                       data_sync_s=data_sync, optimizer_s=optimizer_s, bubble_fraction=sim.bubble_fraction,
-                      costs=costs, memory=memory, peak_memory_bytes=peak,
+                      costs=costs, stage_costs=stage_costs, memory=memory, peak_memory_bytes=peak,
                       device_memory_bytes=cluster.device.memory_bytes, hardware_flops=hardware_flops,
                       model_flops=model_flops, peak_flops=cluster.device.peak_flops, notes=tuple(notes),
                       host_bytes=host_bytes(memory),

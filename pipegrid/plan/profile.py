@@ -2,7 +2,9 @@
 
 The one planner module that uses torch, imported lazily: ``profile_layers`` builds every
 layer of a ``PipelineModule``'s layer list in this process and times it on one micro-batch;
-``measure_contention`` measures how much slower a core computes while its neighbours do too.
+``profile_chunks`` times whole pipeline chunks as the engine runs them (forward, whole
+backward, split I and W); ``measure_contention`` measures how much slower a core computes
+while its neighbours do too.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipegrid.plan.model import LayerCost
+from pipegrid.plan.model import ChunkCost, LayerCost
 
-__all__ = ["profile_layers", "measure_contention", "time_optimizer_step"]
+__all__ = ["profile_layers", "profile_chunks", "measure_contention", "time_optimizer_step"]
 
 
 def _bytes(x: Any) -> int:
@@ -80,6 +82,100 @@ def profile_layers(layers: Sequence[Any], example_input: Any, *, repeats: int = 
             activation_bytes=passes[0][2][i], checkpoint_bytes=inp_bytes, output_bytes=out_bytes))
         inp_bytes = out_bytes
     return costs
+
+
+def profile_chunks(layers: Sequence[Any], chunk_sizes: Sequence[int], example_input: Any, *,
+                   loss_fn: Any = None, labels: Any = None, repeats: int = 5, seed: int = 1234,
+                   input_grad: bool = False) -> list[ChunkCost]:
+    """Time a ``PipelineModule`` layer list cut into consecutive chunks of ``chunk_sizes``
+    layers, each chunk as the engine runs one model stage: forward (the last adds
+    ``loss_fn(output, labels)``), whole backward, and the split backward's I and W
+    (``pipegrid.pipe.split_backward``). The first chunk's input needs no gradient, as the
+    data's does not, unless ``input_grad`` (the layers are a later model stage, profiled on
+    the rank that holds it). Mean of ``repeats`` passes after one warm-up, in this process."""
+    from pipegrid.pipe.module import build_reference
+
+    if sum(chunk_sizes) != len(layers) or min(chunk_sizes, default=0) < 1:
+        raise ValueError(f"chunk_sizes {list(chunk_sizes)} must be positive and add up to the "
+                         f"{len(layers)} layers; give one size per pipeline chunk")
+    entries = build_reference(layers, seed=seed).stage_module()._entries
+    chunks, start = [], 0
+    for size in chunk_sizes:
+        chunks.append(entries[start:start + size])
+        start += size
+    if input_grad:
+        from pipegrid.pipe.layer_costs import detached_input
+
+        example_input = detached_input(example_input)
+    passes = [_chunk_pass(chunks, example_input, loss_fn, labels) for _ in range(repeats + 1)][1:]
+    return [ChunkCost(*(_mean([p[c][k] for p in passes]) for k in range(4))) for c in range(len(chunks))]
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean, not the median: a step pays every op's time, the slow ones (a preempted core,
+    a cold cache) too, and the simulator adds costs up as a step does. Fed a traced run's own
+    op times, the simulator met the measured step within 10% from means and missed it by
+    22-25% from medians (docs/benchmarks.md)."""
+    return sum(values) / len(values)
+
+
+def _run_chunk(chunk: Sequence[Any], x: Any) -> Any:
+    for entry in chunk:
+        x = entry.call(x)
+    return x
+
+
+def _chunk_forwards(chunks: Sequence[Sequence[Any]], x: Any, loss_fn: Any,
+                    labels: Any) -> tuple[list[float], list[Any], list[Any]]:
+    """Forward every chunk on its own leaf input (the first on ``x`` as given): seconds, inputs, outputs."""
+    from pipegrid.pipe.layer_costs import detached_input
+
+    seconds, inputs, outputs = [], [], []
+    for c, chunk in enumerate(chunks):
+        inp = x if c == 0 else detached_input(x)
+        start = time.perf_counter()
+        out = _run_chunk(chunk, inp)
+        if c == len(chunks) - 1 and loss_fn is not None:
+            out = loss_fn(out, labels)
+        seconds.append(time.perf_counter() - start)
+        inputs.append(inp)
+        outputs.append(out)
+        x = out
+    return seconds, inputs, outputs
+
+
+def _chunk_pass(chunks: Sequence[Sequence[Any]], x: Any, loss_fn: Any,
+                labels: Any) -> list[tuple[float, float, float, float]]:
+    """(forward, whole backward, I, W) seconds per chunk: one sweep backward whole, one split."""
+    import torch
+
+    from pipegrid.pipe.split_backward import backward_input, backward_weight
+
+    fwd_whole, inputs, outputs = _chunk_forwards(chunks, x, loss_fn, labels)
+    whole = [0.0] * len(chunks)
+    grad = None if loss_fn is not None else torch.ones_like(outputs[-1])
+    for c in reversed(range(len(chunks))):
+        start = time.perf_counter()
+        torch.autograd.backward(outputs[c], grad)
+        whole[c] = time.perf_counter() - start
+        grad = inputs[c].grad
+    fwd_split, inputs, outputs = _chunk_forwards(chunks, x, loss_fn, labels)
+    split_i, states = [0.0] * len(chunks), [None] * len(chunks)
+    grad = None if loss_fn is not None else torch.ones_like(outputs[-1])
+    for c in reversed(range(len(chunks))):
+        params = [p for entry in chunks[c] if isinstance(entry.layer, torch.nn.Module)
+                  for p in entry.layer.parameters() if p.requires_grad]
+        leaves = [t for t in (inputs[c],) if isinstance(t, torch.Tensor) and t.requires_grad]
+        start = time.perf_counter()
+        grads, states[c] = backward_input([outputs[c]], [grad], leaves, params)
+        split_i[c] = time.perf_counter() - start
+        grad = grads[0] if grads else None
+    split_w = [0.0] * len(chunks)
+    for c in reversed(range(len(chunks))):  # W waits for the bubbles, after every I of the sweep
+        start = time.perf_counter()
+        backward_weight(states[c])
+        split_w[c] = time.perf_counter() - start
+    return [((fwd_whole[c] + fwd_split[c]) / 2, whole[c], split_i[c], split_w[c]) for c in range(len(chunks))]
 
 
 def time_optimizer_step(parameters: int, factory: str = "torch.optim.Adam", repeats: int = 3) -> float:

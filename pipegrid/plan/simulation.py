@@ -9,7 +9,7 @@ that line.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -40,8 +40,9 @@ def _schedule(name: str, p: int, m: int, v: int, k: int) -> Schedule:
 
 
 def simulate_step(name: str, p: int, m: int, v: int, costs: Mapping[str, float],
-                  coalesce: int = 1) -> StepSimulation:
-    """Simulate (or extrapolate) one step of schedule ``name`` with uniform stage ``costs``.
+                  coalesce: int = 1, stage_costs: Sequence[Mapping[str, float]] | None = None) -> StepSimulation:
+    """Simulate (or extrapolate) one step of schedule ``name`` with uniform stage ``costs``
+    (or, with ``stage_costs``, F, B and W per model stage: one mapping per chunk, p x v).
 
     Past the schedule's steady size (``PlannerHints.steady`` x p micro-batches: p, or 2p
     for a V) each micro-batch adds the same time, so a long schedule is simulated there and
@@ -49,14 +50,18 @@ def simulate_step(name: str, p: int, m: int, v: int, costs: Mapping[str, float],
     state repeats per group of k micro-batches: the sizes are counted in groups.
     """
     k, hints = coalesce, registry.get(name).hints
-    busy = m * v * (costs["F"] + costs["B"] + costs.get("W", 0.0))  # per rank
+    if stage_costs is not None:
+        stage_costs = tuple(stage_costs)
+        busy = m * sum(c["F"] + c["B"] + c.get("W", 0.0) for c in stage_costs) / p  # per rank, on average
+    else:
+        busy = m * v * (costs["F"] + costs["B"] + costs.get("W", 0.0))  # per rank
     m1 = (hints.steady if hints else 1) * p * k
     m2 = m1 + p * k
     if p == 1 or m * v * p <= _DIRECT_OPS or m <= m2:
-        result = simulate(_schedule(name, p, m, v, k), costs)
+        result = simulate(_schedule(name, p, m, v, k), costs, stage_costs)
         return StepSimulation(result.makespan, result.bubble_fraction, result.peak_inflight, None)
-    first = simulate(_schedule(name, p, m1, v, k), costs)
-    second = simulate(_schedule(name, p, m2, v, k), costs)
+    first = simulate(_schedule(name, p, m1, v, k), costs, stage_costs)
+    second = simulate(_schedule(name, p, m2, v, k), costs, stage_costs)
     slope = (second.makespan - first.makespan) / (m2 - m1)
     makespan = second.makespan + slope * (m - m2)
     # a schedule that holds every micro-batch (GPipe, by its planner hints) holds all m; the rest have settled

@@ -2,12 +2,14 @@
 
 Gives makespan, per-rank busy/idle, bubble fraction, peak activations in flight per
 stage, and every op's start/end (what ``render`` draws). A cycle is a ScheduleError.
+Costs are one per op kind, or per model stage (``stage_costs``: the first stage has no
+input gradient, the last computes the loss); ``post`` charges a rank for posting a transfer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import networkx as nx
 
@@ -21,7 +23,10 @@ from pipegrid.schedules.schedule import Schedule
 
 __all__ = ["simulate", "SimResult", "DEFAULT_COSTS", "Event"]
 
-DEFAULT_COSTS: Mapping[str, float] = {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.0}
+DEFAULT_COSTS: Mapping[str, float] = {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.0, "post": 0.0}
+"""F, B (a split backward's input half), W: compute seconds; comm: a message's latency from
+its send to its reader; post: the rank's own time to post one transfer instruction (on CPU gloo
+the send's copy and the peer's wake-up cost host time; on GPUs a copy engine moves it: 0)."""
 Event = tuple[int, str, float, float]
 """A timed op for rendering: (rank, label, start, end)."""
 _Node = tuple[int, int]  # (rank, position in its stream)
@@ -69,7 +74,14 @@ class SimResult:
         return out
 
 
-def _cost(op: Instruction, costs: Mapping[str, float]) -> float:
+def _cost(op: Instruction, costs: Mapping[str, float],
+          stage_costs: Sequence[Mapping[str, float]] | None = None, schedule: Schedule | None = None) -> float:
+    zero = 0 * costs["F"]  # zero of the same number type (Fraction stays exact)
+    if not is_compute(op):
+        post = costs.get("post", zero)
+        return post if post and _posts(op, schedule) else zero
+    if stage_costs is not None:
+        costs = {**costs, **stage_costs[op.stage]}  # type: ignore[union-attr]
     if isinstance(op, Forward):
         return costs["F"]
     if isinstance(op, Backward):
@@ -78,9 +90,13 @@ def _cost(op: Instruction, costs: Mapping[str, float]) -> float:
         return costs["B"]
     if isinstance(op, BackwardWeight):
         return costs["W"]
-    return 0 * costs["F"]  # zero of the same number type (Fraction stays exact)
+    return zero
 
 
+def _posts(op: Instruction, schedule: Schedule | None) -> bool:
+    """Whether ``op`` puts a message on the wire (a coalesced group's place-markers do not)."""
+    return any((is_send(part) or is_recv(part)) and (schedule is None or schedule.transfers(part))
+               for part in parts(op))
 
 
 def build_graph(schedule: Schedule, comm: float = 0.0) -> nx.DiGraph:
@@ -135,21 +151,37 @@ def _add_data_edges(graph: nx.DiGraph, compute: dict[tuple[str, int, int], _Node
             graph.add_edge(node, after, latency=0)
 
 
-def simulate(schedule: Schedule, costs: Mapping[str, float] | None = None) -> SimResult:
-    """Time every op; ``costs`` keys: F, B, W, comm (missing keys take DEFAULT_COSTS)."""
+def simulate(schedule: Schedule, costs: Mapping[str, float] | None = None,
+             stage_costs: Sequence[Mapping[str, float]] | None = None) -> SimResult:
+    """Time every op; ``costs`` keys: F, B, W, comm, post (missing keys take DEFAULT_COSTS).
+    ``stage_costs[s]``, when given, overrides F, B and W for model stage s's ops."""
     merged = dict(DEFAULT_COSTS)
     unknown = set(costs or {}) - set(DEFAULT_COSTS)
     if unknown:
-        raise ValueError(f"unknown cost keys {sorted(unknown)}; use F, B, W and comm")
+        raise ValueError(f"unknown cost keys {sorted(unknown)}; use F, B, W, comm and post")
     merged.update(costs or {})
-    played = play(schedule, merged)
+    if stage_costs is not None:
+        stage_costs = _checked_stage_costs(schedule, stage_costs)
+    played = play(schedule, merged, stage_costs)
     if played is None:  # stuck: the graph names the cycle (or the receive without a send)
         graph = build_graph(schedule, merged["comm"])
         raise _cycle_error(schedule, graph)
-    return _summarise(schedule, merged, *played)
+    return _summarise(schedule, merged, *played)  # (busy counts compute only: posting is overhead)
 
 
-def play(schedule: Schedule, costs: Mapping[str, float]) -> tuple[dict[_Node, float], dict[_Node, float]] | None:
+def _checked_stage_costs(schedule: Schedule, stage_costs: Sequence[Mapping[str, float]]) -> list[dict[str, float]]:
+    if len(stage_costs) != schedule.num_model_stages:
+        raise ValueError(f"stage_costs has {len(stage_costs)} entries; {schedule.name} has "
+                         f"{schedule.num_model_stages} model stages: give one mapping per model stage")
+    for stage, entry in enumerate(stage_costs):
+        unknown = set(entry) - {"F", "B", "W"}
+        if unknown:
+            raise ValueError(f"stage_costs[{stage}] has unknown keys {sorted(unknown)}; per stage use F, B and W")
+    return [dict(entry) for entry in stage_costs]
+
+
+def play(schedule: Schedule, costs: Mapping[str, float],
+         stage_costs: Sequence[Mapping[str, float]] | None = None) -> tuple[dict[_Node, float], dict[_Node, float]] | None:
     """Every op's (start, end): the longest path through ``build_graph``'s edges, walked rank by
     rank as far as each can go (an op starts when its rank is free, the message it reads has
     arrived and the stage before it on the same rank has run). None when no rank can go on."""
@@ -169,7 +201,7 @@ def play(schedule: Schedule, costs: Mapping[str, float]) -> tuple[dict[_Node, fl
                 if begin is None:
                     break
                 node = (rank, cursor[rank])
-                start[node], end[node] = begin, begin + _cost(op, costs)
+                start[node], end[node] = begin, begin + _cost(op, costs, stage_costs, schedule)
                 clock[rank] = end[node]
                 for part in parts(op):
                     if is_send(part) and schedule.transfers(part):
