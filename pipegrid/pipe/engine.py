@@ -45,6 +45,7 @@ from pipegrid.pipe.update import GradientUpdate
 from pipegrid.pipe.zero import OptimizerState, build_optimizer_state
 from pipegrid.schedules import build, validate
 from pipegrid.schedules import generate as generate_schedule
+from pipegrid.tensor.linear_cross_entropy import LMLoss
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import header_group, init_distributed, local_cuda_device
 
@@ -107,6 +108,8 @@ class PipelineEngine:
         self.device = self._device()
         self.dtype = _DTYPES[config.precision.dtype]
         self.module = module.to(device=self.device, dtype=self.dtype)
+        if isinstance(getattr(module, "loss_fn", None), LMLoss):  # loss.chunked / chunk_tokens, unless the model was given its own
+            module.loss_fn.configure(config.loss)
         self._build_schedules()
         self._connect()
         self.params = [p for p in self.module.parameters() if p.requires_grad]

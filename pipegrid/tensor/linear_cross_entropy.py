@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,37 +202,54 @@ def linear_cross_entropy(inputs: LMHeadInputs, labels: torch.Tensor, group: Grou
 
 class LMLoss:
     """An LM's loss of one micro-batch, from :class:`LMHeadInputs` (chunked, per ``config``) or from
-    logits (plain: a head that cannot be fused, or evaluation, where heads still give logits).
+    logits (a head that is not fused, or evaluation, where heads still give logits).
 
+    ``config`` None: follow the ``loss:`` section of the config the engine is initialised with
+    (:meth:`configure`); until then heads give logits, so a model called on its own does as before.
     ``shift_labels``: labels are the inputs, shifted here as transformers' ``ForCausalLMLoss`` does
-    (the last position gets ``ignore_index``). The kernel chosen is logged once, at the first call.
+    (the last position gets ``ignore_index``). ``plain``: the loss of logits (labels unshifted),
+    default the (vocab-parallel) cross-entropy. The kernel chosen is logged once, at the first call.
     """
 
     def __init__(self, config: LossConfig | None = None, group: Group = None, *, shift_labels: bool = False,
-                 ignore_index: int = -100) -> None:
-        self.config = config if config is not None else LossConfig()
+                 ignore_index: int = -100, plain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 ) -> None:
+        self.config = config
         self.group = group
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
+        self.plain = plain
         self._announced = False
+
+    def configure(self, config: LossConfig) -> None:
+        """Take the engine's ``loss:`` section, unless the model was built with its own."""
+        if self.config is None:
+            self.config = config
 
     def fuses(self) -> bool:
         """Whether heads should hand this loss :class:`LMHeadInputs` (``loss.chunked`` is not false)."""
-        return self.config.chunked != "false"
+        return self.config is not None and self.config.chunked != "false"
 
     def __call__(self, output: Any, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, LMHeadInputs):
+            return self._plain(output, labels)
+        tokens = labels.numel()
+        config = self.config if self.config is not None else LossConfig()
+        if config.chunked != "true" and tokens <= config.chunk_tokens:
+            return self._plain(output.logits(), labels)  # one chunk would save nothing
         if self.shift_labels:
             labels = F.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
-        if not isinstance(output, LMHeadInputs):
-            return vocab_parallel_cross_entropy(output, labels.to(output.device), self.group,
-                                                ignore_index=self.ignore_index)
-        tokens = labels.numel()
-        if self.config.chunked == "auto" and tokens <= self.config.chunk_tokens:
-            return _plain_mean(output, labels, self.group, self.ignore_index)  # one chunk saves nothing
         kernel = available_kernel(output.hidden.device, self.group)
         if not self._announced:
             self._announced = True
             log.info("loss: LM head + cross-entropy chunked (%s kernel, %d tokens per chunk, %d per micro-batch)",
-                     kernel, self.config.chunk_tokens, tokens)
-        return linear_cross_entropy(output, labels, self.group, chunk_tokens=self.config.chunk_tokens,
+                     kernel, config.chunk_tokens, tokens)
+        return linear_cross_entropy(output, labels, self.group, chunk_tokens=config.chunk_tokens,
                                     ignore_index=self.ignore_index, kernel=kernel)
+
+    def _plain(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None:
+            return self.plain(logits, labels)
+        if self.shift_labels:
+            labels = F.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
+        return vocab_parallel_cross_entropy(logits, labels.to(logits.device), self.group, ignore_index=self.ignore_index)
