@@ -208,7 +208,7 @@ class LMLoss:
     (:meth:`configure`); until then heads give logits, so a model called on its own does as before.
     ``shift_labels``: labels are the inputs, shifted here as transformers' ``ForCausalLMLoss`` does
     (the last position gets ``ignore_index``). ``plain``: the loss of logits (labels unshifted),
-    default the (vocab-parallel) cross-entropy. The kernel chosen is logged once, at the first call.
+    default the (vocab-parallel) cross-entropy. The kernel chosen is logged once, at the first chunked call.
     """
 
     def __init__(self, config: LossConfig | None = None, group: Group = None, *, shift_labels: bool = False,
@@ -219,7 +219,8 @@ class LMLoss:
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
         self.plain = plain
-        self._announced = False
+        self.kernel: str | None = None
+        """The kernel of the chunked calls (None until the first), logged when first chosen."""
 
     def configure(self, config: LossConfig) -> None:
         """Take the engine's ``loss:`` section, unless the model was built with its own."""
@@ -240,8 +241,8 @@ class LMLoss:
         if self.shift_labels:
             labels = F.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
         kernel = available_kernel(output.hidden.device, self.group)
-        if not self._announced:
-            self._announced = True
+        if kernel != self.kernel:
+            self.kernel = kernel
             log.info("loss: LM head + cross-entropy chunked (%s kernel, %d tokens per chunk, %d per micro-batch)",
                      kernel, config.chunk_tokens, tokens)
         return linear_cross_entropy(output, labels, self.group, chunk_tokens=config.chunk_tokens,
