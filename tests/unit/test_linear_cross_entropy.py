@@ -136,7 +136,7 @@ def test_gpt_example_fused_equals_unfused():
     (loss0, grads0), (loss1, grads1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
     for name, grad in grads0.items():  # the tied embedding's gradient included (head + input halves)
-        torch.testing.assert_close(grads1[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads1[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # tied and untied heads
@@ -164,7 +164,7 @@ def test_hf_fused_equals_transformers(family, tmp_path):
                 for local, param in layer.get_submodule(attr).named_parameters():
                     want_grad = reference.get_parameter(f"{name}.{local}").grad
                     torch.testing.assert_close(param.grad, want_grad, rtol=1e-5, atol=1e-7,
-                                               msg=lambda m: f"{name}.{local}: {m}")
+                                               msg=lambda m, key=f"{name}.{local}": f"{key}: {m}")
                     compared += 1
     assert compared >= 10
 
