@@ -131,8 +131,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 del probs
                 if grad_hidden is not None:
                     torch.mm(grad_logits, weight, out=grad_hidden[rows])
-                if grad_weight is not None:
-                    grad_weight += grad_logits.t().mm(hidden[rows])
+                if grad_weight is not None and grad_weight.dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.t(), hidden[rows])  # in place: no (V / p, H) temporary
+                elif grad_weight is not None:
+                    grad_weight += grad_logits.t().mm(hidden[rows])  # a half-precision product, summed in fp32
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
