@@ -115,8 +115,10 @@ def main() -> None:
 
 def _summarise(args: argparse.Namespace, samples: dict[tuple[int, str], list[dict]]) -> tuple[list[dict], list[str]]:
     rows, mib = [], 2 ** 20
-    table = [f"head + cross-entropy fwd+bwd, {args.tokens} tokens x hidden {args.hidden}, {args.dtype} on {args.device}, "
-             f"chunks of {args.chunk_tokens} tokens, median of {args.rounds} (load {os.getloadavg()[0]:.1f})",
+    title = (f"head + cross-entropy fwd+bwd, {args.tokens} tokens x hidden {args.hidden}, {args.dtype} on "
+             f"{args.device}, chunks of {args.chunk_tokens} tokens, median of {args.rounds} "
+             f"(load {os.getloadavg()[0]:.1f})")
+    table = [title,
              "| vocab | plain peak MiB | fused peak MiB | saved | plain s | fused s | fused/plain time | kernel |",
              "|---|---|---|---|---|---|---|---|"]
     for vocab in args.vocab:
