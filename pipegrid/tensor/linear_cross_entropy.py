@@ -162,10 +162,12 @@ def _kernel_mean(kernel: str, inputs: LMHeadInputs, labels: torch.Tensor, ignore
     if kernel == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index)(inputs.weight, hidden, flat, inputs.bias)
-    from cut_cross_entropy import linear_cross_entropy as cce
+        loss = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index)(inputs.weight, hidden, flat, inputs.bias)
+    else:
+        from cut_cross_entropy import linear_cross_entropy as cce
 
-    return cce(hidden, inputs.weight, flat, bias=inputs.bias, ignore_index=ignore_index, reduction="mean")
+        loss = cce(hidden, inputs.weight, flat, bias=inputs.bias, ignore_index=ignore_index, reduction="mean")
+    return loss[0] if isinstance(loss, tuple) else loss  # some versions also return a z-loss
 
 
 def available_kernel(device: torch.device, group: Group = None) -> str:
