@@ -135,6 +135,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(grad_logits.t(), hidden[rows])  # in place: no (V / p, H) temporary
                 elif grad_weight is not None:
                     grad_weight += grad_logits.t().mm(hidden[rows])  # a half-precision product, summed in fp32
+                del grad_logits  # (the same storage as probs in fp32): freed before the next chunk's logits
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
