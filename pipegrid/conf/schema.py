@@ -237,7 +237,8 @@ class LossConfig:
     chunked: str = "auto"
     """Head + cross-entropy in chunks of ``chunk_tokens`` tokens, so a micro-batch's full-vocabulary
     logits never exist (Liger's or cut-cross-entropy's kernel on CUDA when installed, a torch path
-    elsewhere): ``true``, ``false``, or ``auto`` (on when a micro-batch has more tokens than one chunk)."""
+    elsewhere): ``true``, ``false``, or ``auto`` (on when a micro-batch has more tokens than one chunk
+    and the vocabulary, per tensor rank, is wider than the hidden size)."""
     chunk_tokens: int = 1024
     """Tokens per chunk: each chunk holds (chunk_tokens, vocab / tensor) float32 logits at a time."""
 

@@ -205,6 +205,13 @@ def linear_cross_entropy(inputs: LMHeadInputs, labels: torch.Tensor, group: Grou
     return _chunked_mean(inputs, labels, chunk_tokens, active, ignore_index)
 
 
+def _saves_memory(inputs: LMHeadInputs, tokens: int, chunk_tokens: int) -> bool:
+    """``loss.chunked=auto``: chunk when there is more than one chunk and the logits are wider than
+    the hidden state (a real vocabulary, not a character-level one, whose logits are cheap)."""
+    vocab, hidden = inputs.weight.shape
+    return tokens > chunk_tokens and vocab > hidden
+
+
 class LMLoss:
     """An LM's loss of one micro-batch, from :class:`LMHeadInputs` (chunked, per ``config``) or from
     logits (a head that is not fused, or evaluation, where heads still give logits).
@@ -241,8 +248,8 @@ class LMLoss:
             return self._plain(output, labels)
         tokens = labels.numel()
         config = self.config if self.config is not None else LossConfig()
-        if config.chunked != "true" and tokens <= config.chunk_tokens:
-            return self._plain(output.logits(), labels)  # one chunk would save nothing
+        if config.chunked != "true" and not _saves_memory(output, tokens, config.chunk_tokens):
+            return self._plain(output.logits(), labels)
         if self.shift_labels:
             labels = F.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
         kernel = available_kernel(output.hidden.device, self.group)

@@ -93,7 +93,7 @@ def test_split_backward_gives_the_whole_backward():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
-def test_lm_loss_auto_uses_the_plain_loss_for_one_chunk_and_shifts_labels():
+def test_lm_loss_auto_chunks_only_where_it_saves_memory_and_shifts_labels():
     hidden, weight, _, labels = _case(bias=False)
     inputs = LMHeadInputs(hidden, weight)
     shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
@@ -105,6 +105,12 @@ def test_lm_loss_auto_uses_the_plain_loss_for_one_chunk_and_shifts_labels():
     assert chunked.kernel == "torch"
     logits = inputs.logits().detach()  # heads give logits in evaluation: the plain loss
     torch.testing.assert_close(chunked(logits, labels), _plain(hidden, weight, None, shifted))
+    several = LMLoss(LossConfig(chunked="auto", chunk_tokens=4), shift_labels=True)
+    torch.testing.assert_close(several(inputs, labels), _plain(hidden, weight, None, shifted))
+    assert several.kernel == "torch"  # several chunks of a vocabulary wider than the hidden size
+    narrow = LMLoss(LossConfig(chunked="auto", chunk_tokens=4))
+    narrow(LMHeadInputs(hidden, weight[:12]), labels.clamp(max=11))
+    assert narrow.kernel is None  # 12 classes, hidden 16: the logits are cheap, kept whole
 
 
 def test_lm_loss_follows_the_engine_config_unless_given_its_own():
