@@ -122,8 +122,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.chunk_tokens):
                 rows = slice(start, start + ctx.chunk_tokens)
                 probs = _chunk_logits(hidden[rows], weight, bias).sub_(lse[rows].unsqueeze(-1)).exp_()
-                picked = owned[rows].nonzero().squeeze(-1)  # d loss / d logits = softmax - one_hot(label)
-                probs[picked, local[rows][picked]] -= 1.0
+                # d loss / d logits = softmax - one_hot(label) (a scatter: no host sync on CUDA)
+                probs.scatter_add_(1, local[rows].unsqueeze(-1), -owned[rows].to(probs.dtype).unsqueeze(-1))
                 probs.mul_(grad_losses[rows].unsqueeze(-1))
                 if grad_bias is not None:
                     grad_bias += probs.sum(dim=0)
