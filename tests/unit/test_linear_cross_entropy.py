@@ -175,12 +175,14 @@ def test_hf_fused_equals_transformers(family, tmp_path):
     assert compared >= 10
 
 
-def test_hf_soft_capped_logits_are_not_fused():
+# gemma2's soft cap of 30 and a scale of 1 + 2^-20 change small logits by less than any tolerance
+@pytest.mark.parametrize("family,overrides", [("gemma2", {}), ("granite", {"logits_scaling": 1 + 2 ** -20})])
+def test_hf_scaled_or_soft_capped_logits_are_not_fused(family, overrides):
     pytest.importorskip("transformers")
     from pipegrid import hf
     from tests.support.hf_models import ATTN, sweep_config
 
-    config = sweep_config("gemma2", final_logit_softcapping=3.0)
+    config = sweep_config(family, **overrides)
     ids = torch.randint(0, config.vocab_size, (2, 6))
     model = hf.from_config(config, attn_implementation=ATTN, loss=LossConfig(chunked="auto", chunk_tokens=2))
     assert isinstance(model(ids), torch.Tensor)  # auto: the model's own (soft-capped) logits
