@@ -108,7 +108,7 @@ class PipelineEngine:
         self.device = self._device()
         self.dtype = _DTYPES[config.precision.dtype]
         self.module = module.to(device=self.device, dtype=self.dtype)
-        if isinstance(getattr(module, "loss_fn", None), LMLoss):  # loss.chunked / chunk_tokens, unless the model was given its own
+        if isinstance(getattr(module, "loss_fn", None), LMLoss):  # loss.chunked, unless the model has its own
             module.loss_fn.configure(config.loss)
         self._build_schedules()
         self._connect()
