@@ -88,7 +88,7 @@ def _gather_layer(zero, indices: list[int], dst: int) -> list[ParamState] | None
     first = min(zero.layout.offsets[i] for i in indices)
     last = max(zero.layout.offsets[i] + zero.layout.numels[i] for i in indices)
     span = torch.zeros(len(keys), last - first, dtype=zero.shard.dtype)
-    (lo, hi), start, end = zero._range, max(first, zero._range[0]), min(last, zero._range[1])
+    (lo, _), start, end = zero._range, max(first, zero._range[0]), min(last, zero._range[1])
     for row, key in zip(span, keys):
         source = zero.shard.detach() if key == MASTER else state[key]
         if start < end:

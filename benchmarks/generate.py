@@ -22,7 +22,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# benchmarks/kernels.py would hide the `kernels` package transformers imports: the repo root instead
+# a module in benchmarks/ can hide a package transformers imports (kernels.py did): the repo root instead
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 

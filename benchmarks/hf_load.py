@@ -28,8 +28,8 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# run as a script, benchmarks/ is sys.path[0] and its kernels.py hides the "kernels" package
-# transformers imports: leave this folder off the path
+# run as a script, benchmarks/ is sys.path[0], and a module there can hide a package
+# transformers imports (kernels.py hid "kernels" until it became kernel_bandwidth.py): leave it off the path
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 # a Llama-family model of ~125M parameters: 0.5 GB in float32, stored in 100 MB shards

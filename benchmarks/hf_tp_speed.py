@@ -3,11 +3,15 @@
 
 Both have n_layer blocks of width ``hidden`` with ``heads`` heads, a tied embedding and head of
 ``vocab`` tokens and about the same MLP parameters (the GPT's 4h GELU MLP against Llama's
-gated MLP of 8h/3, rounded to split over the tensor group). Each split projection costs an
+gated MLP of 8h/3, rounded to a multiple of 32: see ``_llama_ffn``). Each split projection costs an
 all-reduce of its input gradient in backward (and a row-parallel one in forward): where the
 time goes is in docs/hf_tensor_parallel.md.
 
-    python benchmarks/hf_tp_speed.py [--rounds 3] [--out benchmarks/results/hf_tp_speed.json]
+    python benchmarks/hf_tp_speed.py [--rounds 3] [--tensor 1] [--out benchmarks/results/hf_tp_speed.json]
+
+Besides ms per step it counts each rank's all-reduces over the tensor group (calls, MiB, time
+inside them), and times one block of each model in one process, split by a profile into matmuls,
+attention and the rest: the two do the same matmul FLOPs, so "the rest" is where they differ.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import platform
 import statistics
 import sys
 import time
+from typing import Self
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
-# benchmarks/ on sys.path would hide the `kernels` package transformers imports (benchmarks/kernels.py)
+# benchmarks/ on sys.path could hide packages transformers imports (benchmarks/kernels.py once hid `kernels`)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 import pipegrid as pg  # noqa: E402
 from pipegrid.launch import run_local  # noqa: E402
@@ -49,20 +55,50 @@ def _gpt(groups: pg.ProcessGroups) -> pg.PipelineModule:
     return GPT(cfg, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
 
 
-def _llama(groups: pg.ProcessGroups) -> pg.PipelineModule:
-    from transformers import LlamaConfig
+def _llama_ffn() -> int:
+    """Gated: three matrices of h x ffn against the GPT's two of h x 4h, so both models do about the
+    same matmul FLOPs (attention: q, k, v, o of h x h against c_attn 3h x h and c_proj h x h). The
+    width is 8h/3 rounded to a multiple of 32 (672 at h=256: 1.6% fewer MLP FLOPs than the GPT), as
+    Llama's own sizes are: the exact 682 (341 per tensor rank) ran its matmuls 30-40% slower per
+    FLOP on this CPU than 672 or 704, a handicap of the shape, not of the model."""
+    return 32 * round(8 * SHAPE["hidden"] / 3 / 32)
 
+
+def _llama(groups: pg.ProcessGroups) -> pg.PipelineModule:
     from pipegrid import hf
 
-    ffn = 2 * round(8 * SHAPE["hidden"] / 3 / 2)  # gated: three matrices of h x ffn ~ the GPT's two of h x 4h
-    config = LlamaConfig(hidden_size=SHAPE["hidden"], intermediate_size=ffn, num_hidden_layers=SHAPE["layers"],
-                         num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["heads"],
-                         vocab_size=SHAPE["vocab"], max_position_embeddings=SHAPE["seq"], tie_word_embeddings=True)
-    return hf.from_config(config, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
+    return hf.from_config(_llama_config(), topology=groups.topology, tensor_group=groups.tensor_parallel_group)
 
 
-def _train(model_name: str) -> float:
-    """ms per step on this rank (after one warm step)."""
+class _TensorAllReduces:
+    """Counts the all-reduces over the tensor group (calls, MiB, seconds inside them, waiting for
+    the peer included) by wrapping torch.distributed.all_reduce, which pipegrid.tensor calls."""
+
+    def __init__(self, group: object) -> None:
+        self.group, self.calls, self.bytes, self.seconds = group, 0, 0, 0.0
+        self._original = dist.all_reduce
+
+    def __enter__(self) -> Self:
+        def counted(tensor: torch.Tensor, *args: object, **kwargs: object) -> object:
+            if kwargs.get("group") is not self.group or self.group is None:
+                return self._original(tensor, *args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return self._original(tensor, *args, **kwargs)
+            finally:
+                self.calls += 1
+                self.bytes += tensor.numel() * tensor.element_size()
+                self.seconds += time.perf_counter() - start
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self._original
+
+
+def _train(model_name: str) -> dict[str, float]:
+    """ms per step on this rank (after one warm step), and its tensor-group all-reduces per step."""
     cfg = _config()
     groups = pg.init_distributed(cfg)
     model = (_gpt if model_name == "pipegrid GPT" else _llama)(groups)
@@ -72,10 +108,102 @@ def _train(model_name: str) -> float:
     batches = [(ids, ids.clone()) for ids in (torch.randint(0, SHAPE["vocab"], shape, generator=gen)
                                                for _ in range(SHAPE["micro_batches"]))]
     engine.train_batch(iter(batches))
-    start = time.perf_counter()
-    for _ in range(STEPS):
-        engine.train_batch(iter(batches))
-    return (time.perf_counter() - start) / STEPS * 1e3
+    with _TensorAllReduces(groups.tensor_parallel_group) as reduces:
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            engine.train_batch(iter(batches))
+        ms = (time.perf_counter() - start) / STEPS * 1e3
+    return {"ms": ms, "all_reduces": reduces.calls / STEPS, "all_reduce_mib": reduces.bytes / STEPS / 2**20,
+            "all_reduce_ms": reduces.seconds / STEPS * 1e3}
+
+
+def _block_breakdown(rounds: int) -> dict[str, dict[str, float]]:
+    """One block in one process, forward + backward on (micro_batch, seq, hidden): transformers'
+    LlamaDecoderLayer against pipegrid's GPT Block, alternating; the median ms and the share of
+    matmuls, attention and the rest (norms, rotary, activations, residuals) in a profile."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from examples.models.gpt import Block, GPTConfig
+
+    hidden, seq = SHAPE["hidden"], SHAPE["seq"]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=_llama_ffn(), num_attention_heads=SHAPE["heads"],
+                         num_key_value_heads=SHAPE["heads"], max_position_embeddings=seq)
+    config._attn_implementation = "sdpa"
+    x = torch.randn(SHAPE["micro_batch"], seq, hidden, requires_grad=True)
+    positions = torch.arange(seq)[None].expand(SHAPE["micro_batch"], -1)
+    rotary = LlamaRotaryEmbedding(config)(x, positions)  # as pipegrid.hf computes once per stage
+    llama = LlamaDecoderLayer(config, 0).train()
+    gpt = Block(GPTConfig(vocab_size=SHAPE["vocab"], seq_len=seq, n_layer=SHAPE["layers"], n_head=SHAPE["heads"],
+                          n_embd=hidden)).train()
+    blocks = {"pipegrid GPT": lambda: gpt(x),
+              "transformers Llama": lambda: llama(x, attention_mask=None, position_ids=positions,
+                                                  position_embeddings=rotary)}
+    times: dict[str, list[float]] = {name: [] for name in blocks}
+    for _ in range(rounds):
+        for name, block in blocks.items():
+            start = time.perf_counter()
+            block().sum().backward()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, block in blocks.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                block().sum().backward()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+        attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+        out[name] = {"ms": statistics.median(times[name]), "matmul": matmul / total, "attention": attention / total,
+                     "rest": 1 - (matmul + attention) / total}
+    return out
+
+
+def _llama_config() -> object:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=SHAPE["hidden"], intermediate_size=_llama_ffn(), num_hidden_layers=SHAPE["layers"],
+                       num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["heads"],
+                       vocab_size=SHAPE["vocab"], max_position_embeddings=SHAPE["seq"], tie_word_embeddings=True)
+
+
+def _stage_path(rounds: int) -> dict[str, float]:
+    """One process, the whole model, forward + backward of one micro-batch (median ms): plain
+    transformers (its own forward and loss) against pipegrid.hf's layers chained (the stage path:
+    captured rotary tables and masks, the model's loss) and pipegrid's GPT. What pipegrid.hf adds
+    over transformers shows as the first two's difference."""
+    from transformers import AutoModelForCausalLM
+
+    from examples.models.gpt import GPT, GPTConfig
+    from pipegrid import hf
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(_llama_config(), attn_implementation="sdpa").train()
+    staged = hf.from_config(_llama_config(), attn_implementation="sdpa").train()
+    gpt = GPT(GPTConfig(vocab_size=SHAPE["vocab"], seq_len=SHAPE["seq"], n_layer=SHAPE["layers"],
+                        n_head=SHAPE["heads"], n_embd=SHAPE["hidden"])).train()
+    ids = torch.randint(0, SHAPE["vocab"], (SHAPE["micro_batch"], SHAPE["seq"]))
+    runs = {"transformers Llama, its own forward": lambda: plain(input_ids=ids, labels=ids).loss,
+            "transformers Llama, pipegrid.hf layers": lambda: staged.loss_fn(staged(ids), ids),
+            "pipegrid GPT": lambda: gpt.loss_fn(gpt(ids), ids)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run().backward()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts[1:]) for name, ts in times.items()}  # the first: warm-up
+
+
+def _print_blocks(blocks: dict[str, dict[str, float]]) -> None:
+    gpt = blocks["pipegrid GPT"]["ms"]
+    print(f"| one block, fwd+bwd ({SHAPE['micro_batch']} x {SHAPE['seq']} x {SHAPE['hidden']}) | ms (median) "
+          "| vs GPT | matmul | attention | rest (ms) |")
+    print("|---|---|---|---|---|---|")
+    for name, b in blocks.items():
+        print(f"| {name} | {b['ms']:.1f} | {b['ms'] / gpt:.2f} | {b['matmul']:.0%} | {b['attention']:.0%} "
+              f"| {b['rest']:.0%} ({b['rest'] * b['ms']:.1f}) |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,24 +211,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tensor", type=int, default=2, help="the tensor degree (1: where the time goes without it)")
     parser.add_argument("--out", default="benchmarks/results/hf_tp_speed.json")
+    parser.add_argument("--one-process", action="store_true",
+                        help="only the one-process comparisons (stage path, one block): robust on a loaded host")
     args = parser.parse_args(argv)
+    if args.one_process:
+        return _one_process(args)
     GRID["tensor"] = args.tensor
     world = GRID["pipe"] * GRID["data"] * GRID["tensor"]
+    load_before = os.getloadavg()
     times: dict[str, list[float]] = {"pipegrid GPT": [], "transformers Llama": []}
+    reduces: dict[str, dict[str, float]] = {}
     for _ in range(args.rounds):  # alternate, so machine noise hits both alike
-        for name in times:
-            times[name].append(max(run_local(_train, world, (name,), backend=None, timeout_s=900)))
+        for name, per_round in times.items():
+            ranks = run_local(_train, world, (name,), backend=None, timeout_s=900)
+            per_round.append(max(r["ms"] for r in ranks))
+            reduces[name] = ranks[0]
     gpt = statistics.median(times["pipegrid GPT"])
     print(f"| model ({SHAPE['layers']} x {SHAPE['hidden']}, pipe {GRID['pipe']} x tensor {GRID['tensor']}) "
-          "| ms/step (median) | rounds | vs GPT |")
-    print("|---|---|---|---|")
+          "| ms/step (median) | rounds | vs GPT | tensor all-reduces/step (rank 0: calls, MiB, ms) |")
+    print("|---|---|---|---|---|")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med:.0f} | {', '.join(f'{t:.0f}' for t in ts)} | {med / gpt:.2f} |")
+        med, r = statistics.median(ts), reduces[name]
+        print(f"| {name} | {med:.0f} | {', '.join(f'{t:.0f}' for t in ts)} | {med / gpt:.2f} "
+              f"| {r['all_reduces']:.0f}, {r['all_reduce_mib']:.1f}, {r['all_reduce_ms']:.0f} |")
+    blocks = _block_breakdown(max(10, 10 * args.rounds))
+    _print_blocks(blocks)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count(), "load": os.getloadavg(), "torch": torch.__version__, "shape": SHAPE,
-                   "grid": GRID, "ms_per_step": times}, f, indent=2)
+                   "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
+                   "torch": torch.__version__, "shape": SHAPE, "grid": GRID, "ms_per_step": times,
+                   "tensor_all_reduces_rank0": reduces, "one_block": blocks}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _one_process(args: argparse.Namespace) -> int:
+    load_before = os.getloadavg()
+    rounds = max(10, 10 * args.rounds)
+    path = _stage_path(rounds)
+    print(f"| whole model, one micro-batch fwd+bwd, one process | ms (median of {rounds}) |")
+    print("|---|---|")
+    for name, ms in path.items():
+        print(f"| {name} | {ms:.1f} |")
+    blocks = _block_breakdown(rounds)
+    _print_blocks(blocks)
+    with open(args.out, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "load_before": load_before,
+                   "load_after": os.getloadavg(), "torch": torch.__version__, "shape": SHAPE, "stage_path_ms": path,
+                   "one_block": blocks}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

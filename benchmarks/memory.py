@@ -5,8 +5,8 @@ The model is a 16-block residual MLP (h=256, ~4.2M parameters) with Adam, pipe=1
 each data rank holds the whole model and the optimizer state is what ZeRO-1 divides.
 ``--stages`` instead compares the ZeRO stages side by side at pipe=2, data=4 (8 processes),
 with the gradient and parameter bytes the step held at its peak (ZeRO-2 frees its full-size
-gradient buffer before the optimizer step, ZeRO-3 its parameters after it; the report after
-the step shows what stays).
+gradient buffer before the optimizer step, ZeRO-3 its parameters after it, or each layer after
+each use with ``zero.gather=per_layer``; the report after the step shows what stays).
 
     python benchmarks/memory.py [--out benchmarks/results/memory.json]
     python benchmarks/memory.py --stages [--out benchmarks/results/memory_zero_stages.json]
@@ -60,8 +60,9 @@ def _report(data: int, zero: int | dict, dtype: str, pipe: int = 1) -> dict[str,
     # the full-size gradient buffer a step holds during its backwards (ZeRO-0/1: all the time)
     report["step_gradients"] = getattr(engine.zero, "step_gradient_bytes", report["gradients"])
     report["forward_gradients"] = seen[0]
-    # the whole parameters a step holds (ZeRO-3 frees them after its optimizer step)
-    report["step_parameters"] = getattr(engine.zero, "step_parameter_bytes", report["parameters"])
+    # the most parameter bytes the step held at once (ZeRO-3 frees them after its optimizer step;
+    # zero.gather=per_layer holds a layer or two at a time)
+    report["step_parameters"] = getattr(engine.zero, "peak_parameter_bytes", report["parameters"])
     return report
 
 
@@ -71,7 +72,8 @@ def _gradient_bytes(engine: pg.PipelineEngine) -> int:
 
 
 STAGES = {"0": {"stage": 0}, "1": {"stage": 1}, "2": {"stage": 2},
-          "2 per micro-batch": {"stage": 2, "reduce_every_micro_batch": True}, "3": {"stage": 3}}
+          "2 per micro-batch": {"stage": 2, "reduce_every_micro_batch": True}, "3": {"stage": 3},
+          "3 per layer": {"stage": 3, "gather": "per_layer"}}
 STAGE_KEYS = ("parameters", "step_parameters", "gradients", "step_gradients", "forward_gradients", "optimizer",
               "master_weights", "buffers", "total")
 

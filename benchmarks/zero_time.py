@@ -30,7 +30,8 @@ from benchmarks.record import write_record  # noqa: E402
 HIDDEN, BLOCKS, ROWS, MICRO_BATCHES = 512, 8, 256, 4
 WARMUP, STEPS, ROUNDS = 2, 4, 5
 LAYOUTS = {"zero 1": {"stage": 1}, "zero 2": {"stage": 2},
-           "zero 2 per micro-batch": {"stage": 2, "reduce_every_micro_batch": True}, "zero 3": {"stage": 3}}
+           "zero 2 per micro-batch": {"stage": 2, "reduce_every_micro_batch": True}, "zero 3": {"stage": 3},
+           "zero 3 per layer": {"stage": 3, "gather": "per_layer"}}
 
 
 def _engine(zero: dict) -> pg.PipelineEngine:

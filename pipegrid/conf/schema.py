@@ -21,6 +21,7 @@ LAYOUT_KEYS = ("topology.pipe", "topology.data", "topology.tensor", "schedule.vi
 """Keys a config may leave unset for :func:`pipegrid.initialize` to take from the module."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 KERNEL_BACKENDS = ("auto", "torch", "cupy")  # pipegrid.kernels.backend.BACKENDS (no torch import here)
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao.float8's recipe names (pipegrid.pipe.fp8)
 LOSS_CHUNKED = ("auto", "true", "false")
 
 
@@ -106,6 +107,11 @@ class ZeroConfig:
     offload_optimizer: str = "none"
     """none | cpu: fp32 master weights and optimizer state (this rank's shard) in host memory,
     the optimizer step on the CPU (ZeRO-Offload); on a CPU-only run it changes nothing."""
+    gather: str = "per_step"
+    """Stage 3: per_step gathers a pipe rank's whole parameters at the step's start and frees them
+    after its optimizer step; per_layer gathers each layer just before each use (forward, backward,
+    W, recompute) and frees it after, the next layer's gather in flight meanwhile (least memory,
+    most traffic)."""
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -115,6 +121,11 @@ class ZeroConfig:
         if self.offload_optimizer == "cpu" and self.stage == 0:
             raise ValueError("zero.offload_optimizer=cpu offloads this rank's shard of the optimizer state and "
                              "needs zero.stage >= 1, got zero.stage=0; set zero.stage=1 (or 2)")
+        if self.gather not in ("per_step", "per_layer"):
+            raise ValueError(f"zero.gather must be per_step or per_layer, got {self.gather!r}")
+        if self.gather == "per_layer" and self.stage != 3:
+            raise ValueError(f"zero.gather=per_layer gathers ZeRO-3's sharded parameters layer by layer and needs "
+                             f"zero.stage=3, got zero.stage={self.stage}; set zero.stage=3 or drop zero.gather")
         if self.reduce_every_micro_batch and self.stage < 2:
             raise ValueError(f"zero.reduce_every_micro_batch needs zero.stage=2 or 3, got zero.stage={self.stage}; "
                              "set zero.stage=2 or drop zero.reduce_every_micro_batch")
@@ -134,6 +145,12 @@ class PrecisionConfig:
     """float16 only: overflows tolerated before the scale is lowered."""
     min_loss_scale: float = 1.0
     """float16 only: the scale never goes below this."""
+    fp8: bool = False
+    """Train each stage's nn.Linear layers in float8 (torchao; CUDA sm_89+), bf16 elsewhere; needs dtype=bfloat16."""
+    fp8_recipe: str = "tensorwise"
+    """fp8 scaling: tensorwise (one scale per tensor) or rowwise (per row; more accurate, a little slower)."""
+    fp8_emulate: bool = False
+    """fp8 matmuls emulated in high precision (torchao's emulate): runs anywhere, slowly; for tests."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -148,6 +165,11 @@ class PrecisionConfig:
         if not 0 < self.backoff_factor < 1:
             raise ValueError(f"precision.backoff_factor must be in (0, 1) (the scale shrinks on overflow), "
                              f"got {self.backoff_factor}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"precision.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
+        if self.fp8 and self.dtype != "bfloat16":
+            raise ValueError(f"precision.fp8=true keeps everything but the float8 matmuls in bfloat16, got "
+                             f"precision.dtype={self.dtype}; set precision.dtype=bfloat16 (precision=bf16)")
         for name in ("growth_interval", "hysteresis"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -113,6 +113,12 @@ class HFCausalLM(PipelineModule):
         self.skeleton = skeleton
 
     @property
+    def process_groups(self) -> Any:
+        """The ProcessGroups built for this model's tensor group (None when the caller passed one,
+        or tensor = 1): ``pg.initialize(model, config)`` uses them."""
+        return self.skeleton.process_groups
+
+    @property
     def hf_config(self) -> Any:
         """The transformers config of the whole model."""
         return self.skeleton.config
@@ -180,10 +186,6 @@ class HFCausalLM(PipelineModule):
         return shards
 
 
-def _tensor_degree(topology: Topology | None) -> int:
-    return 1 if topology is None else topology.tensor
-
-
 def _dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
     """As transformers' from_pretrained reads it: None is torch's default, "auto" the config's."""
     if dtype is None:
@@ -214,9 +216,11 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
     config's ``base_model_pp_plan``. Other keywords go to :class:`PipelineModule`
     (``virtual_stages``, ``pipe``/``pipe_rank`` without a topology, ...).
 
-    ``topology.tensor > 1`` splits every stage over ``tensor_group`` (pass
-    ``groups.tensor_parallel_group``, ``groups = pg.init_distributed(config)``) by the config's
-    ``base_model_tp_plan``; each rank then reads only its slice of each split tensor.
+    ``topology.tensor > 1`` splits every stage over the topology's tensor group by the config's
+    ``base_model_tp_plan``; each rank then reads only its slice of each split tensor. The groups
+    are pipegrid's own, built here from the topology (torch.distributed joined from torchrun's
+    variables if need be) and handed to ``pg.initialize``; ``tensor_group=`` (e.g.
+    ``pg.init_distributed(config).tensor_parallel_group``) uses the caller's instead.
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -232,7 +236,7 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
     config = AutoConfig.from_pretrained(path)
     weights = CheckpointWeights(path)
     skeleton = Skeleton(config, plan_for(config, pp_plan), _CheckpointSource(weights), _dtype(dtype, config),
-                        attn_implementation, _tensor_degree(topology), tensor_group)
+                        attn_implementation, topology, tensor_group)
     weights.bind(skeleton.shell)
     weights.check(skeleton.expected_tensors(), where=f"{skeleton.plan.class_name} built from config.json")
     return HFCausalLM(skeleton, topology, partition_method=partition_method,
@@ -252,6 +256,6 @@ def from_config(config: Any, topology: Topology | None = None, *, dtype: torch.d
     """
     config = copy.deepcopy(config)
     skeleton = Skeleton(config, plan_for(config, pp_plan), _RandomInit(), _dtype(dtype, config), attn_implementation,
-                        _tensor_degree(topology), tensor_group)
+                        topology, tensor_group)
     return HFCausalLM(skeleton, topology, partition_method=partition_method,
                       activation_checkpoint_interval=activation_checkpoint_interval, seed=seed, **pipeline_kwargs)

@@ -11,15 +11,21 @@ family does between its modules, the pipeline therefore does the same.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from pipegrid.conf.schema import CommConfig
 from pipegrid.hf.pp_plan import StagePlan, causal_lm_class, resolve
 from pipegrid.hf.tp_plan import ShardRule, TensorSplit, check_tensor_parallel
 from pipegrid.tensor import tensor_parallel_rank, tensor_parallel_size
+from pipegrid.topology.grid import Topology
+from pipegrid.topology.groups import ProcessGroups
+from pipegrid.topology.join import init_distributed
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's arguments besides its hidden state
 
@@ -95,9 +101,23 @@ class _BaseStub(nn.Module):
 def _check_group(tensor: int, group: Any) -> None:
     size = tensor_parallel_size(group)
     if size != tensor:
-        raise ValueError(f"topology.tensor={tensor} needs its tensor-parallel group, got one of {size} ranks; pass "
-                         "tensor_group=groups.tensor_parallel_group with groups = pg.init_distributed(config) (and "
-                         "pg.initialize(model, config, groups))")
+        raise ValueError(f"topology.tensor={tensor} needs its tensor-parallel group, got one of {size} ranks; leave "
+                         "tensor_group out (pipegrid builds the groups from the topology) or pass "
+                         "tensor_group=groups.tensor_parallel_group with groups = pg.init_distributed(config)")
+
+
+def own_groups(topology: Topology) -> ProcessGroups:
+    """pipegrid's process groups for ``topology``, built when the caller passed no tensor group:
+    torch.distributed is joined from the environment (torchrun's variables) if it is not up yet.
+    Collective: every rank builds its model in the same order, as it must anyway."""
+    if not dist.is_initialized() and ("WORLD_SIZE" not in os.environ or "RANK" not in os.environ):
+        raise RuntimeError(f"topology.tensor={topology.tensor} splits the model over a tensor group, but "
+                           "torch.distributed is not initialised and RANK/WORLD_SIZE are not set; start the job with "
+                           f"torchrun --nproc-per-node {topology.world_size} ... (or pipegrid.launch.run_local), or "
+                           "pass tensor_group=groups.tensor_parallel_group with groups = pg.init_distributed(config)")
+    if dist.is_initialized():  # joined by the caller, as it chose (cores, backend): only the groups are new
+        return ProcessGroups(topology, timeout_s=CommConfig().timeout_s)
+    return init_distributed({"topology": {"pipe": topology.pipe, "data": topology.data, "tensor": topology.tensor}})
 
 
 def _on_meta(module: nn.Module) -> bool:
@@ -115,7 +135,8 @@ class Skeleton:
     """The causal LM built on the meta device (no storage), its plan, and the glue between stages."""
 
     def __init__(self, config: Any, plan: dict, source: WeightSource, dtype: torch.dtype,
-                 attn_implementation: str | None = None, tensor: int = 1, tensor_group: Any = None) -> None:
+                 attn_implementation: str | None = None, topology: Topology | None = None,
+                 tensor_group: Any = None) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
@@ -132,8 +153,13 @@ class Skeleton:
         # whole parameter sizes, counted before any module is split (what partitioning and describe() see)
         self.parameter_sizes = {key: p.numel() for key, p in self.shell.named_parameters()}
         self.split: TensorSplit | None = None
+        self.process_groups: ProcessGroups | None = None  # built here when the caller passed no tensor group
+        tensor = 1 if topology is None else topology.tensor
         if tensor > 1:
-            tp_plan = check_tensor_parallel(self.config, self.shell, self.plan, tensor)
+            tp_plan = check_tensor_parallel(self.config, self.shell, self.plan, tensor)  # before any group
+            if tensor_group is None:
+                self.process_groups = own_groups(topology)
+                tensor_group = self.process_groups.tensor_parallel_group
             _check_group(tensor, tensor_group)
             self.split = TensorSplit(self.shell, self.plan, tp_plan, tensor_group,
                                      tensor_parallel_rank(tensor_group), tensor)

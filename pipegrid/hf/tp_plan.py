@@ -32,7 +32,16 @@ ADAPTER_TP_PLANS: dict[str, dict[str, str]] = {
     "gpt2": {"h.*.attn.c_attn": "colwise_qkv", "h.*.attn.c_proj": "rowwise",
              "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
 }
-SUPPORTED_STYLES = ("colwise", "rowwise", "colwise_qkv", "embedding_rowwise")  # the last: vocab rows, as we split
+SUPPORTED_STYLES = ("colwise", "rowwise", "colwise_qkv", "packed_qkv", "packed_halves", "embedding_rowwise")  # the last: vocab rows, as we split
+# Packed projections: one linear whose output concatenates parts (Phi-3's qkv_proj: q, k, v with
+# GQA widths; gate_up_proj: gate, up). transformers 5 plans them "colwise_gather_output" (every rank
+# gets the whole output back) and the projection after them "rowwise_split_input". Split instead per
+# part, each part by heads (or evenly), the rank's slices concatenated: the family's own forward
+# then cuts the local output at local widths, and the next projection's input is already split, so
+# the pair is plain colwise/rowwise with no gather. A gathered output of anything else (OLMo2's
+# q/k/v, normed over all heads) is still refused.
+PACKED_PROJECTIONS = {"qkv_proj": "qkv", "gate_up_proj": "halves"}
+_PACKED_STYLE, _AFTER_PACKED_STYLE = "colwise_gather_output", "rowwise_split_input"
 # attention attributes that count heads (or their width) on this rank; head_dim and the
 # query-per-key-head ratio stay as they are
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "split_size")
@@ -98,13 +107,32 @@ def tp_plan_for(config: Any, shell: nn.Module) -> dict[str, str]:
                          f"pipegrid.hf has no adapter TP plan for model_type {config.model_type!r} (adapters: "
                          f"{sorted(ADAPTER_TP_PLANS)}); set topology.tensor=1 or add an entry to "
                          "pipegrid.hf.tp_plan.ADAPTER_TP_PLANS")
+    plan = _with_packed_projections(plan)
     unsupported = {key: style for key, style in plan.items() if style not in SUPPORTED_STYLES}
     if unsupported:
         raise ValueError(f"{type(shell).__name__}'s TP plan uses styles pipegrid.hf does not apply: {unsupported} "
-                         f"(it applies {list(SUPPORTED_STYLES)}; MoE local_*/gather styles, packed "
-                         "colwise_gather_output and replicated-with-grad-all-reduce norms are not split yet); "
-                         "set topology.tensor=1 for this model")
-    return dict(plan)
+                         f"(it applies {list(SUPPORTED_STYLES)}, and {_PACKED_STYLE}/{_AFTER_PACKED_STYLE} on the "
+                         f"packed projections {sorted(PACKED_PROJECTIONS)}; not split: {_PACKED_STYLE} of other "
+                         "modules, MoE local_*/gather styles, replicated_with_grad_allreduce norms); set "
+                         "topology.tensor=1 for this model")
+    return plan
+
+
+def _with_packed_projections(plan: Mapping[str, str]) -> dict[str, str]:
+    """The plan with each packed projection's gathered style read as a split by parts ("packed_qkv",
+    "packed_halves") and the split-input rowwise projection beside it as plain "rowwise"; other
+    entries unchanged (an unsupported style stays, to be named)."""
+    out = dict(plan)
+    packed_parents = set()
+    for key, style in plan.items():
+        parent, _, leaf = key.rpartition(".")
+        if style == _PACKED_STYLE and leaf in PACKED_PROJECTIONS:
+            out[key] = f"packed_{PACKED_PROJECTIONS[leaf]}"
+            packed_parents.add(parent)
+    for key, style in plan.items():
+        if style == _AFTER_PACKED_STYLE and key.rpartition(".")[0] in packed_parents:
+            out[key] = "rowwise"
+    return out
 
 
 def _pattern(key: str) -> re.Pattern:
@@ -144,10 +172,27 @@ def check_tensor_parallel(config: Any, shell: nn.Module, plan: StagePlan, tensor
         if style and sizes is None:
             raise ValueError(f"{where}: the TP plan splits {name} ({type(module).__name__}) {style}, but pipegrid.hf "
                              "splits only nn.Linear and Conv1D; set topology.tensor=1 for this model")
-        if sizes and sizes[0 if style == "rowwise" else 1] % tensor:
-            raise ValueError(f"{where}: {name} {style} has width {sizes[0 if style == 'rowwise' else 1]}, not "
-                             f"divisible by {tensor}; choose a tensor degree that divides it")
+        widths = () if not sizes else (sizes[0],) if style == "rowwise" else packed_pieces(style, sizes[1], config)
+        if any(width % tensor for width in widths):
+            raise ValueError(f"{where}: {name} {style} has widths {list(widths)}, not all divisible by {tensor}; "
+                             "choose a tensor degree that divides them")
     return tp_plan
+
+
+def packed_pieces(style: str, out_features: int, config: Any) -> tuple[int, ...]:
+    """The parts a column-split projection's output packs, each split over the tensor group
+    on its own: q, k, v (GQA widths for "packed_qkv", equal thirds for GPT-2's "colwise_qkv"),
+    gate and up ("packed_halves"), or one part."""
+    if style == "colwise_qkv":
+        return (out_features // 3,) * 3
+    if style == "packed_halves":
+        return (out_features // 2,) * 2
+    if style == "packed_qkv":
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = out_features // (heads + 2 * kv_heads)
+        return heads * head_dim, kv_heads * head_dim, kv_heads * head_dim
+    return (out_features,)
 
 
 def style_of(tp_plan: Mapping[str, str], name: str) -> str | None:
@@ -213,10 +258,9 @@ class TensorSplit:
         style = style_of(self.tp_plan, full[len(base):]) if full.startswith(base) else None
         if style is None:
             return None
-        in_features, out_features, _, _ = _linear_sizes(module)
         if style == "rowwise":
             return self._row(full, module)
-        return self._column(full, module, (out_features // 3,) * 3 if style == "colwise_qkv" else (out_features,))
+        return self._column(full, module, packed_pieces(style, _linear_sizes(module)[1], self.shell.config))
 
     def _embedding(self, full: str, module: nn.Module) -> nn.Module:
         self.rules[f"{full}.weight"] = ShardRule(0, (module.num_embeddings,))
@@ -278,6 +322,13 @@ def _localise_heads(module: nn.Module, parts: int) -> None:
         value = getattr(module, attr, None)
         if isinstance(value, int) and not isinstance(value, bool):
             setattr(module, attr, value // parts)
+    config = getattr(module, "config", None)
+    if isinstance(getattr(config, "num_attention_heads", None), int):
+        # some forwards read head counts off the config (Phi-3's query width): a copy of their own
+        module.config = local = copy.copy(config)
+        for attr in ("num_attention_heads", "num_key_value_heads"):
+            if isinstance(getattr(config, attr, None), int):
+                setattr(local, attr, getattr(config, attr) // parts)
     module._pipegrid_local_heads = True
 
 

@@ -1,8 +1,10 @@
 """Choose the kernel backend (config key ``kernels.backend``): torch or fused CuPy.
 
-``auto`` takes CuPy for CUDA tensors when whichever CuPy is installed (``cupy-cuda12x`` or
-``cupy-cuda13x``) can compile and run a kernel there, and otherwise the torch path, saying
-why once per process; naming ``cupy`` where it cannot run is an error that says why.
+``auto`` on CUDA tensors, where whichever CuPy is installed (``cupy-cuda12x`` or
+``cupy-cuda13x``) can compile and run a kernel, leaves the choice to each move: pack and
+unpack take the path measured faster for their direction and size (``path_choice.py``),
+the reductions take CuPy. Where CuPy cannot run, ``auto`` is the torch path, saying why
+once per process; naming ``cupy`` where it cannot run is an error that says why.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def _say_fallback(reason: str) -> None:
 
 
 def select_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
-    """Resolve ``kernels.backend`` for tensors on ``device`` to "torch" or "cupy".
+    """Resolve ``kernels.backend`` for tensors on ``device``: "torch", "cupy", or "auto" (both can run).
 
+    "auto" stays "auto" only for CUDA tensors where CuPy can run; passed on to ``pack``,
+    ``unpack`` and ``FlatBuffer`` it picks the faster path per move (see ``path_choice.py``).
     Raises ValueError for an unknown name and RuntimeError when "cupy" is asked for
     where it cannot run (CPU tensors, no CUDA, CuPy missing).
     """
@@ -73,7 +77,7 @@ def select_backend(name: str = "auto", device: torch.device | str | None = None)
         return "torch"
     reason = cupy_unavailable_reason()
     if reason is None:
-        return "cupy"
+        return name
     if name == "cupy":
         raise RuntimeError(f"kernels.backend=cupy cannot run: {reason}; or set kernels.backend=auto")
     _say_fallback(reason)

@@ -20,6 +20,7 @@ import torch
 
 from pipegrid.kernels.backend import select_backend
 from pipegrid.kernels.flat_layout import FlatLayout
+from pipegrid.kernels.path_choice import process_choice
 
 __all__ = ["pack", "unpack", "views", "sum_of_squares", "all_finite", "FlatBuffer"]
 
@@ -95,11 +96,13 @@ def _allocate(layout: FlatLayout, device: torch.device, zero: bool) -> torch.Ten
 _KERNEL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-def _use_cupy(backend: str, device: torch.device, layout: FlatLayout | None = None,
-              floats: set[torch.dtype] | frozenset = frozenset()) -> bool:
-    """Whether to run the CuPy kernels; ``floats`` are dtypes they must convert."""
-    if select_backend(backend, device) != "cupy":
-        return False
+def _path(backend: str, device: torch.device, layout: FlatLayout | None = None,
+          floats: set[torch.dtype] | frozenset = frozenset()) -> str:
+    """"torch", "cupy", or "auto" (both can run: measure per move); ``floats`` are dtypes
+    the kernels must convert."""
+    resolved = select_backend(backend, device)
+    if resolved == "torch":
+        return "torch"
     problem = None
     if layout is not None and layout.alignment_bytes % 16:
         problem = (f"the CuPy kernels move 16-byte words and need alignment_bytes to be a "
@@ -109,7 +112,19 @@ def _use_cupy(backend: str, device: torch.device, layout: FlatLayout | None = No
                    f"{sorted(map(str, floats - _KERNEL_FLOATS))}; use kernels.backend=torch")
     if problem and backend == "cupy":
         raise ValueError(problem)
-    return problem is None
+    return "torch" if problem else resolved
+
+
+def _use_cupy(backend: str, device: torch.device, floats: set[torch.dtype] | frozenset = frozenset()) -> bool:
+    """Whether the reductions run the CuPy kernels (under auto they do wherever CuPy can run)."""
+    return _path(backend, device, None, floats) != "torch"
+
+
+def _measured(path: str, op: str, device: torch.device, layout: FlatLayout, run, casts: bool) -> str:
+    """``path``, with "auto" replaced by the path this process measured faster for such a move."""
+    if path != "auto":
+        return path
+    return process_choice().choose(op, device, layout.nbytes, len(layout), run, "cast" if casts else "copy")
 
 
 def _converted(layout: FlatLayout, scale: Scale | None) -> set[torch.dtype]:
@@ -204,14 +219,17 @@ def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None,
         layout.check(tensors)
     _check_scale(scale, layout)
     device = _device_of(tensors, out)
-    use_cupy = _use_cupy(backend, device, layout, _converted(layout, scale))
+    path = _path(backend, device, layout, _converted(layout, scale))
     if out is None:
-        out = _allocate(layout, device, zero=layout.has_padding and not use_cupy)
+        out = _allocate(layout, device, zero=layout.has_padding and path != "cupy")
     flat = _check_flat(out, layout)
-    if use_cupy:
-        _cupy().pack(tensors, flat, layout, scale)
-    else:
-        _pack_torch(tensors, views(flat, layout), layout, scale)
+
+    def run(chosen: str) -> None:
+        if chosen == "cupy":
+            _cupy().pack(tensors, flat, layout, scale)
+        else:
+            _pack_torch(tensors, views(flat, layout), layout, scale)
+    run(_measured(path, "pack", device, layout, run, bool(_converted(layout, scale))))
     return out
 
 
@@ -232,9 +250,13 @@ def unpack(flat: torch.Tensor, like_or_layout: FlatLayout | Sequence[torch.Tenso
         layout.check(out, "out")
     device = _device_of(out or [], flat)
     flat = _check_flat(flat, layout)
-    if _use_cupy(backend, device, layout, _converted(layout, None)):
-        return _cupy().unpack(flat, layout, out)
-    return _unpack_torch(views(flat, layout), layout, out)
+
+    def run(chosen: str) -> list[torch.Tensor]:
+        if chosen == "cupy":
+            return _cupy().unpack(flat, layout, out)
+        return _unpack_torch(views(flat, layout), layout, out)
+    converted = _converted(layout, None)
+    return run(_measured(_path(backend, device, layout, converted), "unpack", device, layout, run, bool(converted)))
 
 
 def _floating(tensors: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
@@ -254,7 +276,7 @@ def sum_of_squares(tensors: Sequence[torch.Tensor], backend: str = "auto") -> to
     """
     tensors = _floating(tensors, "sum_of_squares")
     device = _device_of(tensors)
-    if _use_cupy(backend, device, floats={t.dtype for t in tensors}):
+    if _use_cupy(backend, device, {t.dtype for t in tensors}):
         return _cupy().sum_of_squares(tensors, device)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for wide in (False, True):
@@ -277,7 +299,7 @@ def all_finite(tensors: Sequence[torch.Tensor], backend: str = "auto") -> torch.
     tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
-    if _use_cupy(backend, device, floats={t.dtype for t in tensors}):
+    if _use_cupy(backend, device, {t.dtype for t in tensors}):
         return _cupy().all_finite(tensors, device)
     # max |x| per tensor: inf for any inf, nan for any nan (the max propagates nan)
     return torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
@@ -301,7 +323,8 @@ class FlatBuffer:
         # pack_from may scale any floating buffer, so check the kernels can convert it
         scalable = layout.casts or (layout.flat_dtype.is_floating_point and not layout.is_bytes)
         floats = set(layout.dtypes) | {layout.flat_dtype} if scalable else set()
-        self.backend = "cupy" if _use_cupy(backend, self.device, layout, floats) else "torch"
+        self.backend = _path(backend, self.device, layout, floats)
+        """"torch", "cupy", or "auto": each direction takes the path measured faster (path_choice.py)."""
         self.flat = _allocate(layout, self.device, zero=True)
         self._views = views(self.flat, layout)
         self._tables: dict = {}  # CuPy device tables, keyed by tensor addresses
@@ -325,10 +348,13 @@ class FlatBuffer:
         self.layout.check(tensors)
         _check_scale(scale, self.layout)
         _device_of(tensors, self.flat)
-        if self.backend == "cupy":
-            _cupy().pack(tensors, self.flat, self.layout, scale, cache=self._tables)
-        else:
-            _pack_torch(tensors, self._views, self.layout, scale)
+
+        def run(chosen: str) -> None:
+            if chosen == "cupy":
+                _cupy().pack(tensors, self.flat, self.layout, scale, cache=self._tables)
+            else:
+                _pack_torch(tensors, self._views, self.layout, scale)
+        run(_measured(self.backend, "pack", self.device, self.layout, run, bool(_converted(self.layout, scale))))
         return self.flat
 
     @torch.no_grad()
@@ -337,16 +363,21 @@ class FlatBuffer:
         tensors = _as_list(tensors, "out")
         self.layout.check(tensors, "out")
         _device_of(tensors, self.flat)
-        if self.backend == "cupy":
-            return _cupy().unpack(self.flat, self.layout, tensors, cache=self._tables)
-        return _unpack_torch(self._views, self.layout, tensors)
+
+        def run(chosen: str) -> list[torch.Tensor]:
+            if chosen == "cupy":
+                return _cupy().unpack(self.flat, self.layout, tensors, cache=self._tables)
+            return _unpack_torch(self._views, self.layout, tensors)
+        return run(_measured(self.backend, "unpack", self.device, self.layout, run, self.layout.casts))
 
     @torch.no_grad()
     def unpack(self) -> list[torch.Tensor]:
         """Fresh tensors holding the buffer's contents."""
-        if self.backend == "cupy":
-            return _cupy().unpack(self.flat, self.layout, None)
-        return _unpack_torch(self._views, self.layout, None)
+        def run(chosen: str) -> list[torch.Tensor]:
+            if chosen == "cupy":
+                return _cupy().unpack(self.flat, self.layout, None)
+            return _unpack_torch(self._views, self.layout, None)
+        return run(_measured(self.backend, "unpack", self.device, self.layout, run, self.layout.casts))
 
     def __repr__(self) -> str:
         return (f"FlatBuffer({len(self.layout)} tensors, {self.layout.total} x "

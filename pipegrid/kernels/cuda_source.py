@@ -134,6 +134,13 @@ extern "C" __global__ void pack_bytes(const i64* table, int n, i64 total_bytes,
     }
 }
 
+// Loads first, then stores: UNROLL independent 16-byte reads of the flat buffer are in
+// flight per thread before the first write. Interleaved (load k, store k, load k + 1, ...)
+// the compiler must keep that order, since a destination address read from the table may
+// alias the buffer, and each thread then waits out one memory latency per 16 bytes. That
+// is a guess at why the interleaved version reached 68% of copy bandwidth on an H200
+// (pack_bytes: 94%), written without a GPU: benchmarks/kernel_bandwidth.py says whether
+// it helped, and kernels.backend=auto takes torch's path wherever this one is slower.
 extern "C" __global__ void unpack_bytes(const i64* table, int n, i64 total_bytes,
                                         const unsigned char* flat) {
     const i64 *starts = table, *ptrs = table + n, *counts = table + 2 * n;
@@ -142,6 +149,13 @@ extern "C" __global__ void unpack_bytes(const i64* table, int n, i64 total_bytes
         i64 t1 = min64(t0 + tile, total_bytes);
         int lo, hi;
         tile_slots(starts, n, t0, t1, &lo, &hi);
+        Vec16 u[UNROLL];
+        #pragma unroll
+        for (int k = 0; k < UNROLL; ++k) {  // total_bytes is a multiple of 16: pos < t1 is a whole unit
+            i64 pos = t0 + ((i64)k * blockDim.x + threadIdx.x) * 16;
+            if (pos < t1) u[k].v = *(const uint4*)(flat + pos);
+        }
+        #pragma unroll
         for (int k = 0; k < UNROLL; ++k) {
             i64 pos = t0 + ((i64)k * blockDim.x + threadIdx.x) * 16;
             if (pos >= t1) break;
@@ -149,13 +163,11 @@ extern "C" __global__ void unpack_bytes(const i64* table, int n, i64 total_bytes
             i64 off = pos - starts[s], count = counts[s];
             if (off >= count) continue;  // padding
             unsigned char* dst = (unsigned char*)ptrs[s] + off;
-            Vec16 u;
-            u.v = *(const uint4*)(flat + pos);
             if (off + 16 <= count && (((u64)dst) & 15) == 0) {
-                *(uint4*)dst = u.v;
+                *(uint4*)dst = u[k].v;
             } else {
                 int m = (int)min64(16, count - off);
-                for (int j = 0; j < m; ++j) dst[j] = u.b[j];
+                for (int j = 0; j < m; ++j) dst[j] = u[k].b[j];
             }
         }
     }

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from pipegrid import kernels
 from pipegrid.conf.schema import TrainConfig, to_train_config
 from pipegrid.pipe import checkpoint as ckpt
-from pipegrid.pipe import preemption
+from pipegrid.pipe import fp8, preemption
 from pipegrid.pipe import trace as tracing
 from pipegrid.pipe.executor import (
     Executor,
@@ -58,6 +58,7 @@ def _check_before_collectives(module: torch.nn.Module, cfg: TrainConfig) -> None
     build(cfg.schedule.name, cfg.topology.pipe, cfg.schedule.micro_batches,  # ScheduleError says what to change
           cfg.schedule.virtual_stages, coalesce=cfg.schedule.coalesce)
     _check_zero_layout(cfg)
+    fp8.check_fp8(cfg)  # torchao, the GPU, the schedule: refused before any process group
     if module.loss_fn is None:
         raise ValueError("the PipelineModule has no loss_fn, which the last stage needs to train; "
                          "pass loss_fn=... (called as loss_fn(output, labels)) to PipelineModule")
@@ -84,8 +85,11 @@ def initialize(module: torch.nn.Module, config: Any = None,
 
     The grid (``topology``) and ``schedule.virtual_stages`` come from the module, and from
     ``groups`` when given, unless the config sets them; a config that sets another value
-    is refused.
+    is refused. A module that built its own groups (``hf.from_pretrained`` at tensor > 1)
+    brings them as ``module.process_groups``: they are used when ``groups`` is not given.
     """
+    if groups is None:
+        groups = getattr(module, "process_groups", None)
     cfg = config_with_module_grid(to_train_config(config), module, groups)
     _check_before_collectives(module, cfg)
     if groups is None:
@@ -108,6 +112,8 @@ class PipelineEngine:
         self.device = self._device()
         self.dtype = _DTYPES[config.precision.dtype]
         self.module = module.to(device=self.device, dtype=self.dtype)
+        if config.precision.fp8:  # before anything holds the Linear modules or builds the optimizer
+            fp8.convert_to_fp8(self.module, config.precision)
         if isinstance(getattr(module, "loss_fn", None), LMLoss):  # loss.chunked, unless the model has its own
             module.loss_fn.configure(config.loss)
         self._build_schedules()
@@ -156,7 +162,8 @@ class PipelineEngine:
             self.config.zero.stage, self.params, lambda params: build_optimizer(self.config.optimizer, params),
             self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend,
             reduce_every_micro_batch=self.config.zero.reduce_every_micro_batch,
-            tied=self._tied_across_pipe_ranks(), offload=self._offloads())
+            tied=self._tied_across_pipe_ranks(), offload=self._offloads(), gather=self.config.zero.gather,
+            chunks=[self.module.stage_module(s) for s in self.module.stage_ids])
         scheduler = (instantiate(self.config.lr_scheduler, optimizer_state.optimizer)
                      if self.config.lr_scheduler else None)
         prec = self.config.precision
@@ -320,7 +327,7 @@ class PipelineEngine:
         trace = self.config.trace.enabled
         # A failure leaves this step's sends pending, unwaited: their peer may be the one
         # lost, and waiting would put the transport's error (or a hang) in place of the cause.
-        self.zero.gather_params()  # (ZeRO-3: the whole parameters until the optimizer step frees them)
+        self.zero.begin_step()  # (ZeRO-3: the whole parameters until the optimizer step frees them, or per layer)
         executor.run(state, self.update, trace=trace, before=self.before_instruction)
         try:
             self.p2p.wait_all()

@@ -269,7 +269,8 @@ class Executor:
 
     def _backward_weight(self, op: ins.BackwardWeight, state: StepState, hooks: StepHooks) -> None:
         """The deferred weight-gradient half of a split backward (zero-bubble's W)."""
-        backward_weight(state.take(op.stage, op.micro_batch, "weight_grad"))
+        # (ZeRO-3 per layer: each W call's layers gathered again, the next call's posted)
+        backward_weight(state.take(op.stage, op.micro_batch, "weight_grad"), hooks.parameters_needed)
         hooks.weight_grads_done()
 
     # --- communication -----------------------------------------------------

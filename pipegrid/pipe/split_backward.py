@@ -31,7 +31,7 @@ Leaves that require grad but are neither ``inputs`` nor ``params`` get no gradie
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache, partial
 
@@ -120,18 +120,23 @@ def backward_input(outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor | No
     return [t.grad if t.requires_grad else None for t in inputs], state
 
 
-def backward_weight(state: WeightGradState) -> None:
+def backward_weight(state: WeightGradState,
+                    before_call: Callable[[list[Tensor], list[Tensor]], None] | None = None) -> None:
     """Accumulate the parameter gradients into param.grad and release the graph.
 
     Parameters the stage did not use keep their ``.grad`` (None stays None), as with
     ``.backward()``. Each call runs a disjoint part of the graph, so none needs to retain it.
+    ``before_call(params, next_params)``, when given, runs before each call with the parameters
+    it computes gradients for and those of the call after it (ZeRO-3 gathers them layer by layer).
     """
     if state.done:
         raise RuntimeError("backward_weight already ran for this micro-batch's state; each state from "
                            "backward_input is used exactly once")
     state.done = True
     calls, state.calls = state.calls, []  # drop the graph even if a call below fails
-    for call in calls:
+    for i, call in enumerate(calls):
+        if before_call is not None:
+            before_call(call.params, calls[i + 1].params if i + 1 < len(calls) else [])
         torch.autograd.backward(call.roots, call.grads, inputs=call.params)
 
 

@@ -34,6 +34,15 @@ class StageChunk(nn.Module):
             {str(e.index): e.layer for e in entries if isinstance(e.layer, nn.Module)})
         self._entries = entries
 
+    def layer_entries(self) -> list[tuple[int, Any]]:
+        """(global layer index, module or callable) of each position, in order."""
+        return [(e.index, e.layer) for e in self._entries]
+
+    def wrap_layer_calls(self, wrap: Callable[[int, Callable[[Any], Any]], Callable[[Any], Any]]) -> None:
+        """Run position k through ``wrap(k, call)`` from now on (ZeRO-3 gathers each layer's
+        parameters around its call: pipe/zero/layer_gather.py)."""
+        self._entries = [Entry(e.index, e.layer, wrap(k, e.call)) for k, e in enumerate(self._entries)]
+
     def _run(self, x: Any, start: int, end: int) -> Any:
         for entry in self._entries[start:end]:
             x = entry.call(x)

@@ -45,6 +45,10 @@ class StepHooks(Protocol):
     def weight_grads_done(self) -> None:
         """A model stage has this micro-batch's parameter gradients (after B, or W of a split backward)."""
 
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
+        """A split backward's W is about to compute the gradients of ``params``, then of
+        ``following`` (ZeRO-3 with ``zero.gather=per_layer`` gathers the one, posts the other)."""
+
     def reduce_data_parallel_grads(self) -> None:
         """All-reduce (ZeRO-1: reduce-scatter) gradients over the data axis."""
 

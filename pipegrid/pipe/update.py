@@ -98,6 +98,9 @@ class GradientUpdate:
     def weight_grads_done(self) -> None:
         self.zero.weight_grads_done()
 
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
+        self.zero.parameters_needed(params, following)
+
     def reduce_data_parallel_grads(self) -> None:
         self.zero.reduce_grads()
 

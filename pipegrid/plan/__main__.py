@@ -97,12 +97,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     s = cfg["search"]
     space = SearchSpace(schedules=tuple(s["schedules"]), micro_batch_sizes=tuple(s["micro_batch_sizes"]),
                         virtual_stages=tuple(s["virtual_stages"]), zero=tuple(s["zero"]),
-                        shortlist=s["shortlist"], optimizer=s["optimizer"])
+                        shortlist=s["shortlist"], optimizer=s["optimizer"],
+                        offload=tuple(s.get("offload", (False,))))
     ranked = search(model, cluster, space, top=s["top"])
     print(f"{model.name} ({model.parameters / 1e9:.1f}B parameters, batch {model.global_batch}) on "
           f"{cluster.name} ({cluster.num_devices} devices); HFU counts recomputation "
           "(Narayanan et al. eq. 3), MFU does not")
     print(format_table(ranked))
+    for note in dict.fromkeys(note for pr in ranked[:3] for note in pr.notes):  # why ZeRO-2/3 or offload
+        print(note)
     for line in _published(cfg, model, cluster, ranked):
         print(line)
 

@@ -38,9 +38,17 @@ class DeviceSpec:
     slowdown: float = 1.0
     """Measured factor on measured layer times when all devices of a host compute at once
     (shared cores, memory bandwidth); 1 for dedicated accelerators."""
+    host_link_bandwidth: float = 25e9
+    """Bytes/s one device copies to or from pinned host memory (PCIe 4 x16 in practice; ZeRO-Offload)."""
+    host_memory_bandwidth: float = 200e9
+    """Bytes/s of the host's memory, shared by its devices' CPU optimizer steps (ZeRO-Offload)."""
+    host_memory_bytes: float = 2048 * 2 ** 30
+    """Host memory in bytes, shared by its devices (ZeRO-Offload keeps optimizer state there; a DGX
+    A100 or H100 has 2 TiB)."""
 
     def __post_init__(self) -> None:
-        for name in ("peak_flops", "memory_bytes", "memory_bandwidth", "gemm_efficiency", "slowdown"):
+        for name in ("peak_flops", "memory_bytes", "memory_bandwidth", "gemm_efficiency", "slowdown",
+                     "host_link_bandwidth", "host_memory_bandwidth", "host_memory_bytes"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"DeviceSpec.{name} must be a finite number > 0, got {value!r}")

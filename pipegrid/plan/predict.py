@@ -1,7 +1,9 @@
 """Predict one candidate: per-stage op costs from the cost model, timed by the schedule simulator.
 
 step = pipeline makespan (simulated; p2p latency on every send -> recv) + data-parallel
-gradient sync (ring all-reduce, or ZeRO-1 reduce-scatter + all-gather) + optimizer step.
+gradient sync (ring all-reduce, or ZeRO-1 reduce-scatter + all-gather) + optimizer step
+(with ZeRO-Offload: the CPU step at the host's memory bandwidth and the gradient shard's
+copy down and the master shard's copy up at the host link's, ``offload_step_s``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pipegrid.schedules import Placement, registry
 from pipegrid.topology.grid import Topology
 
 __all__ = ["Candidate", "Prediction", "predict", "predict_transformer", "ring_allreduce_s",
-           "split_chunks", "micro_batches_of", "placement_of"]
+           "split_chunks", "micro_batches_of", "placement_of", "offload_step_s", "host_bytes"]
 
 _OPTIMIZER_BYTES_PER_PARAM = 28  # Adam: read+write master, m, v (24) + read grad, write param
 
@@ -43,6 +45,9 @@ class Candidate:
     gradients too, 3 the parameters too; all three move the same bytes per step (docs/zero.md)."""
     coalesce: int = 1
     """Micro-batches per point-to-point message (``schedule.coalesce``)."""
+    offload: bool = False
+    """ZeRO-Offload (``zero.offload_optimizer=cpu``, needs ``zero`` >= 1): master weights and
+    optimizer state of the shard in host memory, the optimizer step on the CPU."""
 
     @property
     def devices(self) -> int:
@@ -52,7 +57,8 @@ class Candidate:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         c = f" c={self.coalesce}" if self.coalesce > 1 else ""
         return (f"p={self.pipe} d={self.data} t={self.tensor} {self.schedule}{v}{c} "
-                f"b={self.micro_batch_size}{f' zero{int(self.zero)}' if self.zero else ''}")
+                f"b={self.micro_batch_size}{f' zero{int(self.zero)}' if self.zero else ''}"
+                f"{' offload' if self.offload else ''}")
 
 
 @dataclass(frozen=True)
@@ -80,10 +86,14 @@ class Prediction:
     """FLOPs per step without recomputation."""
     peak_flops: float = math.nan
     notes: tuple[str, ...] = field(default=())
+    host_bytes: int = 0
+    """Host memory one device's offloaded state takes (``*_host`` keys of ``memory``)."""
+    host_memory_bytes: float = math.inf
+    """Host memory per device (the host's, shared by its devices)."""
 
     @property
     def fits(self) -> bool:
-        return self.peak_memory_bytes <= self.device_memory_bytes
+        return self.peak_memory_bytes <= self.device_memory_bytes and self.host_bytes <= self.host_memory_bytes
 
     def _utilisation(self, flops: float | None) -> float | None:
         if flops is None:
@@ -127,6 +137,22 @@ def micro_batches_of(global_batch: int, candidate: Candidate) -> int:
         raise ValueError(f"global batch {global_batch} does not split into data={candidate.data} x "
                          f"micro_batch_size={candidate.micro_batch_size}; pick sizes that divide it")
     return per_replica
+
+
+def offload_step_s(shard_parameters: float, device: DeviceSpec, devices_per_host: int) -> float:
+    """Seconds of ZeRO-Offload's optimizer step for one device's shard: Adam on the host streams
+    28 bytes per parameter at the host memory bandwidth its ``devices_per_host`` devices share,
+    and the fp32 gradient shard goes down and the fp32 master shard comes back up over the host
+    link (4 + 4 bytes per parameter; on CUDA the gradient copy overlaps the backward, which this
+    does not count: an upper bound)."""
+    cpu_step = shard_parameters * _OPTIMIZER_BYTES_PER_PARAM / (device.host_memory_bandwidth / devices_per_host)
+    copies = shard_parameters * (4 + 4) / device.host_link_bandwidth
+    return cpu_step + copies
+
+
+def host_bytes(report: dict[str, int]) -> int:
+    """Host bytes of a memory report (its ``*_host`` keys)."""
+    return sum(v for k, v in report.items() if k.endswith("_host"))
 
 
 def split_chunks(layers: Sequence[LayerCost], chunks: int) -> list[list[LayerCost]]:
@@ -213,6 +239,8 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
     data_sync = ring_allreduce_s(grad_bytes, d, dp_link)  # ZeRO-1: reduce-scatter + all-gather, same volume
     shard = max(params) / (d if candidate.zero else 1)
     optimizer_s = shard * _OPTIMIZER_BYTES_PER_PARAM / cluster.device.memory_bandwidth
+    if candidate.offload:
+        optimizer_s = offload_step_s(shard, cluster.device, min(cluster.devices_per_host, candidate.devices))
     memory, peak = _busiest_memory(per_rank, params, sim.peak_inflight, candidate, optimizer, recompute, placement)
     notes = [] if sim.extrapolated_from is None else \
         ["simulated at m={},{} and extended linearly".format(*sim.extrapolated_from)]
@@ -221,7 +249,9 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
                       data_sync_s=data_sync, optimizer_s=optimizer_s, bubble_fraction=sim.bubble_fraction,
                       costs=costs, memory=memory, peak_memory_bytes=peak,
                       device_memory_bytes=cluster.device.memory_bytes, hardware_flops=hardware_flops,
-                      model_flops=model_flops, peak_flops=cluster.device.peak_flops, notes=tuple(notes))
+                      model_flops=model_flops, peak_flops=cluster.device.peak_flops, notes=tuple(notes),
+                      host_bytes=host_bytes(memory),
+                      host_memory_bytes=cluster.device.host_memory_bytes / cluster.devices_per_host)
 
 
 def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], inflight: Sequence[int],
@@ -230,7 +260,8 @@ def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], in
     best: tuple[int, dict[str, int]] = (-1, {})
     for rank, chunks in enumerate(per_rank):
         counts = [inflight[s] for s in placement.stages_of(rank)]  # each chunk's own peak: an upper bound
-        report = memory_report(params[rank], optimizer, data=candidate.data, zero=candidate.zero)
+        report = memory_report(params[rank], optimizer, data=candidate.data, zero=candidate.zero,
+                               offload=candidate.offload)
         report["activations"] = activation_bytes(chunks, counts, recompute)
         peak = report["total"] + in_step_bytes(report) + report["activations"]
         if peak > best[0]:

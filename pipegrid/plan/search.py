@@ -2,18 +2,21 @@
 
 Every candidate is first screened with closed-form pipeline formulas (cheap), then the
 shortlist that fits in memory is timed by the schedule simulator and ranked by step time.
+When nothing in the space fits, the search widens to ZeRO-2/3 and optimizer offload (which
+trade traffic or host time for memory) and each proposal says why (``Prediction.notes``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from pipegrid.plan.hardware import ClusterSpec
 from pipegrid.plan.memory import OptimizerSpec, activation_bytes, in_step_bytes, memory_report
 from pipegrid.plan.model import LayerCost, TransformerConfig, transformer_layers
 from pipegrid.plan.predict import (
-    Candidate, Prediction, _chunk_costs, micro_batches_of, placement_of, predict_transformer, split_chunks,
+    Candidate, Prediction, _chunk_costs, host_bytes, micro_batches_of, offload_step_s, placement_of,
+    predict_transformer, split_chunks,
 )
 from pipegrid.schedules import ScheduleError, registry
 
@@ -34,6 +37,10 @@ class SearchSpace:
     shortlist: int = 8
     """How many screened candidates the simulator times."""
     optimizer: str = "adam"
+    offload: tuple[bool, ...] = (False,)
+    """Optimizer offload tried (True needs a ZeRO stage >= 1; at data=1 it is ZeRO-1 + offload)."""
+    widen: bool = True
+    """When no candidate fits: search again with ZeRO stages 0-3 and offload, saying why."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -54,8 +61,17 @@ def candidates(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace)
                     continue
                 m = cfg.global_batch // (d * b)
                 for name, v in _schedules(space, cfg.layers, p, m):
-                    out.extend(Candidate(p, d, t, name, v, b, z) for z in space.zero if d > 1 or not z)
+                    out.extend(Candidate(p, d, t, name, v, b, z, offload=o)
+                               for z in space.zero for o in space.offload if _runs(int(z), o, d))
     return out
+
+
+def _runs(zero: int, offload: bool, data: int) -> bool:
+    """The ZeRO settings the engine takes and that do something: offload needs a stage >= 1; at
+    data=1 sharding saves nothing (ZeRO-1 only to offload) and ZeRO-3 is refused."""
+    if data == 1:
+        return zero == 0 and not offload or zero == 1 and offload
+    return zero > 0 or not offload
 
 
 def _schedules(space: SearchSpace, layers: int, p: int, m: int) -> list[tuple[str, int]]:
@@ -87,8 +103,8 @@ def _layers(cfg: TransformerConfig, b: int, t: int) -> tuple[LayerCost, ...]:
 
 
 def _screen(cfg: TransformerConfig, candidate: Candidate, cluster: ClusterSpec,
-            optimizer: OptimizerSpec) -> tuple[float, bool]:
-    """(closed-form step seconds, fits) without the simulator: textbook bubbles."""
+            optimizer: OptimizerSpec) -> tuple[float, int, bool]:
+    """(closed-form step seconds, peak device bytes, fits) without the simulator: textbook bubbles."""
     p, v, m = candidate.pipe, candidate.virtual_stages, micro_batches_of(cfg.global_batch, candidate)
     chunks = split_chunks(_layers(cfg, candidate.micro_batch_size, candidate.tensor), p * v)
     intra, inter = cluster.links()
@@ -99,29 +115,51 @@ def _screen(cfg: TransformerConfig, candidate: Candidate, cluster: ClusterSpec,
     pipeline = hints.pipeline(p, m, v, c["F"], c["B"], c["W"])
     first = [chunks[s] for s in placement_of(candidate).stages_of(0)]  # rank 0: the most held in 1F1B
     params = sum(l.parameters for chunk in first for l in chunk)
-    report = memory_report(params, optimizer, data=candidate.data, zero=candidate.zero)
-    static = report["total"] + in_step_bytes(report)
-    held = activation_bytes(first, [hints.held(p, m, v)] * v, cfg.recompute)
-    return pipeline, static + held <= cluster.device.memory_bytes
+    report = memory_report(params, optimizer, data=candidate.data, zero=candidate.zero, offload=candidate.offload)
+    peak = report["total"] + in_step_bytes(report) + activation_bytes(first, [hints.held(p, m, v)] * v, cfg.recompute)
+    host_ok = host_bytes(report) * cluster.devices_per_host <= cluster.device.host_memory_bytes
+    if candidate.offload:
+        shard = params / (candidate.data if candidate.zero else 1)
+        pipeline += offload_step_s(shard, cluster.device, min(cluster.devices_per_host, candidate.devices))
+    return pipeline, peak, peak <= cluster.device.memory_bytes and host_ok
 
 
 def search(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace = SearchSpace(),
            top: int = 10) -> list[Prediction]:
     """The ``top`` fitting candidates, fastest predicted step first."""
     optimizer = OptimizerSpec(space.optimizer, cfg.dtype)
-    screened = []
+    screened, smallest = [], (float("inf"), None)
     for candidate in candidates(cfg, cluster, space):
-        seconds, fits = _screen(cfg, candidate, cluster, optimizer)
+        seconds, peak, fits = _screen(cfg, candidate, cluster, optimizer)
+        smallest = min(smallest, (peak, candidate), key=lambda item: item[0])
         if fits:
             screened.append((seconds, candidate))
-    screened.sort(key=lambda item: (item[0], item[1].zero, item[1].label()))
+    screened.sort(key=lambda item: (item[0], item[1].zero, item[1].offload, item[1].label()))
     predictions = [predict_transformer(cfg, candidate, cluster, space.optimizer)
                    for _, candidate in screened[:max(space.shortlist, top)]]
     fitting = [pr for pr in predictions if pr.fits]
+    wider = replace(space, zero=(0, 1, 2, 3), offload=(False, True), widen=False)
+    if not fitting and space.widen and wider != replace(space, widen=False):
+        return [_with_reason(pr, smallest, cluster) for pr in search(cfg, cluster, wider, top)]
     if not fitting:
         raise ValueError(f"no candidate of {cfg.name} fits in {cluster.device.memory_bytes / 2**30:.0f} GiB "
-                         f"per device on {cluster.name}; add devices or allow ZeRO / smaller micro-batches")
+                         f"per device on {cluster.name}, even with ZeRO-3 or optimizer offload; add devices, "
+                         "use smaller micro-batches or turn recomputation on (model.recompute=true)")
     return sorted(fitting, key=lambda pr: pr.step_s)[:top]
+
+
+def _with_reason(prediction: Prediction, smallest: tuple[float, Candidate | None], cluster: ClusterSpec) -> Prediction:
+    """``prediction`` (found by the widened search) with a note saying why it needs what it uses."""
+    gib = 2 ** 30
+    candidate = prediction.candidate
+    uses = [f"ZeRO-{int(candidate.zero)}"] if int(candidate.zero) >= 2 else []
+    uses += ["optimizer offload"] if candidate.offload else []
+    without = "" if smallest[1] is None else \
+        f"; the smallest layout without needs {smallest[0] / gib:.0f} GiB ({smallest[1].label()})"
+    host = f", {prediction.host_bytes / gib:.0f} GiB on the host" if candidate.offload else ""
+    note = (f"{' and '.join(uses) or 'this ZeRO stage'}: no layout fits {cluster.device.memory_bytes / gib:.0f} GiB "
+            f"per device otherwise{without}; this one needs {prediction.peak_memory_bytes / gib:.0f} GiB{host}")
+    return replace(prediction, notes=(*prediction.notes, note))
 
 
 def explain(faster: Prediction, slower: Prediction) -> str:

@@ -3,8 +3,8 @@ transformers model in one process, at (pipe, data, tensor) = (1,1,2), (2,1,2), (
 and with ZeRO-1, activation checkpointing and interleaving at (2,2,2).
 
 One launch per grid runs every case: Llama (GQA, untied), GPT-2 (tied, adapter TP plan),
-Qwen2 (tied, q/k/v bias), Mistral (GQA, sliding window) under 1f1b and zb_h1 (split
-backward), padded batches, clipping that bites. After 3 steps the losses, every parameter
+Qwen2 (tied, q/k/v bias), Mistral (GQA, sliding window), and at (1,1,2) and (2,1,2) Phi-3 (packed
+qkv_proj and gate_up_proj) under 1f1b and zb_h1 (split backward), padded batches, clipping that bites. After 3 steps the losses, every parameter
 (the shards gathered), the eval logits (vocab shards gathered by the test) and the logits of
 the saved directory loaded by transformers must equal the one-process model's. Every split
 tensor was read as a shard, never whole.
@@ -26,6 +26,7 @@ from tests.support.hf_models import (ATTN, assert_ranks_match, lm_batches, load_
                                      save_config, save_tiny, sweep_config, tiny_config)
 
 FAMILIES = ("llama", "gpt2", "qwen2", "mistral")
+PACKED = ("phi3",)  # packed qkv_proj (GQA) and gate_up_proj, split per part: at (1,1,2) and (2,1,2)
 SCHEDULES = ("1f1b", "zb_h1")
 STEPS, MICRO_BATCHES, CLIP = 3, 2, 0.5
 SGD = {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9}
@@ -137,13 +138,14 @@ def _check(case: dict, per_rank: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-tp")
-    return {family: save_tiny(family, str(root / family)) for family in FAMILIES}
+    return {family: save_tiny(family, str(root / family)) for family in FAMILIES + PACKED}
 
 
 @pytest.mark.parametrize("pipe,data", [(1, 1), (2, 1), (2, 2), (3, 1)])
 def test_tensor_parallel_trains_and_saves_like_transformers(checkpoints, tmp_path, pipe, data):
+    families = FAMILIES + (PACKED if (pipe, data) in ((1, 1), (2, 1)) else ())
     cases = [{"dir": checkpoints[family], "config": _config(schedule, pipe, data),
-              "save": str(tmp_path / f"{family}-{schedule}")} for family in FAMILIES for schedule in SCHEDULES]
+              "save": str(tmp_path / f"{family}-{schedule}")} for family in families for schedule in SCHEDULES]
     per_rank = run_local(_run_cases, pipe * data * 2, (cases,), timeout_s=600)
     for i, case in enumerate(cases):
         _check(case, [rank_results[i] for rank_results in per_rank])

@@ -139,3 +139,22 @@ def test_cupy_allocates_from_torch_and_shares_memory_through_dlpack() -> None:
     assert flat[0].item() == 5.0
     assert cupy_kernels.as_torch(cupy_kernels.as_cupy(flat)).data_ptr() == flat.data_ptr()
     assert views(flat, FlatLayout.from_tensors([flat[:8]]))[0].data_ptr() == flat.data_ptr()
+
+
+def test_auto_takes_the_measured_faster_path_per_direction_and_matches_torch() -> None:
+    from pipegrid.kernels.path_choice import process_choice
+
+    for count in (3, 300):  # two size classes
+        tensors = _tensors(21 + count, count, (torch.float32, torch.bfloat16))
+        layout = FlatLayout.from_tensors(tensors)
+        flat = pack(tensors, layout=layout, backend="auto")
+        assert torch.equal(_bits(flat), _bits(pack(tensors, layout=layout, backend="torch")))
+        buffer = FlatBuffer(layout, "cuda", backend="auto")
+        assert buffer.backend == "auto"
+        outs = [torch.empty_like(t) for t in tensors]
+        buffer.pack_from(tensors)
+        for got, want in zip(buffer.unpack_to(outs) + unpack(flat, layout, backend="auto"), tensors + tensors):
+            assert torch.equal(_bits(got), _bits(want))
+    moves = {(m.op, m.tensors) for m in process_choice().table()}
+    assert {("pack", 4), ("unpack", 4), ("pack", 512), ("unpack", 512)} <= moves
+    assert all(m.path in ("torch", "cupy") and m.seconds["torch"] > 0 for m in process_choice().table())

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
 VOCAB = 64
 SEQ_LEN = 6
@@ -25,7 +25,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 def tiny_config(family: str, n_layer: int = 2, **overrides: Any) -> Any:
     """A few-thousand-parameter config of ``family``: gpt2 (tied), llama (GQA, untied), qwen2 (tied, q/k/v bias),
-    mistral (GQA, untied, a sliding window shorter than the sequence)."""
+    mistral (GQA, untied, a sliding window shorter than the sequence), phi3 (GQA, packed projections)."""
     if family == "gpt2":
         config = GPT2Config(n_embd=16, n_layer=n_layer, n_head=2, vocab_size=VOCAB, n_positions=32,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
@@ -41,6 +41,11 @@ def tiny_config(family: str, n_layer: int = 2, **overrides: Any) -> Any:
         config = MistralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=n_layer, num_attention_heads=4,
                                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32, sliding_window=4,
                                tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    elif family == "phi3":  # packed qkv_proj (GQA) and gate_up_proj
+        config = Phi3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=n_layer, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                            original_max_position_embeddings=32, tie_word_embeddings=False, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=1, pad_token_id=None)
     else:
         raise ValueError(f"unknown test family {family!r}")
     for key, value in overrides.items():

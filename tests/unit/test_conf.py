@@ -191,6 +191,8 @@ def test_a_command_line_lr_scheduler_merges_into_an_app_that_has_none():
     ({"stage": 1, "reduce_every_micro_batch": True}, "needs zero.stage=2"),
     ({"stage": 0, "offload_optimizer": "cpu"}, "set zero.stage=1"),
     ({"stage": 1, "offload_optimizer": "nvme"}, "must be none or cpu"),
+    ({"stage": 2, "gather": "per_layer"}, "needs zero.stage=3, got zero.stage=2; set zero.stage=3"),
+    ({"stage": 3, "gather": "per_micro_batch"}, "must be per_step or per_layer"),
 ])
 def test_zero_combinations_that_cannot_work_are_refused_with_the_fix(zero, fragment):
     with pytest.raises(ValueError, match=fragment):

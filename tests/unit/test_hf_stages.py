@@ -209,8 +209,8 @@ def test_tensor_parallel_bad_input_is_refused_before_any_group():
     refused(r"num_attention_heads=4 is not divisible by 8", hf.from_config, tiny_config("llama"), pg.Topology(tensor=8))
     refused(r"vocab_size=63 is not divisible by 2; pad the vocabulary", hf.from_config,
             tiny_config("llama", vocab_size=63), tensor2)
-    refused(r"styles pipegrid.hf does not apply: .*qkv_proj': 'colwise_gather_output'", hf.from_config,
-            sweep_config("phi3"), tensor2)
+    refused(r"styles pipegrid.hf does not apply: .*q_proj': 'colwise_gather_output'.*packed projections "
+            r"\['gate_up_proj', 'qkv_proj'\]", hf.from_config, sweep_config("olmo2"), tensor2)
     refused(r"styles pipegrid.hf does not apply: .*q_norm': 'replicated_with_grad_allreduce'", hf.from_config,
             sweep_config("qwen3"), tensor2)
     moe_style = tiny_config("llama")
@@ -221,13 +221,16 @@ def test_tensor_parallel_bad_input_is_refused_before_any_group():
     no_plan.base_model_tp_plan = None
     refused(r"no base_model_tp_plan and pipegrid.hf has no adapter TP plan for model_type 'llama'", hf.from_config,
             no_plan, tensor2)
-    refused(r"topology.tensor=2 needs its tensor-parallel group.*tensor_group=groups.tensor_parallel_group",
-            hf.from_config, tiny_config("gpt2"), tensor2)
+    with pytest.raises(RuntimeError, match=r"topology.tensor=2 splits .* torch.distributed is not initialised and "
+                       r"RANK/WORLD_SIZE are not set; start the job with torchrun --nproc-per-node 2"):
+        hf.from_config(tiny_config("gpt2"), tensor2)  # no group given, none can be built here
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize("rule,shape", [(ShardRule(0, (8,)), (8, 3)), (ShardRule(1, (6,)), (4, 6)),
                                         (ShardRule(1, (4, 4, 4), transposed=True), (3, 12)),
-                                        (ShardRule(0, (4, 4, 4)), (12,))])
+                                        (ShardRule(0, (4, 4, 4)), (12,)),
+                                        (ShardRule(0, (8, 4, 4)), (16, 3))])  # Phi-3's qkv_proj with GQA
 def test_shard_rules_take_read_and_assemble(rule, shape):
     """A rank's shard cut from the whole tensor equals the one read slice by slice, and the
     shards assemble back into the stored tensor (GPT-2's packed, transposed c_attn included)."""

@@ -12,8 +12,8 @@ from functools import lru_cache
 import pytest
 
 from pipegrid.schedules import (
-    SCHEDULES, Backward, BackwardInput, BackwardWeight, Forward, Placement, RecvGrad, Schedule, ScheduleError,
-    ScheduleSpec, SendGrad, build, dualpipev, gpipe, lower, parts, registry, simulate, to_text, validate, zb_v,
+    SCHEDULES, Backward, BackwardInput, BackwardWeight, Forward, Placement, Schedule, ScheduleError,
+    ScheduleSpec, build, dualpipev, gpipe, lower, parts, registry, simulate, to_text, validate, zb_v,
 )
 from pipegrid.schedules.loss_message import knows_loss_after
 

@@ -53,6 +53,14 @@ class OptimizerState(Protocol):
         """Collective over data (ZeRO-3): put the whole parameters back into the model until the
         next optimizer step frees them; a no-op where they never leave."""
 
+    def begin_step(self) -> None:
+        """Collective over data (ZeRO-3): what a step needs before its first instruction (the whole
+        parameters, or with ``zero.gather=per_layer`` nothing: each layer gathers its own)."""
+
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
+        """Collective over data (ZeRO-3 per layer): gather the layers holding ``params`` again (and
+        free the others), post the gather of those holding ``following``."""
+
     def weight_grads_done(self) -> None:
         """A model stage finished one micro-batch's parameter gradients (ZeRO-2 may reduce them now;
         a collective there, called at the same point of the schedule on every data rank)."""
@@ -89,12 +97,18 @@ class OptimizerState(Protocol):
 
 def build_optimizer_state(stage: int, params: list[torch.nn.Parameter], factory: Factory, data_group: Any,
                           data_size: int, data_rank: int, backend: str, *, reduce_every_micro_batch: bool = False,
-                          tied: frozenset[int] = frozenset(), offload: bool = False) -> OptimizerState:
+                          tied: frozenset[int] = frozenset(), offload: bool = False, gather: str = "per_step",
+                          chunks: list[Any] = ()) -> OptimizerState:
     """The optimizer state ``zero.stage`` asks for (the config checks the stage's range); ``tied``:
     ids of the parameters a tied layer shares with other pipe ranks; ``offload``: master weights
-    and optimizer state in host memory, stepped there (ZeRO-1/2)."""
-    if stage in (2, 3):
-        return (Zero3Optimizer if stage == 3 else Zero2Optimizer)(params, factory, data_group, data_size, data_rank, backend,
+    and optimizer state in host memory, stepped there (ZeRO-1/2/3); ``gather``: ZeRO-3's
+    ``per_step`` or ``per_layer`` (around each use of the layers of ``chunks``, the rank's StageChunks)."""
+    if stage == 3:
+        return Zero3Optimizer(params, factory, data_group, data_size, data_rank, backend,
+                              reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied, offload=offload,
+                              gather=gather, chunks=chunks)
+    if stage == 2:
+        return Zero2Optimizer(params, factory, data_group, data_size, data_rank, backend,
                               reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied, offload=offload)
     if stage == 1:
         return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend, offload=offload)

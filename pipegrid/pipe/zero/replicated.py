@@ -45,6 +45,12 @@ class ReplicatedOptimizer:
     def gather_params(self) -> None:
         """The whole parameters are always in place (ZeRO-3 gathers them here)."""
 
+    def begin_step(self) -> None:
+        """Nothing to gather: the whole parameters are always in place."""
+
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
+        """The whole parameters are always in place."""
+
     def weight_grads_done(self) -> None:
         """A model stage finished a micro-batch's parameter gradients: nothing to do before the step's end."""
 

@@ -12,8 +12,17 @@ import torch
 import torch.distributed as dist
 
 from pipegrid import kernels
-from pipegrid.pipe.zero.common import (MASTER, Factory, ParamState, accumulate_in_fp32, check_scalars,
-                                       load_torch_state, state_tensors, storage_bytes)
+from pipegrid.pipe.zero.common import (
+    MASTER,
+    Factory,
+    ParamState,
+    accumulate_in_fp32,
+    check_scalars,
+    load_torch_state,
+    state_tensors,
+    storage_bytes,
+)
+from pipegrid.pipe.zero.offload import HostTransfers
 
 
 def _views_at(flat: torch.Tensor, layout: kernels.FlatLayout) -> list[torch.Tensor]:
@@ -53,6 +62,8 @@ class ZeroOptimizer:
     def __init__(self, params: list[torch.nn.Parameter], factory: Factory, data_group: Any, data_size: int,
                  data_rank: int, backend: str = "auto", *, offload: bool = False) -> None:
         self.params, self.group, self.backend, self.offload = params, data_group, backend, offload
+        # offload's copies to and from the host (on a side stream under CUDA); without offload plain copies
+        self.host = HostTransfers(params[0].device if params and offload else torch.device("cpu"))
         self.data_size, self.data_rank = data_size, data_rank
         self._index = {id(p): i for i, p in enumerate(params)}
         device = params[0].device if params else torch.device("cpu")
@@ -115,16 +126,23 @@ class ZeroOptimizer:
     def _copy_grad_to_host(self) -> None:
         """Offload: the reduced shard's gradient goes to the host, where the step and the norms read it."""
         if self.offload:
-            self.shard.grad.copy_(self.reduced_grad)
+            self.host.to_host(self.shard.grad, self.reduced_grad)  # (on CUDA: started, not awaited)
 
     def gather_params(self) -> None:
         """The whole parameters are always in place (ZeRO-3 gathers them here)."""
+
+    def begin_step(self) -> None:
+        """Nothing to gather: the whole parameters are always in place."""
+
+    def parameters_needed(self, params: list[torch.Tensor], following: list[torch.Tensor]) -> None:
+        """The whole parameters are always in place."""
 
     def weight_grads_done(self) -> None:
         """A model stage finished a micro-batch's parameter gradients: nothing to do before the step's end."""
 
     def grads(self, counted: set[int] | None = None) -> list[torch.Tensor]:
         """This rank's slices of the gradient (only the parameters in ``counted``, if given)."""
+        self.host.host_ready()
         if counted is None:
             return [self.shard.grad]
         lo, hi = self._range
@@ -136,15 +154,21 @@ class ZeroOptimizer:
         return slices
 
     def step(self, grad_coef: float = 1.0) -> None:
+        self.host.host_ready()
         if grad_coef != 1.0:
             self.shard.grad.mul_(grad_coef)
         self.optimizer.step()
         lo, hi = self._range
         own = self.param_flat[lo:hi]
-        if self.separate_master:
-            own.copy_(self.shard.detach())  # (in float32 without offload the shard is this very slice)
+        if self.separate_master:  # (in float32 without offload the shard is this very slice)
+            self.host.to_device(own, self.shard.detach())
         if self.data_size > 1:  # in place: this rank's input is its own slice of the output
             _all_gather(self.param_flat, own, group=self.group)
+
+    def _own_parameters(self) -> torch.Tensor:
+        """This rank's range of the (whole) parameters."""
+        lo, hi = self._range
+        return self.param_flat[lo:hi]
 
     def sync_master_from_params(self) -> None:
         """After loading model weights alone: the fp32 master shard follows them."""
@@ -220,7 +244,7 @@ class ZeroOptimizer:
         fp32 = shard.pop(MASTER, None)
         if self.separate_master:
             with torch.no_grad():
-                self.shard.copy_(fp32 if fp32 is not None else self.param_flat[lo:hi])
+                self.shard.copy_(fp32 if fp32 is not None else self._own_parameters())
         scalars = {k: v.clone() for k, v in first.scalars.items()}  # (``read`` may map a file)
         state = {0: {**scalars, **shard}} if shard or scalars else {}
         load_torch_state(self.optimizer, state, hyperparameters)

@@ -3,16 +3,19 @@
 Times packing and unpacking 10, 100 and 1000 fp32 tensors of mixed (log-uniform)
 sizes, 1 MB up to 1 GB in all on CUDA (256 MB on CPU), for every available path,
 and reports GB/s (bytes read + written) and the fraction of the device's copy
-bandwidth, measured as one large ``dst.copy_(src)``. Prints a markdown table and
-writes JSON.
+bandwidth, measured as one large ``dst.copy_(src)``. On CUDA with CuPy, ``pipegrid/auto``
+is what ``kernels.backend=auto`` does: per direction and size class, the path (torch or
+CuPy) it measured faster on first use; the JSON lists those choices. Prints a markdown
+table and writes JSON.
 
-    python benchmarks/kernels.py --quick                  # CPU smoke run, ~1 minute
-    python benchmarks/kernels.py --device cuda            # full GPU run
+    python benchmarks/kernel_bandwidth.py --quick                  # CPU smoke run, ~1 minute
+    python benchmarks/kernel_bandwidth.py --device cuda            # full GPU run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -28,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipegrid.kernels import FlatBuffer, FlatLayout  # noqa: E402
 from pipegrid.kernels.backend import cupy_unavailable_reason  # noqa: E402
+from pipegrid.kernels.path_choice import process_choice  # noqa: E402
 
 MB = 1 << 20
 
@@ -108,7 +112,8 @@ def _unpack_methods(tensors, backends) -> dict[str, Callable[[], object]]:
 
 def run(device: torch.device, counts, totals, repeats: int) -> dict:
     measure = _timer(device, repeats)
-    backends = ["torch"] + (["cupy"] if device.type == "cuda" and cupy_unavailable_reason() is None else [])
+    # auto: each direction and size class takes the path it measured faster (pipegrid/kernels/path_choice.py)
+    backends = ["torch"] + (["cupy", "auto"] if device.type == "cuda" and cupy_unavailable_reason() is None else [])
     copy_gbs = copy_bandwidth(device, max(totals), measure)
     rows = []
     for total in totals:
@@ -127,7 +132,9 @@ def run(device: torch.device, counts, totals, repeats: int) -> dict:
                                      copy_fraction=round(gbs / copy_gbs, 3),
                                      speedup_vs_first=round(baseline / seconds, 2)))
             del tensors
-    return dict(device=_device_name(device), backends=backends, copy_gb_s=round(copy_gbs, 2), rows=rows)
+    choices = [dataclasses.asdict(m) for m in process_choice().table()]
+    return dict(device=_device_name(device), backends=backends, copy_gb_s=round(copy_gbs, 2), rows=rows,
+                auto_choices=choices)
 
 
 def _device_name(device: torch.device) -> str:
@@ -160,18 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1 and 16 MB only, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/kernels_<device>.json)")
+                        help="JSON path (default benchmarks/results/kernel_bandwidth_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cap = 1024 * MB if device.type == "cuda" else 256 * MB
     totals = [MB, 16 * MB] if args.quick else [t for t in (MB, 16 * MB, 256 * MB, 1024 * MB) if t <= cap]
     repeats = args.repeats or (5 if args.quick else 20)
     result = run(device, (10, 100, 1000), totals, repeats)
-    result.update(command=" ".join(["python", "benchmarks/kernels.py", *(argv or sys.argv[1:])]),
+    result.update(command=" ".join(["python", "benchmarks/kernel_bandwidth.py", *(argv or sys.argv[1:])]),
                   torch=torch.__version__, commit=_commit(),
                   date=datetime.datetime.now().isoformat(timespec="seconds"))
     print(markdown(result))
-    out = args.out or Path(__file__).parent / "results" / f"kernels_{device.type}.json"
+    out = args.out or Path(__file__).parent / "results" / f"kernel_bandwidth_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
