@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pipegrid.conf.schema import LossConfig
 from pipegrid.pipe.module import PipelineModule
 from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
-from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+from pipegrid.tensor import (ColumnParallelLinear, LMHeadInputs, LMLoss, RowParallelLinear, VocabParallelEmbedding,
                              copy_to_region, vocab_parallel_cross_entropy)
 
 __all__ = ["GPT", "GPTConfig", "gpt_loss", "pad_vocab_size", "small_gpt_config", "tiny_gpt_config"]
@@ -147,6 +148,15 @@ class TokenEmbedding(nn.Module):
         h = copy_to_region(h, self.tensor_group) if self.tensor_group is not None else h
         return h @ self.tok.weight.T
 
+    def head(self, h: torch.Tensor) -> LMHeadInputs | torch.Tensor:
+        """The tied head for a fused loss: (B, T, C) and this rank's weight slice (V / tensor, C),
+        from which the loss makes the logits a chunk of tokens at a time. Without autograd
+        (evaluation, generation) the logits themselves, so ``eval_batch`` still returns them."""
+        if not torch.is_grad_enabled():
+            return self.logits(h)
+        h = copy_to_region(h, self.tensor_group) if self.tensor_group is not None else h
+        return LMHeadInputs(h, self.tok.weight)
+
 
 class PositionEmbedding(nn.Module):
     """Adds a learned position vector to each token vector."""
@@ -256,7 +266,8 @@ class Block(nn.Module):
 
 def gpt_loss(logits: torch.Tensor, labels: torch.Tensor, tensor_group: Group = None) -> torch.Tensor:
     """Mean token cross-entropy of logits (B, T, V) or, with a tensor group, of this
-    rank's vocab slice (B, T, V / tensor), the full logits never gathered."""
+    rank's vocab slice (B, T, V / tensor), the full logits never gathered (``loss.chunked=false``;
+    otherwise :class:`pipegrid.tensor.LMLoss` takes the head's inputs instead of its logits)."""
     if tensor_group is not None:
         return vocab_parallel_cross_entropy(logits, labels, tensor_group)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -271,23 +282,28 @@ class GPT(PipelineModule):
     dense model. ``pipeline_kwargs`` go to PipelineModule (``virtual_stages``, ``seed``...).
     Dropout > 0 under tensor parallelism assumes every tensor rank draws the same masks
     in replicated regions (the same RNG state); tests compare at dropout 0.
+    ``loss`` (default: the engine config's ``loss:`` section) chunks head + cross-entropy over
+    the tokens unless ``loss.chunked`` is false; a ``loss_fn`` passed in keeps the head's logits.
     """
 
     def __init__(self, cfg: GPTConfig, topology: Any = None, tensor_group: Group = None,
-                 **pipeline_kwargs: Any) -> None:
+                 loss: LossConfig | None = None, **pipeline_kwargs: Any) -> None:
         tensor = topology.tensor if topology is not None else _tensor_degree(tensor_group)
         cfg.check_tensor_parallel(tensor)
         _check_group(tensor, tensor_group)
         group = tensor_group if tensor > 1 else None
-        pipeline_kwargs.setdefault("loss_fn", gpt_loss if group is None
-                                   else functools.partial(gpt_loss, tensor_group=group))
+        plain = gpt_loss if group is None else functools.partial(gpt_loss, tensor_group=group)
+        lm_loss = LMLoss(loss, group, plain=plain)
+        pipeline_kwargs.setdefault("loss_fn", lm_loss)
+        head = functools.partial(_tied_head, pipeline_kwargs["loss_fn"])
         embed = (cfg.vocab_size, cfg.n_embd, group)
         layers = [
             TiedLayerSpec("embed", TokenEmbedding, *embed, tied_weight_attr="tok.weight"),
             LayerSpec(PositionEmbedding, cfg),
             *[LayerSpec(Block, cfg, group) for _ in range(cfg.n_layer)],
             LayerSpec(nn.LayerNorm, cfg.n_embd),  # position-wise: generate runs it as is
-            TiedLayerSpec("embed", TokenEmbedding, *embed, forward_fn=TokenEmbedding.logits,
+            TiedLayerSpec("embed", TokenEmbedding, *embed,
+                          forward_fn=head,
                           tied_weight_attr="tok.weight"),
         ]
         super().__init__(layers, topology=topology, **pipeline_kwargs)
@@ -305,6 +321,12 @@ class GPT(PipelineModule):
     def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
         """Model FLOPs utilisation: achieved FLOP/s over ``peak_flops`` (of all devices used)."""
         return self.num_flops_per_token() * tokens_per_second / peak_flops
+
+
+def _tied_head(loss_fn: Any, embedding: TokenEmbedding, h: torch.Tensor) -> LMHeadInputs | torch.Tensor:
+    """The last position: the head's inputs for a fusing :class:`LMLoss`, else the logits."""
+    fuses = isinstance(loss_fn, LMLoss) and loss_fn.fuses()
+    return embedding.head(h) if fuses else embedding.logits(h)
 
 
 def _check_group(tensor: int, tensor_group: Group) -> None:

@@ -22,6 +22,7 @@ LAYOUT_KEYS = ("topology.pipe", "topology.data", "topology.tensor", "schedule.vi
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 KERNEL_BACKENDS = ("auto", "torch", "cupy")  # pipegrid.kernels.backend.BACKENDS (no torch import here)
 FP8_RECIPES = ("tensorwise", "rowwise")  # torchao.float8's recipe names (pipegrid.pipe.fp8)
+LOSS_CHUNKED = ("auto", "true", "false")
 
 
 def signal_number(name: str) -> int:
@@ -251,6 +252,26 @@ class KernelsConfig:
             raise ValueError(f"kernels.backend must be one of {', '.join(KERNEL_BACKENDS)}, got {self.backend!r}")
 
 
+@dataclass
+class LossConfig:
+    """The ``loss:`` section: how the last stage computes the LM head and its cross-entropy."""
+
+    chunked: str = "auto"
+    """Head + cross-entropy in chunks of ``chunk_tokens`` tokens, so a micro-batch's full-vocabulary
+    logits never exist (Liger's or cut-cross-entropy's kernel on CUDA when installed, a torch path
+    elsewhere): ``true``, ``false``, or ``auto`` (on when a micro-batch has more tokens than one chunk
+    and the vocabulary, per tensor rank, is wider than the hidden size)."""
+    chunk_tokens: int = 1024
+    """Tokens per chunk: each chunk holds (chunk_tokens, vocab / tensor) float32 logits at a time."""
+
+    def __post_init__(self) -> None:
+        self.chunked = str(self.chunked).lower()  # YAML and the command line give true/false as booleans
+        if self.chunked not in LOSS_CHUNKED:
+            raise ValueError(f"loss.chunked must be one of {', '.join(LOSS_CHUNKED)}, got {self.chunked!r}")
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
+            raise ValueError(f"loss.chunk_tokens must be an integer >= 1, got {self.chunk_tokens!r}")
+
+
 def _adamw() -> dict[str, Any]:
     return {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
@@ -273,6 +294,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
         self._fill_layout()

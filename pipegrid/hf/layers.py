@@ -10,7 +10,8 @@ modules of the meta-device skeleton, so a stage allocates only what it owns.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -137,13 +138,17 @@ class FinalNorm(_Part):
 
 
 class LMHead(_Part):
-    """An untied LM head: the causal LM's own logits from the final hidden state."""
+    """An untied LM head: the causal LM's own logits from the final hidden state (or, with a
+    fused loss, what the loss needs to make them itself: ``head``, a :class:`FusableHead`)."""
 
-    def __init__(self, skeleton: Skeleton) -> None:
+    def __init__(self, skeleton: Skeleton, head: Callable[[torch.Tensor, bool], Any] | None = None) -> None:
         super().__init__(skeleton)
         self.adopt("head", skeleton.plan.head)
+        self.fusable_head = head
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> Any:
+        if self.fusable_head is not None:
+            return self.fusable_head(hidden, self.training)
         return self.skeleton.logits(hidden, self.training)
 
     def forward_cached(self, hidden: torch.Tensor, cache: Any, step: Any) -> torch.Tensor:
@@ -186,17 +191,26 @@ class HFTiedLayerSpec(_Described, TiedLayerSpec):
         self.hf_modules = (skeleton.base_name(skeleton.plan.embed),)
 
 
-def layer_specs(skeleton: Skeleton) -> list[LayerSpec]:
-    """The causal LM as pipeline layers: embedding, prefix, decoder layers, final norm, head."""
+def _tied_head(head: Callable[[torch.Tensor, bool], Any], embedding: Embedding, hidden: torch.Tensor) -> Any:
+    """The tied LM head's position with a fusable loss (``head``: a :class:`FusableHead`)."""
+    return head(hidden, embedding.training)
+
+
+def layer_specs(skeleton: Skeleton, head: Callable[[torch.Tensor, bool], Any] | None = None) -> list[LayerSpec]:
+    """The causal LM as pipeline layers: embedding, prefix, decoder layers, final norm, head.
+
+    ``head(hidden, training)``, when given, is what the head's position returns (logits, or the
+    fused loss's inputs); None: the model's own logits."""
     plan = skeleton.plan
     embed_name = skeleton.base_name(plan.embed)
     embed_label = type(skeleton.shell.get_submodule(embed_name)).__name__
     if plan.tied:
         first: LayerSpec = HFTiedLayerSpec(skeleton, label=embed_label)
-        last: LayerSpec = HFTiedLayerSpec(skeleton, label="LMHead", forward_fn=Embedding.logits)
+        tied = Embedding.logits if head is None else functools.partial(_tied_head, head)
+        last: LayerSpec = HFTiedLayerSpec(skeleton, label="LMHead", forward_fn=tied)
     else:
         first = HFLayerSpec(Embedding, skeleton, label=embed_label, hf_modules=(embed_name,))
-        last = HFLayerSpec(LMHead, skeleton, label="LMHead", hf_modules=(plan.head,))
+        last = HFLayerSpec(LMHead, skeleton, head, label="LMHead", hf_modules=(plan.head,))
     prefix = HFLayerSpec(EmbeddingPrefix, skeleton, label="EmbeddingPrefix",
                          hf_modules=tuple(skeleton.base_name(child) for child in plan.prefix))
     layers_name = skeleton.base_name(plan.layers)

@@ -19,13 +19,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pipegrid.conf.schema import LossConfig
+from pipegrid.hf.fused_head import FusableHead
 from pipegrid.hf.layers import TIED_KEY, layer_specs
 from pipegrid.hf.pp_plan import PlanEntry, plan_for, read_config_json
 from pipegrid.hf.skeleton import Skeleton
 from pipegrid.hf.weights import CheckpointWeights
 from pipegrid.pipe.module import PipelineModule
 from pipegrid.pipe.spec import TiedLayerSpec
-from pipegrid.tensor import vocab_parallel_cross_entropy
+from pipegrid.tensor import LMLoss, vocab_parallel_cross_entropy
 from pipegrid.topology.grid import Topology
 
 
@@ -89,18 +91,23 @@ class HFCausalLM(PipelineModule):
 
     Build it with :func:`from_pretrained` or :func:`from_config`. Micro-batches are
     ``(input_ids, labels)`` or ``((input_ids, attention_mask), labels)``; the loss is the
-    model's causal-LM loss. ``hf_state_dict()`` gives the local tensors under their
+    model's causal-LM loss, its head and cross-entropy chunked over the tokens as ``loss``
+    (default: the engine config's ``loss:`` section) says. ``hf_state_dict()`` gives the local tensors under their
     transformers names; :func:`pipegrid.hf.save_pretrained` writes them back.
     """
 
     def __init__(self, skeleton: Skeleton, topology: Topology | None = None, *,
                  partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
-                 seed: int = 1234, **pipeline_kwargs: Any) -> None:
+                 seed: int = 1234, loss: LossConfig | None = None, **pipeline_kwargs: Any) -> None:
         skeleton.materialise_unplanned()
-        loss: Any = CausalLMLoss(skeleton.shell.loss_function, skeleton.config.vocab_size)
+        plain: Any = CausalLMLoss(skeleton.shell.loss_function, skeleton.config.vocab_size)
         if skeleton.split is not None:
-            loss = VocabParallelCausalLMLoss(skeleton.split.group)
-        super().__init__(layer_specs(skeleton), loss_fn=loss, topology=topology, partition_method=partition_method,
+            plain = VocabParallelCausalLMLoss(skeleton.split.group)
+        # the head hands the loss its inputs when loss.chunked allows (the engine's config, or ``loss``)
+        group = skeleton.split.group if skeleton.split is not None else None
+        lm_loss = LMLoss(loss, group, shift_labels=True, plain=plain)
+        specs = layer_specs(skeleton, FusableHead(skeleton, lm_loss))
+        super().__init__(specs, loss_fn=lm_loss, topology=topology, partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval, seed=seed,
                          **pipeline_kwargs)
         self.skeleton = skeleton

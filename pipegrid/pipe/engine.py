@@ -45,6 +45,7 @@ from pipegrid.pipe.update import GradientUpdate
 from pipegrid.pipe.zero import OptimizerState, build_optimizer_state
 from pipegrid.schedules import build, validate
 from pipegrid.schedules import generate as generate_schedule
+from pipegrid.tensor.linear_cross_entropy import LMLoss
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import header_group, init_distributed, local_cuda_device
 
@@ -113,6 +114,8 @@ class PipelineEngine:
         self.module = module.to(device=self.device, dtype=self.dtype)
         if config.precision.fp8:  # before anything holds the Linear modules or builds the optimizer
             fp8.convert_to_fp8(self.module, config.precision)
+        if isinstance(getattr(module, "loss_fn", None), LMLoss):  # loss.chunked, unless the model has its own
+            module.loss_fn.configure(config.loss)
         self._build_schedules()
         self._connect()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
