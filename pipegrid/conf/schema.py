@@ -21,6 +21,7 @@ LAYOUT_KEYS = ("topology.pipe", "topology.data", "topology.tensor", "schedule.vi
 """Keys a config may leave unset for :func:`pipegrid.initialize` to take from the module."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 KERNEL_BACKENDS = ("auto", "torch", "cupy")  # pipegrid.kernels.backend.BACKENDS (no torch import here)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's
 
 
 def signal_number(name: str) -> int:
@@ -229,6 +230,44 @@ class KernelsConfig:
             raise ValueError(f"kernels.backend must be one of {', '.join(KERNEL_BACKENDS)}, got {self.backend!r}")
 
 
+@dataclass
+class CompileConfig:
+    """The ``compile:`` section: ``torch.compile`` each pipeline layer of this rank on its own, in
+    place (``pipegrid/pipe/compile.py``), as torchtitan compiles each block."""
+
+    enabled: bool = False
+    """Compile every built layer (each LayerSpec, each transformers decoder layer, the embedding, the
+    norm and the head); parameter names, checkpoints and tied weights stay as they are."""
+    backend: str = "inductor"
+    """torch.compile backend: inductor (generated C++ or Triton code), aot_eager (traced by dynamo and
+    AOTAutograd, no code generated: quick to compile, for tests), or any name torch._dynamo.list_backends() gives."""
+    mode: Optional[str] = None
+    """inductor only: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs;
+    None: inductor's default."""
+    fullgraph: bool = False
+    """Refuse graph breaks inside a layer: one graph per layer or an error (needs eager_linear off)."""
+    dynamic: Optional[bool] = None
+    """None: compile for the first shape and once more, with symbolic sizes, when a layer sees another;
+    true: symbolic sizes from the start; false: one compile per shape, up to torch._dynamo's recompile_limit."""
+    eager_linear: Optional[bool] = None
+    """Run each nn.Linear eagerly between the compiled regions, so its weight gradient keeps a backward
+    node of its own that a split backward (zb_h1, zb_v, dualpipev) defers to W. None: on for those
+    schedules (unless fullgraph), off for the others."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"compile.backend must be a backend name such as inductor or aot_eager, "
+                             f"got {self.backend!r}")
+        if self.mode is not None and self.mode not in COMPILE_MODES:
+            raise ValueError(f"compile.mode must be null or one of {', '.join(COMPILE_MODES)}, got {self.mode!r}")
+        if self.mode is not None and self.backend != "inductor":
+            raise ValueError(f"compile.mode={self.mode!r} is an inductor setting, but compile.backend="
+                             f"{self.backend!r}; set compile.backend=inductor or compile.mode=null")
+        if self.fullgraph and self.eager_linear:
+            raise ValueError("compile.fullgraph=true refuses graph breaks, but compile.eager_linear=true breaks "
+                             "the graph at every nn.Linear; set one of them to false (or eager_linear=null)")
+
+
 def _adamw() -> dict[str, Any]:
     return {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
@@ -251,6 +290,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def __post_init__(self) -> None:
         self._fill_layout()
