@@ -52,10 +52,25 @@ def compile_stages(module: PipelineModule, config: CompileConfig, split_backward
     """Compile every layer of this rank's stages in place; None when ``compile.enabled`` is off."""
     if not config.enabled:
         return None
+    _donate_buffers(not split_backward)
     compiler = StageCompiler(config, eager_linear_wanted(config, split_backward), rank)
     for stage_id, chunk in module.stages.items():
         chunk.compile_layers(functools.partial(compiler.compile_layer, int(stage_id)))
     return compiler
+
+
+def _donate_buffers(wanted: bool) -> None:
+    """AOTAutograd's donated buffers (a compiled backward reusing its saved tensors' memory) refuse
+    ``retain_graph=True``, which a split backward's I needs for W: off under zb_h1, zb_v, dualpipev.
+
+    Compiled code keeps the setting it was made with and dynamo's cache does not guard on it, so a
+    change drops every compiled graph of the process (``torch._dynamo.reset``)."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    if functorch_config.donated_buffer != wanted:
+        functorch_config.donated_buffer = wanted
+        torch._dynamo.reset()  # (also clears other compilers' recompile notices: said once, not never)
 
 
 def _check_backend(name: str) -> None:
@@ -103,6 +118,8 @@ class StageCompiler:
         calls it, else the position's own call (a tied head's ``forward_fn``). Plain callables stay."""
         if not isinstance(layer, nn.Module):
             return call
+        if type(layer).__module__.startswith("torch.") and call is layer:
+            return call  # dynamo runs torch's own modules (nn.LayerNorm as a layer) eagerly as a top frame
         name = type(layer).__name__
         if call is layer:
             if self.eager_linear:
@@ -118,10 +135,10 @@ class StageCompiler:
 
     def _keep_matmuls_eager(self, layer: nn.Module) -> None:
         for sub in layer.modules():
-            if _is_weight_matmul(sub) and not getattr(sub, "_pipegrid_eager", False):
-                # an instance attribute: the class (and other models using it) stays as it is
-                sub.forward = torch.compiler.disable(sub.forward, recursive=True)
-                sub._pipegrid_eager = True
+            if _is_weight_matmul(sub) and not getattr(type(sub), "runs_eagerly", False):
+                # a subclass, not a patched instance: dynamo guards on a submodule's type, so code
+                # compiled for a model without eager_linear is never reused for this one (or back)
+                sub.__class__ = _eager_class(type(sub))
 
     def _run(self, stage: int, index: int, name: str, compiled: Callable[[Any], Any], x: Any) -> Any:
         self._running = (stage, index, name, x)
@@ -163,6 +180,14 @@ class StageCompiler:
                     f"{'on' if torch.is_grad_enabled() else 'off'}: a new shape, dtype, grad mode or training "
                     f"flag. Each code object compiles at most torch._dynamo.config.recompile_limit={limit} times, "
                     "then runs eagerly; compile.dynamic=true compiles for any shape up front")
+
+
+@functools.cache
+def _eager_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with its forward left out of every compiled graph (same state_dict, same isinstance)."""
+    forward = torch.compiler.disable(cls.forward, recursive=True)
+    return type(cls.__name__, (cls,), {"forward": forward, "runs_eagerly": True, "__module__": __name__,
+                                       "__qualname__": f"eager {cls.__qualname__}"})
 
 
 def _remove_callback(handler: Any, callback: Callable[[Any], None]) -> None:

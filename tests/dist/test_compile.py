@@ -1,0 +1,158 @@
+"""compile.enabled on gloo: compiled stages train exactly like eager ones and like one plain-torch
+process, under every schedule (the split-backward ones included), at pipe 2 and pipe 2 x data 2,
+with the tied embedding/head, activation checkpointing, a transformers Llama, and a new sequence
+length mid-run.
+
+Compiling on 2 shared cores is the cost here: the schedule matrix uses backend aot_eager (dynamo and
+AOTAutograd trace as inductor would, no code generated), one case runs inductor itself; every
+case of a grid runs in one ``run_local`` call, so a worker compiles each layer class once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pipegrid as pg
+from pipegrid import hf
+from pipegrid.launch import run_local
+from pipegrid.schedules import SCHEDULES, ScheduleError, build
+from tests.support.engine_cases import (
+    N_LAYER,
+    assert_matches_reference,
+    canonical_state,
+    config,
+    global_batches,
+    run_pipeline,
+    run_reference,
+)
+from tests.support.hf_models import (
+    ATTN,
+    assert_ranks_match,
+    lm_batches,
+    load_reference,
+    reference_step,
+    save_tiny,
+)
+from tests.support.models import TinyGPT, gpt_batches
+
+# non-split schedules first: a split backward turns AOTAutograd's donated buffers off, which drops
+# the compiled code once (pipe/compile.py), so a worker switches once, not per schedule
+ORDER = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v", "dualpipev"]
+AOT = {"enabled": True, "backend": "aot_eager"}
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _accepted(schedule: str, pipe: int, m: int) -> bool:
+    try:
+        build(schedule, pipe, m, (SCHEDULES[schedule].chunks or (2,))[0])
+        return True
+    except ScheduleError:
+        return False
+
+
+def _compiled_and_eager(configs: list[dict]) -> list[tuple[dict, dict]]:
+    return [(run_pipeline({**cfg, "compile": AOT}), run_pipeline(cfg)) for cfg in configs]
+
+
+def _assert_same(compiled: dict, eager: dict, where: str) -> None:
+    torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=RTOL, atol=ATOL,
+                               msg=lambda m: f"{where} losses: {m}")
+    for name, value in eager["state"].items():
+        torch.testing.assert_close(compiled["state"][name], value, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{where} parameter {name}: {m}")
+
+
+@pytest.mark.parametrize("pipe,data", [(2, 1), (2, 2)])
+def test_every_schedule_compiled_equals_eager_and_one_process(pipe, data):
+    configs = [config(s, pipe, data, 4) for s in ORDER if _accepted(s, pipe, 4)]
+    assert [c["schedule"]["name"] for c in configs] == ORDER
+    per_rank = run_local(_compiled_and_eager, pipe * data, (configs,), timeout_s=300)
+    for i, cfg in enumerate(configs):
+        name = cfg["schedule"]["name"]
+        for rank, results in enumerate(per_rank):
+            _assert_same(*results[i], f"{name} rank {rank}")
+        assert_matches_reference([results[i][0] for results in per_rank], run_reference(cfg), rtol=RTOL, atol=ATOL)
+
+
+def _checkpointed(cfg: dict) -> dict:
+    """run_pipeline's model with activation checkpointing every layer."""
+    topo = pg.Topology(**cfg["topology"])
+    placement = SCHEDULES[cfg["schedule"]["name"]].placement or "loop"
+    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"],
+                    stage_placement=placement, activation_checkpoint_interval=1)
+    engine = pg.initialize(model, cfg)
+    d, m = topo.coord(dist.get_rank()).data, cfg["schedule"]["micro_batches"]
+    losses = [engine.train_batch(iter(global_batches(s, topo.data, m)[d * m:(d + 1) * m])) for s in range(3)]
+    return {"losses": losses, "state": canonical_state(engine.module)}
+
+
+def _inductor_and_checkpointing(inductor: dict, checkpointed: list[dict]) -> list[dict]:
+    return [run_pipeline(inductor), *[_checkpointed(cfg) for cfg in checkpointed]]
+
+
+def test_inductor_and_activation_checkpointing_match_one_process():
+    """inductor itself (C++ code generated for the CPU) under 1f1b; aot_eager with every layer
+    checkpointed under 1f1b and zb_v (whose split backward then takes the weights with I)."""
+    inductor = config("1f1b", 2, 1, 4, compile={"enabled": True})
+    checkpointed = [config(s, 2, 1, 4, compile=AOT) for s in ("1f1b", "zb_v")]
+    per_rank = run_local(_inductor_and_checkpointing, 2, (inductor, checkpointed), timeout_s=400)
+    for i, cfg in enumerate([inductor, *checkpointed]):
+        assert_matches_reference([results[i] for results in per_rank], run_reference(cfg), rtol=RTOL, atol=ATOL)
+
+
+def _lengths(compile_section: dict | None) -> dict:
+    """Steps at sequence lengths 6, 5, 4 (comm.dynamic_shapes); the losses and this rank's parameters."""
+    cfg = config("zb_h1", 2, 1, 2, comm={"timeout_s": 60, "dynamic_shapes": True})
+    if compile_section:
+        cfg["compile"] = compile_section
+    engine = pg.initialize(TinyGPT(N_LAYER, topology=pg.Topology(pipe=2)), cfg)
+    losses = [engine.train_batch(iter(gpt_batches(2, seq_len=t, seed=t))) for t in (6, 5, 4)]
+    return {"losses": losses, "state": canonical_state(engine.module)}
+
+
+def _both_lengths() -> tuple[dict, dict, list[str]]:
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("pipegrid").addHandler(handler)
+    compiled = _lengths(AOT)
+    return compiled, _lengths(None), [r for r in records if "compiles again" in r]
+
+
+def test_a_new_sequence_length_recompiles_once_and_trains_alike():
+    per_rank = run_local(_both_lengths, 2, (), timeout_s=300)
+    for rank, (compiled, eager, said) in enumerate(per_rank):
+        _assert_same(compiled, eager, f"rank {rank}")
+        layers = [line.split(" layer ")[1].split(" ")[0] for line in said]
+        assert said and len(layers) == len(set(layers)), said  # once per layer, at the first new length
+
+
+def _hf_train(directory: str, save: str) -> dict:
+    cfg = {"topology": {"pipe": 2}, "schedule": {"name": "zb_h1", "micro_batches": 2},
+           "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.5}, "train": {"grad_clip": 0.5},
+           "comm": {"timeout_s": 60}, "compile": AOT}
+    model = hf.from_pretrained(directory, topology=pg.Topology(pipe=2), attn_implementation=ATTN)
+    engine = pg.initialize(model, cfg)
+    losses = [engine.train_batch(iter(lm_batches(2, seed=100 + s, padded=True))) for s in range(3)]
+    hf.save_pretrained(engine, save)
+    tensors = {key: t.detach().clone() for stage in model.stage_ids
+               for _, layer in model.local_layers(stage) for key, t in layer.hf_tensors()}
+    return {"losses": losses, "tensors": tensors, "compiled": sorted(engine.compiler.compiled.values())}
+
+
+def test_transformers_llama_compiled_trains_and_saves_like_transformers(tmp_path):
+    directory = save_tiny("llama", str(tmp_path / "llama"))
+    per_rank = run_local(_hf_train, 2, (directory, str(tmp_path / "saved")), timeout_s=300)
+    reference = load_reference(directory).train()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    losses = [reference_step(reference, lm_batches(2, seed=100 + s, padded=True), optimizer, 0.5) for s in range(3)]
+    assert_ranks_match("llama compiled zb_h1", per_rank, losses, reference.state_dict(), False, RTOL, ATOL)
+    assert {"Embedding", "EmbeddingPrefix", "DecoderLayer", "FinalNorm", "LMHead"} == \
+        {name for r in per_rank for name in r["compiled"]}
+    saved = load_reference(str(tmp_path / "saved"))
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[key], value, rtol=RTOL, atol=ATOL, msg=key)
