@@ -11,8 +11,8 @@ case of a grid runs in one ``run_local`` call, so a worker compiles each layer c
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -37,7 +37,7 @@ from tests.support.hf_models import (
     reference_step,
     save_tiny,
 )
-from tests.support.models import TinyGPT, gpt_batches
+from tests.support.models import TinyGPT, gpt_batches, mlp_batches, mlp_layers, mse_loss
 
 # non-split schedules first: a split backward turns AOTAutograd's donated buffers off, which drops
 # the compiled code once (pipe/compile.py), so a worker switches once, not per schedule
@@ -54,6 +54,9 @@ def _accepted(schedule: str, pipe: int, m: int) -> bool:
         return False
 
 
+MLP_DEPTH = 2
+
+
 def _compiled_and_eager(configs: list[dict]) -> list[tuple[dict, dict]]:
     return [(run_pipeline({**cfg, "compile": AOT}), run_pipeline(cfg)) for cfg in configs]
 
@@ -64,18 +67,6 @@ def _assert_same(compiled: dict, eager: dict, where: str) -> None:
     for name, value in eager["state"].items():
         torch.testing.assert_close(compiled["state"][name], value, rtol=RTOL, atol=ATOL,
                                    msg=lambda m, name=name: f"{where} parameter {name}: {m}")
-
-
-@pytest.mark.parametrize("pipe,data", [(2, 1), (2, 2)])
-def test_every_schedule_compiled_equals_eager_and_one_process(pipe, data):
-    configs = [config(s, pipe, data, 4) for s in ORDER if _accepted(s, pipe, 4)]
-    assert [c["schedule"]["name"] for c in configs] == ORDER
-    per_rank = run_local(_compiled_and_eager, pipe * data, (configs,), timeout_s=300)
-    for i, cfg in enumerate(configs):
-        name = cfg["schedule"]["name"]
-        for rank, results in enumerate(per_rank):
-            _assert_same(*results[i], f"{name} rank {rank}")
-        assert_matches_reference([results[i][0] for results in per_rank], run_reference(cfg), rtol=RTOL, atol=ATOL)
 
 
 def _checkpointed(cfg: dict) -> dict:
@@ -90,20 +81,6 @@ def _checkpointed(cfg: dict) -> dict:
     return {"losses": losses, "state": canonical_state(engine.module)}
 
 
-def _inductor_and_checkpointing(inductor: dict, checkpointed: list[dict]) -> list[dict]:
-    return [run_pipeline(inductor), *[_checkpointed(cfg) for cfg in checkpointed]]
-
-
-def test_inductor_and_activation_checkpointing_match_one_process():
-    """inductor itself (C++ code generated for the CPU) under 1f1b; aot_eager with every layer
-    checkpointed under 1f1b and zb_v (whose split backward then takes the weights with I)."""
-    inductor = config("1f1b", 2, 1, 4, compile={"enabled": True})
-    checkpointed = [config(s, 2, 1, 4, compile=AOT) for s in ("1f1b", "zb_v")]
-    per_rank = run_local(_inductor_and_checkpointing, 2, (inductor, checkpointed), timeout_s=400)
-    for i, cfg in enumerate([inductor, *checkpointed]):
-        assert_matches_reference([results[i] for results in per_rank], run_reference(cfg), rtol=RTOL, atol=ATOL)
-
-
 def _lengths(compile_section: dict | None) -> dict:
     """Steps at sequence lengths 6, 5, 4 (comm.dynamic_shapes); the losses and this rank's parameters."""
     cfg = config("zb_h1", 2, 1, 2, comm={"timeout_s": 60, "dynamic_shapes": True})
@@ -114,21 +91,88 @@ def _lengths(compile_section: dict | None) -> dict:
     return {"losses": losses, "state": canonical_state(engine.module)}
 
 
-def _both_lengths() -> tuple[dict, dict, list[str]]:
+def _said_again(run: Any) -> tuple[Any, list[str]]:
+    """``run()`` and the pipegrid log lines that say a layer compiles again."""
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("pipegrid").addHandler(handler)
-    compiled = _lengths(AOT)
-    return compiled, _lengths(None), [r for r in records if "compiles again" in r]
+    try:
+        return run(), [r for r in records if "compiles again" in r]
+    finally:
+        logging.getLogger("pipegrid").removeHandler(handler)
 
 
-def test_a_new_sequence_length_recompiles_once_and_trains_alike():
-    per_rank = run_local(_both_lengths, 2, (), timeout_s=300)
-    for rank, (compiled, eager, said) in enumerate(per_rank):
-        _assert_same(compiled, eager, f"rank {rank}")
-        layers = [line.split(" layer ")[1].split(" ")[0] for line in said]
-        assert said and len(layers) == len(set(layers)), said  # once per layer, at the first new length
+def _pipe2_cases(configs: list[dict], checkpointed: list[dict]) -> dict:
+    """Every case of the pipe-2 grid in one worker, so each layer class compiles once per backward kind."""
+    matrix = _compiled_and_eager(configs)  # ends with split backwards, as do the next two
+    lengths, said = _said_again(lambda: (_lengths(AOT), _lengths(None)))
+    return {"matrix": matrix, "lengths": lengths, "said": said,
+            "checkpointed": [_checkpointed(c) for c in checkpointed]}
+
+
+def test_pipe2_every_schedule_checkpointing_and_new_lengths():
+    """All six schedules compiled = eager = one process; every layer checkpointed under zb_v and 1f1b
+    (whose split backward then takes the weights with I); sequence lengths 6, 5, 4 in one run train as
+    eager does and each layer says once that it compiles again."""
+    configs = [config(s, 2, 1, 4) for s in ORDER if _accepted(s, 2, 4)]
+    assert [c["schedule"]["name"] for c in configs] == ORDER
+    checkpointed = [config(s, 2, 1, 4, compile=AOT) for s in ("zb_v", "1f1b")]
+    per_rank = run_local(_pipe2_cases, 2, (configs, checkpointed), timeout_s=400)
+    _check_matrix(configs, [r["matrix"] for r in per_rank])
+    for i, cfg in enumerate(checkpointed):
+        assert_matches_reference([r["checkpointed"][i] for r in per_rank], run_reference(cfg), rtol=RTOL, atol=ATOL)
+    for rank, result in enumerate(per_rank):
+        _assert_same(*result["lengths"], f"lengths 6, 5, 4 rank {rank}")
+        layers = [line.split(" layer ")[1].split(" ")[0] for line in result["said"]]
+        assert result["said"] and len(layers) == len(set(layers)), result["said"]  # once per layer
+
+
+def _check_matrix(configs: list[dict], per_rank: list[list[tuple[dict, dict]]]) -> None:
+    for i, cfg in enumerate(configs):
+        name = cfg["schedule"]["name"]
+        for rank, results in enumerate(per_rank):
+            _assert_same(*results[i], f"{name} rank {rank}")
+        assert_matches_reference([results[i][0] for results in per_rank], run_reference(cfg), rtol=RTOL, atol=ATOL)
+
+
+def test_pipe2_data2_every_schedule():
+    configs = [config(s, 2, 2, 4) for s in ORDER if _accepted(s, 2, 4)]
+    assert [c["schedule"]["name"] for c in configs] == ORDER
+    _check_matrix(configs, run_local(_compiled_and_eager, 4, (configs,), timeout_s=400))
+
+
+def _mlp_run(cfg: dict) -> dict:
+    engine = pg.initialize(pg.PipelineModule(mlp_layers(MLP_DEPTH), loss_fn=mse_loss, topology=pg.Topology(pipe=2)),
+                           cfg)
+    losses = [engine.train_batch(iter(mlp_batches(4, seed=s))) for s in range(3)]
+    return {"losses": losses, "state": canonical_state(engine.module)}
+
+
+def _mlp_reference() -> dict:
+    model = pg.build_reference(mlp_layers(MLP_DEPTH), loss_fn=mse_loss)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    losses = []
+    for step in range(3):
+        batches = mlp_batches(4, seed=step)
+        total = 0.0
+        for x, y in batches:
+            loss = mse_loss(model(x), y)
+            (loss / len(batches)).backward()
+            total += loss.item()
+        losses.append(total / len(batches))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"losses": losses, "state": canonical_state(model)}
+
+
+def test_inductor_under_a_split_backward_matches_one_process():
+    """inductor itself (C++ generated for the CPU, its on-disk cache shared by the ranks and later
+    runs) under zb_h1: compiled regions between eager Linear layers, their W deferred."""
+    cfg = config("zb_h1", 2, 1, 4, compile={"enabled": True})
+    per_rank = run_local(_mlp_run, 2, (cfg,), timeout_s=400)
+    assert_matches_reference(per_rank, _mlp_reference(), rtol=RTOL, atol=ATOL)
 
 
 def _hf_train(directory: str, save: str) -> dict:
