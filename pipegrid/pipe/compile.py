@@ -177,8 +177,8 @@ class StageCompiler:
         limit = getattr(dynamo_config, "recompile_limit", getattr(dynamo_config, "cache_size_limit", "?"))
         log.warning(f"compile: rank {self.rank} model stage {stage} layer {index} ({name}) compiles again "
                     f"(dynamo compile {compile_id}) for input {_describe(x)} with grad "
-                    f"{'on' if torch.is_grad_enabled() else 'off'}: a new shape, dtype, grad mode or training "
-                    f"flag. Each code object compiles at most torch._dynamo.config.recompile_limit={limit} times, "
+                    f"{'on' if torch.is_grad_enabled() else 'off'}: a new shape or dtype, grad mode, training flag, "
+                    f"or a layer of its class built otherwise. Each code object compiles at most torch._dynamo.config.recompile_limit={limit} times, "
                     "then runs eagerly; compile.dynamic=true compiles for any shape up front")
 
 

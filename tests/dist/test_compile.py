@@ -136,9 +136,11 @@ def _check_matrix(configs: list[dict], per_rank: list[list[tuple[dict, dict]]]) 
         assert_matches_reference([results[i][0] for results in per_rank], run_reference(cfg), rtol=RTOL, atol=ATOL)
 
 
-def test_pipe2_data2_every_schedule():
+def test_pipe2_data2_every_schedule_and_zero3():
+    """All six schedules, then ZeRO-3 under zb_v (parameters sharded over data, gathered each step)."""
     configs = [config(s, 2, 2, 4) for s in ORDER if _accepted(s, 2, 4)]
     assert [c["schedule"]["name"] for c in configs] == ORDER
+    configs.append(config("zb_v", 2, 2, 4, zero={"stage": 3}))
     _check_matrix(configs, run_local(_compiled_and_eager, 4, (configs,), timeout_s=400))
 
 
