@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 KERNEL_BACKENDS = ("auto", "torch", "cupy")  # pipegrid.kernels.backend.BACKENDS (no torch import here)
 FP8_RECIPES = ("tensorwise", "rowwise")  # torchao.float8's recipe names (pipegrid.pipe.fp8)
 LOSS_CHUNKED = ("auto", "true", "false")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's
 
 
 def signal_number(name: str) -> int:
@@ -272,6 +273,44 @@ class LossConfig:
             raise ValueError(f"loss.chunk_tokens must be an integer >= 1, got {self.chunk_tokens!r}")
 
 
+@dataclass
+class CompileConfig:
+    """The ``compile:`` section: ``torch.compile`` each pipeline layer of this rank on its own, in
+    place (``pipegrid/pipe/compile.py``), as torchtitan compiles each block."""
+
+    enabled: bool = False
+    """Compile every built layer (each LayerSpec, each transformers decoder layer, the embedding, the
+    norm and the head); parameter names, checkpoints and tied weights stay as they are."""
+    backend: str = "inductor"
+    """torch.compile backend: inductor (generated C++ or Triton code), aot_eager (traced by dynamo and
+    AOTAutograd, no code generated: quick to compile, for tests), or any name torch._dynamo.list_backends() gives."""
+    mode: Optional[str] = None
+    """inductor only: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs;
+    None: inductor's default."""
+    fullgraph: bool = False
+    """Refuse graph breaks inside a layer: one graph per layer or an error (needs eager_linear off)."""
+    dynamic: Optional[bool] = None
+    """None: compile for the first shape and once more, with symbolic sizes, when a layer sees another;
+    true: symbolic sizes from the start; false: one compile per shape, up to torch._dynamo's recompile_limit."""
+    eager_linear: Optional[bool] = None
+    """Run each nn.Linear eagerly between the compiled regions, so its weight gradient keeps a backward
+    node of its own that a split backward (zb_h1, zb_v, dualpipev) defers to W. None: on for those
+    schedules (unless fullgraph), off for the others."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"compile.backend must be a backend name such as inductor or aot_eager, "
+                             f"got {self.backend!r}")
+        if self.mode is not None and self.mode not in COMPILE_MODES:
+            raise ValueError(f"compile.mode must be null or one of {', '.join(COMPILE_MODES)}, got {self.mode!r}")
+        if self.mode is not None and self.backend != "inductor":
+            raise ValueError(f"compile.mode={self.mode!r} is an inductor setting, but compile.backend="
+                             f"{self.backend!r}; set compile.backend=inductor or compile.mode=null")
+        if self.fullgraph and self.eager_linear:
+            raise ValueError("compile.fullgraph=true refuses graph breaks, but compile.eager_linear=true breaks "
+                             "the graph at every nn.Linear; set one of them to false (or eager_linear=null)")
+
+
 def _adamw() -> dict[str, Any]:
     return {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
@@ -295,6 +334,7 @@ class TrainConfig:
     trace: TraceConfig = field(default_factory=TraceConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def __post_init__(self) -> None:
         self._fill_layout()

@@ -24,6 +24,7 @@ from pipegrid.conf.schema import TrainConfig, to_train_config
 from pipegrid.pipe import checkpoint as ckpt
 from pipegrid.pipe import fp8, preemption
 from pipegrid.pipe import trace as tracing
+from pipegrid.pipe.compile import compile_stages
 from pipegrid.pipe.executor import (
     Executor,
     PeerLostError,
@@ -43,7 +44,7 @@ from pipegrid.pipe.preemption import SignalWatch
 from pipegrid.pipe.sampling import Sampling
 from pipegrid.pipe.update import GradientUpdate
 from pipegrid.pipe.zero import OptimizerState, build_optimizer_state
-from pipegrid.schedules import build, validate
+from pipegrid.schedules import SCHEDULES, build, validate
 from pipegrid.schedules import generate as generate_schedule
 from pipegrid.tensor.linear_cross_entropy import LMLoss
 from pipegrid.topology.groups import ProcessGroups
@@ -116,6 +117,8 @@ class PipelineEngine:
             fp8.convert_to_fp8(self.module, config.precision)
         if isinstance(getattr(module, "loss_fn", None), LMLoss):  # loss.chunked, unless the model has its own
             module.loss_fn.configure(config.loss)
+        self.compiler = compile_stages(self.module, config.compile, SCHEDULES[config.schedule.name].split_backward,
+                                       groups.rank)  # each layer in place; None unless compile.enabled
         self._build_schedules()
         self._connect()
         self.params = [p for p in self.module.parameters() if p.requires_grad]

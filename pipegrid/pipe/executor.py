@@ -8,6 +8,7 @@ point-to-point layer and the reduce/step hooks of ``StepHooks`` (the engine).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -102,6 +103,7 @@ class Executor:
         self.pipe_peers = tuple(pipe_peers)
         self.stream = schedule.streams[pipe_rank]
         self.last_stage = schedule.num_model_stages - 1
+        self._said_early: set[int] = set()  # model stages whose split backward's fallbacks were logged
         self._program = [(op, self._handler(op, position)) for position, op in enumerate(self.stream)]
         self._reads = {op: schedule.reads(op) for op in self.stream if schedule.reads(op)}  # op -> message it waits for
         # the step's loss comes on the gradient messages the schedule marks (``2SG3*``); a
@@ -255,6 +257,7 @@ class Executor:
             leaves = [t for t in inputs if t.requires_grad]
             params = [p for p in self.module.stage_module(op.stage).parameters() if p.requires_grad]
             _, slot.weight_grad = backward_input(tensors, grads, leaves, params)
+            self._say_early(op.stage, slot.weight_grad.early_reasons)
         elif tensors:
             torch.autograd.backward(tensors, grads)
         if not isinstance(op, ins.BackwardInput):  # (a split backward's W has the parameter gradients)
@@ -266,6 +269,14 @@ class Executor:
                 state.slot(op.stage - 1, op.micro_batch).output_grad = grads
             else:
                 slot.input_grad = grads
+
+    def _say_early(self, stage: int, reasons: list[str]) -> None:
+        """Once per model stage: which weight gradients a split backward could not defer to W, and why."""
+        if reasons and stage not in self._said_early:
+            self._said_early.add(stage)
+            logging.getLogger("pipegrid").warning(
+                f"split backward: rank {self.rank} model stage {stage} computes some weight gradients with the "
+                f"input gradients (I), not in W: {'; '.join(reasons)}")
 
     def _backward_weight(self, op: ins.BackwardWeight, state: StepState, hooks: StepHooks) -> None:
         """The deferred weight-gradient half of a split backward (zero-bubble's W)."""

@@ -22,6 +22,9 @@ Fallbacks (their parameter gradients are accumulated by backward_input instead, 
 * saved tensors packed by saved-tensor hooks at a branch point or below it (activation
   checkpointing with ``use_reentrant=False``, CPU offload): every extra backward call would
   unpack them again, which for checkpointing re-runs the checkpointed forward;
+* a parameter inside a compiled region (``torch.compile``): the region's backward is one node
+  (``CompiledFunctionBackward``) that computes its input and weight gradients in one call, so
+  they are taken with the input gradients (``pipe/compile.py`` keeps weight matmuls outside);
 * reentrant activation checkpointing (``use_reentrant=True``) anywhere in the stage refuses
   partial backward calls, so I runs the whole plain backward and W has nothing to do.
 
@@ -204,11 +207,14 @@ def _plan(root_edges: list[GradientEdge], root_grads: list[Tensor], inputs: list
     owners = Counter(node for region in regions.values() for node in region)
     plan = _Plan([], [], [])
     early: dict[int, Tensor] = {}  # a shared parameter shows up under each of its branch points
+    why: dict[tuple[str, str], list[int]] = {}  # (node name, reason) -> [parameters, branch points]
     for branch_point, region in regions.items():
         later, now, reason = _split_branch(branch_point, region, param_of, owners)
         if now:
             early.update((id(p), p) for p in now)
-            plan.early_reasons.append(f"{len(now)} parameter(s) below {_name(branch_point)}: {reason}")
+            counts = why.setdefault((_name(branch_point), reason), [0, 0])
+            counts[0] += len(now)
+            counts[1] += 1
         if later:
             call = _WeightCall(branch_point, later)
             if branch_point is None:  # W starts at the outputs that do not depend on the inputs
@@ -216,6 +222,8 @@ def _plan(root_edges: list[GradientEdge], root_grads: list[Tensor], inputs: list
                 call.grads = [g for e, g in zip(root_edges, root_grads) if e.node in region]
             plan.calls.append(call)
     plan.early_params = list(early.values())
+    plan.early_reasons = [f"{n} parameter(s) below {k} {name}{'s' if k > 1 else ''}: {reason}"
+                          for (name, reason), (n, k) in why.items()]
     return plan
 
 
@@ -223,6 +231,11 @@ def _split_branch(branch_point: Node | None, region: set[Node], param_of: dict[N
                   owners: Counter) -> tuple[list[Tensor], list[Tensor], str]:
     """This branch point's parameters: (for W, for I, why those go to I)."""
     mine = [(node, p) for node, p in param_of.items() if node in region]
+    if branch_point is not None and _is_compiled_region(branch_point):
+        # W from here would run the whole region's backward a second time
+        return [], [p for _, p in mine], ("inside a compiled region, whose backward computes input and weight "
+                                          "gradients in one node (compile.eager_linear=true keeps weight matmuls "
+                                          "outside it)")
     for node in [branch_point, *region]:
         if node is not None and _packed_by_hooks(node):
             return [], [p for _, p in mine], (f"{_name(node)} saved tensors through saved-tensor hooks "
@@ -311,6 +324,11 @@ def _packed_by_hooks(node: Node) -> bool:
 @cache  # a pure function of the node class; dir() is the slow part of planning
 def _saved_tensor_attributes(node_type: type) -> tuple[str, ...]:
     return tuple(a for a in dir(node_type) if a.startswith("_raw_saved_"))
+
+
+def _is_compiled_region(node: Node) -> bool:
+    """AOTAutograd's node for a compiled graph: opaque to autograd, it cannot give one half alone."""
+    return type(node).__name__ == "CompiledFunctionBackward"
 
 
 def _keep_grads(store: dict[Node, tuple[Tensor | None, ...]], node: Node,

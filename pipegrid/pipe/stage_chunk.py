@@ -33,6 +33,7 @@ class StageChunk(nn.Module):
         self.layers = nn.ModuleDict(
             {str(e.index): e.layer for e in entries if isinstance(e.layer, nn.Module)})
         self._entries = entries
+        self._eager_entries = entries  # what generate runs: a KV cache's growing length would recompile
 
     def layer_entries(self) -> list[tuple[int, Any]]:
         """(global layer index, module or callable) of each position, in order."""
@@ -48,6 +49,12 @@ class StageChunk(nn.Module):
             x = entry.call(x)
         return x
 
+    def compile_layers(self, compile_one: Callable[[int, Any, Callable[[Any], Any]], Callable[[Any], Any]]) -> None:
+        """Replace each position's call by ``compile_one(index, layer, call)`` (``pipe/compile.py``).
+
+        Modules compile in place, so ``layers`` and its parameter names stay as they were."""
+        self._entries = [e._replace(call=compile_one(e.index, e.layer, e.call)) for e in self._entries]
+
     def forward(self, x: Any) -> Any:
         every = self.activation_checkpoint_interval
         n = len(self._entries)
@@ -62,10 +69,10 @@ class StageChunk(nn.Module):
     def forward_cached(self, x: Any, cache: Any, step: Any) -> Any:
         """The stage under ``engine.generate``: each layer with its own cache (``pipe/kv_cache.py``).
         A position with a ``forward_fn`` (a tied LM head), torch's position-wise modules and a plain
-        callable run as in training."""
+        callable run as in training; ``forward_cached`` runs eagerly under ``compile.enabled``."""
         from pipegrid.pipe.kv_cache import runs_as_in_training
 
-        for entry in self._entries:
+        for entry in self._eager_entries:
             runs_itself = (entry.call is entry.layer and isinstance(entry.layer, nn.Module)
                            and not runs_as_in_training(entry.layer))
             x = entry.layer.forward_cached(x, cache.for_layer(entry.index), step) if runs_itself else entry.call(x)
