@@ -346,6 +346,10 @@ class TrainConfig:
                             f"{type(self.lr_scheduler).__name__} {self.lr_scheduler!r}")
         if self.lr_scheduler is not None and "_target_" not in self.lr_scheduler:
             raise ValueError("lr_scheduler needs a _target_ (e.g. torch.optim.lr_scheduler.LambdaLR)")
+        if self.zero.gather == "per_layer" and self.loss.chunked == "true":
+            raise ValueError("loss.chunked=true hands the LM head's weight to the loss after the head's layer has "
+                             "run, but zero.gather=per_layer frees each layer's parameters right after it runs; "
+                             "set loss.chunked=auto (plain logits under per_layer) or zero.gather=per_step")
 
     def _fill_layout(self) -> None:
         """Unset (None) layout sizes read 1; which were unset is kept for :func:`pipegrid.initialize`.

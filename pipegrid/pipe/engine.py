@@ -9,6 +9,8 @@ step (tied and data-parallel gradient reduction, clipping, the optimizer) is its
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import signal
@@ -116,7 +118,9 @@ class PipelineEngine:
         if config.precision.fp8:  # before anything holds the Linear modules or builds the optimizer
             fp8.convert_to_fp8(self.module, config.precision)
         if isinstance(getattr(module, "loss_fn", None), LMLoss):  # loss.chunked, unless the model has its own
-            module.loss_fn.configure(config.loss)
+            # per_layer frees the head's weight before a fused loss would read it: plain logits there
+            per_layer = config.zero.stage == 3 and config.zero.gather == "per_layer"
+            module.loss_fn.configure(dataclasses.replace(config.loss, chunked="false") if per_layer else config.loss)
         self.compiler = compile_stages(self.module, config.compile, SCHEDULES[config.schedule.name].split_backward,
                                        groups.rank)  # each layer in place; None unless compile.enabled
         self._build_schedules()

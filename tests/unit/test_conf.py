@@ -197,3 +197,10 @@ def test_a_command_line_lr_scheduler_merges_into_an_app_that_has_none():
 def test_zero_combinations_that_cannot_work_are_refused_with_the_fix(zero, fragment):
     with pytest.raises(ValueError, match=fragment):
         ZeroConfig(**zero)
+
+
+def test_a_fused_loss_is_refused_where_per_layer_gathering_frees_the_head_first():
+    with pytest.raises(ValueError, match="set loss.chunked=auto .* or zero.gather=per_step"):
+        to_train_config({"zero": {"stage": 3, "gather": "per_layer"}, "loss": {"chunked": True},
+                         "topology": {"data": 2}})
+    assert to_train_config({"zero": {"stage": 3, "gather": "per_layer"}, "topology": {"data": 2}}).loss.chunked == "auto"
