@@ -40,11 +40,13 @@ from pipegrid.launch import run_local  # noqa: E402
 SHAPE = {"hidden": 256, "layers": 4, "heads": 8, "vocab": 2048, "seq": 128, "micro_batch": 4, "micro_batches": 4}
 GRID = {"pipe": 2, "data": 1, "tensor": 2}
 STEPS = 3
+COMPILE: dict = {}  # --compile: the compile section both models train with (inductor, each layer)
 
 
 def _config() -> dict:
     return {"topology": GRID, "schedule": {"name": "1f1b", "micro_batches": SHAPE["micro_batches"]},
-            "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-4}, "train": {"grad_clip": 1.0}}
+            "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-4}, "train": {"grad_clip": 1.0},
+            "compile": COMPILE}
 
 
 def _gpt(groups: pg.ProcessGroups) -> pg.PipelineModule:
@@ -79,6 +81,8 @@ class _TensorAllReduces:
         self._original = dist.all_reduce
 
     def __enter__(self) -> Self:
+        if self.group is None:  # nothing to count: leave torch.distributed as it is
+            return self
         def counted(tensor: torch.Tensor, *args: object, **kwargs: object) -> object:
             if kwargs.get("group") is not self.group or self.group is None:
                 return self._original(tensor, *args, **kwargs)
@@ -108,7 +112,9 @@ def _train(model_name: str) -> dict[str, float]:
     batches = [(ids, ids.clone()) for ids in (torch.randint(0, SHAPE["vocab"], shape, generator=gen)
                                                for _ in range(SHAPE["micro_batches"]))]
     engine.train_batch(iter(batches))
-    with _TensorAllReduces(groups.tensor_parallel_group) as reduces:
+    # compiled code guards on dist.all_reduce itself: wrapping it would recompile every layer in
+    # the timed steps, so --compile times without the count (the eager run gives the same counts)
+    with _TensorAllReduces(None if COMPILE else groups.tensor_parallel_group) as reduces:
         start = time.perf_counter()
         for _ in range(STEPS):
             engine.train_batch(iter(batches))
@@ -213,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/hf_tp_speed.json")
     parser.add_argument("--one-process", action="store_true",
                         help="only the one-process comparisons (stage path, one block): robust on a loaded host")
+    parser.add_argument("--compile", action="store_true",
+                        help="both models with compile.enabled=true (inductor fuses Llama's elementwise work)")
     args = parser.parse_args(argv)
+    if args.compile:
+        COMPILE["enabled"] = True
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # 4 workers on a few cores compile alone
     if args.one_process:
         return _one_process(args)
     GRID["tensor"] = args.tensor
@@ -239,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                    "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
-                   "torch": torch.__version__, "shape": SHAPE, "grid": GRID, "ms_per_step": times,
+                   "torch": torch.__version__, "shape": SHAPE, "grid": GRID, "compile": COMPILE, "ms_per_step": times,
                    "tensor_all_reduces_rank0": reduces, "one_block": blocks}, f, indent=2)
     print(f"wrote {args.out}")
     return 0

@@ -109,6 +109,12 @@ class DecoderLayer(_Part):
         self.index = index
         self.adopt("layer", f"{skeleton.base_name(skeleton.plan.layers)}.{index}")
 
+    def compile_targets(self) -> list[nn.Module]:
+        """``compile.enabled``: the transformers layer, compiled once for every index (dynamo guards
+        on an int attribute such as ``self.index``, so compiling this wrapper would compile each
+        layer again, and past ``recompile_limit`` layers would run eagerly); the glue stays eager."""
+        return [self.layer]
+
     def forward(self, x: Any) -> Any:
         hidden, mask = split(x, f"decoder layer {self.index}")
         args, kwargs = self.skeleton.layer_call(self.index, hidden, mask, self.training)

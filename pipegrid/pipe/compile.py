@@ -124,8 +124,11 @@ class StageCompiler:
         if call is layer:
             if self.eager_linear:
                 self._keep_matmuls_eager(layer)
-            if getattr(layer, "_compiled_call_impl", None) is None:  # a tied module is compiled once
-                layer.compile(**self._options())
+            # a layer may name the parts worth compiling (pipegrid.hf's DecoderLayer: the transformers
+            # layer inside, whose code all layers share, not its wrapper that reads its own index)
+            for target in getattr(layer, "compile_targets", lambda: [layer])():
+                if getattr(target, "_compiled_call_impl", None) is None:  # a tied module is compiled once
+                    target.compile(**self._options())
             compiled = call
         else:  # forward_fn: e.g. Embed.logits, the tied head reading the embedding's weight
             name = f"{name}.{getattr(getattr(call, 'func', call), '__name__', 'call')}"

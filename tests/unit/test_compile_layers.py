@@ -134,3 +134,25 @@ def test_hydra_takes_the_section():
         assert app.compile.enabled and app.compile.backend == "aot_eager"
         with pytest.raises(ValueError, match="compile.mode must be null or one of"):
             to_app_config(compose("gpt", overrides=["compile.mode=fastest"]))
+
+
+def test_transformers_layers_compile_once_for_every_index(caplog):
+    """pipegrid.hf compiles the transformers layer inside each DecoderLayer: one compile serves all
+    indices. Compiling the wrapper, which reads its own ``index``, compiled each layer again, and
+    past torch._dynamo's recompile_limit (8) the rest ran eagerly."""
+    pytest.importorskip("transformers")
+    from pipegrid import hf
+    from tests.support.hf_models import lm_batches, tiny_config
+
+    torch.manual_seed(0)
+    eager = hf.from_config(tiny_config("llama", n_layer=10))
+    module = hf.from_config(tiny_config("llama", n_layer=10))
+    module.load_state_dict(eager.state_dict())
+    compile_stages(module, CompileConfig(**AOT), split_backward=False)
+    ids, labels = lm_batches(1)[0]
+    with caplog.at_level(logging.WARNING, logger="pipegrid"):
+        out = module(ids)
+    assert not [r.getMessage() for r in caplog.records if "compiles again" in r.getMessage()]
+    decoders = [m for m in module.modules() if type(m).__name__ == "DecoderLayer"]
+    assert len(decoders) == 10 and all(d.layer._compiled_call_impl is not None for d in decoders)
+    torch.testing.assert_close(out, eager(ids), rtol=1e-6, atol=1e-6)
