@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-import pipegrid as pg
-from examples.models.gpt import GPT
 from pipegrid.launch import run_local
-from pipegrid.schedules import SCHEDULES as SCHEDULE_SPECS
 from tests.support.engine_cases import (
-    N_LAYER,
-    STEPS,
     assert_matches_reference,
-    canonical_state,
     config,
     global_batches,
     run_reference,
+    run_tensor_gpt,
+    run_zero_pipeline,
 )
-from tests.support.models import TinyGPT
 from tests.support.reference import PlainGPT, train
-from tests.support.tensor_gpt import GPT_CFG, assert_matches_dense, sharded_state
+from tests.support.tensor_gpt import GPT_CFG, assert_matches_dense
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2, "eps": 1e-5}
 M = 4
@@ -50,34 +44,9 @@ TENSOR = {**config("1f1b", 1, 2, M, optimizer=ADAM, grad_clip=0.05, zero=PER_LAY
           "topology": {"pipe": 1, "data": 2, "tensor": 2}}
 
 
-def _pipeline(cfg: dict, recompute: int = 0) -> dict:
-    topo = pg.Topology(**cfg["topology"])
-    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"],
-                    stage_placement=SCHEDULE_SPECS[cfg["schedule"]["name"]].placement or "loop",
-                    activation_checkpoint_interval=recompute)
-    engine = pg.initialize(model, cfg)
-    d, m = topo.coord(dist.get_rank()).data, cfg["schedule"]["micro_batches"]
-    losses = [engine.train_batch(iter(global_batches(s, topo.data, m)[d * m:(d + 1) * m])) for s in range(STEPS)]
-    between_steps = engine.memory_report()
-    peak = engine.zero.peak_parameter_bytes
-    engine.gather_parameters()
-    return {"losses": losses, "state": canonical_state(engine.module), "between_steps": between_steps,
-            "peak": peak, "whole": engine.zero.step_parameter_bytes}
-
-
-def _tensor(cfg: dict) -> dict:
-    groups = pg.init_distributed(cfg)
-    model = GPT(GPT_CFG, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
-    engine = pg.initialize(model, cfg, groups=groups)
-    d, m = groups.coord.data, cfg["schedule"]["micro_batches"]
-    losses = [engine.train_batch(iter(global_batches(s, 2, m)[d * m:(d + 1) * m])) for s in range(3)]
-    engine.gather_parameters()
-    return {"losses": losses, "state": sharded_state(engine.module), "coord": tuple(groups.coord)}
-
-
 def _all_cases(cases: dict, tensor: dict) -> dict:
-    out = {name: _pipeline(cfg, recompute=int("recompute" in name)) for name, cfg in cases.items()}
-    out["tensor"] = _tensor(tensor)
+    out = {name: run_zero_pipeline(cfg, recompute=int("recompute" in name)) for name, cfg in cases.items()}
+    out["tensor"] = run_tensor_gpt(tensor)
     return out
 
 
@@ -108,7 +77,8 @@ def test_bf16_per_layer_is_identical_to_per_step(results):
 def test_per_layer_holds_less_at_the_peak_and_nothing_between_steps(results):
     for name in ("1f1b", "interleaved_1f1b", "recompute-1f1b"):
         for rank in results[name]:
-            assert rank["between_steps"]["parameters"] == 0, (name, rank["between_steps"])
-            assert 0 < rank["peak"] < rank["whole"], (name, rank["peak"], rank["whole"])
+            assert rank["memory"]["parameters"] == 0, (name, rank["memory"])
+            peak, whole = rank["peak_parameter_bytes"], rank["step_parameter_bytes"]
+            assert 0 < peak < whole, (name, peak, whole)
     for step in results["bf16-per_step"]:
-        assert step["peak"] == step["whole"]  # per step: the whole parameters at once
+        assert step["peak_parameter_bytes"] == step["step_parameter_bytes"]  # per step: the whole parameters at once

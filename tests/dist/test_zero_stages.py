@@ -16,21 +16,18 @@ import torch
 import torch.distributed as dist
 
 import pipegrid as pg
-from examples.models.gpt import GPT
 from pipegrid.launch import run_local
-from pipegrid.schedules import SCHEDULES as SCHEDULE_SPECS
 from tests.support.engine_cases import (
-    N_LAYER,
-    STEPS,
     assert_matches_reference,
-    canonical_state,
     config,
     global_batches,
     run_reference,
+    run_tensor_gpt,
+    run_zero_pipeline,
 )
 from tests.support.models import TinyGPT
 from tests.support.reference import PlainGPT, train
-from tests.support.tensor_gpt import GPT_CFG, assert_matches_dense, sharded_state
+from tests.support.tensor_gpt import GPT_CFG, assert_matches_dense
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2, "eps": 1e-5}  # eps: see test_zero_precision.py
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v", "dualpipev")
@@ -60,31 +57,6 @@ TENSOR = {**config("1f1b", 1, 2, M, optimizer=ADAM, grad_clip=0.05, zero={"stage
 TENSOR3 = {**TENSOR, "zero": {"stage": 3}}
 
 
-def _pipeline(cfg: dict, recompute: int = 0) -> dict:
-    """``run_pipeline``, gathering ZeRO-3's parameters before reading them."""
-    topo = pg.Topology(**cfg["topology"])
-    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"],
-                    stage_placement=SCHEDULE_SPECS[cfg["schedule"]["name"]].placement or "loop",
-                    activation_checkpoint_interval=recompute)
-    engine = pg.initialize(model, cfg)
-    d, m = topo.coord(dist.get_rank()).data, cfg["schedule"]["micro_batches"]
-    losses = [engine.train_batch(iter(global_batches(s, topo.data, m)[d * m:(d + 1) * m])) for s in range(STEPS)]
-    between_steps = engine.memory_report()
-    engine.gather_parameters()
-    return {"losses": losses, "state": canonical_state(engine.module), "memory": between_steps,
-            "step_parameter_bytes": getattr(engine.zero, "step_parameter_bytes", between_steps["parameters"])}
-
-
-def _tensor(cfg: dict) -> dict:
-    groups = pg.init_distributed(cfg)
-    model = GPT(GPT_CFG, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
-    engine = pg.initialize(model, cfg, groups=groups)
-    d, m = groups.coord.data, cfg["schedule"]["micro_batches"]
-    losses = [engine.train_batch(iter(global_batches(s, 2, m)[d * m:(d + 1) * m])) for s in range(3)]
-    engine.gather_parameters()
-    return {"losses": losses, "state": sharded_state(engine.module), "coord": tuple(groups.coord)}
-
-
 def _memory(cfg: dict) -> dict:
     """Gradient bytes after a step (what the optimizer step held) at ZeRO-1 and ZeRO-2."""
     engine = pg.initialize(TinyGPT(3, topology=pg.Topology(**cfg["topology"])), cfg)
@@ -109,8 +81,8 @@ def _offload_on_a_cpu_run() -> dict:
 
 
 def _all_cases(cases: dict, tensor: dict, tensor3: dict) -> dict:
-    out = {name: _pipeline(cfg, recompute=int("recompute" in name)) for name, cfg in cases.items()}
-    out["tensor"], out["tensor-zero3"] = _tensor(tensor), _tensor(tensor3)
+    out = {name: run_zero_pipeline(cfg, recompute=int("recompute" in name)) for name, cfg in cases.items()}
+    out["tensor"], out["tensor-zero3"] = run_tensor_gpt(tensor), run_tensor_gpt(tensor3)
     for stage in (1, 2):
         out[f"memory-zero{stage}"] = _memory(config("1f1b", 1, 4, M, optimizer=ADAM, zero={"stage": stage},
                                                     topology={"pipe": 1, "data": 4}))

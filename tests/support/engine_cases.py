@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 
 import pipegrid as pg
+from examples.models.gpt import GPT
 from pipegrid.schedules import SCHEDULES
 from tests.support.models import TinyGPT, cross_entropy, gpt_batches, gpt_layers
+from tests.support.tensor_gpt import GPT_CFG, sharded_state
 
 N_LAYER = 3
 STEPS = 3
@@ -100,3 +102,33 @@ def assert_matches_reference(results: list[dict], reference: dict, rtol: float, 
                                        msg=lambda m: f"rank {rank} parameter {name}: {m}")
             seen.add(name)
     assert seen == set(reference["state"]), f"parameters never trained: {set(reference['state']) - seen}"
+
+
+def run_zero_pipeline(cfg: dict, recompute: int = 0) -> dict:
+    """``run_pipeline`` for the ZeRO-2/3 tests: ZeRO-3's parameters gathered before reading them,
+    and what the rank held: ``memory`` between steps, the parameter bytes gathered for a step
+    (``step_parameter_bytes``; ZeRO < 3: the parameters) and the peak of them inside it."""
+    topo = pg.Topology(**cfg["topology"])
+    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"],
+                    stage_placement=SCHEDULES[cfg["schedule"]["name"]].placement or "loop",
+                    activation_checkpoint_interval=recompute)
+    engine = pg.initialize(model, cfg)
+    d, m = topo.coord(dist.get_rank()).data, cfg["schedule"]["micro_batches"]
+    losses = [engine.train_batch(iter(global_batches(s, topo.data, m)[d * m:(d + 1) * m])) for s in range(STEPS)]
+    memory = engine.memory_report()
+    peak = getattr(engine.zero, "peak_parameter_bytes", None)
+    engine.gather_parameters()
+    return {"losses": losses, "state": canonical_state(engine.module), "memory": memory,
+            "step_parameter_bytes": getattr(engine.zero, "step_parameter_bytes", memory["parameters"]),
+            "peak_parameter_bytes": peak}
+
+
+def run_tensor_gpt(cfg: dict, steps: int = STEPS) -> dict:
+    """The example GPT split over the tensor group (data 2): losses and each rank's shards."""
+    groups = pg.init_distributed(cfg)
+    model = GPT(GPT_CFG, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
+    engine = pg.initialize(model, cfg, groups=groups)
+    d, m = groups.coord.data, cfg["schedule"]["micro_batches"]
+    losses = [engine.train_batch(iter(global_batches(s, 2, m)[d * m:(d + 1) * m])) for s in range(steps)]
+    engine.gather_parameters()
+    return {"losses": losses, "state": sharded_state(engine.module), "coord": tuple(groups.coord)}
