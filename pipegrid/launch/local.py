@@ -3,7 +3,8 @@
 ``run_local`` starts them, rendezvous through a FileStore in a temporary directory (no
 port), with ``OMP_NUM_THREADS=1``; one failed or dead worker ends the whole run with that
 worker's traceback, and SIGTERM/SIGUSR1/SIGUSR2 sent to the launcher reach the workers.
-Forked workers train on the CPU and see no GPU; forking after CUDA was initialised is refused.
+Forked workers train on the CPU and see no GPU; forking after CUDA was initialised is refused,
+and forking after inductor compiled here works (the child makes its own compile threads).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def _worker(fn: Callable[..., Any], args: tuple, rank: int, world_size: int, ini
         # Forked from a parent that may have run OpenMP work: a one-thread region never
         # touches the parent's (now missing) thread pool, which would hang the child.
         sys.modules["torch"].set_num_threads(1)
+    _forget_parent_compile_threads()
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), INIT_METHOD_ENV: init_method})
     try:
@@ -96,6 +98,16 @@ def _worker(fn: Callable[..., Any], args: tuple, rank: int, world_size: int, ini
     except BaseException:  # noqa: BLE001 - every failure must reach the launcher
         _report_error(conn)
     conn.close()
+
+
+def _forget_parent_compile_threads() -> None:
+    """A child forked after inductor compiled in the parent inherits inductor's cached compile
+    thread pool but not its thread, and its first compile would wait on it forever. torch's own
+    at-fork hook clears the process pool only (torch 2.11-2.13), so clear the thread pool too."""
+    async_compile = sys.modules.get("torch._inductor.async_compile")
+    pool = getattr(getattr(async_compile, "AsyncCompile", None), "pool", None)
+    if pool is not None and hasattr(pool, "cache_clear"):
+        pool.cache_clear()
 
 
 def _report_error(conn: mp_connection.Connection) -> None:

@@ -29,11 +29,17 @@ SCRIPT = textwrap.dedent('''
             raise ValueError("boom on rank 1")
         if mode == "fail":
             time.sleep(60)  # without the launcher, rank 0 would wait here for its dead peer
+        if mode == "compiled":  # inductor compiles here too, after the parent did
+            import torch
+            return float(torch.compile(lambda x: (x.cos() * 3).sum())(torch.ones(8)))
         return (rank, os.environ["WORLD_SIZE"], os.environ.get("OMP_NUM_THREADS"))
 
     if __name__ == "__main__":
         print("launcher OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"), flush=True)
         method = sys.argv[3] if len(sys.argv) > 3 else None
+        if sys.argv[1] == "compiled":
+            import torch
+            print("parent", float(torch.compile(lambda x: (x.sin() * 2).sum())(torch.ones(8))), flush=True)
         result = launch(work, sys.argv[1], world_size=int(sys.argv[2]), backend="gloo", start_method=method)
         # one string per print: under torchrun two ranks print into the same pipe
         print(f"result {result}", flush=True)
@@ -80,6 +86,14 @@ def test_spawned_workers_start_with_one_omp_thread(tmp_path):
     proc = run(tmp_path, sys.executable, mode="ok", world_size=2, env=_without_omp(), start_method="spawn")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["launcher OMP_NUM_THREADS None", "result (0, '2', '1')"]
+
+
+def test_workers_forked_after_inductor_compiled_in_the_launcher_compile_too(tmp_path):
+    # the forked child inherits inductor's cached compile thread pool without its thread: it hung
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    out = run(tmp_path, sys.executable, mode="compiled", world_size=2, env=env, start_method="fork", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "result 12.96" in out.stdout, out.stdout  # rank 0's 3 * 8 * cos(1)
 
 
 def test_one_process_runs_in_place(tmp_path):
