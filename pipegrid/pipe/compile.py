@@ -178,7 +178,9 @@ class StageCompiler:
         import torch._dynamo.config as dynamo_config
 
         limit = getattr(dynamo_config, "recompile_limit", getattr(dynamo_config, "cache_size_limit", "?"))
-        log.warning(f"compile: rank {self.rank} model stage {stage} layer {index} ({name}) compiles again "
+        # an eval under no_grad compiles each layer once more, as expected: said at INFO, not as a warning
+        say = log.warning if torch.is_grad_enabled() else log.info
+        say(f"compile: rank {self.rank} model stage {stage} layer {index} ({name}) compiles again "
                     f"(dynamo compile {compile_id}) for input {_describe(x)} with grad "
                     f"{'on' if torch.is_grad_enabled() else 'off'}: a new shape or dtype, grad mode, training flag, "
                     f"or a layer of its class built otherwise. Each code object compiles at most torch._dynamo.config.recompile_limit={limit} times, "

@@ -122,6 +122,16 @@ def test_a_new_shape_is_said_once_per_layer(caplog):
     assert "compile.dynamic=true" in said[0]
 
 
+def test_an_eval_under_no_grad_is_said_at_info(caplog):
+    module, _ = _whole_model(True)
+    ids, labels = gpt_batches(1, seq_len=6)[0]
+    cross_entropy(module(ids), labels).backward()
+    with caplog.at_level(logging.INFO, logger="pipegrid"), torch.no_grad():
+        module(ids)
+    said = [r for r in caplog.records if "compiles again" in r.getMessage()]
+    assert said and {r.levelno for r in said} == {logging.INFO}, [r.getMessage() for r in said]
+
+
 def test_hydra_takes_the_section():
     from hydra import compose, initialize_config_module
 
