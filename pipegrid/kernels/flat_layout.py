@@ -27,11 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from math import prod
+from operator import attrgetter
 
 import torch
 
 __all__ = ["FlatLayout"]
 
+_DTYPE = attrgetter("dtype")
 _CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -149,13 +151,27 @@ class FlatLayout:
     def has_padding(self) -> bool:
         return sum(self.extents) != self.total
 
+    @cached_property
+    def _sizes(self) -> list[torch.Size]:
+        return [torch.Size(s) for s in self.shapes]
+
+    @cached_property
+    def distinct_dtypes(self) -> frozenset[torch.dtype]:
+        return frozenset(self.dtypes)
+
     def check(self, tensors: Sequence[torch.Tensor], what: str = "tensors") -> None:
-        """Raise ValueError unless ``tensors`` have this layout's shapes and dtypes."""
+        """Raise ValueError unless ``tensors`` have this layout's shapes and dtypes.
+
+        Called on every pack and unpack: the comparison runs as two C-level passes (dtypes,
+        then sizes) and walks the tensors one by one only to name the first mismatch.
+        """
         if isinstance(tensors, torch.Tensor):
             raise TypeError(f"{what} must be a sequence of tensors, got one Tensor; wrap it in a list")
         if len(tensors) != len(self.shapes):
             raise ValueError(f"layout holds {len(self.shapes)} tensors, got {len(tensors)} {what}")
-        for i, (t, shape, dtype) in enumerate(zip(tensors, self.shapes, self.dtypes)):
+        if list(map(_DTYPE, tensors)) == list(self.dtypes) and list(map(torch.Tensor.size, tensors)) == self._sizes:
+            return
+        for i, (t, shape, dtype) in enumerate(zip(tensors, self.shapes, self.dtypes, strict=True)):
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(
                     f"{what}[{i}] is {t.dtype}{list(t.shape)} but the layout expects "
