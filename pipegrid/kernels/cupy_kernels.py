@@ -152,7 +152,8 @@ def pack(tensors: Sequence[torch.Tensor], flat: torch.Tensor, layout: FlatLayout
     """
     device = flat.device
     tables = shared_cache(layout) if cache is None else cache
-    _run(plan_pack(dense(tensors), flat, layout, scale, tables, _place(device),
+    sources = dense(tensors)  # held until the launch is enqueued: dense copies of strided tensors
+    _run(plan_pack(sources, flat, layout, scale, tables, _place(device),
                    functools.partial(_device_table, device=device)), device)
 
 

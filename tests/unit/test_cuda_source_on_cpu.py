@@ -170,3 +170,61 @@ def test_a_cached_table_follows_new_storages(kernels):
         _run(kernels, _plan(plan_unpack, target, flat, layout, cache=cache))
         assert all(torch.equal(got, want) for got, want in zip(target, tensors, strict=True))
     assert cache.builds == 4
+
+
+@pytest.fixture
+def cupy_kernels_on_cpu(kernels, monkeypatch):
+    """pipegrid.kernels.cupy_kernels imported against a CuPy whose kernels are the C++ build
+    above and a torch whose stream, device properties and pinned copy answer as on a GPU:
+    the module's own host code (tables, cache, launch arguments, strided tensors) runs as is."""
+    import contextlib
+    import importlib
+    import sys
+    import types
+
+    import pipegrid.kernels as package
+
+    nothing = contextlib.nullcontext
+    module = types.SimpleNamespace(get_function=lambda name: lambda grid, block, args: kernels(name, grid[0], *args))
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(Device=lambda *a: nothing(), using_allocator=lambda *a: nothing(),
+                                      Stream=types.SimpleNamespace(from_external=lambda stream: nothing()))
+    cupy.RawModule = lambda code: module
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    stream = types.SimpleNamespace(cuda_stream=0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    properties = types.SimpleNamespace(multi_processor_count=2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)
+    sys.modules.pop("pipegrid.kernels.cupy_kernels", None)
+    yield importlib.import_module("pipegrid.kernels.cupy_kernels")
+    sys.modules.pop("pipegrid.kernels.cupy_kernels", None)
+    if hasattr(package, "cupy_kernels"):
+        delattr(package, "cupy_kernels")
+
+
+def test_cupy_kernels_host_code_end_to_end(cupy_kernels_on_cpu):
+    ck = cupy_kernels_on_cpu
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(6, 5, generator=gen)
+    tensors = [torch.randn(33, generator=gen), base.t(), torch.randint(0, 9, (7,), generator=gen), base[:, 2]]
+    layout = FlatLayout.from_tensors(tensors)  # mixed dtypes: bit copies; two strided inputs
+    buffer = FlatBuffer(layout)
+    cache = TableCache()
+    for step in range(3):
+        if step == 2:
+            tensors[0] = torch.randn(33, generator=gen)  # a new storage, a new table
+        ck.pack(tensors, buffer.flat, layout, cache=cache)
+        assert torch.equal(buffer.flat, pack(tensors, layout=layout, backend="torch")), step
+    # (the strided inputs' dense copies are new tensors each call, wherever the allocator puts them)
+    outs = [torch.empty_like(t) for t in tensors[:1]] + [torch.zeros(6, 5).t(), torch.empty(7, dtype=torch.int64),
+                                                         torch.zeros(6, 3)[:, 1]]
+    assert ck.unpack(buffer.flat, layout, outs, cache=cache) == outs
+    fresh = ck.unpack(buffer.flat, layout)
+    for got, again, want in zip(outs, fresh, tensors, strict=True):
+        assert torch.equal(got, want) and torch.equal(again, want)
+    grads = [torch.randn(40, generator=gen), torch.randn(3, 3, generator=gen, dtype=torch.float64)]
+    cast = FlatLayout.from_tensors(grads, dtype=torch.bfloat16)
+    flat = FlatBuffer(cast).flat
+    ck.pack(grads, flat, cast, scale=0.25)
+    assert torch.equal(flat, pack(grads, layout=cast, scale=0.25, backend="torch"))
