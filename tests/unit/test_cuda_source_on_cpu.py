@@ -226,5 +226,12 @@ def test_cupy_kernels_host_code_end_to_end(cupy_kernels_on_cpu):
     grads = [torch.randn(40, generator=gen), torch.randn(3, 3, generator=gen, dtype=torch.float64)]
     cast = FlatLayout.from_tensors(grads, dtype=torch.bfloat16)
     flat = FlatBuffer(cast).flat
-    ck.pack(grads, flat, cast, scale=0.25)
-    assert torch.equal(flat, pack(grads, layout=cast, scale=0.25, backend="torch"))
+    for scale in (0.25, torch.tensor(0.25, dtype=torch.float64)):  # a host number, a device tensor
+        flat.zero_()
+        ck.pack(grads, flat, cast, scale=scale)
+        assert torch.equal(flat, pack(grads, layout=cast, scale=0.25, backend="torch"))
+    for got, want in zip(ck.unpack(flat, cast), unpack(flat, cast, backend="torch"), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert ck.all_finite(grads, torch.device("cpu")).item() is True
+    grads[1][2, 1] = float("nan")
+    assert ck.all_finite(grads, torch.device("cpu")).item() is False
