@@ -13,7 +13,7 @@ CuPy's own launch (tens of microseconds) and the copy. ``--device cuda`` times t
 Each measurement runs in a worker process (the stand-ins never leak); ``--before DIR`` runs
 another checkout's workers in alternating rounds and prints both, for before/after numbers.
 
-    python benchmarks/kernel_host_cost.py                          # CPU: ~20 s per round
+    python benchmarks/kernel_host_cost.py                          # CPU: ~15 s a round
     python benchmarks/kernel_host_cost.py --before /tmp/before --rounds 5
     python benchmarks/kernel_host_cost.py --device cuda            # on a GPU (gpu_check runs it)
 """
@@ -123,6 +123,11 @@ def _cases(device, count: int) -> dict[str, Callable[[], object]]:
         cases[f"pack: FlatBuffer.pack_from/{backend}"] = lambda b=buffer: b.pack_from(tensors)
         cases[f"pack: FlatBuffer.pack_from bf16 x0.5/{backend}"] = lambda b=cast: b.pack_from(tensors, scale=0.5)
         cases[f"unpack: FlatBuffer.unpack_to/{backend}"] = lambda b=buffer: b.unpack_to(outs)
+        if backend != "torch" and device.type == "cuda":  # the free functions (p2p messages) on the GPU
+            cases[f"pack: pack(tensors, layout)/{backend}"] = lambda b=backend: pack(tensors, layout=layout,
+                                                                                     backend=b)
+            cases[f"unpack: unpack(flat, layout, out)/{backend}"] = lambda b=backend: unpack(flat, layout, out=outs,
+                                                                                             backend=b)
     return cases
 
 

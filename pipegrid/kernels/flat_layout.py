@@ -170,6 +170,7 @@ class FlatLayout:
 
     @cached_property
     def distinct_dtypes(self) -> frozenset[torch.dtype]:
+        """Each dtype the layout holds, once (asked on every move: which kernels may run)."""
         return frozenset(self.dtypes)
 
     def check(self, tensors: Sequence[torch.Tensor], what: str = "tensors") -> None:
