@@ -109,3 +109,10 @@ def test_a_flat_buffer_checks_shapes_and_dtypes_on_every_call() -> None:
         buffer.unpack_to([tensors[0].double()] + tensors[1:])
     with pytest.raises(ValueError, match="all tensors must be on one device"):
         buffer.pack_from(tensors[:4] + [tensors[4].to("meta")])
+
+
+def test_the_tile_sizes_match_the_kernel_source() -> None:
+    from pipegrid.kernels.cuda_source import CUDA_SOURCE
+    from pipegrid.kernels.segment_table import UNROLL
+
+    assert f"#define UNROLL {UNROLL}\n" in CUDA_SOURCE  # grids are sized in tiles of BLOCK x UNROLL units
