@@ -12,7 +12,8 @@
 #
 # Time budget on an H200, estimated before any run (limits in brackets; steps.tsv records the
 # real seconds; the models step starts no new work after 240 s):
-# environment 10 s [60], gpu_tests 30 [150], kernels 40 [120], engine 20 [90],
+# environment 10 s [60], gpu_tests 30 [150], kernels 55 [120] (bandwidth, then host time per
+# call of 1000 small tensors: benchmarks/kernel_host_cost.py), engine 20 [90],
 # models ~240 [300], gpt 30 [90], readme 30 [90], unit_tests 60 [120]: ~7.5 minutes.
 # GPU_CHECK_SET="key=value ..." passes pipegrid config overrides to the models step
 # (e.g. a fused-loss key), which skips a system whose key this pipegrid does not know.

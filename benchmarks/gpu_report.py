@@ -49,6 +49,8 @@ def _steps(out: Path) -> list[dict[str, Any]]:
 def _kernel_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Headline numbers: the fused path on the largest buffers and on 1000 small tensors."""
     rows = result["rows"]
+    if not rows:  # e.g. only the host-time part ran
+        return []
     backends = result.get("backends", [])
     methods = [f"pipegrid/{b}" for b in ("cupy", "auto") if b in backends] or ["pipegrid/torch"]
     largest = max(r["total_mb"] for r in rows)
@@ -94,6 +96,7 @@ def build_report(out: Path) -> tuple[str, dict[str, Any]]:
     engine = next((e for e in map(_json, sorted(out.glob("engine_*.json"))) if e), None)
     data["kernels"] = _kernel_rows(kernels) if kernels else None
     data["kernels_copy_gb_s"] = kernels and kernels.get("copy_gb_s")
+    data["kernels_host"] = (kernels or {}).get("host")
     data["engine"] = engine
     data["gpt"] = _gpt(out)
     models = next((m for m in map(_json, sorted(out.glob("models_*.json"))) if m), None)
@@ -105,7 +108,8 @@ def build_report(out: Path) -> tuple[str, dict[str, Any]]:
              "| step | status | seconds | note |", "|---|---|---:|---|"]
     for s in data["steps"]:
         lines.append(f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {s['last_line']} |")
-    lines += ["", *_kernel_lines(data), *_engine_lines(engine), *_models_lines(models), *_gpt_lines(data["gpt"]),
+    lines += ["", *_kernel_lines(data), *_host_lines(data["kernels_host"]), *_engine_lines(engine),
+              *_models_lines(models), *_gpt_lines(data["gpt"]),
               "", "issue 27, what must be true:", "", "| claim | measured | holds |", "|---|---|---|",
               *(f"| {c['claim']} | {c['measured']} | {c['holds']} |" for c in data["must_be_true"])]
     return "\n".join(lines) + "\n", data
@@ -126,6 +130,28 @@ def _kernel_lines(data: dict[str, Any]) -> list[str]:
     return lines + [f"(goals: >= {GOALS['copy_fraction']:.0%} of copy bandwidth for large buffers; 1000 small "
                     f"tensors >= {GOALS['small_speedup']:g}x torch.cat (pack), "
                     f">= {GOALS['small_unpack_speedup']:g}x split+copy_ (unpack))", ""]
+
+
+def _host_lines(host: dict[str, Any] | None) -> list[str]:
+    """The host time per call of the 1000-tensor moves (kernel_host_cost.py): whole calls, then phases."""
+    if not host:
+        return ["kernel host time: no result", ""]
+    times = host["median_us"]["this tree"]
+    bases = {op: (times.get(name) or [None])[0] for op, name in (("pack", "pack: torch.cat"),
+                                                                  ("unpack", "unpack: split+copy_"))}
+    stand_ins = "" if host["device"].startswith("cuda") else "; /cupy rows: CuPy's host side, no launch"
+    lines = [f"kernel host time per call, {host['tensors']} small tensors on {host['device']} "
+             "(host: until the calls are queued; wall: until the device is done; vs: torch.cat's or "
+             f"split+copy_'s host time over this one's{stand_ins}):", "",
+             "| case | host us | wall us | vs baseline |", "|---|---:|---:|---:|"]
+    for case, (host_us, wall_us) in sorted(times.items()):
+        if case.startswith("phase"):
+            continue
+        base = bases.get(case.split(":")[0])
+        ratio = f"{base / host_us:.2f}x" if base and host_us else ""
+        lines.append(f"| {case} | {host_us:.1f} | {wall_us:.1f} | {ratio} |")
+    phases = ", ".join(f"{case[7:]} {us[0]:.0f}" for case, us in times.items() if case.startswith("phase"))
+    return lines + ["", f"phases (host us): {phases}", ""]
 
 
 def _models_lines(models: dict[str, Any] | None) -> list[str]:

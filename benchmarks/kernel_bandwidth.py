@@ -10,6 +10,10 @@ table and writes JSON.
 
     python benchmarks/kernel_bandwidth.py --quick                  # CPU smoke run, ~1 minute
     python benchmarks/kernel_bandwidth.py --device cuda            # full GPU run
+    python benchmarks/kernel_bandwidth.py --host                   # host time per call only
+
+Unless ``--no-host``, the JSON also holds ``host``: what packing and unpacking 1000 small
+tensors costs the host per call, whole calls and phases (``benchmarks/kernel_host_cost.py``).
 """
 
 from __future__ import annotations
@@ -33,15 +37,10 @@ from pipegrid.kernels import FlatBuffer, FlatLayout  # noqa: E402
 from pipegrid.kernels.backend import cupy_unavailable_reason  # noqa: E402
 from pipegrid.kernels.path_choice import process_choice  # noqa: E402
 
+import kernel_host_cost  # noqa: E402  (benchmarks/, beside this file: sys.path[1] when run as a script)
+from kernel_host_cost import mixed_sizes  # noqa: E402
+
 MB = 1 << 20
-
-
-def _sizes(count: int, total_bytes: int, seed: int) -> list[int]:
-    """``count`` log-uniform element counts (fp32) summing to about ``total_bytes``."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.exp(torch.rand(count, generator=gen, dtype=torch.float64) * 6)  # ~400x spread
-    numels = (weights / weights.sum() * (total_bytes // 4)).floor().long().clamp(min=1)
-    return numels.tolist()
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
@@ -118,7 +117,7 @@ def run(device: torch.device, counts, totals, repeats: int) -> dict:
     rows = []
     for total in totals:
         for count in counts:
-            tensors = [torch.randn(n, device=device) for n in _sizes(count, total, seed=count)]
+            tensors = [torch.randn(n, device=device) for n in mixed_sizes(count, total, seed=count)]
             payload = sum(t.numel() for t in tensors) * 4
             for op, methods in (("pack", _pack_methods(tensors, backends)),
                                 ("unpack", _unpack_methods(tensors, backends))):
@@ -168,7 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/kernel_bandwidth_<device>.json)")
+    parser.add_argument("--host", action="store_true",
+                        help="only the host time per call of 1000 small tensors (benchmarks/kernel_host_cost.py)")
+    parser.add_argument("--no-host", action="store_true", help="leave the host-time table out")
     args = parser.parse_args(argv)
+    if args.host:
+        kernel_host_cost.main(["--device", args.device] + (["--out", str(args.out)] if args.out else []))
+        return
     device = torch.device(args.device)
     cap = 1024 * MB if device.type == "cuda" else 256 * MB
     totals = [MB, 16 * MB] if args.quick else [t for t in (MB, 16 * MB, 256 * MB, 1024 * MB) if t <= cap]
@@ -180,7 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(result))
     out = args.out or Path(__file__).parent / "results" / f"kernel_bandwidth_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")  # first without the host table: a step limit keeps this
+    if not args.no_host:  # what the 1000-tensor rows cost the host, call by call and phase by phase
+        result["host"] = kernel_host_cost.measure(args.device, samples=3 if args.quick else 5)
+        print("\n" + kernel_host_cost.markdown(result["host"]))
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 

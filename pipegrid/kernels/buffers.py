@@ -15,16 +15,19 @@ precision, and rounded once into the flat dtype, i.e. exactly
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 import torch
 
 from pipegrid.kernels.backend import select_backend
 from pipegrid.kernels.flat_layout import FlatLayout
 from pipegrid.kernels.path_choice import process_choice
+from pipegrid.kernels.segment_table import TableCache
 
 __all__ = ["pack", "unpack", "views", "sum_of_squares", "all_finite", "FlatBuffer"]
 
 Scale = float | torch.Tensor
+_DEVICE = attrgetter("device")
 
 
 # ---------------------------------------------------------------- checks and helpers
@@ -39,7 +42,7 @@ def _device_of(tensors: Sequence[torch.Tensor], fallback: torch.Tensor | None = 
     """The one device all ``tensors`` (and ``fallback``) live on."""
     device = tensors[0].device if tensors else (fallback.device if fallback is not None
                                                 else torch.device("cpu"))
-    others = {t.device for t in tensors}
+    others = set(map(_DEVICE, tensors))  # one C-level pass: runs on every pack and unpack
     if fallback is not None:
         others.add(fallback.device)
     if others - {device}:
@@ -131,7 +134,7 @@ def _converted(layout: FlatLayout, scale: Scale | None) -> set[torch.dtype]:
     """Dtypes the pack/unpack kernels must convert (none for a plain bit copy)."""
     if scale is None and not layout.casts:
         return set()
-    return set(layout.dtypes) | {layout.flat_dtype}
+    return layout.distinct_dtypes | {layout.flat_dtype}
 
 
 def _cupy():  # imported lazily: CuPy is an optional extra and slow to import
@@ -322,12 +325,12 @@ class FlatBuffer:
         self.device = torch.device("cpu" if device is None else device)
         # pack_from may scale any floating buffer, so check the kernels can convert it
         scalable = layout.casts or (layout.flat_dtype.is_floating_point and not layout.is_bytes)
-        floats = set(layout.dtypes) | {layout.flat_dtype} if scalable else set()
+        floats = layout.distinct_dtypes | {layout.flat_dtype} if scalable else set()
         self.backend = _path(backend, self.device, layout, floats)
         """"torch", "cupy", or "auto": each direction takes the path measured faster (path_choice.py)."""
         self.flat = _allocate(layout, self.device, zero=True)
         self._views = views(self.flat, layout)
-        self._tables: dict = {}  # CuPy device tables, keyed by tensor addresses
+        self._tables = TableCache()  # the CuPy path's device tables, by tensor addresses
 
     @classmethod
     def from_tensors(cls, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None,

@@ -141,20 +141,23 @@ extern "C" __global__ void pack_bytes(const i64* table, int n, i64 total_bytes,
 // is a guess at why the interleaved version reached 68% of copy bandwidth on an H200
 // (pack_bytes: 94%), written without a GPU: benchmarks/kernel_bandwidth.py says whether
 // it helped, and kernels.backend=auto takes torch's path wherever this one is slower.
+// The reads are issued before tile_slots, too: their addresses need no table, so their
+// latency overlaps thread 0's binary search and the two barriers (pack_bytes cannot do
+// this: its sources come from the table). Also unmeasured on a GPU.
 extern "C" __global__ void unpack_bytes(const i64* table, int n, i64 total_bytes,
                                         const unsigned char* flat) {
     const i64 *starts = table, *ptrs = table + n, *counts = table + 2 * n;
     const i64 tile = (i64)blockDim.x * 16 * UNROLL;
     for (i64 t0 = (i64)blockIdx.x * tile; t0 < total_bytes; t0 += (i64)gridDim.x * tile) {
         i64 t1 = min64(t0 + tile, total_bytes);
-        int lo, hi;
-        tile_slots(starts, n, t0, t1, &lo, &hi);
         Vec16 u[UNROLL];
         #pragma unroll
         for (int k = 0; k < UNROLL; ++k) {  // total_bytes is a multiple of 16: pos < t1 is a whole unit
             i64 pos = t0 + ((i64)k * blockDim.x + threadIdx.x) * 16;
             if (pos < t1) u[k].v = *(const uint4*)(flat + pos);
         }
+        int lo, hi;
+        tile_slots(starts, n, t0, t1, &lo, &hi);
         #pragma unroll
         for (int k = 0; k < UNROLL; ++k) {
             i64 pos = t0 + ((i64)k * blockDim.x + threadIdx.x) * 16;

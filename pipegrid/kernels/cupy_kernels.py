@@ -24,18 +24,15 @@ import torch
 
 from pipegrid.kernels.cuda_source import CUDA_SOURCE
 from pipegrid.kernels.flat_layout import FlatLayout
+from pipegrid.kernels.segment_table import (
+    BLOCK, ELEMENT_TILE, Launch, TableCache, dense, plan_pack, plan_unpack, reduction_rows, shared_cache,
+)
 
 __all__ = [
     "pack", "unpack", "sum_of_squares", "all_finite",
     "torch_allocator", "use_torch_allocator", "as_cupy", "as_torch",
 ]
 
-_BLOCK = 256
-_UNROLL = 4  # must match UNROLL in cuda_source.py
-_BYTE_TILE = _BLOCK * 16 * _UNROLL  # bytes a block moves per tile (16 per thread per step)
-_ELEMENT_TILE = _BLOCK * _UNROLL
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-_TABLE_CACHE_SIZE = 4
 
 
 # ---------------------------------------------------------------- memory and streams
@@ -120,119 +117,74 @@ def _launch(name: str, device: torch.device, grid: int, args: tuple) -> None:
         scope.enter_context(cupy.cuda.Device(device.index))
         scope.enter_context(_cupy_stream(device))
         scope.enter_context(cupy.cuda.using_allocator(torch_allocator))
-        kernel((grid,), (_BLOCK,), args)
+        kernel((grid,), (BLOCK,), args)
 
 
-# ---------------------------------------------------------------- segment tables
+# ---------------------------------------------------------------- pack and unpack
 
-def _device_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Copy an int64 (4, n) table to ``device`` on the current stream.
+def _device_table(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Copy a host table to ``device`` on the current stream, in one transfer.
 
     The pinned staging copy is kept alive by torch's host allocator until the
     asynchronous copy has run, so nothing here waits for the GPU.
     """
-    host = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    return host.pin_memory().to(device, non_blocking=True)
+    return torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
 
 
-def _table(kind: str, tensors: Sequence[torch.Tensor], starts: Sequence[int],
-           counts: Sequence[int], device: torch.device, cache: dict | None) -> torch.Tensor:
-    """The segment table for ``tensors``, reused from ``cache`` (one per FlatBuffer, so
-    one layout) when the same tensors, by address, come back on the same stream."""
-    ptrs = [t.data_ptr() for t in tensors]
-    key = (kind, torch.cuda.current_stream(device).cuda_stream, tuple(ptrs))
-    if cache is not None and key in cache:
-        return cache[key]
-    codes = [_DTYPE_CODES.get(t.dtype, 0) for t in tensors]
-    table = _device_table([list(starts), ptrs, list(counts), codes], device)
-    if cache is not None:
-        while len(cache) >= _TABLE_CACHE_SIZE:
-            cache.pop(next(iter(cache)))
-        cache[key] = table
-    return table
+def _place(device: torch.device) -> tuple[int, int]:
+    """Where a cached table may be read without waiting: its device, torch's current stream."""
+    return device.index, torch.cuda.current_stream(device).cuda_stream
 
 
-def _contiguous(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    # Kernels address tensors as dense arrays; strided ones are densified first.
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+def _run(launch: Launch | None, device: torch.device) -> None:
+    # launch.keep_alive (the table, a scale) may go once this returns: the launch is enqueued,
+    # and torch's allocator orders any reuse of that memory after it on this stream
+    if launch is not None:
+        _launch(launch.kernel, device, _grid(launch.units, launch.tile, device, 16), launch.args)
 
-
-def _scale_args(scale: float | torch.Tensor | None, device: torch.device) -> tuple:
-    """(has_scale, value, address, keep_alive) for the pack_cast kernel."""
-    if scale is None:
-        return np.int32(0), np.float64(0.0), np.uint64(0), None
-    if isinstance(scale, torch.Tensor):  # stays on the device: no host sync
-        on_device = scale.detach().to(device=device, dtype=torch.float64).reshape(())
-        return np.int32(1), np.float64(0.0), np.uint64(on_device.data_ptr()), on_device
-    return np.int32(1), np.float64(scale), np.uint64(0), None
-
-
-# ---------------------------------------------------------------- the four operations
 
 def pack(tensors: Sequence[torch.Tensor], flat: torch.Tensor, layout: FlatLayout,
-         scale: float | torch.Tensor | None = None, cache: dict | None = None) -> None:
-    """Write ``tensors`` into ``flat`` (already checked against ``layout``) in one launch."""
-    if layout.total == 0:
-        return
+         scale: float | torch.Tensor | None = None, cache: TableCache | None = None) -> None:
+    """Write ``tensors`` into ``flat`` (already checked against ``layout``) in one launch.
+
+    ``cache`` holds this layout's device tables (a FlatBuffer's); without one the layout's
+    shared cache serves, so moving the same storages again builds no table.
+    """
     device = flat.device
-    sources = _contiguous(tensors)
-    n = np.int32(len(sources))
-    if scale is None and not layout.casts:  # bit copy, 16 bytes per thread
-        size = layout.flat_dtype.itemsize
-        starts = [o * size for o in layout.offsets]
-        counts = [e * size for e in layout.extents]
-        table = _table("bytes", sources, starts, counts, device, cache)
-        args = (np.uint64(table.data_ptr()), n, np.int64(layout.nbytes), np.uint64(flat.data_ptr()))
-        _launch("pack_bytes", device, _grid(layout.nbytes, _BYTE_TILE, device, 16), args)
-        return
-    table = _table("elements", sources, layout.offsets, layout.numels, device, cache)
-    has_scale, value, address, keep_alive = _scale_args(scale, device)
-    args = (np.uint64(table.data_ptr()), n, np.int64(layout.total), np.uint64(flat.data_ptr()),
-            np.int32(_DTYPE_CODES[layout.flat_dtype]), has_scale, value, address)
-    _launch("pack_cast", device, _grid(layout.total, _ELEMENT_TILE, device, 16), args)
-    del keep_alive  # the launch is enqueued; torch's allocator orders reuse on this stream
+    tables = shared_cache(layout) if cache is None else cache
+    sources = dense(tensors)  # held until the launch is enqueued: dense copies of strided tensors
+    _run(plan_pack(sources, flat, layout, scale, tables, _place(device),
+                   functools.partial(_device_table, device=device)), device)
 
 
 def unpack(flat: torch.Tensor, layout: FlatLayout, out: Sequence[torch.Tensor] | None = None,
-           cache: dict | None = None) -> list[torch.Tensor]:
+           cache: TableCache | None = None) -> list[torch.Tensor]:
     """Copy ``flat`` out into ``out`` (or fresh tensors) in one launch."""
     device = flat.device
     if out is None:
-        out = [torch.empty(s, dtype=d, device=device) for s, d in zip(layout.shapes, layout.dtypes)]
-    targets = [o if o.is_contiguous() else torch.empty(o.shape, dtype=o.dtype, device=device)
-               for o in out]
-    if layout.total:
-        n = np.int32(len(targets))
-        if not layout.casts:
-            size = layout.flat_dtype.itemsize
-            starts = [o * size for o in layout.offsets]
-            counts = [e * size for e in layout.extents]
-            table = _table("bytes", targets, starts, counts, device, cache)
-            args = (np.uint64(table.data_ptr()), n, np.int64(layout.nbytes), np.uint64(flat.data_ptr()))
-            _launch("unpack_bytes", device, _grid(layout.nbytes, _BYTE_TILE, device, 16), args)
-        else:
-            table = _table("elements", targets, layout.offsets, layout.numels, device, cache)
-            args = (np.uint64(table.data_ptr()), n, np.int64(layout.total),
-                    np.uint64(flat.data_ptr()), np.int32(_DTYPE_CODES[layout.flat_dtype]))
-            _launch("unpack_cast", device, _grid(layout.total, _ELEMENT_TILE, device, 16), args)
-    for o, t in zip(out, targets):
-        if o is not t:
-            o.copy_(t)
+        out = [torch.empty(s, dtype=d, device=device) for s, d in zip(layout.shapes, layout.dtypes, strict=True)]
+    strided = not all(map(torch.Tensor.is_contiguous, out))
+    targets = ([o if o.is_contiguous() else torch.empty(o.shape, dtype=o.dtype, device=device) for o in out]
+               if strided else out)
+    tables = shared_cache(layout) if cache is None else cache
+    _run(plan_unpack(targets, flat, layout, tables, _place(device),
+                     functools.partial(_device_table, device=device)), device)
+    if strided:
+        for o, t in zip(out, targets, strict=True):
+            if o is not t:
+                o.copy_(t)
     return list(out)
 
 
+# ---------------------------------------------------------------- reductions
+
 def _reduction_table(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple:
     """(table, sources, total): the non-empty tensors laid end to end, no padding."""
-    sources = _contiguous([t for t in tensors if t.numel()])
-    starts, total = [], 0
-    for t in sources:
-        starts.append(total)
-        total += t.numel()
+    sources = dense([t for t in tensors if t.numel()])
     if not sources:
         return None, sources, 0
-    rows = [starts, [t.data_ptr() for t in sources], [t.numel() for t in sources],
-            [_DTYPE_CODES[t.dtype] for t in sources]]
-    return _device_table(rows, device), sources, total
+    host = reduction_rows(sources)
+    return _device_table(host, device), sources, int(host[2].sum())
 
 
 def sum_of_squares(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -240,7 +192,7 @@ def sum_of_squares(tensors: Sequence[torch.Tensor], device: torch.device) -> tor
     table, sources, total = _reduction_table(tensors, device)
     if not total:
         return torch.zeros((), dtype=torch.float32, device=device)
-    grid = _grid(total, _ELEMENT_TILE, device, 4)  # one partial per block
+    grid = _grid(total, ELEMENT_TILE, device, 4)  # one partial per block
     partial_f = torch.empty(grid, dtype=torch.float32, device=device)
     partial_d = torch.empty(grid, dtype=torch.float64, device=device)
     args = (np.uint64(table.data_ptr()), np.int32(len(sources)), np.int64(total),
@@ -254,7 +206,7 @@ def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.T
     table, sources, total = _reduction_table(tensors, device)
     if not total:
         return torch.ones((), dtype=torch.bool, device=device)
-    grid = _grid(total, _ELEMENT_TILE, device, 4)
+    grid = _grid(total, ELEMENT_TILE, device, 4)
     flags = torch.empty(grid, dtype=torch.int32, device=device)
     args = (np.uint64(table.data_ptr()), np.int32(len(sources)), np.int64(total),
             np.uint64(flags.data_ptr()))

@@ -27,11 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from math import prod
+from operator import attrgetter
 
+import numpy as np
 import torch
 
 __all__ = ["FlatLayout"]
 
+_DTYPE = attrgetter("dtype")
 _CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -81,8 +84,10 @@ class FlatLayout:
         """The layout that packs ``tensors`` in order (see the module docstring)."""
         if isinstance(tensors, torch.Tensor):
             raise TypeError("tensors must be a sequence of tensors, got one Tensor; wrap it in a list")
-        return cls.from_shapes([tuple(t.shape) for t in tensors], [t.dtype for t in tensors],
-                               dtype=dtype, alignment_bytes=alignment_bytes)
+        # C-level passes over the tensors: the engine lays out gradient buckets of thousands
+        shapes = tuple(map(tuple, map(torch.Tensor.size, tensors)))
+        return cls._laid_out(shapes, tuple(map(_DTYPE, tensors)), list(map(torch.Tensor.numel, tensors)),
+                             dtype, alignment_bytes)
 
     @classmethod
     def from_shapes(cls, shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype],
@@ -91,18 +96,24 @@ class FlatLayout:
         if len(shapes) != len(dtypes):
             raise ValueError(f"got {len(shapes)} shapes but {len(dtypes)} dtypes; pass one dtype per shape")
         shapes = tuple(tuple(int(d) for d in s) for s in shapes)
-        dtypes = tuple(dtypes)
+        return cls._laid_out(shapes, tuple(dtypes), [prod(s) for s in shapes], dtype, alignment_bytes)
+
+    @classmethod
+    def _laid_out(cls, shapes: tuple[tuple[int, ...], ...], dtypes: tuple[torch.dtype, ...], numels: list[int],
+                  dtype: torch.dtype | None, alignment_bytes: int) -> FlatLayout:
+        """Offsets: each tensor's slot rounded up to ``alignment_bytes``, slots end to end."""
         flat_dtype = _resolve_flat_dtype(dtypes, dtype)
         byte_scheme = flat_dtype == torch.uint8 and any(d != torch.uint8 for d in dtypes)
         flat_size = _itemsize(flat_dtype)
         _check_alignment(alignment_bytes, flat_size, dtypes if byte_scheme else ())
         align = alignment_bytes // flat_size
-        offsets, cursor = [], 0
-        for shape, d in zip(shapes, dtypes):
-            offsets.append(cursor)
-            extent = prod(shape) * (_itemsize(d) if byte_scheme else 1)
-            cursor += -(-extent // align) * align
-        return cls(shapes, dtypes, tuple(offsets), flat_dtype, cursor, alignment_bytes)
+        extents = np.asarray(numels, dtype=np.int64).reshape(-1)
+        if byte_scheme:
+            extents = extents * np.fromiter(map(_itemsize, dtypes), dtype=np.int64, count=len(dtypes))
+        slots = -(-extents // align) * align
+        ends = np.cumsum(slots)
+        total = int(ends[-1]) if len(ends) else 0
+        return cls(shapes, dtypes, tuple((ends - slots).tolist()), flat_dtype, total, alignment_bytes)
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -149,13 +160,32 @@ class FlatLayout:
     def has_padding(self) -> bool:
         return sum(self.extents) != self.total
 
+    @cached_property
+    def _sizes(self) -> list[torch.Size]:
+        return [torch.Size(s) for s in self.shapes]
+
+    @cached_property
+    def _dtypes(self) -> list[torch.dtype]:
+        return list(self.dtypes)
+
+    @cached_property
+    def distinct_dtypes(self) -> frozenset[torch.dtype]:
+        """Each dtype the layout holds, once (asked on every move: which kernels may run)."""
+        return frozenset(self.dtypes)
+
     def check(self, tensors: Sequence[torch.Tensor], what: str = "tensors") -> None:
-        """Raise ValueError unless ``tensors`` have this layout's shapes and dtypes."""
+        """Raise ValueError unless ``tensors`` have this layout's shapes and dtypes.
+
+        Called on every pack and unpack: the comparison runs as two C-level passes (dtypes,
+        then sizes) and walks the tensors one by one only to name the first mismatch.
+        """
         if isinstance(tensors, torch.Tensor):
             raise TypeError(f"{what} must be a sequence of tensors, got one Tensor; wrap it in a list")
         if len(tensors) != len(self.shapes):
             raise ValueError(f"layout holds {len(self.shapes)} tensors, got {len(tensors)} {what}")
-        for i, (t, shape, dtype) in enumerate(zip(tensors, self.shapes, self.dtypes)):
+        if list(map(_DTYPE, tensors)) == self._dtypes and list(map(torch.Tensor.size, tensors)) == self._sizes:
+            return
+        for i, (t, shape, dtype) in enumerate(zip(tensors, self.shapes, self.dtypes, strict=True)):
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(
                     f"{what}[{i}] is {t.dtype}{list(t.shape)} but the layout expects "

@@ -115,6 +115,19 @@ def test_kernel_headlines_include_what_auto_picks():
     assert claims["kernels.backend=auto never slower than the torch path (within 5%)"][1] == "yes"
 
 
+def test_the_kernel_host_time_is_reported_beside_the_bandwidth(tmp_path):
+    times = {"pack: torch.cat": [1500.0, 1600.0], "pack: FlatBuffer.pack_from/cupy": [300.0, 320.0],
+             "unpack: split+copy_": [6000.0, 7000.0], "unpack: FlatBuffer.unpack_to/cupy": [400.0, 410.0],
+             "phase: layout.check": [150.0, 150.0]}
+    host = {"device": "cuda", "tensors": 1000, "median_us": {"this tree": times}}
+    (tmp_path / "kernels_cuda.json").write_text(json.dumps({"rows": [], "copy_gb_s": 1.0, "host": host}))
+    markdown, data = gpu_report.build_report(tmp_path)
+    assert data["kernels_host"] == host
+    assert "| pack: FlatBuffer.pack_from/cupy | 300.0 | 320.0 | 5.00x |" in markdown
+    assert "| unpack: FlatBuffer.unpack_to/cupy | 400.0 | 410.0 | 15.00x |" in markdown
+    assert "phases (host us): layout.check 150" in markdown
+
+
 def test_model_claims_compare_with_the_plain_compiled_loop_and_say_why_when_not_measured():
     def row(system, tps=None, mfu=None, peak=None, status="pass", note=""):
         return {"system": system, "status": status, "note": note, "tokens_per_s": tps, "mfu": mfu, "peak_gib": peak,
