@@ -1,0 +1,196 @@
+"""Sequence parallelism (Megatron-LM's ``sequence_parallel``, Korthikanti et al. 2022): between
+the tensor-parallel regions, activations ``(B, T, H)`` are split along the sequence (dim 1).
+
+The norms, residual adds and dropout then run on T/t tokens of each rank, their activations
+are 1/t, and so are the pipeline messages between stages. A column-parallel layer all-gathers
+its input along the sequence (backward: reduce-scatter) and a row-parallel layer reduce-scatters
+its output (backward: all-gather), the same bytes as the all-reduce they replace:
+
+    shard (B, T/t, H) --all_gather_sequence--> [column ... row] --reduce_scatter_sequence--> shard
+
+Parameters outside the regions (norm weights, row biases) see only their rank's tokens, so
+their gradients are partial sums: they are marked ``sequence_parallel = True`` and the engine
+all-reduces them over the tensor group once per step, before clipping (``mark_sequence_parallel``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipegrid.tensor.mappings import Group, _active
+
+__all__ = [
+    "SequenceParallel",
+    "all_gather_sequence",
+    "gather_from_sequence_region",
+    "is_sequence_parallel",
+    "mark_sequence_parallel",
+    "reduce_scatter_sequence",
+    "scatter_to_sequence_region",
+]
+
+SEQUENCE_DIM = 1  # activations are batch-first (B, T, H)
+
+# torch 2.13 names them *_single; earlier releases (2.11 on the GPU box) only *_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class SequenceParallel:
+    """Whether one model's sequence-parallel layers split the sequence now: truthy while on.
+
+    One object per model, shared by all its layers, so a path that cannot split (generation,
+    whose decode steps have T = 1) turns the whole model off at once with :meth:`off` instead
+    of each layer guessing from shapes. Layers also take a plain bool (always on or off).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def __bool__(self) -> bool:
+        return self.enabled
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        """Run the model on whole sequences within the block (every rank the same tokens)."""
+        saved, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = saved
+
+    def __repr__(self) -> str:
+        return f"SequenceParallel(enabled={self.enabled})"
+
+
+def mark_sequence_parallel(module_or_params: nn.Module | list[torch.Tensor]) -> None:
+    """Mark replicated parameters that see sequence-split activations (Megatron's attribute):
+    the engine sums their gradients over the tensor group once per step."""
+    params = module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params
+    for param in params:
+        if not getattr(param, "tensor_model_parallel", False):
+            param.sequence_parallel = True
+
+
+def is_sequence_parallel(param: torch.Tensor) -> bool:
+    """True for a replicated parameter whose gradient is partial per tensor rank (see the module doc)."""
+    return bool(getattr(param, "sequence_parallel", False))
+
+
+def _chunk_length(x: torch.Tensor, parts: int) -> int:
+    length = x.shape[SEQUENCE_DIM]
+    if length % parts:
+        raise ValueError(f"sequence parallelism splits the sequence over the tensor group of {parts} ranks, but "
+                         f"this micro-batch has sequence length {length} (shape {tuple(x.shape)}); pad the "
+                         f"sequences to a multiple of {parts} (e.g. seq_len {-(-length // parts) * parts}) or "
+                         "turn sequence_parallel off")
+    return length // parts
+
+
+def _own_chunk(x: torch.Tensor, group: Group) -> torch.Tensor:
+    width = _chunk_length(x, dist.get_world_size(group))
+    return x.narrow(SEQUENCE_DIM, dist.get_rank(group) * width, width).contiguous()
+
+
+def _gather(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """(B, T/t, ...) on every rank -> (B, T, ...), rank order along the sequence."""
+    parts = dist.get_world_size(group)
+    front = x.transpose(0, SEQUENCE_DIM).contiguous()  # (T/t, B, ...): the collective stacks on dim 0
+    out = front.new_empty((parts * front.shape[0], *front.shape[1:]))
+    _all_gather(out, front, group=group)
+    return out.transpose(0, SEQUENCE_DIM).contiguous()
+
+
+def _scatter_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """(B, T, ...) partial sums on every rank -> this rank's (B, T/t, ...) of their sum."""
+    parts = dist.get_world_size(group)
+    width = _chunk_length(x, parts)
+    front = x.transpose(0, SEQUENCE_DIM).contiguous()  # (T, B, ...)
+    out = front.new_empty((width, *front.shape[1:]))
+    _reduce_scatter(out, front, group=group)
+    return out.transpose(0, SEQUENCE_DIM).contiguous()
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    """Keep this rank's chunk of the sequence forward; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _own_chunk(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _gather(grad, ctx.group), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    """All-gather the sequence forward; keep this rank's chunk backward (the conjugate of scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _gather(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _own_chunk(grad, ctx.group), None
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """All-gather the sequence forward; reduce-scatter backward (the region's gradients are partial)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _gather(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _scatter_sum(grad, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _scatter_sum(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _gather(grad, ctx.group), None
+
+
+def scatter_to_sequence_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Whole sequence (the same on every rank) -> this rank's chunk; backward all-gathers.
+    Refuses a sequence length the group does not divide, naming the fix."""
+    active = _active(group)
+    return x if active is None else _ScatterToSequence.apply(x, active)
+
+
+def gather_from_sequence_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Chunks -> the whole sequence, where each rank's gradient is already whole (backward keeps the chunk)."""
+    active = _active(group)
+    return x if active is None else _GatherFromSequence.apply(x, active)
+
+
+def all_gather_sequence(x: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Enter a tensor-parallel region from sequence chunks: all-gather forward, reduce-scatter of the
+    (partial) gradient backward. Replaces ``copy_to_region`` before column-parallel layers."""
+    active = _active(group)
+    return x if active is None else _AllGatherSequence.apply(x, active)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Leave a region into sequence chunks by summing partial results: reduce-scatter forward,
+    all-gather backward. Replaces ``reduce_from_region`` after row-parallel layers."""
+    active = _active(group)
+    return x if active is None else _ReduceScatterSequence.apply(x, active)
