@@ -328,9 +328,9 @@ class GPT(PipelineModule):
                  loss: LossConfig | None = None, **pipeline_kwargs: Any) -> None:
         tensor = topology.tensor if topology is not None else _tensor_degree(tensor_group)
         cfg.check_tensor_parallel(tensor)
+        _check_sequence_parallel(cfg, tensor)
         _check_group(tensor, tensor_group)
         group = tensor_group if tensor > 1 else None
-        _check_sequence_parallel(cfg, tensor)
         sp = self.sequence_parallel = SequenceParallel(cfg.sequence_parallel)
         plain = gpt_loss if group is None else functools.partial(gpt_loss, tensor_group=group)
         lm_loss = LMLoss(loss, group, plain=plain)
