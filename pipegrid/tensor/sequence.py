@@ -37,9 +37,6 @@ __all__ = [
 
 SEQUENCE_DIM = 1  # activations are batch-first (B, T, H)
 
-# torch 2.13 names them *_single; earlier releases (2.11 on the GPU box) only *_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class SequenceParallel:
@@ -83,6 +80,16 @@ def is_sequence_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "sequence_parallel", False))
 
 
+def _all_gather(out: torch.Tensor, x: torch.Tensor, group: Group) -> None:
+    # torch 2.13 names it all_gather_single; earlier releases (2.11 on the GPU box) all_gather_into_tensor.
+    # Looked up per call, so a wrapped torch.distributed (benchmarks/hf_tp_speed.py counts) sees it
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter(out: torch.Tensor, x: torch.Tensor, group: Group) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
+
+
 def _chunk_length(x: torch.Tensor, parts: int) -> int:
     length = x.shape[SEQUENCE_DIM]
     if length % parts:
@@ -103,7 +110,7 @@ def _gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     parts = dist.get_world_size(group)
     front = x.transpose(0, SEQUENCE_DIM).contiguous()  # (T/t, B, ...): the collective stacks on dim 0
     out = front.new_empty((parts * front.shape[0], *front.shape[1:]))
-    _all_gather(out, front, group=group)
+    _all_gather(out, front, group)
     return out.transpose(0, SEQUENCE_DIM).contiguous()
 
 
@@ -113,7 +120,7 @@ def _scatter_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
     width = _chunk_length(x, parts)
     front = x.transpose(0, SEQUENCE_DIM).contiguous()  # (T, B, ...)
     out = front.new_empty((width, *front.shape[1:]))
-    _reduce_scatter(out, front, group=group)
+    _reduce_scatter(out, front, group)
     return out.transpose(0, SEQUENCE_DIM).contiguous()
 
 
