@@ -126,7 +126,8 @@ class _TensorCollectives:
 
 def _saved_activation_bytes(engine: pg.PipelineEngine, inputs: torch.Tensor) -> int | None:
     """Bytes the first stage saves for backward in one micro-batch's forward (its activation memory;
-    parameters and views of one storage counted once), on pipe rank 0; None elsewhere."""
+    parameters and views of one storage counted once; a sequence-parallel column layer's chunk
+    included), on pipe rank 0; None elsewhere."""
     if engine.groups.coord.pipe != 0:
         return None
     params = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
@@ -138,8 +139,21 @@ def _saved_activation_bytes(engine: pg.PipelineEngine, inputs: torch.Tensor) -> 
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = engine.module.stage_module(0)(inputs)
+    from pipegrid.tensor import sequence
+
+    # a column layer's gathered input is saved as its chunk, under pipegrid's own (inner) hook: count the chunk
+    original = sequence.Regather.__init__
+
+    def counted(regather: sequence.Regather, chunk: torch.Tensor, group: object) -> None:
+        original(regather, chunk, group)
+        storages[chunk.untyped_storage().data_ptr()] = chunk.untyped_storage().nbytes()
+
+    sequence.Regather.__init__ = counted
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = engine.module.stage_module(0)(inputs)
+    finally:
+        sequence.Regather.__init__ = original
     del out
     return sum(storages.values())
 

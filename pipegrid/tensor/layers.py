@@ -22,7 +22,8 @@ from torch import nn
 from pipegrid.tensor.mappings import (Group, _active, _shard_size, copy_to_region, gather_from_region,
                                       reduce_from_region, split_to_region, tensor_parallel_rank,
                                       tensor_parallel_size)
-from pipegrid.tensor.sequence import SequenceParallel, all_gather_sequence, reduce_scatter_sequence
+from pipegrid.tensor.sequence import (Regather, SequenceParallel, all_gather_sequence, reduce_scatter_sequence,
+                                      saving_chunk)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -75,14 +76,22 @@ class SharedInputCopy:
     def __init__(self, group: Group, sequence_parallel: bool | SequenceParallel = False) -> None:
         self.group = group
         self.sequence_parallel = sequence_parallel
-        self._held: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its entry) in this call
+        self._held: tuple[torch.Tensor, torch.Tensor, Regather | None] | None = None
+        """(input, its entry, what backward keeps of a gathered entry) in this call"""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enter(x)[0]
+
+    def enter(self, x: torch.Tensor) -> tuple[torch.Tensor, Regather | None]:
+        """The entry of ``x`` (shared), and under sequence parallelism what backward keeps of it."""
         if self._held is not None and (self._held[0] is x or self._held[1] is x):
-            return self._held[1]
-        entered = all_gather_sequence(x, self.group) if self.sequence_parallel else copy_to_region(x, self.group)
-        self._held = (x, entered)
-        return entered
+            return self._held[1], self._held[2]
+        if self.sequence_parallel:
+            entered, regather = all_gather_sequence(x, self.group), _regather(x, self.group)
+        else:
+            entered, regather = copy_to_region(x, self.group), None
+        self._held = (x, entered, regather)
+        return entered, regather
 
     def attach(self, parent: nn.Module, enter_at_parent: bool = False) -> None:
         """Scope the sharing to each call of ``parent``. ``enter_at_parent``: under sequence
@@ -108,6 +117,11 @@ class SharedInputCopy:
 
     def _close(self, module: nn.Module, args: tuple, output: object) -> None:
         self._held = None
+
+
+def _regather(chunk: torch.Tensor, group: Group) -> Regather | None:
+    active = _active(group)
+    return None if active is None else Regather(chunk, active)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -138,13 +152,15 @@ class ColumnParallelLinear(nn.Module):
         """Set when siblings read the same input: one backward all-reduce (or gather) for all of them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        regather = None
         if self.input_copy is not None:
-            x = self.input_copy(x)
+            x, regather = self.input_copy.enter(x)
         elif self.sequence_parallel:
-            x = all_gather_sequence(x, self.group)  # (B, T / parts, in) -> (B, T, in)
+            x, regather = all_gather_sequence(x, self.group), _regather(x, self.group)  # (B, T/parts, in) -> (B, T, in)
         else:
             x = copy_to_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)  # (..., out / parts)
+        with saving_chunk(x, regather):  # backward keeps the chunk, gathers it again for the weight gradient
+            y = F.linear(x, self.weight, self.bias)  # (..., out / parts)
         return gather_from_region(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:

@@ -8,6 +8,10 @@ its output (backward: all-gather), the same bytes as the all-reduce they replace
 
     shard (B, T/t, H) --all_gather_sequence--> [column ... row] --reduce_scatter_sequence--> shard
 
+A column layer's weight gradient needs its whole input; as in Megatron, only this rank's chunk is
+kept for backward and gathered again when the gradient is computed (:func:`saving_chunk`), so the
+linear layers' saved inputs are 1/t too.
+
 Parameters outside the regions (norm weights, row biases) see only their rank's tokens, so
 their gradients are partial sums: they are marked ``sequence_parallel = True`` and the engine
 all-reduces them over the tensor group once per step, before clipping (``mark_sequence_parallel``).
@@ -174,6 +178,58 @@ class _ReduceScatterSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _gather(grad, ctx.group), None
+
+
+class Regather:
+    """What backward keeps of a gathered input: this rank's chunk, gathered again on first use and
+    shared by the sibling layers that read it (q, k, v), so they pay one gather between them. The
+    whole tensor lives from the first unpack until the last node holding this object has run."""
+
+    def __init__(self, chunk: torch.Tensor, group: Group) -> None:
+        self.chunk, self.group = chunk.detach(), group
+        self._whole: torch.Tensor | None = None
+
+    def whole(self) -> torch.Tensor:
+        if self._whole is None:
+            with torch.no_grad():
+                self._whole = _gather(self.chunk, self.group)
+        return self._whole
+
+
+class _SavedView:
+    """A saved view (shape, strides, offset) of a gathered tensor, rebuilt from its :class:`Regather`."""
+
+    def __init__(self, regather: Regather, t: torch.Tensor) -> None:
+        self.regather, self.shape, self.stride, self.offset = regather, t.shape, t.stride(), t.storage_offset()
+
+    def tensor(self) -> torch.Tensor:
+        return self.regather.whole().as_strided(self.shape, self.stride, self.offset)
+
+
+@contextlib.contextmanager
+def saving_chunk(gathered: torch.Tensor, regather: Regather | None) -> Iterator[None]:
+    """Within the block, autograd saves ``regather``'s chunk instead of any view of ``gathered`` (and
+    gathers again in backward). A no-op without autograd, without a chunk, or while compiling (the
+    compiled graph keeps what it keeps)."""
+    if regather is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    storage = gathered.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor) -> Any:
+        return _SavedView(regather, t) if t.untyped_storage().data_ptr() == storage else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        yield
+
+
+def _unpack(saved: Any) -> torch.Tensor:
+    return saved.tensor() if isinstance(saved, _SavedView) else saved
+
+
+# a second unpack (a split backward's W after its I) finds the whole tensor gathered by the first:
+# pipegrid.pipe.split_backward may defer weight gradients below nodes saved through this hook
+_unpack.unpacks_again_cheaply = True  # type: ignore[attr-defined]
 
 
 def scatter_to_sequence_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
