@@ -120,6 +120,23 @@ def _shared_gathers() -> tuple[int, set]:
     return _gather_nodes(outs), {tuple(y.shape) for y in outs}
 
 
+def _saved_numels() -> list[int]:
+    """What autograd keeps of a sequence-parallel column layer's input, seen through an outer hook: the
+    gathered (B, T, in) is kept as this rank's chunk instead (gathered again for the weight gradient)."""
+    layer = ColumnParallelLinear(5, 6, group=dist.group.WORLD, sequence_parallel=True)
+    seen: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.numel())
+        return t
+
+    chunk = torch.randn(2, 3, 5, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(chunk)
+    y.sum().backward()  # the re-gather in backward must work
+    return seen
+
+
 def _refused_length() -> str:
     groups = pg.init_distributed({"topology": {"tensor": 2}})
     model = GPT(SP_CFG, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
@@ -138,7 +155,7 @@ def _layer_results() -> dict:
     marked = linear.pop("marked")
     detached = {name: [(a.detach(), b.detach()) for a, b in pairs] for name, pairs in cases.items()}
     detached["linear"] = [(a.detach(), b.detach()) for a, b in linear.values()]
-    return {"cases": detached, "marked": marked, "shared": _shared_gathers(),
+    return {"cases": detached, "marked": marked, "shared": _shared_gathers(), "saved": _saved_numels(),
             "refused": _refused_length()}
 
 
@@ -154,6 +171,7 @@ def test_mappings_and_layers_match_dense(layer_results):
                 where = f"rank {rank} {name}[{i}]"
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m, where=where: f"{where}: {m}")
         assert result["marked"], "a sequence-parallel row bias must be marked sequence_parallel"
+        assert 2 * 6 * 5 not in result["saved"], result["saved"]  # the whole input (B, T, in) is not kept
         gathers, shapes = result["shared"]
         assert gathers == 1 and shapes == {(1, 4, 2)}, result["shared"]  # one gather; every token, own features
 
