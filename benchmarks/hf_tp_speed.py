@@ -173,11 +173,13 @@ def _train(model_name: str) -> dict[str, float]:
     # compiled code guards on dist.all_reduce itself: wrapping it would recompile every layer in
     # the timed steps, so --compile times without the count (the eager run gives the same counts)
     with _TensorCollectives(None if COMPILE else groups.tensor_parallel_group) as reduces:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(STEPS):
             engine.train_batch(iter(batches))
         ms = (time.perf_counter() - start) / STEPS * 1e3
-    return {"ms": ms, "all_reduces": reduces.calls / STEPS, "all_reduce_mib": reduces.bytes / STEPS / 2**20,
+        cpu_ms = (time.process_time() - cpu_start) / STEPS * 1e3  # this rank's own CPU: robust to other load
+    return {"ms": ms, "cpu_ms": cpu_ms, "all_reduces": reduces.calls / STEPS,
+            "all_reduce_mib": reduces.bytes / STEPS / 2**20,
             "all_reduce_ms": reduces.seconds / STEPS * 1e3,
             "saved_bytes": _saved_activation_bytes(engine, batches[0][0])}
 
@@ -271,15 +273,17 @@ def _print_blocks(blocks: dict[str, dict[str, float]]) -> None:
               f"| {b['rest']:.0%} ({b['rest'] * b['ms']:.1f}) |")
 
 
-def _print_steps(times: dict[str, list[float]], reduces: dict[str, dict[str, float]]) -> None:
+def _print_steps(times: dict[str, list[float]], cpu: dict[str, list[float]],
+                 reduces: dict[str, dict[str, float]]) -> None:
     gpt = statistics.median(times["pipegrid GPT"])
     print(f"| model ({SHAPE['layers']} x {SHAPE['hidden']}, pipe {GRID['pipe']} x tensor {GRID['tensor']}) "
-          "| ms/step (median) | rounds | vs GPT | tensor collectives/step (rank 0: calls, MiB sent, ms) "
-          "| stage 0 activations/micro-batch (MiB) |")
-    print("|---|---|---|---|---|---|")
+          "| ms/step (median) | rounds | vs GPT | CPU ms/step per rank (median) "
+          "| tensor collectives/step (rank 0: calls, MiB sent, ms) | stage 0 activations/micro-batch (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     for name, ts in times.items():
         med, r = statistics.median(ts), reduces[name]
         print(f"| {name} | {med:.0f} | {', '.join(f'{t:.0f}' for t in ts)} | {med / gpt:.2f} "
+              f"| {statistics.median(cpu[name]):.0f} "
               f"| {r['all_reduces']:.0f}, {r['all_reduce_mib']:.1f}, {r['all_reduce_ms']:.0f} "
               f"| {r['saved_bytes'] / 2**20:.1f} |")
 
@@ -308,19 +312,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.sequence_parallel:
         names = [n for name in names for n in (name, name + SP)]
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     reduces: dict[str, dict[str, float]] = {}
     for _ in range(args.rounds):  # alternate, so machine noise hits every system alike
         for name, per_round in times.items():
             ranks = run_local(_train, world, (name,), backend=None, timeout_s=900)
             per_round.append(max(r["ms"] for r in ranks))
+            cpu[name].append(statistics.mean(r["cpu_ms"] for r in ranks))
             reduces[name] = ranks[0]
-    _print_steps(times, reduces)
+    _print_steps(times, cpu, reduces)
     blocks = _block_breakdown(max(10, 10 * args.rounds))
     _print_blocks(blocks)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                    "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
                    "torch": torch.__version__, "shape": SHAPE, "grid": GRID, "compile": COMPILE, "ms_per_step": times,
+                   "cpu_ms_per_step": cpu,
                    "tensor_all_reduces_rank0": reduces, "one_block": blocks}, f, indent=2)
     print(f"wrote {args.out}")
     return 0

@@ -110,22 +110,24 @@ def _own_chunk(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def _gather(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """(B, T/t, ...) on every rank -> (B, T, ...), rank order along the sequence."""
+    """(B, T/t, ...) on every rank -> (B, T, ...), rank order along the sequence: one copy, after the
+    collective (which stacks whole chunks on a leading dim)."""
     parts = dist.get_world_size(group)
-    front = x.transpose(0, SEQUENCE_DIM).contiguous()  # (T/t, B, ...): the collective stacks on dim 0
-    out = front.new_empty((parts * front.shape[0], *front.shape[1:]))
-    _all_gather(out, front, group)
-    return out.transpose(0, SEQUENCE_DIM).contiguous()
+    stacked = x.new_empty((parts * x.shape[0], *x.shape[1:]))  # (t B, T/t, ...): the collective's layout
+    _all_gather(stacked, x.contiguous(), group)
+    stacked = stacked.unflatten(0, (parts, x.shape[0]))  # (t, B, T/t, ...)
+    return stacked.transpose(0, SEQUENCE_DIM).flatten(SEQUENCE_DIM, SEQUENCE_DIM + 1)  # (B, T, ...)
 
 
 def _scatter_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """(B, T, ...) partial sums on every rank -> this rank's (B, T/t, ...) of their sum."""
+    """(B, T, ...) partial sums on every rank -> this rank's (B, T/t, ...) of their sum: one copy, before
+    the collective (which scatters whole chunks of a leading dim)."""
     parts = dist.get_world_size(group)
     width = _chunk_length(x, parts)
-    front = x.transpose(0, SEQUENCE_DIM).contiguous()  # (T, B, ...)
-    out = front.new_empty((width, *front.shape[1:]))
-    _reduce_scatter(out, front, group)
-    return out.transpose(0, SEQUENCE_DIM).contiguous()
+    chunks = x.unflatten(SEQUENCE_DIM, (parts, width)).transpose(0, SEQUENCE_DIM).contiguous()  # (t, B, T/t, ...)
+    out = x.new_empty(chunks.shape[1:])
+    _reduce_scatter(out, chunks.flatten(0, 1), group)  # (t B, T/t, ...): the collective's layout
+    return out
 
 
 class _ScatterToSequence(torch.autograd.Function):

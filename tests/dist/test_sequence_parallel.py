@@ -192,6 +192,21 @@ def test_sequence_parallel_needs_a_tensor_group():
         hf.from_config(tiny_config("llama"), topology=pg.Topology(pipe=2), sequence_parallel=True)  # no group made
 
 
+def test_the_gpt_app_takes_model_sequence_parallel_and_refuses_it_at_tensor_1():
+    from hydra import compose, initialize_config_module
+
+    from pipegrid.conf.checks import to_app_config
+    from pipegrid.conf.store import register_configs
+
+    register_configs()
+    with initialize_config_module(version_base="1.3", config_module="pipegrid.conf"):
+        app = to_app_config(compose("gpt", overrides=["topology.tensor=2", "model.sequence_parallel=true"]))
+        assert app.model.sequence_parallel
+        with pytest.raises(ValueError, match="model.sequence_parallel=true splits model.seq_len=64 over "
+                                             "topology.tensor=1 ranks; it needs topology.tensor >= 2"):
+            to_app_config(compose("gpt", overrides=["model.sequence_parallel=true"]))
+
+
 # ---- training (4 ranks: every grid of one launch) -----------------------------------------------
 
 GPT_CASES = {  # name: (schedule, pipe, data, extra config)
