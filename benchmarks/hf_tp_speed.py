@@ -227,6 +227,26 @@ def _block_breakdown(rounds: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def _norm_costs(rounds: int) -> dict[str, float]:
+    """What sequence parallelism halves per rank, in one process: one norm and one residual add,
+    forward and backward, on (micro_batch, seq, hidden) and on seq / tensor tokens (median ms)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hidden, seq, tensor = SHAPE["hidden"], SHAPE["seq"], max(GRID["tensor"], 2)
+    out = {}
+    for name, norm in (("Llama RMSNorm", LlamaRMSNorm(hidden)), ("GPT LayerNorm", torch.nn.LayerNorm(hidden))):
+        for tokens in (seq, seq // tensor):
+            x = torch.randn(SHAPE["micro_batch"], tokens, hidden, requires_grad=True)
+            residual = torch.randn_like(x)
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                (norm(x) + residual).sum().backward()
+                times.append((time.perf_counter() - start) * 1e3)
+            out[f"{name} + residual, T={tokens}"] = statistics.median(times)
+    return out
+
+
 def _llama_config() -> object:
     from transformers import LlamaConfig
 
@@ -323,12 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     _print_steps(times, cpu, reduces)
     blocks = _block_breakdown(max(10, 10 * args.rounds))
     _print_blocks(blocks)
+    norms = _norm_costs(200) if args.sequence_parallel else {}
+    for name, ms in norms.items():
+        print(f"| {name} (fwd+bwd, one process) | {ms:.3f} ms |")
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                    "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
                    "torch": torch.__version__, "shape": SHAPE, "grid": GRID, "compile": COMPILE, "ms_per_step": times,
                    "cpu_ms_per_step": cpu,
-                   "tensor_all_reduces_rank0": reduces, "one_block": blocks}, f, indent=2)
+                   "tensor_all_reduces_rank0": reduces, "one_block": blocks, "norm_costs_ms": norms}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 
