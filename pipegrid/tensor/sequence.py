@@ -30,17 +30,18 @@ from torch import nn
 from pipegrid.tensor.mappings import Group, _active
 
 __all__ = [
+    "Regather",
     "SequenceParallel",
     "all_gather_sequence",
     "gather_from_sequence_region",
     "is_sequence_parallel",
     "mark_sequence_parallel",
     "reduce_scatter_sequence",
+    "saving_chunk",
     "scatter_to_sequence_region",
 ]
 
 SEQUENCE_DIM = 1  # activations are batch-first (B, T, H)
-
 
 
 class SequenceParallel:

@@ -7,7 +7,7 @@
   model in one process (fp32, clipping that bites) and like itself without sequence parallelism.
 - pipegrid.hf Llama (GQA, fused loss) and GPT-2 (tied, adapter plan, activation checkpointing)
   at (2,1,2) with ``sequence_parallel=True`` train like transformers in one process on padded
-  batches; generation (the switch off) equals transformers' ``generate``.
+  batches, and evaluate like it (whole logits); generation (the switch off) equals transformers' ``generate``.
 - The messages between stages hold 1/tensor of the hidden state.
 """
 
@@ -25,8 +25,8 @@ from examples.models.gpt import GPT
 from pipegrid import hf
 from pipegrid.launch import run_local
 from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, SharedInputCopy, all_gather_sequence,
-                             gather_from_sequence_region, is_sequence_parallel, reduce_scatter_sequence,
-                             scatter_to_sequence_region)
+                             gather_from_region, gather_from_sequence_region, is_sequence_parallel,
+                             reduce_scatter_sequence, scatter_to_sequence_region)
 from tests.support.engine_cases import config, global_batches, run_tensor_gpt
 from tests.support.hf_models import (ATTN, SEQ_LEN, assert_ranks_match, lm_batches, load_reference, reference_step,
                                      save_tiny, tiny_config)
@@ -271,8 +271,11 @@ def _hf_run(directory: str, name: str, sequence_parallel: bool = True) -> dict:
                                **model_kwargs)
     engine = pg.initialize(model, cfg, groups)
     losses = [engine.train_batch(iter(_hf_batches(s))) for s in range(HF_STEPS)]
+    _, logits = engine.eval_batch(iter(_hf_batches(7)), return_outputs=True)  # whole sequences, vocab shards
     result = {"losses": losses, "tensors": {k: t.detach().clone() for k, t in model.hf_state_dict().items()},
-              "message": _first_stage_output(engine, _hf_batches(0)[0][0])}
+              "message": _first_stage_output(engine, _hf_batches(0)[0][0]),
+              "logits": None if logits is None else [gather_from_region(x, groups.tensor_parallel_group)
+                                                      for x in logits]}
     if family == "llama":  # decode steps have one token: generation runs with the switch off, then it is on again
         result["generated"] = engine.generate(_prompts(), max_new_tokens=3)
         result["switch_after"] = bool(model.sequence_parallel)
@@ -328,6 +331,13 @@ def test_hf_trains_like_transformers(training, name):
     losses = [reference_step(reference, _hf_batches(s), optimizer, HF_CLIP) for s in range(HF_STEPS)]
     assert_ranks_match(name, [rank[name] for rank in per_rank], losses, reference.state_dict(),
                        reference.config.tie_word_embeddings, 1e-5, 1e-6)
+    with torch.no_grad():
+        want = [reference.eval()(input_ids=ids, attention_mask=mask).logits for (ids, mask), _ in _hf_batches(7)]
+    last = [rank[name]["logits"] for rank in per_rank if rank[name]["logits"] is not None]
+    assert len(last) == 2, "the two tensor ranks of the last stage return the eval logits"
+    for logits in last:
+        for got, expected in zip(logits, want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} eval logits: {m}")
     if "generated" in per_rank[0][name]:
         want = reference.eval().generate(_prompts(), max_new_tokens=3, do_sample=False, eos_token_id=None,
                                          pad_token_id=0)
