@@ -219,7 +219,7 @@ HF_STEPS, HF_MICRO_BATCHES, HF_CLIP = 3, 2, 0.5
 HF_SGD = {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9}
 HF_CASES = {  # name: (family, schedule, model keywords, extra config)
     "llama-1f1b-fused": ("llama", "1f1b", {}, FUSED),
-    "gpt2-zb_h1-recompute": ("gpt2", "zb_h1", {"activation_checkpoint_interval": 1}, {}),
+    "gpt2-zb_h1-recompute-fused": ("gpt2", "zb_h1", {"activation_checkpoint_interval": 1}, FUSED),  # tied head
 }
 
 
