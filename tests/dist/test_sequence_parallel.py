@@ -3,7 +3,7 @@
 - The mappings and the sequence-parallel linear layers equal their dense counterparts (forward
   and gradients), siblings share one gather, and a length the group does not divide is refused.
 - The example GPT with ``sequence_parallel`` at (pipe, data, tensor) = (2,1,2) and (1,2,2), under 1f1b
-  and zb_h1 (ZeRO-1, ZeRO-2 reducing every micro-batch, the fused loss), trains like the plain-torch
+  and zb_h1 (ZeRO-1, ZeRO-2 reducing every micro-batch, ZeRO-3, the fused loss), trains like the plain-torch
   model in one process (fp32, clipping that bites) and like itself without sequence parallelism.
 - pipegrid.hf Llama (GQA, fused loss) and GPT-2 (tied, adapter plan, activation checkpointing)
   at (2,1,2) with ``sequence_parallel=True`` train like transformers in one process on padded
@@ -214,6 +214,7 @@ GPT_CASES = {  # name: (schedule, pipe, data, extra config)
     "2x1x2-zb_h1-fused": ("zb_h1", 2, 1, FUSED),
     "1x2x2-1f1b-zero1": ("1f1b", 1, 2, {"zero": {"stage": 1}}),
     "1x2x2-zb_h1-zero2": ("zb_h1", 1, 2, {"zero": {"stage": 2, "reduce_every_micro_batch": True}}),
+    "1x2x2-1f1b-zero3": ("1f1b", 1, 2, {"zero": {"stage": 3}}),
 }
 HF_STEPS, HF_MICRO_BATCHES, HF_CLIP = 3, 2, 0.5
 HF_SGD = {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9}
