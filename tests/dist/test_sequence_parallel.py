@@ -8,6 +8,7 @@
 - pipegrid.hf Llama (GQA, fused loss) and GPT-2 (tied, adapter plan, activation checkpointing)
   at (2,1,2) with ``sequence_parallel=True`` train like transformers in one process on padded
   batches, and evaluate like it (whole logits); generation (the switch off) equals transformers' ``generate``.
+- Ten more plan families at (1,1,2) train like transformers with ``sequence_parallel=True``.
 - The messages between stages hold 1/tensor of the hidden state.
 """
 
@@ -29,7 +30,7 @@ from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, SharedInpu
                              reduce_scatter_sequence, scatter_to_sequence_region)
 from tests.support.engine_cases import config, global_batches, run_tensor_gpt
 from tests.support.hf_models import (ATTN, SEQ_LEN, assert_ranks_match, lm_batches, load_reference, reference_step,
-                                     save_tiny, tiny_config)
+                                     save_config, save_tiny, sweep_config, tiny_config)
 from tests.support.reference import PlainGPT, train
 from tests.support.tensor_gpt import GPT_CFG, assert_matches_dense
 
@@ -345,3 +346,33 @@ def test_hf_trains_like_transformers(training, name):
         for rank in per_rank:
             assert torch.equal(rank[name]["generated"], want), (rank[name]["generated"], want)
             assert rank[name]["switch_after"], "generate must turn sequence parallelism back on"
+
+
+# ---- more families at (1,1,2): whatever each decoder layer does, on a chunk of the sequence ------
+
+SWEEP = ("qwen2", "mistral", "phi3", "gemma", "gemma2", "granite", "starcoder2", "cohere", "gpt_neox", "phi")
+
+
+def _sweep(directories: dict[str, str]) -> dict[str, dict]:
+    cfg = {**_hf_config("llama-1f1b-fused"), "topology": {"pipe": 1, "data": 1, "tensor": 2}, "loss": {}}
+    groups = pg.init_distributed(cfg)
+    out = {}
+    for family, directory in directories.items():
+        model = hf.from_pretrained(directory, topology=groups.topology, attn_implementation=ATTN,
+                                   tensor_group=groups.tensor_parallel_group, sequence_parallel=True)
+        engine = pg.initialize(model, cfg, groups)
+        out[family] = {"losses": [engine.train_batch(iter(_hf_batches(s))) for s in range(HF_STEPS)],
+                       "tensors": {k: t.detach().clone() for k, t in model.hf_state_dict().items()}}
+    return out
+
+
+def test_more_families_train_like_transformers(tmp_path):
+    """GQA, sliding windows, packed projections, scaled embeddings, soft-capping, biases, parallel attention."""
+    directories = {family: save_config(sweep_config(family), str(tmp_path / family)) for family in SWEEP}
+    per_rank = run_local(_sweep, 2, (directories,), timeout_s=300)
+    for family, directory in directories.items():
+        reference = load_reference(directory).train()
+        optimizer = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+        losses = [reference_step(reference, _hf_batches(s), optimizer, HF_CLIP) for s in range(HF_STEPS)]
+        assert_ranks_match(family, [rank[family] for rank in per_rank], losses, reference.state_dict(),
+                           reference.config.tie_word_embeddings, 1e-5, 1e-6)
