@@ -2,7 +2,8 @@
 
 With no tensor group it is a plain dense GPT of ``nn`` layers; with one, attention
 heads, the MLP and the vocabulary are split across the group (Megatron-LM's layout)
-and it starts, and trains, exactly like the dense one.
+and it starts, and trains, exactly like the dense one. ``sequence_parallel`` also splits the
+sequence between those regions (norms, residuals, pipeline messages: 1/tensor of the tokens).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from torch import nn
 from pipegrid.conf.schema import LossConfig
 from pipegrid.pipe.module import PipelineModule
 from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
-from pipegrid.tensor import (ColumnParallelLinear, LMHeadInputs, LMLoss, RowParallelLinear, VocabParallelEmbedding,
-                             copy_to_region, vocab_parallel_cross_entropy)
+from pipegrid.tensor import (ColumnParallelLinear, LMHeadInputs, LMLoss, RowParallelLinear, SequenceParallel,
+                             VocabParallelEmbedding, all_gather_sequence, copy_to_region, mark_sequence_parallel,
+                             scatter_to_sequence_region, vocab_parallel_cross_entropy)
 
 __all__ = ["GPT", "GPTConfig", "gpt_loss", "pad_vocab_size", "small_gpt_config", "tiny_gpt_config"]
 
@@ -45,6 +47,9 @@ class GPTConfig:
     """Hidden size; a multiple of n_head."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residual branches (0 for exact comparisons)."""
+    sequence_parallel: bool = False
+    """Between the tensor-parallel regions, each tensor rank holds seq_len / tensor of the tokens
+    (Megatron's sequence parallelism); needs a tensor group, and sequences the tensor degree divides."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
@@ -111,27 +116,31 @@ def _dense_linear(in_features: int, out_features: int, std: float = _INIT_STD) -
     return linear
 
 
-def _column(in_features: int, out_features: int, group: Group) -> nn.Module:
+def _column(in_features: int, out_features: int, group: Group, sequence_parallel: Any = False) -> nn.Module:
     # the dense layer is drawn either way, so dense and split models consume the RNG alike
     dense = _dense_linear(in_features, out_features)
     if group is None:
         return dense
-    return ColumnParallelLinear(in_features, out_features, group=group, init_from=dense)
+    return ColumnParallelLinear(in_features, out_features, group=group, init_from=dense,
+                                sequence_parallel=sequence_parallel)
 
 
-def _row(in_features: int, out_features: int, group: Group, std: float) -> nn.Module:
+def _row(in_features: int, out_features: int, group: Group, std: float, sequence_parallel: Any = False) -> nn.Module:
     dense = _dense_linear(in_features, out_features, std)
     if group is None:
         return dense
-    return RowParallelLinear(in_features, out_features, group=group, init_from=dense)
+    return RowParallelLinear(in_features, out_features, group=group, init_from=dense,
+                             sequence_parallel=sequence_parallel)
 
 
 class TokenEmbedding(nn.Module):
     """Token ids to vectors; ``logits`` reuses the weight as the output head (tied)."""
 
-    def __init__(self, vocab_size: int, n_embd: int, tensor_group: Group = None) -> None:
+    def __init__(self, vocab_size: int, n_embd: int, tensor_group: Group = None,
+                 sequence_parallel: SequenceParallel | bool = False) -> None:
         super().__init__()
         self.tensor_group = tensor_group
+        self.sequence_parallel = sequence_parallel
         dense = nn.Embedding(vocab_size, n_embd)
         nn.init.normal_(dense.weight, mean=0.0, std=_INIT_STD)
         self.tok = dense if tensor_group is None else \
@@ -145,8 +154,16 @@ class TokenEmbedding(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The tied head: (B, T, C) -> (B, T, V / tensor), this rank's vocab slice."""
-        h = copy_to_region(h, self.tensor_group) if self.tensor_group is not None else h
-        return h @ self.tok.weight.T
+        return self._enter(h) @ self.tok.weight.T
+
+    def _enter(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's input, whole on every tensor rank: (B, T / tensor, C) gathered under sequence
+        parallelism (backward: the partial gradients reduce-scattered), else copied in."""
+        if self.tensor_group is None:
+            return h
+        if self.sequence_parallel:
+            return all_gather_sequence(h, self.tensor_group)  # (B, T, C)
+        return copy_to_region(h, self.tensor_group)
 
     def head(self, h: torch.Tensor) -> LMHeadInputs | torch.Tensor:
         """The tied head for a fused loss: (B, T, C) and this rank's weight slice (V / tensor, C),
@@ -154,21 +171,26 @@ class TokenEmbedding(nn.Module):
         (evaluation, generation) the logits themselves, so ``eval_batch`` still returns them."""
         if not torch.is_grad_enabled():
             return self.logits(h)
-        h = copy_to_region(h, self.tensor_group) if self.tensor_group is not None else h
-        return LMHeadInputs(h, self.tok.weight)
+        return LMHeadInputs(self._enter(h), self.tok.weight)
 
 
 class PositionEmbedding(nn.Module):
-    """Adds a learned position vector to each token vector."""
+    """Adds a learned position vector to each token vector; under sequence parallelism then keeps
+    this tensor rank's chunk of the sequence (the blocks run on chunks from here on)."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, tensor_group: Group = None,
+                 sequence_parallel: SequenceParallel | bool = False) -> None:
         super().__init__()
         self.pos = nn.Parameter(torch.empty(cfg.seq_len, cfg.n_embd).normal_(0.0, _INIT_STD))
         self.drop = nn.Dropout(cfg.dropout)
+        self.tensor_group, self.sequence_parallel = tensor_group, sequence_parallel
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         t = h.shape[1]
-        return self.drop(h + self.pos[:t])  # (B, T, C)
+        h = self.drop(h + self.pos[:t])  # (B, T, C)
+        if self.sequence_parallel:
+            h = scatter_to_sequence_region(h, self.tensor_group)  # (B, T / tensor, C)
+        return h
 
     def forward_cached(self, h: torch.Tensor, cache: dict, step: Any) -> torch.Tensor:
         """The new tokens at their own positions (left padding counted out)."""
@@ -182,24 +204,25 @@ class CausalSelfAttention(nn.Module):
     order, so a contiguous split of its rows gives each rank whole heads.
     """
 
-    def __init__(self, cfg: GPTConfig, tensor_group: Group = None) -> None:
+    def __init__(self, cfg: GPTConfig, tensor_group: Group = None, sequence_parallel: Any = False) -> None:
         super().__init__()
         c = cfg.n_embd
         self.local_heads = cfg.n_head // _tensor_degree(tensor_group)
         self.head_dim = c // cfg.n_head
         self.dropout = cfg.dropout
-        self.c_attn = _column(c, 3 * c, tensor_group)
-        self.c_proj = _row(c, c, tensor_group, _INIT_STD / math.sqrt(2 * cfg.n_layer))
+        self.c_attn = _column(c, 3 * c, tensor_group, sequence_parallel)
+        self.c_proj = _row(c, c, tensor_group, _INIT_STD / math.sqrt(2 * cfg.n_layer), sequence_parallel)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape  # (B, T, C)
-        qkv = self.c_attn(x).view(b, t, self.local_heads, 3 * self.head_dim)  # (B, T, h, 3 hd)
+        qkv = self.c_attn(x)  # (B, T, 3C / tensor): x may be a sequence chunk, the output has every token
+        b, t, _ = qkv.shape
+        qkv = qkv.view(b, t, self.local_heads, 3 * self.head_dim)  # (B, T, h, 3 hd)
         q, k, v = (z.transpose(1, 2) for z in qkv.split(self.head_dim, dim=-1))  # (B, h, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)  # (B, T, C / tensor)
-        return self.resid_drop(self.c_proj(y))  # (B, T, C)
+        return self.resid_drop(self.c_proj(y))  # (B, T, C), or (B, T / tensor, C) sequence-parallel
 
     def forward_cached(self, x: torch.Tensor, cache: dict, step: Any) -> torch.Tensor:
         """Attention of the new tokens over the cached keys/values and their own; ``cache``
@@ -232,11 +255,11 @@ def _cached_mask(attention_mask: torch.Tensor, t: int) -> torch.Tensor:
 class MLP(nn.Module):
     """C -> 4C -> GELU -> C; with a tensor group the 4C hidden units are split."""
 
-    def __init__(self, cfg: GPTConfig, tensor_group: Group = None) -> None:
+    def __init__(self, cfg: GPTConfig, tensor_group: Group = None, sequence_parallel: Any = False) -> None:
         super().__init__()
         c = cfg.n_embd
-        self.c_fc = _column(c, 4 * c, tensor_group)
-        self.c_proj = _row(4 * c, c, tensor_group, _INIT_STD / math.sqrt(2 * cfg.n_layer))
+        self.c_fc = _column(c, 4 * c, tensor_group, sequence_parallel)
+        self.c_proj = _row(4 * c, c, tensor_group, _INIT_STD / math.sqrt(2 * cfg.n_layer), sequence_parallel)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,14 +267,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the LayerNorms are replicated on every tensor rank."""
+    """Pre-norm transformer block; the LayerNorms are replicated on every tensor rank (under
+    sequence parallelism each normalises its own tokens: marked, their gradients summed per step)."""
 
-    def __init__(self, cfg: GPTConfig, tensor_group: Group = None) -> None:
+    def __init__(self, cfg: GPTConfig, tensor_group: Group = None, sequence_parallel: Any = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg, tensor_group)
+        self.attn = CausalSelfAttention(cfg, tensor_group, sequence_parallel)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = MLP(cfg, tensor_group)
+        self.mlp = MLP(cfg, tensor_group, sequence_parallel)
+        if sequence_parallel:
+            mark_sequence_parallel([*self.ln_1.parameters(), *self.ln_2.parameters()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))  # (B, T, C)
@@ -260,6 +286,16 @@ class Block(nn.Module):
     def forward_cached(self, x: torch.Tensor, cache: dict, step: Any) -> torch.Tensor:
         x = x + self.attn.forward_cached(self.ln_1(x), cache, step)
         return x + self.mlp(self.ln_2(x))
+
+
+class FinalNorm(nn.LayerNorm):
+    """The LayerNorm before the head (position-wise: generate runs it as is); marked under
+    sequence parallelism, where each tensor rank normalises its own tokens."""
+
+    def __init__(self, n_embd: int, sequence_parallel: Any = False) -> None:
+        super().__init__(n_embd)
+        if sequence_parallel:
+            mark_sequence_parallel(self)
 
 
 # ---- the loss and the model ---------------------------------------------------------
@@ -284,24 +320,28 @@ class GPT(PipelineModule):
     in replicated regions (the same RNG state); tests compare at dropout 0.
     ``loss`` (default: the engine config's ``loss:`` section) chunks head + cross-entropy over
     the tokens unless ``loss.chunked`` is false; a ``loss_fn`` passed in keeps the head's logits.
+    ``cfg.sequence_parallel``: ``self.sequence_parallel`` is the switch every layer consults;
+    ``engine.generate`` turns it off (whole sequences: decode steps have one token).
     """
 
     def __init__(self, cfg: GPTConfig, topology: Any = None, tensor_group: Group = None,
                  loss: LossConfig | None = None, **pipeline_kwargs: Any) -> None:
         tensor = topology.tensor if topology is not None else _tensor_degree(tensor_group)
         cfg.check_tensor_parallel(tensor)
+        _check_sequence_parallel(cfg, tensor)
         _check_group(tensor, tensor_group)
         group = tensor_group if tensor > 1 else None
+        sp = self.sequence_parallel = SequenceParallel(cfg.sequence_parallel)
         plain = gpt_loss if group is None else functools.partial(gpt_loss, tensor_group=group)
         lm_loss = LMLoss(loss, group, plain=plain)
         pipeline_kwargs.setdefault("loss_fn", lm_loss)
         head = functools.partial(_tied_head, pipeline_kwargs["loss_fn"])
-        embed = (cfg.vocab_size, cfg.n_embd, group)
+        embed = (cfg.vocab_size, cfg.n_embd, group, sp)
         layers = [
             TiedLayerSpec("embed", TokenEmbedding, *embed, tied_weight_attr="tok.weight"),
-            LayerSpec(PositionEmbedding, cfg),
-            *[LayerSpec(Block, cfg, group) for _ in range(cfg.n_layer)],
-            LayerSpec(nn.LayerNorm, cfg.n_embd),  # position-wise: generate runs it as is
+            LayerSpec(PositionEmbedding, cfg, group, sp),
+            *[LayerSpec(Block, cfg, group, sp) for _ in range(cfg.n_layer)],
+            LayerSpec(FinalNorm, cfg.n_embd, sp),
             TiedLayerSpec("embed", TokenEmbedding, *embed,
                           forward_fn=head,
                           tied_weight_attr="tok.weight"),
@@ -327,6 +367,17 @@ def _tied_head(loss_fn: Any, embedding: TokenEmbedding, h: torch.Tensor) -> LMHe
     """The last position: the head's inputs for a fusing :class:`LMLoss`, else the logits."""
     fuses = isinstance(loss_fn, LMLoss) and loss_fn.fuses()
     return embedding.head(h) if fuses else embedding.logits(h)
+
+
+def _check_sequence_parallel(cfg: GPTConfig, tensor: int) -> None:
+    if not cfg.sequence_parallel:
+        return
+    if tensor < 2:
+        raise ValueError("GPTConfig.sequence_parallel=True splits the sequence over the tensor group, but "
+                         f"topology.tensor={tensor}; set topology.tensor >= 2 or model.sequence_parallel=false")
+    if cfg.seq_len % tensor:
+        raise ValueError(f"GPTConfig.sequence_parallel=True splits seq_len={cfg.seq_len} over topology.tensor={tensor} "
+                         f"ranks; choose seq_len a multiple of {tensor} or model.sequence_parallel=false")
 
 
 def _check_group(tensor: int, tensor_group: Group) -> None:

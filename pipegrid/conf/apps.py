@@ -33,6 +33,8 @@ class GPTModelConfig:
     """Hidden width."""
     dropout: float = 0.0
     """Dropout probability in attention and MLP."""
+    sequence_parallel: bool = False
+    """Split norms, residuals and pipeline messages along the sequence over topology.tensor (needs tensor > 1)."""
 
     LAYERS_KNOB: ClassVar[str] = "model.n_layer"
 

@@ -117,6 +117,10 @@ def check_layout(app: TrainConfig, world_size: int | None = None) -> None:
 
 def _check_tensor_splits(app: GPTAppConfig) -> None:
     model, tensor = app.model, app.topology.tensor
+    if model.sequence_parallel and (tensor < 2 or model.seq_len % tensor):
+        raise ValueError(f"model.sequence_parallel=true splits model.seq_len={model.seq_len} over "
+                         f"topology.tensor={tensor} ranks; it needs topology.tensor >= 2 dividing seq_len: set "
+                         "topology.tensor (and model.seq_len) so, or model.sequence_parallel=false")
     for name in ("vocab_size", "n_head", "n_embd"):
         value = getattr(model, name)
         if value % tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipegrid.hf.skeleton import Skeleton
-from pipegrid.tensor import ColumnParallelLinear, LMHeadInputs, LMLoss, copy_to_region
+from pipegrid.tensor import ColumnParallelLinear, LMHeadInputs, LMLoss, all_gather_sequence, copy_to_region
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ class FusableHead:
         if not (torch.is_grad_enabled() and self.loss.fuses() and self._check(hidden)):
             return self.skeleton.logits(hidden, training)
         head = self.skeleton.shell.get_submodule(self.skeleton.plan.head)
-        if isinstance(head, ColumnParallelLinear):  # as its forward does: the input's gradient all-reduced
+        if isinstance(head, ColumnParallelLinear) and head.sequence_parallel:  # (B, T / tensor, H) -> (B, T, H)
+            hidden = all_gather_sequence(hidden, head.group)  # backward: the partial gradients reduce-scattered
+        elif isinstance(head, ColumnParallelLinear):  # as its forward does: the input's gradient all-reduced
             hidden = copy_to_region(hidden, head.group)
         return LMHeadInputs(hidden, head.weight, getattr(head, "bias", None))
 
@@ -61,7 +63,7 @@ class FusableHead:
         weight: Any = getattr(head, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return f"has an LM head ({type(head).__name__}) without a 2-D weight"
-        with torch.no_grad():
+        with torch.no_grad(), self.skeleton.sequence_parallel.off():  # one token: no collective
             probe = hidden.detach()[..., :1, :]  # one token of each row
             own = self.skeleton.logits(probe, False)
             plain = F.linear(probe, weight, getattr(head, "bias", None))

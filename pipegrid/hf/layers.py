@@ -95,7 +95,8 @@ class EmbeddingPrefix(_Part):
 
     def forward(self, x: Any) -> Any:
         embeds, mask = split(x, "EmbeddingPrefix")
-        return join(self.skeleton.first_hidden(embeds, mask, self.training), mask)
+        hidden = self.skeleton.first_hidden(embeds, mask, self.training)  # (B, T, H): positions on every token
+        return join(self.skeleton.scatter_sequence(hidden), mask)  # sequence-parallel: (B, T / tensor, H)
 
     def forward_cached(self, embeds: torch.Tensor, cache: Any, step: Any) -> torch.Tensor:
         return self.skeleton.first_hidden_cached(embeds, step, cache)
@@ -107,7 +108,7 @@ class DecoderLayer(_Part):
     def __init__(self, skeleton: Skeleton, index: int) -> None:
         super().__init__(skeleton)
         self.index = index
-        self.adopt("layer", f"{skeleton.base_name(skeleton.plan.layers)}.{index}")
+        skeleton.mark_sequence_parallel(self.adopt("layer", f"{skeleton.base_name(skeleton.plan.layers)}.{index}"))
 
     def compile_targets(self) -> list[nn.Module]:
         """``compile.enabled``: the transformers layer, compiled once for every index (dynamo guards
@@ -133,7 +134,7 @@ class FinalNorm(_Part):
 
     def __init__(self, skeleton: Skeleton) -> None:
         super().__init__(skeleton)
-        self.adopt("norm", skeleton.base_name(skeleton.plan.norm))
+        skeleton.mark_sequence_parallel(self.adopt("norm", skeleton.base_name(skeleton.plan.norm)))
 
     def forward(self, x: Any) -> torch.Tensor:
         hidden, _ = split(x, "the final norm")

@@ -27,7 +27,7 @@ from pipegrid.hf.skeleton import Skeleton
 from pipegrid.hf.weights import CheckpointWeights
 from pipegrid.pipe.module import PipelineModule
 from pipegrid.pipe.spec import TiedLayerSpec
-from pipegrid.tensor import LMLoss, vocab_parallel_cross_entropy
+from pipegrid.tensor import LMLoss, SequenceParallel, vocab_parallel_cross_entropy
 from pipegrid.topology.grid import Topology
 
 
@@ -117,6 +117,11 @@ class HFCausalLM(PipelineModule):
         """The ProcessGroups built for this model's tensor group (None when the caller passed one,
         or tensor = 1): ``pg.initialize(model, config)`` uses them."""
         return self.skeleton.process_groups
+
+    @property
+    def sequence_parallel(self) -> SequenceParallel:
+        """The switch the sequence-parallel layers consult (falsy when off); ``engine.generate`` turns it off."""
+        return self.skeleton.sequence_parallel
 
     @property
     def hf_config(self) -> Any:
@@ -212,7 +217,7 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
                     partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
                     seed: int = 1234, attn_implementation: str | None = None,
                     pp_plan: Mapping[str, PlanEntry] | None = None, tensor_group: Any = None,
-                    **pipeline_kwargs: Any) -> HFCausalLM:
+                    sequence_parallel: bool = False, **pipeline_kwargs: Any) -> HFCausalLM:
     """A transformers checkpoint directory (config.json + safetensors) as pipeline stages.
 
     Each process materialises only its own stages' modules and reads only their tensors.
@@ -226,6 +231,11 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
     are pipegrid's own, built here from the topology (torch.distributed joined from torchrun's
     variables if need be) and handed to ``pg.initialize``; ``tensor_group=`` (e.g.
     ``pg.init_distributed(config).tensor_parallel_group``) uses the caller's instead.
+
+    ``sequence_parallel=True`` (needs ``topology.tensor > 1``) also splits the sequence over the
+    tensor group between the split layers: after the embedding prefix each rank holds T / tensor of
+    the tokens (norms, residuals and pipeline messages 1/tensor), each attention and MLP gathers
+    them and reduce-scatters its output, and the head gathers them (docs/hf_tensor_parallel.md).
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -241,7 +251,7 @@ def from_pretrained(path: str, topology: Topology | None = None, *, dtype: torch
     config = AutoConfig.from_pretrained(path)
     weights = CheckpointWeights(path)
     skeleton = Skeleton(config, plan_for(config, pp_plan), _CheckpointSource(weights), _dtype(dtype, config),
-                        attn_implementation, topology, tensor_group)
+                        attn_implementation, topology, tensor_group, sequence_parallel)
     weights.bind(skeleton.shell)
     weights.check(skeleton.expected_tensors(), where=f"{skeleton.plan.class_name} built from config.json")
     return HFCausalLM(skeleton, topology, partition_method=partition_method,
@@ -252,7 +262,7 @@ def from_config(config: Any, topology: Topology | None = None, *, dtype: torch.d
                 partition_method: Any = "parameters", activation_checkpoint_interval: int = 0,
                 seed: int = 1234, attn_implementation: str | None = None,
                 pp_plan: Mapping[str, PlanEntry] | None = None, tensor_group: Any = None,
-                **pipeline_kwargs: Any) -> HFCausalLM:
+                sequence_parallel: bool = False, **pipeline_kwargs: Any) -> HFCausalLM:
     """A randomly initialised model of ``config`` (a transformers ``PretrainedConfig``) as pipeline stages.
 
     Each module is initialised by the model's own ``_init_weights``; pipeline layer i
@@ -261,6 +271,6 @@ def from_config(config: Any, topology: Topology | None = None, *, dtype: torch.d
     """
     config = copy.deepcopy(config)
     skeleton = Skeleton(config, plan_for(config, pp_plan), _RandomInit(), _dtype(dtype, config), attn_implementation,
-                        topology, tensor_group)
+                        topology, tensor_group, sequence_parallel)
     return HFCausalLM(skeleton, topology, partition_method=partition_method,
                       activation_checkpoint_interval=activation_checkpoint_interval, seed=seed, **pipeline_kwargs)

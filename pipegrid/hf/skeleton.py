@@ -22,7 +22,8 @@ from torch import nn
 from pipegrid.conf.schema import CommConfig
 from pipegrid.hf.pp_plan import StagePlan, causal_lm_class, resolve
 from pipegrid.hf.tp_plan import ShardRule, TensorSplit, check_tensor_parallel
-from pipegrid.tensor import tensor_parallel_rank, tensor_parallel_size
+from pipegrid.tensor import (SequenceParallel, mark_sequence_parallel, scatter_to_sequence_region, tensor_parallel_rank,
+                             tensor_parallel_size)
 from pipegrid.topology.grid import Topology
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import init_distributed
@@ -136,7 +137,7 @@ class Skeleton:
 
     def __init__(self, config: Any, plan: dict, source: WeightSource, dtype: torch.dtype,
                  attn_implementation: str | None = None, topology: Topology | None = None,
-                 tensor_group: Any = None) -> None:
+                 tensor_group: Any = None, sequence_parallel: bool = False) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
@@ -155,6 +156,12 @@ class Skeleton:
         self.split: TensorSplit | None = None
         self.process_groups: ProcessGroups | None = None  # built here when the caller passed no tensor group
         tensor = 1 if topology is None else topology.tensor
+        if sequence_parallel and tensor < 2:
+            raise ValueError(f"{self.plan.class_name}: sequence_parallel=True splits the sequence over the tensor "
+                             f"group, but topology.tensor={tensor}; pass a topology with tensor >= 2 or "
+                             "sequence_parallel=False")
+        self.sequence_parallel = SequenceParallel(sequence_parallel)
+        """The switch the split layers consult: on in training and evaluation, off while generating."""
         if tensor > 1:
             tp_plan = check_tensor_parallel(self.config, self.shell, self.plan, tensor)  # before any group
             if tensor_group is None:
@@ -162,7 +169,7 @@ class Skeleton:
                 tensor_group = self.process_groups.tensor_parallel_group
             _check_group(tensor, tensor_group)
             self.split = TensorSplit(self.shell, self.plan, tp_plan, tensor_group,
-                                     tensor_parallel_rank(tensor_group), tensor)
+                                     tensor_parallel_rank(tensor_group), tensor, self.sequence_parallel)
         self._record: dict[int, tuple] = {}
         layers = self.decoder_layers()
         self._stubs = nn.ModuleList([_LayerStub(i, len(layers) - 1, self._record, layer)
@@ -226,6 +233,19 @@ class Skeleton:
         self.split.mark_shards(top)
         return top
 
+    def mark_sequence_parallel(self, module: nn.Module) -> None:
+        """Under sequence parallelism, mark ``module``'s replicated parameters (a decoder layer's norms
+        and row biases, the final norm): they see only this rank's tokens, their gradients are summed."""
+        if self.sequence_parallel:
+            mark_sequence_parallel(module)
+
+    def scatter_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden state after the embedding prefix: this tensor rank's chunk of the sequence under
+        sequence parallelism (backward: all-gathered), else as it is."""
+        if not self.sequence_parallel:
+            return hidden
+        return scatter_to_sequence_region(hidden, self.split.group)
+
     def shard_rule(self, key: str) -> ShardRule | None:
         """How the checkpoint tensor ``key`` is split over the tensor group (None: held whole)."""
         return None if self.split is None else self.split.rules.get(key)
@@ -267,6 +287,9 @@ class Skeleton:
         Computed once per micro-batch and stage (the first layer asks, the next ones reuse):
         the arguments depend only on the shape, dtype, device and padding mask.
         """
+        if self.sequence_parallel:  # a chunk of the sequence: the glue is computed for all of it
+            b, t, h = hidden.shape
+            hidden = hidden.new_zeros(()).expand(b, t * self.split.parts, h)
         if self._cache is None or not self._same_key(self._cache[0], hidden, mask, training):
             with torch.no_grad():
                 self._capture(hidden.detach(), mask, training)

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from pipegrid.hf.pp_plan import StagePlan
-from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, SharedInputCopy, VocabParallelEmbedding,
-                             reduce_from_region)
+from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, SequenceParallel, SharedInputCopy,
+                             VocabParallelEmbedding, reduce_from_region)
 
 # GPT-2 declares no base_model_tp_plan. Its c_attn is one Conv1D packing q, k and v: "colwise_qkv"
 # splits each of the three parts by heads, so a rank's shard is [q_r, k_r, v_r] and GPT-2's own
@@ -212,9 +212,11 @@ class TensorSplit:
     """This rank's place in the tensor group and how the model's modules split over it."""
 
     def __init__(self, shell: nn.Module, plan: StagePlan, tp_plan: Mapping[str, str], group: Any,
-                 rank: int, parts: int) -> None:
+                 rank: int, parts: int, sequence_parallel: SequenceParallel | None = None) -> None:
         self.shell, self.plan, self.tp_plan = shell, plan, dict(tp_plan)
         self.group, self.rank, self.parts = group, rank, parts
+        self.sequence_parallel = sequence_parallel if sequence_parallel is not None else SequenceParallel(False)
+        """The model's switch: column layers gather the sequence, row layers reduce-scatter it while on."""
         self.rules: dict[str, ShardRule] = {}  # checkpoint key -> how it is split (absent: whole)
 
     def split(self, module: nn.Module, name: str) -> list[tuple[str, nn.Module, nn.Module]]:
@@ -236,16 +238,19 @@ class TensorSplit:
 
     def _share_inputs(self, swaps: list[tuple[str, nn.Module, nn.Module]]) -> None:
         """Column-parallel siblings (q, k, v; gate, up) share one input copy per call of their
-        parent: one backward all-reduce for them all instead of one each."""
+        parent: one backward all-reduce for them all instead of one each. Under sequence parallelism
+        every such parent (one column or more) gathers its input as it is called: transformers'
+        attention reads the sequence length off its input, so it must see the whole sequence."""
         by_parent: dict[str, list[ColumnParallelLinear]] = {}
         for full, _, parallel in swaps:
             if isinstance(parallel, ColumnParallelLinear) and full != self.plan.head:
                 by_parent.setdefault(full.rpartition(".")[0], []).append(parallel)
+        gather_at_parent = bool(self.sequence_parallel)
         for parent, columns in by_parent.items():
-            if len(columns) < 2:
+            if len(columns) < 2 and not gather_at_parent:
                 continue
-            shared = SharedInputCopy(self.group)
-            shared.attach(self.shell.get_submodule(parent))
+            shared = SharedInputCopy(self.group, self.sequence_parallel)
+            shared.attach(self.shell.get_submodule(parent), enter_at_parent=gather_at_parent)
             for column in columns:
                 column.input_copy = shared
 
@@ -277,14 +282,16 @@ class TensorSplit:
             self.rules[f"{full}.bias"] = ShardRule(0, pieces)
         with torch.device("meta"):
             return ColumnParallelLinear(in_features, out_features, bias=bias, group=self.group,
-                                        init_from=_meta_linear(in_features, out_features, bias))
+                                        init_from=_meta_linear(in_features, out_features, bias),
+                                        sequence_parallel=self.sequence_parallel)
 
     def _row(self, full: str, module: nn.Module) -> nn.Module:
         in_features, out_features, bias, transposed = _linear_sizes(module)
         self.rules[f"{full}.weight"] = ShardRule(0 if transposed else 1, (in_features,), transposed)
         with torch.device("meta"):
             return RowParallelLinear(in_features, out_features, bias=bias, group=self.group,
-                                     init_from=_meta_linear(in_features, out_features, bias))
+                                     init_from=_meta_linear(in_features, out_features, bias),
+                                     sequence_parallel=self.sequence_parallel)
 
     @staticmethod
     def mark_shards(module: nn.Module) -> None:

@@ -49,6 +49,7 @@ from pipegrid.pipe.zero import OptimizerState, build_optimizer_state
 from pipegrid.schedules import SCHEDULES, build, validate
 from pipegrid.schedules import generate as generate_schedule
 from pipegrid.tensor.linear_cross_entropy import LMLoss
+from pipegrid.tensor.sequence import is_sequence_parallel
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import header_group, init_distributed, local_cuda_device
 
@@ -194,9 +195,11 @@ class PipelineEngine:
         return True
 
     def _tied_across_pipe_ranks(self) -> frozenset[int]:
-        """Ids of local parameters a tied layer shares with another pipe rank (summed at ReduceTiedGrads)."""
-        return frozenset(id(p) for key, owners in self.module.tied_pipe_ranks().items() if len(owners) > 1
+        """Ids of local parameters a tied layer shares with another pipe rank, and sequence-parallel ones
+        (summed over their tensor group): both are summed at ReduceTiedGrads, so ZeRO keeps them whole."""
+        tied = frozenset(id(p) for key, owners in self.module.tied_pipe_ranks().items() if len(owners) > 1
                          for p in self.module.tied_parameters(key))
+        return tied | {id(p) for p in self.params if is_sequence_parallel(p)}
 
     def _arm_signal_handlers(self) -> None:
         self._stop = SignalWatch(self.config.train.save_on_signal, saves=bool(self.config.checkpoint.dir),

@@ -17,6 +17,7 @@ agree; the run ends when every micro-batch has left (or ran its last step).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from pipegrid.pipe.p2p import P2P, Incoming, MessageMeta, Outgoing, Received
 from pipegrid.schedules import generate as generate_schedule
 from pipegrid.schedules import instructions as ins
 from pipegrid.schedules.schedule import Schedule
+from pipegrid.tensor.sequence import SequenceParallel
 
 __all__ = ["Generation", "GenerationReport", "run_generation"]
 
@@ -265,6 +267,12 @@ def _is_eos(tokens: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
     return torch.isin(tokens, torch.tensor(eos, device=tokens.device))
 
 
+def _whole_sequences(module: Any) -> contextlib.AbstractContextManager:
+    """A model with a sequence-parallel switch generates on whole sequences (decode steps have T = 1)."""
+    switch = getattr(module, "sequence_parallel", None)
+    return switch.off() if isinstance(switch, SequenceParallel) else contextlib.nullcontext()
+
+
 def run_generation(schedule: Schedule, pipe_rank: int, module: Any, p2p: P2P, peers: list[int],
                    request: GenerateRequest, device: torch.device,
                    pipe_group: Any) -> tuple[torch.Tensor, GenerationReport]:
@@ -272,7 +280,8 @@ def run_generation(schedule: Schedule, pipe_rank: int, module: Any, p2p: P2P, pe
     rank: the pipe rank of the last model stage, which chose every token, broadcasts them."""
     generation = Generation(schedule, pipe_rank, module, p2p, peers, request, device,
                             getattr(module, "vocab_parallel_group", None))
-    report = generation.run()
+    with _whole_sequences(module):
+        report = generation.run()
     steps = torch.tensor([[generation.steps_used]] * len(generation.generated))
     generated = torch.cat([generation.generated, steps], dim=1).to(device)
     if schedule.num_ranks > 1:

@@ -21,7 +21,8 @@ Fallbacks (their parameter gradients are accumulated by backward_input instead, 
   one would run back down the input path through the lower one again;
 * saved tensors packed by saved-tensor hooks at a branch point or below it (activation
   checkpointing with ``use_reentrant=False``, CPU offload): every extra backward call would
-  unpack them again, which for checkpointing re-runs the checkpointed forward;
+  unpack them again, which for checkpointing re-runs the checkpointed forward (an unpack hook
+  marked ``unpacks_again_cheaply``, as sequence parallelism's re-gather, is no reason);
 * a parameter inside a compiled region (``torch.compile``): the region's backward is one node
   (``CompiledFunctionBackward``) that computes its input and weight gradients in one call, so
   they are taken with the input gradients (``pipe/compile.py`` keeps weight matmuls outside);
@@ -316,7 +317,8 @@ def _packed_by_hooks(node: Node) -> bool:
     for name in _saved_tensor_attributes(type(node)):
         saved = getattr(node, name)
         for item in saved if isinstance(saved, (tuple, list)) else (saved,):
-            if getattr(item, "unpack_hook", None) is not None:
+            hook = getattr(item, "unpack_hook", None)
+            if hook is not None and not getattr(hook, "unpacks_again_cheaply", False):  # sequence parallel's is
                 return True
     return False
 

@@ -21,7 +21,7 @@ from pipegrid.pipe.precision import LossScaler
 from pipegrid.pipe.step import StepLoss
 from pipegrid.pipe.zero import OptimizerState, all_reduce_flat
 from pipegrid.schedules import instructions as ins
-from pipegrid.tensor import is_tensor_sharded
+from pipegrid.tensor import is_sequence_parallel, is_tensor_sharded
 from pipegrid.topology.groups import ProcessGroups
 
 __all__ = ["GradientUpdate"]
@@ -42,6 +42,9 @@ class GradientUpdate:
         self.global_steps = 0
         self.skipped_steps = 0
         self._tied_groups = self._build_tied_groups()
+        self._sequence_parallel = [p for p in module.parameters() if p.requires_grad and is_sequence_parallel(p)] \
+            if self.topology.tensor > 1 else []
+        """Replicated parameters that saw only this rank's tokens (norms under sequence parallelism)."""
         self._norm_ids = {id(p) for p in self._params_counted_in_norm()}
 
     # --- set-up ----------------------------------------------------------------
@@ -87,13 +90,20 @@ class GradientUpdate:
         if isinstance(op, ins.ReduceGrads):
             return self.groups.axis_ranks["data"]
         if isinstance(op, ins.ReduceTiedGrads):
-            return self.groups.axis_ranks["pipe"]
+            return self.groups.axis_ranks["pipe"] + self.groups.axis_ranks["tensor"] * bool(self._sequence_parallel)
         return list(range(self.topology.world_size))  # the step's loss and flags: every rank
 
     def reduce_tied_grads(self) -> None:
+        """Sum the gradients of parameters replicated over ranks that each did part of the work: tied
+        copies over their pipe ranks, and sequence-parallel ones over the tensor group (Megatron's
+        ``_allreduce_layernorm_grads``), before the data reduction and clipping (which then counts
+        them once, on tensor rank 0, as every replicated parameter)."""
         for key, group in sorted(self._tied_groups.items()):
             grads = [self.zero.grad_of(p) for p in self.module.tied_parameters(key)]  # fp32 in 16-bit
             all_reduce_flat(grads, group, backend=self.kernels_backend)
+        if self._sequence_parallel:
+            grads = [self.zero.grad_of(p) for p in self._sequence_parallel]
+            all_reduce_flat(grads, self.groups.tensor_parallel_group, backend=self.kernels_backend)
 
     def weight_grads_done(self) -> None:
         self.zero.weight_grads_done()

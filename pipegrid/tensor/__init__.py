@@ -3,7 +3,8 @@ the mappings between replicated and split activations, and a vocab-parallel loss
 with the LM head, chunked over tokens: :mod:`.linear_cross_entropy`).
 
 Every layer and mapping takes ``group``: pass ``groups.tensor_parallel_group``;
-``None`` (or a one-rank group) means dense. See :mod:`pipegrid.tensor.mappings`.
+``None`` (or a one-rank group) means dense. See :mod:`pipegrid.tensor.mappings`; sequence
+parallelism (activations split along the sequence between the regions): :mod:`.sequence`.
 """
 
 from pipegrid.tensor.cross_entropy import vocab_parallel_cross_entropy
@@ -12,19 +13,29 @@ from pipegrid.tensor.layers import (ColumnParallelLinear, RowParallelLinear, Sha
 from pipegrid.tensor.linear_cross_entropy import LMHeadInputs, LMLoss, linear_cross_entropy
 from pipegrid.tensor.mappings import (copy_to_region, gather_from_region, reduce_from_region, split_to_region,
                                       tensor_parallel_rank, tensor_parallel_size)
+from pipegrid.tensor.sequence import (SequenceParallel, all_gather_sequence, gather_from_sequence_region,
+                                      is_sequence_parallel, mark_sequence_parallel, reduce_scatter_sequence,
+                                      scatter_to_sequence_region)
 
 __all__ = [
     "ColumnParallelLinear",
     "LMHeadInputs",
     "LMLoss",
     "RowParallelLinear",
+    "SequenceParallel",
     "SharedInputCopy",
     "VocabParallelEmbedding",
+    "all_gather_sequence",
     "copy_to_region",
     "gather_from_region",
+    "gather_from_sequence_region",
+    "is_sequence_parallel",
     "is_tensor_sharded",
     "linear_cross_entropy",
+    "mark_sequence_parallel",
     "reduce_from_region",
+    "reduce_scatter_sequence",
+    "scatter_to_sequence_region",
     "split_to_region",
     "tensor_parallel_rank",
     "tensor_parallel_size",

@@ -123,12 +123,12 @@ def run_zero_pipeline(cfg: dict, recompute: int = 0) -> dict:
             "peak_parameter_bytes": peak}
 
 
-def run_tensor_gpt(cfg: dict, steps: int = STEPS) -> dict:
-    """The example GPT split over the tensor group (data 2): losses and each rank's shards."""
+def run_tensor_gpt(cfg: dict, steps: int = STEPS, gpt_cfg: Any = GPT_CFG) -> dict:
+    """The example GPT (``gpt_cfg``) split over the tensor group: losses and each rank's shards."""
     groups = pg.init_distributed(cfg)
-    model = GPT(GPT_CFG, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
+    model = GPT(gpt_cfg, topology=groups.topology, tensor_group=groups.tensor_parallel_group)
     engine = pg.initialize(model, cfg, groups=groups)
-    d, m = groups.coord.data, cfg["schedule"]["micro_batches"]
-    losses = [engine.train_batch(iter(global_batches(s, 2, m)[d * m:(d + 1) * m])) for s in range(steps)]
+    d, m, data = groups.coord.data, cfg["schedule"]["micro_batches"], groups.topology.data
+    losses = [engine.train_batch(iter(global_batches(s, data, m)[d * m:(d + 1) * m])) for s in range(steps)]
     engine.gather_parameters()
     return {"losses": losses, "state": sharded_state(engine.module), "coord": tuple(groups.coord)}
