@@ -41,7 +41,7 @@ class StageDynamicCache(DynamicCache):
         return super().get_query_offset(self._reference(layer_idx))
 
     # --- the StageCache protocol (pipegrid.pipe.kv_cache) ----------------------------
-    def for_layer(self, index: int) -> "StageDynamicCache":
+    def for_layer(self, index: int) -> StageDynamicCache:
         return self  # transformers' layers index the one cache themselves
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "cupy")
 _INSTALL_HINT = 'pip install "pipegrid[cuda12]" (or "pipegrid[cuda13]": the extra matching your CUDA)'
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cupy_unavailable_reason() -> str | None:
     """Why the CuPy path cannot run in this process, or None when it can.
 
@@ -50,7 +50,7 @@ def cupy_unavailable_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _say_fallback(reason: str) -> None:
     logging.getLogger("pipegrid.kernels").warning(
         "kernels.backend=auto uses the torch path for CUDA tensors: %s", reason)

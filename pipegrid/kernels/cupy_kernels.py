@@ -87,20 +87,20 @@ def _cupy_stream(device: torch.device) -> Any:
     return cupy.cuda.ExternalStream(stream.cuda_stream, device.index)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(device_index: int) -> cupy.RawModule:
     # Compiled once per device by NVRTC; CuPy also caches the binary on disk.
     with cupy.cuda.Device(device_index):
         return cupy.RawModule(code=CUDA_SOURCE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(name: str, device_index: int) -> cupy.RawKernel:
     with cupy.cuda.Device(device_index):
         return _module(device_index).get_function(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

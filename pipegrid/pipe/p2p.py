@@ -42,7 +42,7 @@ class MessageMeta:
     was_tuple: bool
 
     @classmethod
-    def of(cls, tensors: tuple[torch.Tensor, ...], was_tuple: bool) -> "MessageMeta":
+    def of(cls, tensors: tuple[torch.Tensor, ...], was_tuple: bool) -> MessageMeta:
         for t in tensors:
             if t.dtype not in _CODE:
                 raise TypeError(f"cannot send a {t.dtype} tensor between stages; supported: {_DTYPES}")
@@ -55,7 +55,7 @@ class MessageMeta:
         return torch.tensor(values, dtype=torch.int64)
 
     @classmethod
-    def decode(cls, header: torch.Tensor) -> "MessageMeta":
+    def decode(cls, header: torch.Tensor) -> MessageMeta:
         values = header.tolist()
         was_tuple, count, pos = bool(values[0]), values[1], 2
         shapes, dtypes = [], []
@@ -139,7 +139,7 @@ class P2P:
         self._layouts: dict[MessageMeta, kernels.FlatLayout] = {}
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
-    def with_dynamic_shapes(self) -> "P2P":
+    def with_dynamic_shapes(self) -> P2P:
         """A P2P on the same groups whose every activation message carries its header: what
         generation needs, where the prefill and each decode step differ in shape."""
         return P2P(self.device, True, self.kernels_backend, self.rank, self.group,

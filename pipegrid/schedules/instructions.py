@@ -195,7 +195,7 @@ class Exchange:
     receive is waited for only where it is read.
     """
 
-    ops: "tuple[SendActivation | SendGrad | RecvActivation | RecvGrad | SendToken | RecvToken, ...]"
+    ops: tuple[SendActivation | SendGrad | RecvActivation | RecvGrad | SendToken | RecvToken, ...]
     """The group's sends and receives, in the order the rank would run them alone."""
 
     code: ClassVar[str] = "X"

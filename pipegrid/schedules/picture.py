@@ -8,7 +8,8 @@ hatched, labels only where they fit, and a legend.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 __all__ = ["Panel", "draw"]
 

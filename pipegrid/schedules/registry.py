@@ -9,7 +9,8 @@ entry in ``_SPECS``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from pipegrid.schedules import dualpipev, gpipe, inference, interleaved, one_f_one_b, zb_v, zero_bubble
 from pipegrid.schedules.errors import ScheduleError

@@ -6,7 +6,8 @@ PNG draws a measured step above its simulation on one axis (``picture.py`` draws
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Union
+from collections.abc import Iterable, Sequence
 
 from pipegrid.schedules.schedule import Schedule
 from pipegrid.schedules.simulate import Event, SimResult, simulate

@@ -7,7 +7,7 @@ import dataclasses
 import itertools
 import re
 from fractions import Fraction
-from functools import lru_cache
+from functools import lru_cache, cache
 
 import pytest
 
@@ -38,7 +38,7 @@ def _torch_order(name: str, p: int, m: int) -> list[list]:
     return order
 
 
-@lru_cache(maxsize=None)
+@cache
 def _torch(name: str, p: int, m: int) -> Schedule:
     """torch's order, lowered by pipegrid's passes and so timed by the same simulator."""
     shape = Schedule(name=f"torch {name}", placement=Placement("v", p, 2), micro_batches=m, streams=(),
@@ -46,7 +46,7 @@ def _torch(name: str, p: int, m: int) -> Schedule:
     return lower(shape, _torch_order(name, p, m))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sim(name: str, p: int, m: int):
     return simulate(build(name, p, m, (SCHEDULES[name].chunks or (1,))[0]), UNIT)
 
