@@ -1,0 +1,86 @@
+"""The planner's pick among predictions, saying so when the cost model cannot tell them apart.
+
+Predictions within ``within`` (a fraction) of the fastest are a tie: the cost model misses
+measured steps by a few per cent (``benchmarks/plan_vs_measured.py``), so a 1% lead is no
+lead. Among tied candidates the planner prefers, in order, fewer point-to-point messages
+per step (each pays a post, and on CPU gloo may wait for a wake-up that a profile does not
+see), then less peak memory, then the faster prediction; it says which it took and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from pipegrid.plan.predict import Prediction
+
+__all__ = ["Choice", "choose", "with_choice_notes", "TIE_WITHIN"]
+
+TIE_WITHIN = 0.03
+"""Default tie band: the cost model's error on a quiet CPU (every schedule within -6%..0% of
+its measured step, 2026-12-04) less their common bias."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the planner proposes and how sure it is."""
+
+    pick: Prediction
+    """The proposal: the fastest prediction, or among a tie the preferred one."""
+    tied: tuple[Prediction, ...]
+    """Other predictions within ``within`` of the fastest (empty: a clear pick)."""
+    within: float
+    """The tie band, as a fraction of the fastest prediction."""
+    reason: str
+    """One sentence: the pick, and if tied, with what and why this one."""
+
+
+def _preference(pr: Prediction) -> tuple[int, int, float]:
+    return pr.messages, pr.peak_memory_bytes, pr.step_s
+
+
+def choose(predictions: Sequence[Prediction], within: float = TIE_WITHIN) -> Choice:
+    """The pick among ``predictions`` (module docstring); ``within`` < 0 is refused."""
+    if not predictions:
+        raise ValueError("choose() needs at least one prediction; widen the search space")
+    if within < 0:
+        raise ValueError(f"within must be >= 0 (a fraction of the fastest step), got {within}")
+    fastest = min(predictions, key=lambda pr: pr.step_s)
+    band = [pr for pr in predictions if pr.step_s <= fastest.step_s * (1 + within)]
+    pick = min(band, key=_preference)
+    tied = tuple(pr for pr in sorted(band, key=lambda pr: pr.step_s) if pr is not pick)
+    return Choice(pick, tied, within, _reason(pick, tied, fastest, within))
+
+
+def _reason(pick: Prediction, tied: Sequence[Prediction], fastest: Prediction, within: float) -> str:
+    name = pick.candidate.label()
+    if not tied:
+        return f"{name}: predicted fastest ({pick.step_s * 1e3:.1f} ms/step), no other within {within:.0%}"
+    steps = [pr.step_s for pr in (pick, *tied)]
+    names = [name, *(pr.candidate.label() for pr in tied)]
+    head = (f"tie: {', '.join(names[:-1])} and {names[-1]} are predicted within "
+            f"{within:.0%} of each other ({min(steps) * 1e3:.1f}-{max(steps) * 1e3:.1f} ms/step), inside the "
+            f"cost model's error; {name} preferred")
+    other = fastest if fastest is not pick else tied[0]
+    if pick.messages < other.messages:
+        why = f"fewer messages ({pick.messages} a step against {other.messages} for {other.candidate.label()})"
+    elif pick.peak_memory_bytes < other.peak_memory_bytes:
+        why = (f"less memory ({pick.peak_memory_bytes / 2 ** 20:.0f} MiB against "
+               f"{other.peak_memory_bytes / 2 ** 20:.0f} MiB for {other.candidate.label()})")
+    else:
+        why = "the fastest prediction at equal messages and memory"
+    return f"{head}: {why}"
+
+
+def with_choice_notes(predictions: Sequence[Prediction], within: float = TIE_WITHIN) -> list[Prediction]:
+    """``predictions`` with the pick first and, on a tie, the reason in each tied one's notes."""
+    if not predictions:
+        return []
+    choice = choose(predictions, within)
+    rest = sorted((pr for pr in predictions if pr is not choice.pick), key=lambda pr: pr.step_s)
+    if not choice.tied:
+        return [choice.pick, *rest]
+    tied = {id(pr) for pr in choice.tied}
+    note = (choice.reason,)
+    return [replace(choice.pick, notes=(*choice.pick.notes, *note)),
+            *[replace(pr, notes=(*pr.notes, *note)) if id(pr) in tied else pr for pr in rest]]
