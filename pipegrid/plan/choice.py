@@ -55,21 +55,26 @@ def choose(predictions: Sequence[Prediction], within: float = TIE_WITHIN) -> Cho
 def _reason(pick: Prediction, tied: Sequence[Prediction], fastest: Prediction, within: float) -> str:
     name = pick.candidate.label()
     if not tied:
-        return f"{name}: predicted fastest ({pick.step_s * 1e3:.1f} ms/step), no other within {within:.0%}"
+        return f"{name}: predicted fastest ({_time(pick.step_s)}/step), no other within {within:.0%}"
     steps = [pr.step_s for pr in (pick, *tied)]
     names = [name, *(pr.candidate.label() for pr in tied)]
     head = (f"tie: {', '.join(names[:-1])} and {names[-1]} are predicted within "
-            f"{within:.0%} of each other ({min(steps) * 1e3:.1f}-{max(steps) * 1e3:.1f} ms/step), inside the "
+            f"{within:.0%} of each other ({_time(min(steps))}-{_time(max(steps))}/step), inside the "
             f"cost model's error; {name} preferred")
     other = fastest if fastest is not pick else tied[0]
     if pick.messages < other.messages:
-        why = f"fewer messages ({pick.messages} a step against {other.messages} for {other.candidate.label()})"
+        why = (f"fewer pipeline messages ({pick.messages} a step against {other.messages} for "
+               f"{other.candidate.label()})")
     elif pick.peak_memory_bytes < other.peak_memory_bytes:
         why = (f"less memory ({pick.peak_memory_bytes / 2 ** 20:.0f} MiB against "
                f"{other.peak_memory_bytes / 2 ** 20:.0f} MiB for {other.candidate.label()})")
     else:
         why = "the fastest prediction at equal messages and memory"
     return f"{head}: {why}"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
 
 
 def with_choice_notes(predictions: Sequence[Prediction], within: float = TIE_WITHIN) -> list[Prediction]:

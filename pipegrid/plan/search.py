@@ -151,7 +151,7 @@ def search(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace = Se
         raise ValueError(f"no candidate of {cfg.name} fits in {cluster.device.memory_bytes / 2**30:.0f} GiB "
                          f"per device on {cluster.name}, even with ZeRO-3 or optimizer offload; add devices, "
                          "use smaller micro-batches or turn recomputation on (model.recompute=true)")
-    return with_choice_notes(sorted(fitting, key=lambda pr: pr.step_s)[:top], space.tie_within)
+    return with_choice_notes(sorted(fitting, key=lambda pr: pr.step_s), space.tie_within)[:top]
 
 
 def _with_reason(prediction: Prediction, smallest: tuple[float, Candidate | None], cluster: ClusterSpec) -> Prediction:

@@ -61,7 +61,7 @@ def test_within_the_band_the_pick_has_the_fewest_messages_and_says_why() -> None
     assert choice.pick.candidate.schedule == "zb_h1"
     assert [pr.candidate.schedule for pr in choice.tied] == ["dualpipev", "zb_v"]
     assert choice.reason.startswith("tie: p=2 d=1 t=1 zb_h1 b=1, p=2 d=1 t=1 dualpipev v=2 b=1 and ")
-    assert "zb_h1 b=1 preferred: fewer messages (16 a step against 32" in choice.reason
+    assert "zb_h1 b=1 preferred: fewer pipeline messages (16 a step against 32" in choice.reason
 
 
 def test_a_clear_lead_is_picked_and_a_zero_band_is_no_tie() -> None:
