@@ -6,10 +6,13 @@ split I/W, in two processes at once, bound to a core each as the engine binds it
 each rank its own chunks (so the costs carry the contention of 2 processes on 2 cores and
 each rank's own memory footprint); measures what posting a
 point-to-point transfer costs the host and what a message adds to a lockstep round; times
-the Adam step the same way. The planner (``pipegrid.plan.predict``) predicts each
-schedule's step with the schedule simulator and the engine then runs every schedule,
-alternating; each round profiles and predicts again (the load of a shared machine drifts),
-and the table gives medians over rounds and the planner's pick (least median prediction).
+the Adam step the same way; and what a receive posted after its send waits over one posted
+before (``measure_receive_wake``: the sender's gloo thread waking on its busy core). The
+planner (``pipegrid.plan.predict``) predicts each schedule's step with the schedule simulator
+and the engine then runs every schedule, alternating; each round profiles and predicts again
+(the load of a shared machine drifts), and the table gives medians over rounds and the
+planner's pick (``pipegrid.plan.choose`` on the median predictions: within its tie band, the
+fewest messages, then the least memory).
 
     python benchmarks/plan_vs_measured.py [--rounds 3] [--workloads compute-bound [overhead-bound]]
                                           [--out benchmarks/results/plan_vs_measured.json]
@@ -18,6 +21,7 @@ and the table gives medians over rounds and the planner's pick (least median pre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,9 +38,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pipegrid as pg  # noqa: E402
 from pipegrid.launch import run_local  # noqa: E402
-from pipegrid.plan import Candidate, ClusterSpec, DeviceSpec, OptimizerSpec, predict  # noqa: E402
+from pipegrid.plan import Candidate, ClusterSpec, DeviceSpec, OptimizerSpec, choose, predict  # noqa: E402
 from pipegrid.plan.model import ChunkCost  # noqa: E402
-from pipegrid.plan.profile import profile_chunks, profile_layers, time_optimizer_step  # noqa: E402
+from pipegrid.plan.profile import (  # noqa: E402
+    measure_receive_wake, profile_chunks, profile_layers, time_optimizer_step,
+)
 from pipegrid.topology.affinity import bind_cores  # noqa: E402
 from vs_torch_pipelining import BLOCKS, STAGES, WORKLOADS, Block, pipegrid_run  # noqa: E402
 
@@ -134,14 +140,15 @@ def measure_message_cost(w: dict, repeats: int = 2) -> tuple[float, float]:
     return max(round_s - without - post_s, 0.0) / 2, post_s
 
 
-def predict_all(w: dict, cases: list[tuple[str, int, int]], profile: dict, latency: float, post: float) -> dict:
+def predict_all(w: dict, cases: list[tuple[str, int, int]], profile: dict, latency: float, post: float,
+                wake: float = 0.0) -> dict:
     """The planner's prediction per case, from the chunk costs measured under contention."""
     torch.set_num_threads(1)
     layers = profile_layers([pg.LayerSpec(Block, w["hidden"]) for _ in range(BLOCKS)], _inputs(w)[0], repeats=1)
     params = profile["stage_params"]
     # costs are measured with both processes busy: no further slowdown; the Adam step, also timed
     # with both busy, is given as the bandwidth predict() divides the optimizer's bytes by
-    device = DeviceSpec(peak_flops=1e11, memory_bytes=8 * 2 ** 30, post_s=post,
+    device = DeviceSpec(peak_flops=1e11, memory_bytes=8 * 2 ** 30, post_s=post, wake_s=wake,
                         memory_bandwidth=params * _ADAM_BYTES_PER_PARAM / profile["adam_s"])
     cluster = ClusterSpec("cpu_2", 1, STAGES, device, intra_gbytes_per_s=5.0, inter_gbytes_per_s=5.0,
                           intra_latency_us=latency * 1e6, inter_latency_us=latency * 1e6)
@@ -151,6 +158,7 @@ def predict_all(w: dict, cases: list[tuple[str, int, int]], profile: dict, laten
                        cluster, micro_batches=w["micro_batches"], optimizer=OptimizerSpec("adam", "float32"),
                        chunk_costs=profile["chunks"][STAGES * v])
         out[_label(schedule, v, coalesce)] = {
+            "prediction": pred, "messages": pred.messages, "peak_memory_bytes": pred.peak_memory_bytes,
             "predicted_s": pred.step_s, "pipeline_s": pred.pipeline_s, "optimizer_s": pred.optimizer_s,
             "bubble": pred.bubble_fraction, "costs": pred.costs, "stage_costs": pred.stage_costs}
     return out
@@ -165,11 +173,13 @@ def run_workload(name: str, rounds: int) -> dict:
     for _ in range(rounds):
         profile = profile_under_contention(w)
         latency, post = measure_message_cost(w)
-        predicted = predict_all(w, cases, profile, latency, post)
+        wake = measure_receive_wake(w["micro_batch"] * w["hidden"] * 4)
+        predicted = predict_all(w, cases, profile, latency, post, wake)
         for schedule, v, coalesce in cases:  # alternate schedules so machine noise hits all of them alike
             label = _label(schedule, v, coalesce)
             predicted[label]["measured_s"] = run_local(pipegrid_run, STAGES, (w, schedule, coalesce), timeout_s=600)[0]
-        per_round.append({"latency": latency, "post": post, "adam_s": profile["adam_s"], "profile": profile,
+        per_round.append({"latency": latency, "post": post, "wake": wake, "adam_s": profile["adam_s"],
+                          "profile": profile,
                           "results": predicted})
     med = statistics.median
     results = {}
@@ -181,9 +191,15 @@ def run_workload(name: str, rounds: int) -> dict:
                           "rounds_s": [r["measured_s"] for r in rows],
                           "bubble": med(r["bubble"] for r in rows)}
         results[label]["error"] = results[label]["predicted_s"] / results[label]["measured_s"] - 1
-    pick = min(results, key=lambda k: results[k]["predicted_s"])
+    choice = choose([dataclasses.replace(r["prediction"], step_s=r["predicted_s"]) for r in results.values()])
+    pick = next(label for label, r in results.items() if r["prediction"].candidate == choice.pick.candidate)
+    for r in results.values():
+        del r["prediction"]  # (not JSON)
     fastest = min(results, key=lambda k: results[k]["measured_s"])
     return {"message_latency_s": med(r["latency"] for r in per_round), "post_s": med(r["post"] for r in per_round),
+            "wake_s": med(r["wake"] for r in per_round), "choice": choice.reason,
+            "tied": [label for label, r in results.items() if label != pick
+                     and r["predicted_s"] <= min(x["predicted_s"] for x in results.values()) * (1 + choice.within)],
             "adam_s": med(r["adam_s"] for r in per_round),
             "chunks": {n: [vars(c) for c in cs] for n, cs in per_round[-1]["profile"]["chunks"].items()},
             "planner_pick": pick, "measured_fastest": fastest, "results": results}
@@ -191,19 +207,22 @@ def run_workload(name: str, rounds: int) -> dict:
 
 def table(workloads: dict) -> str:
     header = ("| workload | schedule | predicted ms/step | measured ms/step (median) | rounds min-max | error "
-              "| simulated bubble |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+              "| simulated bubble | messages/step |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for name, wl in workloads.items():
         for label, r in wl["results"].items():
-            mark = " (pick)" if label == wl["planner_pick"] else ""
+            mark = " (pick)" if label == wl["planner_pick"] else " (tie)" if label in wl["tied"] else ""
             lines.append(f"| {name} | {label}{mark} | {r['predicted_s'] * 1e3:.1f} | {r['measured_s'] * 1e3:.1f} | "
                          f"{min(r['rounds_s']) * 1e3:.1f}-{max(r['rounds_s']) * 1e3:.1f} | {r['error']:+.0%} | "
-                         f"{r['bubble']:.1%} |")
+                         f"{r['bubble']:.1%} | {r['messages']} |")
     for name, wl in workloads.items():
-        agree = "agrees" if wl["planner_pick"] == wl["measured_fastest"] else "DIFFERS"
-        lines.append(f"{name}: planner's pick {wl['planner_pick']}, measured fastest {wl['measured_fastest']} "
-                     f"({agree}); post {wl['post_s'] * 1e3:.2f} ms, message latency "
-                     f"{wl['message_latency_s'] * 1e3:.2f} ms, Adam {wl['adam_s'] * 1e3:.1f} ms")
+        results, pick, fastest = wl["results"], wl["planner_pick"], wl["measured_fastest"]
+        gap = results[pick]["measured_s"] / results[fastest]["measured_s"] - 1
+        agree = "agrees" if pick == fastest else f"DIFFERS: the pick measured {gap:+.1%} over it"
+        lines.append(f"{name}: planner's pick {pick}, measured fastest {fastest} ({agree}); post "
+                     f"{wl['post_s'] * 1e3:.2f} ms, message latency {wl['message_latency_s'] * 1e3:.2f} ms, "
+                     f"late-receive wake {wl['wake_s'] * 1e3:.2f} ms, Adam {wl['adam_s'] * 1e3:.1f} ms")
+        lines.append(f"{name}: {wl['choice']}")
     return "\n".join(lines)
 
 

@@ -77,12 +77,13 @@ def summarise(name: str, rounds: list[list[list[dict]]], micro_batches: int) -> 
     post, optimizer, steps, ranks = [], [], [], []
     for rank in range(STAGES):
         kinds: dict[str, list[float]] = defaultdict(list)
-        waited, blocked = [], []
+        waited, blocked, posts = [], [], []
         for by_rank in rounds:
             for step in by_rank[rank]:
                 wait = {label: b - a for label, a, b in step["waits"]}
                 waited.append(sum(wait.values()))
                 blocked.append(sum(1 for t in wait.values() if t > 2e-4))
+                posts.append(sum(1 for label, _, _ in step["events"] if _TRANSFER.match(label)))
                 totals: dict[str, float] = defaultdict(float)
                 for label, a, b in step["events"]:
                     match = _COMPUTE.match(label.rstrip("*"))
@@ -98,7 +99,8 @@ def summarise(name: str, rounds: list[list[list[dict]]], micro_batches: int) -> 
                 for kind, total in totals.items():
                     kinds[kind].append(total)
         ranks.append({"ms_by_kind": {k: statistics.median(v) * 1e3 for k, v in kinds.items()},
-                      "wait_ms": statistics.median(waited) * 1e3, "blocked_receives": statistics.median(blocked)})
+                      "wait_ms": statistics.median(waited) * 1e3, "blocked_receives": statistics.median(blocked),
+                      "transfer_instructions": statistics.median(posts)})
     steps = [max(by_rank[r][i]["step_s"] for r in range(STAGES)) for by_rank in rounds for i in range(len(by_rank[0]))]
     v = (SCHEDULES[name].chunks or (1,))[0]
     schedule = build(name, STAGES, micro_batches, v)
@@ -135,7 +137,7 @@ def main() -> None:
         for rank, rr in enumerate(r["ranks"]):
             kinds = "  ".join(f"{k} {t:.1f}" for k, t in sorted(rr["ms_by_kind"].items()))
             print(f"  rank {rank}: {kinds} ms net; waits {rr['wait_ms']:.1f} ms, "
-                  f"{rr['blocked_receives']:.0f} receives blocked")
+                  f"{rr['blocked_receives']:.0f} receives blocked, {rr['transfer_instructions']:.0f} transfers posted")
     print(f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

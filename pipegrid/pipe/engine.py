@@ -146,10 +146,12 @@ class PipelineEngine:
     def _build_schedules(self) -> None:
         """The training schedule, the inference schedule on the same placement, their executors."""
         sched = self.config.schedule
+        early = not self.config.comm.dynamic_shapes  # (a header-waiting receive posted early would block)
         self.schedule = build(sched.name, self.topology.pipe, sched.micro_batches, sched.virtual_stages,
-                              coalesce=sched.coalesce)
+                              coalesce=sched.coalesce, early_receives=early)
         self.eval_schedule = build("inference", self.topology.pipe, sched.micro_batches, sched.virtual_stages,
-                                   coalesce=sched.coalesce, placement=self.schedule.placement.kind)
+                                   coalesce=sched.coalesce, placement=self.schedule.placement.kind,
+                                   early_receives=early)
         validate(self.schedule)
         validate(self.eval_schedule)
 

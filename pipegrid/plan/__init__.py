@@ -5,6 +5,7 @@ Timing goes through ``pipegrid.schedules.simulate``; FLOPs follow Narayanan et a
 ``pipegrid.plan.profile`` (torch, imported on use) measures layer costs on this device.
 """
 
+from pipegrid.plan.choice import Choice, choose
 from pipegrid.plan.hardware import GEMM_EFFICIENCY, ClusterSpec, DeviceSpec, Link
 from pipegrid.plan.hf_config import transformer_config_from_hf
 from pipegrid.plan.memory import REPORT_KEYS, OptimizerSpec, activation_bytes, memory_report
@@ -19,9 +20,9 @@ from pipegrid.plan.search import SearchSpace, candidates, explain, search
 from pipegrid.plan.simulation import StepSimulation, simulate_step
 
 __all__ = [
-    "Candidate", "ClusterSpec", "DeviceSpec", "GEMM_EFFICIENCY", "LayerCost", "Link", "OptimizerSpec",
+    "Candidate", "Choice", "ClusterSpec", "DeviceSpec", "GEMM_EFFICIENCY", "LayerCost", "Link", "OptimizerSpec",
     "Prediction", "REPORT_KEYS", "SearchSpace", "StepSimulation", "TransformerConfig",
-    "activation_bytes", "candidates", "cluster_from_dict", "explain", "megatron_flops_per_step",
+    "activation_bytes", "candidates", "choose", "cluster_from_dict", "explain", "megatron_flops_per_step",
     "memory_report", "micro_batches_of", "model_from_dict", "predict", "predict_transformer",
     "ring_allreduce_s", "search", "simulate_step", "split_chunks", "transformer_config_from_hf",
     "transformer_layers",

@@ -48,6 +48,10 @@ class DeviceSpec:
     post_s: float = 0.0
     """Host seconds a rank spends posting one point-to-point transfer (CPU gloo: the send's
     copy into the socket and the peer's wake-up); 0 where a copy engine moves the data."""
+    wake_s: float = 0.0
+    """Seconds a message takes from a receive posted after its send (CPU gloo: the receiver asks,
+    the sender's progress thread wakes on its busy core and writes); 0 where the data moves
+    without the host. The simulator charges it only to receives posted late (``simulate`` wake)."""
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bytes", "memory_bandwidth", "gemm_efficiency", "slowdown",
@@ -57,6 +61,8 @@ class DeviceSpec:
                 raise ValueError(f"DeviceSpec.{name} must be a finite number > 0, got {value!r}")
         if not isinstance(self.post_s, (int, float)) or not math.isfinite(self.post_s) or self.post_s < 0:
             raise ValueError(f"DeviceSpec.post_s must be a finite number >= 0, got {self.post_s!r}")
+        if not isinstance(self.wake_s, (int, float)) or not math.isfinite(self.wake_s) or self.wake_s < 0:
+            raise ValueError(f"DeviceSpec.wake_s must be a finite number >= 0, got {self.wake_s!r}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pipegrid.schedules import Placement, registry
 from pipegrid.topology.grid import Topology
 
 __all__ = ["Candidate", "Prediction", "predict", "predict_transformer", "ring_allreduce_s",
-           "split_chunks", "micro_batches_of", "placement_of", "offload_step_s", "host_bytes"]
+           "split_chunks", "micro_batches_of", "placement_of", "offload_step_s", "host_bytes", "messages_per_step"]
 
 _OPTIMIZER_BYTES_PER_PARAM = 28  # Adam: read+write master, m, v (24) + read grad, write param
 
@@ -93,6 +93,9 @@ class Prediction:
     stage_costs: tuple[dict[str, float], ...] | None = None
     """F, B, W per model stage when measured chunk costs were given (else None: every
     stage costs ``costs``)."""
+    messages: int = 0
+    """Point-to-point messages per step, all pipe ranks of one pipeline together
+    (``messages_per_step``): each pays a post, and on CPU gloo may wait for a wake-up."""
 
     @property
     def fits(self) -> bool:
@@ -124,6 +127,15 @@ def placement_of(candidate: Candidate) -> Placement:
     """Which pipe rank holds each of the candidate's model chunks (the schedule's placement)."""
     spec = registry.get(candidate.schedule)
     return Placement(spec.placement_for(candidate.virtual_stages), candidate.pipe, candidate.virtual_stages)
+
+
+def messages_per_step(candidate: Candidate, micro_batches: int) -> int:
+    """Point-to-point messages one pipeline sends per training step: an activation and a gradient
+    per group of ``coalesce`` micro-batches across every model-stage boundary between two ranks
+    (a V's turn-around stays on its rank)."""
+    placement = placement_of(candidate)
+    crossings = sum(not placement.same_rank(s, s + 1) for s in range(placement.num_stages - 1))
+    return 2 * crossings * (micro_batches // candidate.coalesce)
 
 
 def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
@@ -252,6 +264,7 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
     message = candidate.coalesce * (boundary / t if scatter_gather else boundary)  # a group per message
     costs["comm"] = pp_link.time(message) if p > 1 else 0.0
     costs["post"] = cluster.device.post_s if p > 1 else 0.0
+    costs["wake"] = cluster.device.wake_s if p > 1 else 0.0
     sim = simulate_step(candidate.schedule, p, micro_batches, v, costs, coalesce=candidate.coalesce,
                         stage_costs=stage_costs)
     per_rank = [[chunks[s] for s in placement.stages_of(r)] for r in range(p)]
@@ -271,7 +284,7 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
                       costs=costs, stage_costs=stage_costs, memory=memory, peak_memory_bytes=peak,
                       device_memory_bytes=cluster.device.memory_bytes, hardware_flops=hardware_flops,
                       model_flops=model_flops, peak_flops=cluster.device.peak_flops, notes=tuple(notes),
-                      host_bytes=host_bytes(memory),
+                      host_bytes=host_bytes(memory), messages=messages_per_step(candidate, micro_batches),
                       host_memory_bytes=cluster.device.host_memory_bytes / cluster.devices_per_host)
 
 

@@ -4,7 +4,8 @@ The one planner module that uses torch, imported lazily: ``profile_layers`` buil
 layer of a ``PipelineModule``'s layer list in this process and times it on one micro-batch;
 ``profile_chunks`` times whole pipeline chunks as the engine runs them (forward, whole
 backward, split I and W); ``measure_contention`` measures how much slower a core computes
-while its neighbours do too.
+while its neighbours do too; ``measure_receive_wake`` what a receive posted after its send
+costs over one posted before (the simulator's ``wake``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from pipegrid.plan.model import ChunkCost, LayerCost
 
-__all__ = ["profile_layers", "profile_chunks", "measure_contention", "time_optimizer_step"]
+__all__ = ["profile_layers", "profile_chunks", "measure_contention", "time_optimizer_step", "measure_receive_wake"]
 
 
 def _bytes(x: Any) -> int:
@@ -240,3 +241,54 @@ def _run(ctx: Any, count: int, size: int, repeats: int) -> list[float]:
     for w in workers:
         w.join(timeout=30)
     return results
+
+
+def _matmuls(a: Any, seconds: float) -> None:
+    """Keep this core busy for about ``seconds`` with small matmuls (as a stage computes)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+
+
+def _wake_rank(nbytes: int, busy_s: float, repeats: int) -> dict[str, float]:
+    """Rank 1 computes, sends, computes on; rank 0 posts the receive before the send (early) or
+    after it (late) and times its wait. Both bound to a core each, as the engine binds its ranks."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    from pipegrid.topology.affinity import bind_cores
+
+    bind_cores()
+    torch.set_num_threads(1)
+    a, message = torch.randn(128, 128), torch.zeros(max(nbytes // 4, 1))
+    waits: dict[str, list[float]] = {"early": [], "late": []}
+    for i in range(2 * repeats):  # alternate, so drifting load hits both alike
+        when = "early" if i % 2 == 0 else "late"
+        dist.barrier()
+        if dist.get_rank() == 1:
+            _matmuls(a, busy_s)
+            dist.isend(message, 0).wait()
+            _matmuls(a, 3 * busy_s)  # busy when the late receive asks for the data
+            continue
+        work = dist.irecv(message, 1) if when == "early" else None
+        _matmuls(a, 2 * busy_s)  # the send has been posted by now
+        work = work or dist.irecv(message, 1)
+        start = time.perf_counter()
+        work.wait()
+        waits[when].append(time.perf_counter() - start)
+    return {when: statistics.median(ts) if ts else 0.0 for when, ts in waits.items()}
+
+
+def measure_receive_wake(nbytes: int = 32768, busy_s: float = 0.003, repeats: int = 30) -> float:
+    """Seconds a message of ``nbytes`` waits when its receive is posted after its send, over one
+    posted before, between two processes that compute on a core each (gloo): the receiver asks,
+    and the sender's progress thread must wake on the sender's busy core to write. The median of
+    ``repeats`` alternating pairs; >= 0."""
+    from pipegrid.launch import run_local
+    from pipegrid.topology.devices import refuse_fork_after_cuda
+
+    refuse_fork_after_cuda("pipegrid.plan measure_receive_wake")
+    waits = run_local(_wake_rank, 2, (nbytes, busy_s, repeats), timeout_s=120)[0]
+    return max(waits["late"] - waits["early"], 0.0)

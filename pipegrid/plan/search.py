@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+from pipegrid.plan.choice import TIE_WITHIN, with_choice_notes
 from pipegrid.plan.hardware import ClusterSpec
 from pipegrid.plan.memory import OptimizerSpec, activation_bytes, in_step_bytes, memory_report
 from pipegrid.plan.model import LayerCost, TransformerConfig, transformer_layers
@@ -41,6 +42,9 @@ class SearchSpace:
     """Optimizer offload tried (True needs a ZeRO stage >= 1; at data=1 it is ZeRO-1 + offload)."""
     widen: bool = True
     """When no candidate fits: search again with ZeRO stages 0-3 and offload, saying why."""
+    tie_within: float = TIE_WITHIN
+    """Predictions this close (a fraction of the fastest) are a tie, inside the cost model's error:
+    the pick among them has the fewest messages, then the least memory, and says so (``choice``)."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -126,7 +130,9 @@ def _screen(cfg: TransformerConfig, candidate: Candidate, cluster: ClusterSpec,
 
 def search(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace = SearchSpace(),
            top: int = 10) -> list[Prediction]:
-    """The ``top`` fitting candidates, fastest predicted step first."""
+    """The ``top`` fitting candidates, fastest predicted step first, but the pick first: on a tie
+    (predictions within ``space.tie_within``) the one with the fewest messages, then the least
+    memory, with the reason in its notes and the tied ones'."""
     optimizer = OptimizerSpec(space.optimizer, cfg.dtype)
     screened, smallest = [], (float("inf"), None)
     for candidate in candidates(cfg, cluster, space):
@@ -145,7 +151,7 @@ def search(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace = Se
         raise ValueError(f"no candidate of {cfg.name} fits in {cluster.device.memory_bytes / 2**30:.0f} GiB "
                          f"per device on {cluster.name}, even with ZeRO-3 or optimizer offload; add devices, "
                          "use smaller micro-batches or turn recomputation on (model.recompute=true)")
-    return sorted(fitting, key=lambda pr: pr.step_s)[:top]
+    return with_choice_notes(sorted(fitting, key=lambda pr: pr.step_s), space.tie_within)[:top]
 
 
 def _with_reason(prediction: Prediction, smallest: tuple[float, Candidate | None], cluster: ClusterSpec) -> Prediction:

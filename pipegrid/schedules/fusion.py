@@ -22,6 +22,16 @@ and transfers left adjacent are posted together, so they move at once::
     before   rank r: F2 SA2 ............ RG1 B1     rank q: I1 SG1 W0 RA2 F2
     after    rank r: F2 [SA2+RG1] ....... B1        rank q: I1 [SG1+RA2] W0 F2
 
+4. With ``Schedule.early_receives`` move each receive further up, to just after the rank's
+   transfer before it in the global order (the order stays the same on every rank, so step 3's
+   argument holds), but never above what the executor needs to post it: a gradient's buffer is
+   sized by the forward's output, so not above that forward; a stage's first activation waits
+   for its header, so it stays where step 3 put it. On gloo a receive posted before its send
+   lets the send write at once; one posted after makes the sender's progress thread answer it,
+   on a core its rank keeps busy (a wake-up on the critical path)::
+
+    step 3   rank 0: F3 [RG0+SA3] I0 W0 RA2 F2'     step 4   rank 0: F3 [RG0+SA3+RA2] I0 W0 F2'
+
 ``validate`` plays the result out under both transports' rules anyway.
 """
 
@@ -49,6 +59,8 @@ def order_transfers(schedule: Schedule) -> Schedule:
     streams = []
     for rank, stream in enumerate(schedule.streams):
         placed = _place_receives(schedule, stream, rank_of_message)
+        if schedule.early_receives:
+            placed = _hoist_receives(schedule, placed, rank_of_message)
         streams.append(tuple(_group_adjacent(schedule, placed)))
     return dataclasses.replace(schedule, streams=tuple(streams))
 
@@ -96,6 +108,44 @@ def _place_receives(schedule: Schedule, stream: tuple[Instruction, ...],
         out.append(op)
     assert not pending, "every receive is placed"
     return out
+
+
+def _hoist_receives(schedule: Schedule, placed: list[Instruction], order: dict[_Message, int]) -> list[Instruction]:
+    """Step 4: each moving receive as early as the global order and the executor allow (module
+    docstring); ``placed`` has them as late as allowed (step 3), which bounds them from below.
+
+    A gradient's receive never rises above its forward: the forward's send on (or, under
+    coalesce, its group's last) comes before it in the global order, as the gradient depends on it.
+    """
+    rest = [op for op in placed if not (_moves(schedule, op) and is_recv(op))]
+    sends = [(order[schedule.message_key(op)], i) for i, op in enumerate(rest) if _moves(schedule, op)]
+    at: dict[int, list[Instruction]] = {}
+    kept = earliest = taken = 0  # rest-ops before the receive; where the last receive went; sends passed
+    for op in placed:  # receives and sends both come in the global order: one pass
+        if not (_moves(schedule, op) and is_recv(op)):
+            kept += 1
+            continue
+        where = kept
+        if _sized_without_header(schedule, op):
+            mine = order[schedule.message_key(op)]
+            while taken < len(sends) and sends[taken][0] < mine and sends[taken][1] < kept:
+                earliest = max(earliest, sends[taken][1] + 1)
+                taken += 1
+            where = earliest
+        earliest = where
+        at.setdefault(where, []).append(op)
+    out: list[Instruction] = []
+    for i, op in enumerate(rest):
+        out += at.pop(i, [])
+        out.append(op)
+    return out + at.pop(len(rest), [])
+
+
+def _sized_without_header(schedule: Schedule, receive: Instruction) -> bool:
+    """Whether the executor can post ``receive`` without first waiting for a shape header: a
+    gradient (sized by the forward's output), or an activation after its stage's first."""
+    kind, _, micro_batch = schedule.message_key(receive)
+    return kind == "grad" or kind == "activation" and micro_batch > 0
 
 
 def _group_adjacent(schedule: Schedule, stream: list[Instruction]) -> list[Instruction]:

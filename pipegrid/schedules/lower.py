@@ -27,7 +27,8 @@ __all__ = ["build", "SCHEDULE_NAMES", "add_communication", "add_step", "lower"]
 
 
 def build(name: str, num_ranks: int, micro_batches: int, virtual_stages: int = 1, *,
-          split_backward: bool | None = None, coalesce: int = 1, placement: str | None = None) -> Schedule:
+          split_backward: bool | None = None, coalesce: int = 1, placement: str | None = None,
+          early_receives: bool = True) -> Schedule:
     """Build the named schedule: every rank's full stream for one step.
 
     ``num_ranks``: the pipeline degree p (``topology.pipe``); ``virtual_stages``: model
@@ -39,6 +40,9 @@ def build(name: str, num_ranks: int, micro_batches: int, virtual_stages: int = 1
     of k micro-batches: each group's ops run back to back, one micro-batch at a time,
     and its tensors cross between stages as one message. ``placement`` (``loop`` or
     ``v``) must be the schedule's own; only ``inference`` takes the caller's.
+    ``early_receives`` posts each receive as early as the transfer order allows
+    (``Schedule.early_receives``); turn it off when every activation waits for a shape header
+    (``comm.dynamic_shapes``), which would then block the rank early.
     """
     spec = registry.get(name)
     _check_sizes(num_ranks, micro_batches, virtual_stages, coalesce)
@@ -53,7 +57,8 @@ def build(name: str, num_ranks: int, micro_batches: int, virtual_stages: int = 1
     if split and not spec.split_backward:
         order = [_split_in_place(ops) for ops in order]
     return lower(Schedule(name=name, placement=where, micro_batches=micro_batches, streams=(),
-                          training=spec.training, split_backward=split, coalesce=coalesce), order)
+                          training=spec.training, split_backward=split, coalesce=coalesce,
+                          early_receives=early_receives), order)
 
 
 def lower(schedule: Schedule, order: Sequence[Sequence[ComputeInstruction]]) -> Schedule:

@@ -41,6 +41,11 @@ class Schedule:
     """Generation (``generate.build``): the last stage's output of item w, a sampled token,
     is stage 0's input of item ``w + feedback`` (the next token of the same micro-batch);
     ``micro_batches`` then counts items, ``feedback`` per decode step. 0: no feedback."""
+    early_receives: bool = False
+    """Whether each receive is posted as early as the one transfer order allows (just after the
+    rank's transfer before it in that order, once the rank holds what sizes it), not just before
+    its reader: gloo then finds the receive waiting when the send comes and writes at once,
+    instead of a round trip through the sender's progress thread (``fusion.order_transfers``)."""
 
     def message_group(self, micro_batch: int) -> range:
         """The micro-batches whose tensors travel in one message with ``micro_batch``'s."""

@@ -3,7 +3,8 @@
 Gives makespan, per-rank busy/idle, bubble fraction, peak activations in flight per
 stage, and every op's start/end (what ``render`` draws). A cycle is a ScheduleError.
 Costs are one per op kind, or per model stage (``stage_costs``: the first stage has no
-input gradient, the last computes the loss); ``post`` charges a rank for posting a transfer.
+input gradient, the last computes the loss); ``post`` charges a rank for posting a transfer;
+``wake`` delays a message whose receive was posted only after its send.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from pipegrid.schedules.schedule import Schedule
 
 __all__ = ["simulate", "SimResult", "DEFAULT_COSTS", "Event"]
 
-DEFAULT_COSTS: Mapping[str, float] = {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.0, "post": 0.0}
+DEFAULT_COSTS: Mapping[str, float] = {"F": 1.0, "B": 2.0, "W": 0.0, "comm": 0.0, "post": 0.0, "wake": 0.0}
 """F, B (a split backward's input half), W: compute seconds; comm: a message's latency from
 its send to its reader; post: the rank's own time to post one transfer instruction (on CPU gloo
-the send's copy and the peer's wake-up cost host time; on GPUs a copy engine moves it: 0)."""
+the send's copy and the peer's wake-up cost host time; on GPUs a copy engine moves it: 0);
+wake: a message whose receive is posted after its send arrives ``wake`` after that receive, not
+``comm`` after the send (gloo holds the send until the receiver asks, and the sender's progress
+thread, on a core its rank keeps busy, must wake to answer; 0 on GPUs)."""
 Event = tuple[int, str, float, float]
 """A timed op for rendering: (rank, label, start, end)."""
 _Node = tuple[int, int]  # (rank, position in its stream)
@@ -158,7 +162,7 @@ def simulate(schedule: Schedule, costs: Mapping[str, float] | None = None,
     merged = dict(DEFAULT_COSTS)
     unknown = set(costs or {}) - set(DEFAULT_COSTS)
     if unknown:
-        raise ValueError(f"unknown cost keys {sorted(unknown)}; use F, B, W, comm and post")
+        raise ValueError(f"unknown cost keys {sorted(unknown)}; use F, B, W, comm, post and wake")
     merged.update(costs or {})
     if stage_costs is not None:
         stage_costs = _checked_stage_costs(schedule, stage_costs)
@@ -189,6 +193,7 @@ def play(schedule: Schedule, costs: Mapping[str, float],
     start: dict[_Node, float] = {}
     end: dict[_Node, float] = {}
     sent: dict[tuple[str, int, int], float] = {}  # message -> when its send was posted
+    posted: dict[tuple[str, int, int], float] = {}  # message -> when its receive was posted
     done: set[tuple[str, int, int]] = set()  # (F or G, stage, micro-batch) already run
     cursor, clock = [0] * schedule.num_ranks, [zero] * schedule.num_ranks
     progressed = True
@@ -197,7 +202,7 @@ def play(schedule: Schedule, costs: Mapping[str, float],
         for rank, stream in enumerate(schedule.streams):
             while cursor[rank] < len(stream):
                 op = stream[cursor[rank]]
-                begin = _ready(schedule, op, clock[rank], sent, done, costs["comm"])
+                begin = _ready(schedule, op, clock[rank], sent, done, costs["comm"], posted, costs.get("wake", zero))
                 if begin is None:
                     break
                 node = (rank, cursor[rank])
@@ -206,6 +211,8 @@ def play(schedule: Schedule, costs: Mapping[str, float],
                 for part in parts(op):
                     if is_send(part) and schedule.transfers(part):
                         sent[schedule.message_key(part)] = end[node]
+                    elif is_recv(part) and schedule.transfers(part):
+                        posted[schedule.message_key(part)] = begin
                 if is_compute(op) and not isinstance(op, BackwardWeight):
                     done.add(("F" if isinstance(op, Forward) else "G", op.stage, op.micro_batch))  # type: ignore[union-attr]
                 cursor[rank] += 1
@@ -215,13 +222,18 @@ def play(schedule: Schedule, costs: Mapping[str, float],
 
 
 def _ready(schedule: Schedule, op: Instruction, free: float, sent: Mapping[tuple[str, int, int], float],
-           done: set[tuple[str, int, int]], comm: float) -> float | None:
+           done: set[tuple[str, int, int]], comm: float, posted: Mapping[tuple[str, int, int], float] | None = None,
+           wake: float = 0.0) -> float | None:
     """When ``op`` can start on a rank free from ``free``, or None while it must wait."""
     message = schedule.reads(op)
     if message is not None:
         if message not in sent:
             return None
-        return max(free, sent[message] + comm)
+        arrives = sent[message] + comm
+        asked = (posted or {}).get(message)
+        if wake and asked is not None and asked > sent[message]:  # the receive came late: a round trip
+            arrives = max(arrives, asked + wake)
+        return max(free, arrives)
     if isinstance(op, Forward) and op.stage > 0 and ("F", op.stage - 1, op.micro_batch) not in done:
         return None  # the previous stage is on this rank and has not run: only a cycle does that
     source = schedule.fed_by(op.micro_batch) if isinstance(op, Forward) and op.stage == 0 else None

@@ -80,7 +80,8 @@ def test_the_search_stays_within_its_space_when_a_layout_fits(tmp_path):
     small = _llama(tmp_path, global_batch=8)
     roomy = ClusterSpec("h200_8", 1, 8, DeviceSpec(989e12, 1400 * 2 ** 30, 4800e9), 450.0, 50.0)
     ranked = search(small, roomy, QUICK, top=3)
-    assert all(not pr.candidate.offload and int(pr.candidate.zero) <= 1 and not pr.notes for pr in ranked)
+    assert all(not pr.candidate.offload and int(pr.candidate.zero) <= 1 for pr in ranked)
+    assert not any("no layout fits" in note for pr in ranked for note in pr.notes)  # (a tie's note may be there)
 
 
 def test_no_fit_even_with_offload_names_the_fixes(tmp_path):

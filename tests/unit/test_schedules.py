@@ -123,7 +123,12 @@ def test_inference_is_forward_only() -> None:
 # --- the stream shape the engine relies on -------------------------------------------
 
 def test_streams_layout_one_f_one_b() -> None:
-    schedule = build("1f1b", 2, 2)  # both ranks send, then receive: one group each
+    schedule = build("1f1b", 2, 2)  # every receive posted as early as the transfer order allows
+    assert [str(op) for op in schedule.streams[0]] == [
+        "0L0", "0F0", "0SA0", "0L1", "0F1", "0SA1+0RG0+0RG1*", "0B0", "0B1", "TIED", "REDUCE", "STEP"]
+    assert [str(op) for op in schedule.streams[1]] == [  # 1RA0 waits for its header; 1RA1 joins it
+        "1RA0+1RA1", "1L0", "1F0", "1B0", "1SG0", "1L1", "1F1", "1B1", "1SG1*", "TIED", "REDUCE", "STEP"]
+    schedule = build("1f1b", 2, 2, early_receives=False)  # both ranks send, then receive: one group each
     assert [str(op) for op in schedule.streams[0]] == [
         "0L0", "0F0", "0SA0", "0L1", "0F1", "0SA1+0RG0", "0B0", "0RG1*", "0B1",
         "TIED", "REDUCE", "STEP"]  # *: the step's loss comes with the last gradient

@@ -87,7 +87,7 @@ def test_refused_groupings_say_what_to_change(args: tuple, match: str) -> None:
 
 
 def test_a_group_received_out_of_order_is_caught() -> None:
-    good = build("1f1b", 2, 4, coalesce=2)
+    good = build("1f1b", 2, 4, coalesce=2, early_receives=False)  # (each receive alone, to move it)
     stream = list(good.streams[1])
     stream.insert(stream.index(RecvActivation(1, 0)), stream.pop(stream.index(RecvActivation(1, 1))))
     streams = (good.streams[0], tuple(stream))

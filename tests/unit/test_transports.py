@@ -65,7 +65,8 @@ def test_every_lowered_schedule_is_deadlock_free_under_both_transports(schedule)
 
 
 def test_both_ranks_sending_first_deadlocks_under_nccl_but_not_gloo():
-    raw = _naive(build("zb_h1", 2, 3))  # rank 0: F2 SA2 RG1; rank 1: I1 SG1 W0 RA2: both send first
+    # rank 0: F2 SA2 RG1; rank 1: I1 SG1 W0 RA2: both send first
+    raw = _naive(build("zb_h1", 2, 3, early_receives=False))
     check_gloo(raw)  # gloo: sends never block
     with pytest.raises(ScheduleError, match=r"deadlock under NCCL's ordering .*rank 0 .*oldest unfinished "
                                             r"transfer 0SA\d; rank 1 .*oldest unfinished transfer 1SG\d"):
@@ -84,7 +85,7 @@ def test_a_ring_of_ranks_each_sending_on_first_is_caught_and_ordered():
 
 
 def test_groups_split_into_sends_then_receives_are_caught():
-    good = build("1f1b", 2, 4)
+    good = build("1f1b", 2, 4, early_receives=False)  # (early, each group's sends already come first)
     check_nccl(good)
     split = tuple(tuple(part for op in stream for part in sorted(parts(op), key=lambda part: not is_send(part)))
                   for stream in good.streams)  # every group apart, its sends first: both ranks send first
@@ -153,3 +154,47 @@ def test_a_compute_order_that_waits_on_itself_is_refused_naming_the_cycle() -> N
                      split_backward=False)
     with pytest.raises(ScheduleError, match=r"dependency cycle \(would deadlock\).*0B0.*reorder the streams"):
         lower(shape, [[Backward(0, 0), Forward(0, 0)], [Forward(1, 0), Backward(1, 0)]])
+
+
+def _compute_before_receives(schedule, rank):
+    """message -> how many compute ops the rank runs before it posts that message's receive."""
+    seen, out = 0, {}
+    for op in schedule.streams[rank]:
+        seen += is_compute(op)
+        for part in parts(op):
+            if is_recv(part) and schedule.transfers(part):
+                out[schedule.message_key(part)] = seen
+    return out
+
+
+@pytest.mark.parametrize("name,p,m,v,k", [("1f1b", 4, 8, 1, 1), ("zb_h1", 3, 6, 1, 1), ("zb_v", 2, 8, 2, 1),
+                                           ("zb_v", 3, 6, 2, 1), ("dualpipev", 2, 8, 2, 1),
+                                           ("interleaved_1f1b", 2, 8, 2, 1), ("1f1b", 2, 8, 1, 2)])
+def test_receives_are_posted_as_early_as_the_order_and_the_executor_allow(name, p, m, v, k):
+    """Early receives (the default) post no receive later than the late placement, some earlier;
+    a stage's first activation (it waits for its shape header) stays put; a gradient's receive
+    comes after its forward (the executor sizes its buffer by the forward's output)."""
+    early, late = build(name, p, m, v, coalesce=k), build(name, p, m, v, coalesce=k, early_receives=False)
+    moved = 0
+    for rank in range(p):
+        e, lt = _compute_before_receives(early, rank), _compute_before_receives(late, rank)
+        assert e.keys() == lt.keys()
+        for message, at in e.items():
+            assert at <= lt[message]
+            moved += at < lt[message]
+            if message[0] == "activation" and message[2] == 0:
+                assert at == lt[message], f"{message}: the first activation waits for a header where it stood"
+        forwards = {(op.stage, op.micro_batch): i for i, op in enumerate(op for op in early.streams[rank]
+                                                                          if is_compute(op)) if op.code == "F"}
+        for (kind, stage, first), at in e.items():
+            if kind == "grad":
+                assert at > max(forwards[(stage, mb)] for mb in early.message_group(first))
+    assert moved > 0
+
+
+def test_zb_v_posts_the_turn_around_activation_before_the_first_chunks_backward():
+    """The V's turn-around on rank 0 (stage 2's output comes back for stage 3) was received just
+    before 3F: on gloo its sender's progress thread then had to answer on a busy core."""
+    stream = [str(op) for op in build("zb_v", 2, 8, 2).streams[0]]
+    group = next(op for op in stream if "3RA2" in op)
+    assert stream.index(group) < stream.index("0I0") < stream.index("3F2")
