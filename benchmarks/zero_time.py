@@ -47,7 +47,7 @@ def _times() -> dict[str, list[float]]:
     x = torch.randn(ROWS, HIDDEN)
     batch = [(x, x)] * MICRO_BATCHES
     times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
-    for name, engine in engines.items():
+    for engine in engines.values():
         for _ in range(WARMUP):
             engine.train_batch(iter(batch))
     for _ in range(ROUNDS):

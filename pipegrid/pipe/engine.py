@@ -84,7 +84,7 @@ def _check_zero_layout(cfg: TrainConfig) -> None:
 
 
 def initialize(module: torch.nn.Module, config: Any = None,
-               groups: ProcessGroups | None = None) -> "PipelineEngine":
+               groups: ProcessGroups | None = None) -> PipelineEngine:
     """Join torch.distributed if needed and return a PipelineEngine for ``module``.
 
     The grid (``topology``) and ``schedule.virtual_stages`` come from the module, and from

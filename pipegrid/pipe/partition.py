@@ -222,7 +222,7 @@ def _type_weights(pattern: str, class_names: Sequence[str]) -> list[float]:
     try:
         regex = re.compile(pattern, re.IGNORECASE)
     except re.error as err:
-        raise ValueError(f"partition method 'type:{pattern}' is not a valid regex: {err}")
+        raise ValueError(f"partition method 'type:{pattern}' is not a valid regex: {err}") from err
     weights = [1.0 if regex.search(name) else 0.0 for name in class_names]
     if not any(weights):
         shown = ", ".join(sorted(set(class_names)))

@@ -234,7 +234,7 @@ def _measured_stage_costs(chunk_costs: Sequence[ChunkCost] | None, chunks: int, 
 
 
 def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterSpec, *, micro_batches: int,
-            optimizer: OptimizerSpec = OptimizerSpec(), recompute: bool = False,
+            optimizer: OptimizerSpec = OptimizerSpec(), recompute: bool = False,  # noqa: B008 (frozen)
             hardware_flops: float | None = None, model_flops: float | None = None,
             scatter_gather: bool = True, chunk_costs: Sequence[ChunkCost] | None = None) -> Prediction:
     """Predict ``candidate`` for ``layers`` (costs of one micro-batch on one tensor rank).

@@ -73,7 +73,7 @@ def _rank_order(rank: int, p: int, m: int, stages: list[int]) -> list[ComputeIns
         own.backward(1, split=True)
         own.weight()
         own.forward(1)
-    for i in range(m - 2 * p + rank + 1):  # steady: (F0, B1) then (F1, B0)
+    for _ in range(m - 2 * p + rank + 1):  # steady: (F0, B1) then (F1, B0)
         own.forward(0)  # (the last rank's first pair runs apart in DualPipeV: alike here)
         own.backward(1)
         own.forward(1)

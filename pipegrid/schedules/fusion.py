@@ -57,7 +57,7 @@ def order_transfers(schedule: Schedule) -> Schedule:
     schedule = dataclasses.replace(schedule, streams=flat)  # groups apart: the pass may run again
     rank_of_message = _global_order(schedule)
     streams = []
-    for rank, stream in enumerate(schedule.streams):
+    for stream in schedule.streams:
         placed = _place_receives(schedule, stream, rank_of_message)
         if schedule.early_receives:
             placed = _hoist_receives(schedule, placed, rank_of_message)

@@ -8,7 +8,7 @@ as explicit instructions that ``validate`` checks, ``simulate`` times and the ex
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipegrid.schedules import registry
 from pipegrid.schedules.errors import ScheduleError

@@ -10,7 +10,7 @@ input gradient, the last computes the loss); ``post`` charges a rank for posting
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import networkx as nx
 

@@ -182,7 +182,7 @@ class _NcclRun:
     def match(self) -> bool:
         """Complete every send whose receive heads the peer's queue; whether any did."""
         progressed = False
-        for (rank, key), queue in list(self.queues.items()):
+        for (rank, _key), queue in list(self.queues.items()):
             if not queue:
                 continue
             head = queue[0]

@@ -7,7 +7,7 @@ import dataclasses
 import itertools
 import re
 from fractions import Fraction
-from functools import lru_cache, cache
+from functools import cache
 
 import pytest
 

@@ -70,7 +70,7 @@ class ShardReader:
         if numel == 0:
             return ParamState({}, {})
         covered = 0
-        for start, end, file in pieces:
+        for start, end, _file in pieces:
             if start != covered:
                 break
             covered = end
