@@ -11,6 +11,7 @@ not initialised, every mapping is an identity.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,30 +101,28 @@ def _own_slice_last(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x[..., start:start + width].contiguous()
 
 
-class _GatherFromRegion(torch.autograd.Function):
-    """All-gather along the last dim forward; keep this rank's slice backward."""
+def conjugate(name: str, doc: str, forward: Callable[[torch.Tensor, Group], torch.Tensor],
+              backward: Callable[[torch.Tensor, Group], torch.Tensor]) -> type[torch.autograd.Function]:
+    """An autograd function that runs ``forward(x, group)`` forward and ``backward(grad, group)``
+    backward: Megatron's mappings are such pairs (gather/slice, split/gather, reduce-scatter/gather),
+    each written once here instead of as a class apiece."""
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
+    def run_forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
-        return _all_gather_last(x, group)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _own_slice_last(grad, ctx.group), None
+    def run_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return backward(grad, ctx.group), None
+
+    # built with its name, so autograd's node reads "<name>Backward" in graphs, profiles and errors
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward), "__doc__": doc,
+                                                   "backward": staticmethod(run_backward), "__module__": __name__})
 
 
-class _SplitToRegion(torch.autograd.Function):
-    """Keep this rank's slice of the last dim forward; all-gather backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _own_slice_last(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_gather_last(grad, ctx.group), None
+_GatherFromRegion = conjugate("_GatherFromRegion", "All-gather along the last dim forward; keep this rank's slice "
+                              "backward.", _all_gather_last, _own_slice_last)
+_SplitToRegion = conjugate("_SplitToRegion", "Keep this rank's slice of the last dim forward; all-gather backward.",
+                           _own_slice_last, _all_gather_last)
 
 
 def copy_to_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:

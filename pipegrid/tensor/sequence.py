@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipegrid.tensor.mappings import Group, _active
+from pipegrid.tensor.mappings import Group, _active, conjugate
 
 __all__ = [
     "Regather",
@@ -131,56 +131,14 @@ def _scatter_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
     return out
 
 
-class _ScatterToSequence(torch.autograd.Function):
-    """Keep this rank's chunk of the sequence forward; all-gather backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _own_chunk(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather(grad, ctx.group), None
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    """All-gather the sequence forward; keep this rank's chunk backward (the conjugate of scatter)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _gather(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _own_chunk(grad, ctx.group), None
-
-
-class _AllGatherSequence(torch.autograd.Function):
-    """All-gather the sequence forward; reduce-scatter backward (the region's gradients are partial)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _gather(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _scatter_sum(grad, ctx.group), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    """Reduce-scatter along the sequence forward; all-gather backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _scatter_sum(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather(grad, ctx.group), None
+_ScatterToSequence = conjugate("_ScatterToSequence", "Keep this rank's chunk of the sequence forward; all-gather "
+                               "backward.", _own_chunk, _gather)
+_GatherFromSequence = conjugate("_GatherFromSequence", "All-gather the sequence forward; keep this rank's chunk "
+                                "backward (the conjugate of scatter).", _gather, _own_chunk)
+_AllGatherSequence = conjugate("_AllGatherSequence", "All-gather the sequence forward; reduce-scatter backward (the "
+                               "region's gradients are partial).", _gather, _scatter_sum)
+_ReduceScatterSequence = conjugate("_ReduceScatterSequence", "Reduce-scatter along the sequence forward; all-gather "
+                                   "backward.", _scatter_sum, _gather)
 
 
 class Regather:
