@@ -170,7 +170,8 @@ def test_trace_records_every_instruction_and_lr_scheduler_steps():
     for rank, (timeline, lr, grouped) in enumerate(results):
         assert lr == pytest.approx(0.125)  # two StepLR steps of 0.5 from 0.5
         assert grouped == [str(op) for op in schedule.streams[rank] if isinstance(op, Exchange)]
-        assert len(grouped) == 3 and [label for _, label, _, _ in timeline] == list(map(str, schedule.streams[rank]))
+        # early receives (schedules/fusion.py) join each rank's transfers into two groups at 2 stages x 4
+        assert len(grouped) == 2 and [label for _, label, _, _ in timeline] == list(map(str, schedule.streams[rank]))
         labels = [label for _, label, _, _ in timeline]
         assert all(r == rank for r, _, _, _ in timeline)
         assert labels[-1] == "STEP" and sum(lb.startswith(f"{rank}F") for lb in labels) == 4
