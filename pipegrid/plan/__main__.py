@@ -1,6 +1,7 @@
 """``python -m pipegrid.plan model=gpt_1t cluster=a100_3072``: print the fastest layouts.
 ``python -m pipegrid.plan --hf-config path/config.json cluster=a100_64 model.seq_len=4096``:
-for a transformers model (its sizes; seq_len, global_batch, dtype, recompute from ``model.*``).
+for a transformers model (its sizes; seq_len, global_batch, dtype, recompute, sequence_parallel from
+``model.*``).
 
 Hydra's compose API reads ``pipegrid/plan/conf`` (presets: model=gpt_1t|gpt_175b|gpt_145b|
 gpt_18b, cluster=a100_3072|a100_1536|a100_64|cpu_2); any key can be overridden, e.g.
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = compose(args)
     if hf_config is not None:
         training = {k: cfg["model"][k] for k in ("seq_len", "global_batch", "dtype", "recompute")}
+        training["sequence_parallel"] = bool(cfg["model"].get("sequence_parallel", False))
         model = transformer_config_from_hf(hf_config, **training)
         cfg["model"] = {"published": None}
     else:

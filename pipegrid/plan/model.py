@@ -44,6 +44,10 @@ class TransformerConfig:
     """The MLP has a gate projection beside up (SwiGLU, Llama's): three matrices, not two."""
     tied: bool = True
     """The LM head is the embedding's weight; False: a second vocab x hidden matrix."""
+    sequence_parallel: bool = False
+    """At tensor > 1, Megatron's sequence parallelism (``hf.from_pretrained(..., sequence_parallel=True)``,
+    the GPT example's ``model.sequence_parallel``): norms, residuals, dropout and the stage messages
+    hold 1/t of the tokens."""
 
     def __post_init__(self) -> None:
         for field in ("layers", "hidden", "heads", "seq_len", "vocab", "global_batch"):
@@ -147,13 +151,16 @@ def _block(cfg: TransformerConfig, micro_batch: int, tensor: int) -> LayerCost:
     # Memory-bound traffic (tensor reads + writes, Megatron's fused kernels): norms and the
     # two bias-dropout-residual adds touch b s h on every rank (~12 passes), bias-GeLU the
     # 4h intermediate once each way, scale-mask-softmax + dropout the b a s^2 scores ~5 times.
-    elementwise = (12 * b * s * h + 2 * b * s * 4 * h / t + 5 * b * a * s * s / t) * width
-    # Korthikanti et al. (arXiv 2205.05198) eq. 2: s b h (10 + 24/t + 5 a s / (h t)) bytes (16-bit).
-    stored = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width / 2
+    # Sequence parallelism runs those b s h passes on 1/t of the tokens, on each rank.
+    tokens = 1 / t if cfg.sequence_parallel else 1.0
+    elementwise = (12 * b * s * h * tokens + 2 * b * s * 4 * h / t + 5 * b * a * s * s / t) * width
+    # Korthikanti et al. (arXiv 2205.05198) eq. 2: s b h (10 + 24/t + 5 a s / (h t)) bytes (16-bit);
+    # eq. 4 with sequence parallelism: s b h (34/t + 5 a s / (h t)), the 10 whole ones split too.
+    stored = s * b * h * (10 * tokens + 24 / t + 5 * a * s / (h * t)) * width / 2
     return LayerCost(
         name="block", parameters=(matrices + 13 * h) // t, forward_flops=forward,
         backward_flops=2 * forward, forward_memory_bytes=elementwise, activation_bytes=stored,
-        checkpoint_bytes=b * s * h * width, output_bytes=b * s * h * width,
+        checkpoint_bytes=b * s * h * width * tokens, output_bytes=b * s * h * width * tokens,
         tensor_allreduce_bytes=b * s * h * width if t > 1 else 0.0, tensor_allreduces=2 if t > 1 else 0)
 
 

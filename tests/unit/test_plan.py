@@ -211,3 +211,26 @@ def test_cli_plans_a_transformers_config(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match=r"gives no \['layers'"):
         (tmp_path / "bad.json").write_text(json.dumps({"hidden_size": 8}))
         transformer_config_from_hf(str(tmp_path / "bad.json"))
+
+
+def test_sequence_parallel_splits_what_tensor_parallelism_leaves_whole(tmp_path, capsys) -> None:
+    """Korthikanti et al. eq. 2 -> eq. 4: a block's stored activations s b h (10 + 24/t + 5as/(ht))
+    become s b h (34/t + 5as/(ht)) (16-bit); its stage message and checkpoint are 1/t; tensor 1 is unchanged."""
+    from dataclasses import replace
+
+    from pipegrid.plan.__main__ import main
+    from pipegrid.plan.model import transformer_layers
+
+    s, b, h, a, t = 2048, 1, 8192, 64, 8
+    cfg = TransformerConfig("llama", 80, h, a, s, 128256, 64, "bfloat16", True, kv_heads=8)
+    plain, sp = (transformer_layers(c, b, t)[1] for c in (cfg, replace(cfg, sequence_parallel=True)))
+    assert plain.activation_bytes == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert sp.activation_bytes == pytest.approx(s * b * h * (34 / t + 5 * a * s / (h * t)))
+    assert sp.output_bytes == plain.output_bytes / t and sp.checkpoint_bytes == plain.checkpoint_bytes / t
+    assert sp.forward_flops == plain.forward_flops and sp.tensor_allreduce_bytes == plain.tensor_allreduce_bytes
+    one = [transformer_layers(c, b, 1)[1] for c in (cfg, replace(cfg, sequence_parallel=True))]
+    assert one[0] == one[1]  # nothing to split at tensor 1
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    main(["--hf-config", str(tmp_path / "config.json"), "cluster=a100_64", "model.seq_len=4096",
+          "model.global_batch=128", "model.sequence_parallel=true", "search.top=3", "search.shortlist=3"])
+    assert "layout" in capsys.readouterr().out
