@@ -68,15 +68,19 @@ def test_a_failed_step_is_named_with_its_last_line_and_fails_the_run(tmp_path):
     assert (tmp_path / "gpu_check.md").read_text() == markdown
 
 
+def _kernel_table(cases: list[tuple]) -> list[dict]:
+    """kernel_bandwidth.py's rows from (op, method, tensors, total MB, us, fraction of copy bandwidth)."""
+    keys = ("op", "method", "tensors", "total_mb", "time_us", "copy_fraction")
+    return [dict(zip(keys, case)) for case in cases]
+
+
 def test_kernel_headlines_pick_the_fused_path_and_the_goal_cases():
-    rows = [{"op": op, "method": method, "tensors": tensors, "total_mb": mb, "time_us": time_us,
-             "copy_fraction": fraction}
-            for op, method, tensors, mb, time_us, fraction in [
-                ("pack", "pipegrid/cupy", 10, 1024.0, 500.0, 0.91), ("pack", "pipegrid/torch", 10, 1024.0, 600.0, 0.7),
-                ("pack", "torch.cat", 1000, 1.0, 400.0, 0.1), ("pack", "_flatten_dense_tensors", 1000, 1.0, 300.0, 0.1),
-                ("pack", "pipegrid/cupy", 1000, 1.0, 50.0, 0.8),
-                ("unpack", "pipegrid/cupy", 10, 1024.0, 520.0, 0.88), ("unpack", "split+copy_", 1000, 1.0, 900.0, 0.1),
-                ("unpack", "pipegrid/cupy", 1000, 1.0, 60.0, 0.7)]]
+    rows = _kernel_table([
+        ("pack", "pipegrid/cupy", 10, 1024.0, 500.0, 0.91), ("pack", "pipegrid/torch", 10, 1024.0, 600.0, 0.7),
+        ("pack", "torch.cat", 1000, 1.0, 400.0, 0.1), ("pack", "_flatten_dense_tensors", 1000, 1.0, 300.0, 0.1),
+        ("pack", "pipegrid/cupy", 1000, 1.0, 50.0, 0.8),
+        ("unpack", "pipegrid/cupy", 10, 1024.0, 520.0, 0.88), ("unpack", "split+copy_", 1000, 1.0, 900.0, 0.1),
+        ("unpack", "pipegrid/cupy", 1000, 1.0, 60.0, 0.7)])
     pack, unpack = gpu_report._kernel_rows({"rows": rows, "backends": ["torch", "cupy"]})
     assert pack == {"op": "pack", "method": "pipegrid/cupy", "large_mb": 1024.0, "large_copy_fraction": 0.91,
                     "small_vs_torch.cat": 8.0, "small_vs__flatten_dense_tensors": 6.0}
@@ -96,15 +100,13 @@ def test_missing_hydra_without_wheels_names_the_fix(tmp_path):
 
 
 def test_kernel_headlines_include_what_auto_picks():
-    rows = [{"op": op, "method": method, "tensors": tensors, "total_mb": mb, "time_us": time_us,
-             "copy_fraction": fraction}
-            for op, method, tensors, mb, time_us, fraction in [
-                ("unpack", "pipegrid/torch", 10, 1024.0, 500.0, 0.90), ("unpack", "pipegrid/cupy", 10, 1024.0, 660.0, 0.68),
-                ("unpack", "pipegrid/auto", 10, 1024.0, 505.0, 0.89), ("unpack", "split+copy_", 1000, 1.0, 900.0, 0.1),
-                ("unpack", "pipegrid/torch", 1000, 1.0, 800.0, 0.1), ("unpack", "pipegrid/cupy", 1000, 1.0, 60.0, 0.7),
-                ("unpack", "pipegrid/auto", 1000, 1.0, 90.0, 0.6),
-                ("pack", "torch.cat", 1000, 1.0, 400.0, 0.1), ("pack", "pipegrid/cupy", 1000, 1.0, 100.0, 0.5),
-                ("pack", "pipegrid/auto", 1000, 1.0, 100.0, 0.5), ("pack", "pipegrid/torch", 1000, 1.0, 300.0, 0.2)]]
+    rows = _kernel_table([
+        ("unpack", "pipegrid/torch", 10, 1024.0, 500.0, 0.90), ("unpack", "pipegrid/cupy", 10, 1024.0, 660.0, 0.68),
+        ("unpack", "pipegrid/auto", 10, 1024.0, 505.0, 0.89), ("unpack", "split+copy_", 1000, 1.0, 900.0, 0.1),
+        ("unpack", "pipegrid/torch", 1000, 1.0, 800.0, 0.1), ("unpack", "pipegrid/cupy", 1000, 1.0, 60.0, 0.7),
+        ("unpack", "pipegrid/auto", 1000, 1.0, 90.0, 0.6),
+        ("pack", "torch.cat", 1000, 1.0, 400.0, 0.1), ("pack", "pipegrid/cupy", 1000, 1.0, 100.0, 0.5),
+        ("pack", "pipegrid/auto", 1000, 1.0, 100.0, 0.5), ("pack", "pipegrid/torch", 1000, 1.0, 300.0, 0.2)])
     kernels = {"rows": rows, "backends": ["torch", "cupy", "auto"]}
     assert [(k["op"], k["method"]) for k in gpu_report._kernel_rows(kernels)] == [
         ("pack", "pipegrid/cupy"), ("unpack", "pipegrid/cupy"), ("pack", "pipegrid/auto"), ("unpack", "pipegrid/auto")]
