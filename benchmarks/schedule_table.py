@@ -71,7 +71,7 @@ def main() -> None:
             to_png(simulate(schedule, {k: float(v) for k, v in _costs(schedule.split_backward, chunks).items()}),
                    os.path.join(args.png_dir, f"{name}.png"))
     print("\n".join(table))
-    write_record(args.out, rows, table, stages=p, micro_batches=m)
+    write_record(args.out, rows, table, pipe_ranks=p, micro_batches=m)
 
 
 if __name__ == "__main__":
