@@ -7,7 +7,7 @@
   across tensor ranks. Under sequence parallelism every dropout inside a block draws its own (its
   chunk's masks differ), the embedding's dropout before the scatter a shared one.
 - Activation checkpointing redraws the same masks: on equals off (losses and every parameter), with
-  and without sequence parallelism, and under zb_h1's split backward.
+  and without sequence parallelism, under zb_h1's split backward, and for sequence-parallel GPT-2.
 - A checkpoint saves the stream: save at step 2 and resume equals the uninterrupted run; a rank
   state from before (no stream in it) still loads.
 Dropout 0 and tensor 1 are untouched: the other tests' references hold as they were.
@@ -20,7 +20,6 @@ import hashlib
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -168,6 +167,20 @@ def _train(cfg: dict, gpt_cfg, steps: int, recompute: int = 0, engine_then=None)
     return {"losses": losses, "state": sharded_state(engine.module)}
 
 
+def _train_hf(recompute: int) -> dict:
+    """transformers GPT-2, sequence-parallel (every dropout in a decoder layer on the stream)."""
+    cfg = _train_config()
+    groups = pg.init_distributed(cfg)
+    torch.manual_seed(11)
+    config = tiny_config("gpt2", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    model = hf.from_config(config, topology=groups.topology, tensor_group=groups.tensor_parallel_group,
+                           attn_implementation=ATTN, sequence_parallel=True, activation_checkpoint_interval=recompute)
+    engine = pg.initialize(model, cfg, groups=groups)
+    losses = [engine.train_batch(iter(lm_batches(2, seed=20 + s))) for s in range(2)]
+    return {"losses": losses, "state": {name: (p.detach().clone(), getattr(p, "partition_dim", None))
+                                        for name, p in engine.module.named_parameters()}}
+
+
 def _train_config(schedule: str = "1f1b") -> dict:
     cfg = config(schedule, 1, 1, 2, grad_clip=0.05)
     cfg["topology"]["tensor"] = 2
@@ -200,6 +213,7 @@ def _resume(directory: str) -> dict:
 def _training_results(directory: str) -> dict:
     runs = {name: _train(_train_config(schedule), gpt_cfg, STEPS, recompute)
             for name, (schedule, gpt_cfg, recompute) in TRAIN_CASES.items()}
+    runs.update({"hf-sp": _train_hf(0), "hf-sp-recompute": _train_hf(1)})
     return {"runs": runs, "resume": _resume(directory)}
 
 
@@ -217,7 +231,8 @@ def _assert_same(name: str, got: dict, want: dict, exact: bool = True) -> None:
 
 
 @pytest.mark.parametrize("case,against,exact", [("plain-recompute", "plain", True), ("sp-recompute", "sp", True),
-                                                ("sp-recompute-zb_h1", "sp", False)])
+                                                ("sp-recompute-zb_h1", "sp", False),
+                                                ("hf-sp-recompute", "hf-sp", True)])
 def test_activation_checkpointing_redraws_the_same_masks(training, case, against, exact):
     for rank, result in enumerate(training):
         runs = result["runs"]
@@ -225,7 +240,7 @@ def test_activation_checkpointing_redraws_the_same_masks(training, case, against
 
 
 def test_tensor_ranks_keep_the_replicated_parameters_identical(training):
-    for name in TRAIN_CASES:
+    for name in [*TRAIN_CASES, "hf-sp"]:
         zero, one = training[0]["runs"][name], training[1]["runs"][name]
         assert zero["losses"] == one["losses"], name
         for key, (value, dim) in zero["state"].items():
