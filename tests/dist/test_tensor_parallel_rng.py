@@ -7,7 +7,8 @@
   across tensor ranks. Under sequence parallelism every dropout inside a block draws its own (its
   chunk's masks differ), the embedding's dropout before the scatter a shared one.
 - Activation checkpointing redraws the same masks: on equals off (losses and every parameter), with
-  and without sequence parallelism, under zb_h1's split backward, and for sequence-parallel GPT-2.
+  and without sequence parallelism, under zb_h1's split backward, and for sequence-parallel GPT-2;
+  compiled stages (aot_eager) equal eager.
 - A checkpoint saves the stream: save at step 2 and resume equals the uninterrupted run; a rank
   state from before (no stream in it) still loads.
 Dropout 0 and tensor 1 are untouched: the other tests' references hold as they were.
@@ -181,15 +182,18 @@ def _train_hf(recompute: int) -> dict:
                                         for name, p in engine.module.named_parameters()}}
 
 
-def _train_config(schedule: str = "1f1b") -> dict:
-    cfg = config(schedule, 1, 1, 2, grad_clip=0.05)
+def _train_config(schedule: str = "1f1b", **extra) -> dict:
+    cfg = config(schedule, 1, 1, 2, grad_clip=0.05, **extra)
     cfg["topology"]["tensor"] = 2
     return cfg
 
 
-TRAIN_CASES = {  # name: (schedule, model config, activation_checkpoint_interval)
-    "plain": ("1f1b", TP_CFG, 0), "plain-recompute": ("1f1b", TP_CFG, 1),
-    "sp": ("1f1b", SP_CFG, 0), "sp-recompute": ("1f1b", SP_CFG, 1), "sp-recompute-zb_h1": ("zb_h1", SP_CFG, 1),
+# aot_eager runs the graph's dropout on the default generator where eager would: compiled equals eager
+COMPILED = {"compile": {"enabled": True, "backend": "aot_eager"}}
+TRAIN_CASES = {  # name: (schedule, model config, activation_checkpoint_interval, extra config)
+    "plain": ("1f1b", TP_CFG, 0, {}), "plain-recompute": ("1f1b", TP_CFG, 1, {}),
+    "sp": ("1f1b", SP_CFG, 0, {}), "sp-recompute": ("1f1b", SP_CFG, 1, {}),
+    "sp-recompute-zb_h1": ("zb_h1", SP_CFG, 1, {}), "sp-compiled": ("1f1b", SP_CFG, 0, COMPILED),
 }
 
 
@@ -211,8 +215,8 @@ def _resume(directory: str) -> dict:
 
 
 def _training_results(directory: str) -> dict:
-    runs = {name: _train(_train_config(schedule), gpt_cfg, STEPS, recompute)
-            for name, (schedule, gpt_cfg, recompute) in TRAIN_CASES.items()}
+    runs = {name: _train(_train_config(schedule, **extra), gpt_cfg, STEPS, recompute)
+            for name, (schedule, gpt_cfg, recompute, extra) in TRAIN_CASES.items()}
     runs.update({"hf-sp": _train_hf(0), "hf-sp-recompute": _train_hf(1)})
     return {"runs": runs, "resume": _resume(directory)}
 
@@ -232,8 +236,8 @@ def _assert_same(name: str, got: dict, want: dict, exact: bool = True) -> None:
 
 @pytest.mark.parametrize("case,against,exact", [("plain-recompute", "plain", True), ("sp-recompute", "sp", True),
                                                 ("sp-recompute-zb_h1", "sp", False),
-                                                ("hf-sp-recompute", "hf-sp", True)])
-def test_activation_checkpointing_redraws_the_same_masks(training, case, against, exact):
+                                                ("hf-sp-recompute", "hf-sp", True), ("sp-compiled", "sp", True)])
+def test_recompute_and_compiled_stages_draw_the_masks_eager_draws(training, case, against, exact):
     for rank, result in enumerate(training):
         runs = result["runs"]
         _assert_same(f"rank {rank} {case} vs {against}", runs[case], runs[against], exact)
