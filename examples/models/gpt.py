@@ -23,7 +23,7 @@ from pipegrid.pipe.module import PipelineModule
 from pipegrid.pipe.spec import LayerSpec, TiedLayerSpec
 from pipegrid.tensor import (ColumnParallelLinear, LMHeadInputs, LMLoss, RowParallelLinear, SequenceParallel,
                              VocabParallelEmbedding, all_gather_sequence, copy_to_region, mark_sequence_parallel,
-                             scatter_to_sequence_region, vocab_parallel_cross_entropy)
+                             TensorParallelRNG, scatter_to_sequence_region, vocab_parallel_cross_entropy)
 
 __all__ = ["GPT", "GPTConfig", "gpt_loss", "pad_vocab_size", "small_gpt_config", "tiny_gpt_config"]
 
@@ -204,9 +204,11 @@ class CausalSelfAttention(nn.Module):
     order, so a contiguous split of its rows gives each rank whole heads.
     """
 
-    def __init__(self, cfg: GPTConfig, tensor_group: Group = None, sequence_parallel: Any = False) -> None:
+    def __init__(self, cfg: GPTConfig, tensor_group: Group = None, sequence_parallel: Any = False,
+                 rng: TensorParallelRNG | None = None) -> None:
         super().__init__()
         c = cfg.n_embd
+        self.tensor_parallel_rng = rng if rng is not None else TensorParallelRNG()  # inactive: dense
         self.local_heads = cfg.n_head // _tensor_degree(tensor_group)
         self.head_dim = c // cfg.n_head
         self.dropout = cfg.dropout
@@ -219,8 +221,12 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = qkv.shape
         qkv = qkv.view(b, t, self.local_heads, 3 * self.head_dim)  # (B, T, h, 3 hd)
         q, k, v = (z.transpose(1, 2) for z in qkv.split(self.head_dim, dim=-1))  # (B, h, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if dropout and self.tensor_parallel_rng.active:  # each rank its own heads, so its own masks
+            y = self.tensor_parallel_rng.run(F.scaled_dot_product_attention, q, k, v, is_causal=True,
+                                             dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)  # (B, T, C / tensor)
         return self.resid_drop(self.c_proj(y))  # (B, T, C), or (B, T / tensor, C) sequence-parallel
 
@@ -270,16 +276,26 @@ class Block(nn.Module):
     """Pre-norm transformer block; the LayerNorms are replicated on every tensor rank (under
     sequence parallelism each normalises its own tokens: marked, their gradients summed per step)."""
 
-    def __init__(self, cfg: GPTConfig, tensor_group: Group = None, sequence_parallel: Any = False) -> None:
+    def __init__(self, cfg: GPTConfig, tensor_group: Group = None, sequence_parallel: Any = False,
+                 rng: TensorParallelRNG | None = None) -> None:
         super().__init__()
+        self.sequence_parallel, self.dropout = sequence_parallel, cfg.dropout
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg, tensor_group, sequence_parallel)
+        self.attn = CausalSelfAttention(cfg, tensor_group, sequence_parallel, rng)
+        self.tensor_parallel_rng = self.attn.tensor_parallel_rng
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg, tensor_group, sequence_parallel)
         if sequence_parallel:
             mark_sequence_parallel([*self.ln_1.parameters(), *self.ln_2.parameters()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rng = self.tensor_parallel_rng
+        if self.sequence_parallel and self.training and self.dropout and rng.active:
+            # every activation here is this rank's chunk or its heads: all its dropout masks are its own
+            return rng.run(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))  # (B, T, C)
         return x + self.mlp(self.ln_2(x))
 
@@ -316,8 +332,10 @@ class GPT(PipelineModule):
     ``tensor_group``: the tensor-parallel group (``groups.tensor_parallel_group`` from
     ``pipegrid.init_distributed``), needed when ``topology.tensor > 1``; None builds the
     dense model. ``pipeline_kwargs`` go to PipelineModule (``virtual_stages``, ``seed``...).
-    Dropout > 0 under tensor parallelism assumes every tensor rank draws the same masks
-    in replicated regions (the same RNG state); tests compare at dropout 0.
+    Dropout > 0 under tensor parallelism draws the replicated regions' masks from the default
+    generator, which must be in the same state on every tensor rank, and core attention's (and,
+    sequence-parallel, whole blocks') from ``self.tensor_parallel_rng``, seeded from ``seed``
+    and the pipe and tensor rank (``pipegrid.tensor.random``).
     ``loss`` (default: the engine config's ``loss:`` section) chunks head + cross-entropy over
     the tokens unless ``loss.chunked`` is false; a ``loss_fn`` passed in keeps the head's logits.
     ``cfg.sequence_parallel``: ``self.sequence_parallel`` is the switch every layer consults;
@@ -337,16 +355,18 @@ class GPT(PipelineModule):
         pipeline_kwargs.setdefault("loss_fn", lm_loss)
         head = functools.partial(_tied_head, pipeline_kwargs["loss_fn"])
         embed = (cfg.vocab_size, cfg.n_embd, group, sp)
+        rng = self.tensor_parallel_rng = TensorParallelRNG(group)  # seeded below, once the pipe rank is known
         layers = [
             TiedLayerSpec("embed", TokenEmbedding, *embed, tied_weight_attr="tok.weight"),
             LayerSpec(PositionEmbedding, cfg, group, sp),
-            *[LayerSpec(Block, cfg, group, sp) for _ in range(cfg.n_layer)],
+            *[LayerSpec(Block, cfg, group, sp, rng) for _ in range(cfg.n_layer)],
             LayerSpec(FinalNorm, cfg.n_embd, sp),
             TiedLayerSpec("embed", TokenEmbedding, *embed,
                           forward_fn=head,
                           tied_weight_attr="tok.weight"),
         ]
         super().__init__(layers, topology=topology, **pipeline_kwargs)
+        rng.manual_seed(self.seed, self.pipe_rank)
         self.cfg = cfg
 
     @property

@@ -109,6 +109,7 @@ class DecoderLayer(_Part):
         super().__init__(skeleton)
         self.index = index
         skeleton.mark_sequence_parallel(self.adopt("layer", f"{skeleton.base_name(skeleton.plan.layers)}.{index}"))
+        self.tensor_parallel_rng = skeleton.tensor_rng  # split attention's stream; checkpointing finds it here
 
     def compile_targets(self) -> list[nn.Module]:
         """``compile.enabled``: the transformers layer, compiled once for every index (dynamo guards
@@ -119,7 +120,11 @@ class DecoderLayer(_Part):
     def forward(self, x: Any) -> Any:
         hidden, mask = split(x, f"decoder layer {self.index}")
         args, kwargs = self.skeleton.layer_call(self.index, hidden, mask, self.training)
-        out = self.layer(hidden, *args, **kwargs)
+        if self.training and self.skeleton.sequence_parallel:
+            # every activation in the layer is this rank's chunk or its heads: all its masks are its own
+            out = self.tensor_parallel_rng.run(self.layer, hidden, *args, **kwargs)
+        else:
+            out = self.layer(hidden, *args, **kwargs)
         return join(out[0] if isinstance(out, tuple) else out, mask)
 
     def forward_cached(self, hidden: torch.Tensor, cache: Any, step: Any) -> torch.Tensor:

@@ -111,6 +111,7 @@ class HFCausalLM(PipelineModule):
                          activation_checkpoint_interval=activation_checkpoint_interval, seed=seed,
                          **pipeline_kwargs)
         self.skeleton = skeleton
+        skeleton.tensor_rng.manual_seed(seed, self.pipe_rank)  # Megatron's offsets: tensor/random.py
 
     @property
     def process_groups(self) -> Any:

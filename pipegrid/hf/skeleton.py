@@ -22,8 +22,8 @@ from torch import nn
 from pipegrid.conf.schema import CommConfig
 from pipegrid.hf.pp_plan import StagePlan, causal_lm_class, resolve
 from pipegrid.hf.tp_plan import ShardRule, TensorSplit, check_tensor_parallel
-from pipegrid.tensor import (SequenceParallel, mark_sequence_parallel, scatter_to_sequence_region, tensor_parallel_rank,
-                             tensor_parallel_size)
+from pipegrid.tensor import (SequenceParallel, TensorParallelRNG, mark_sequence_parallel, scatter_to_sequence_region,
+                             tensor_parallel_rank, tensor_parallel_size)
 from pipegrid.topology.grid import Topology
 from pipegrid.topology.groups import ProcessGroups
 from pipegrid.topology.join import init_distributed
@@ -162,14 +162,17 @@ class Skeleton:
                              "sequence_parallel=False")
         self.sequence_parallel = SequenceParallel(sequence_parallel)
         """The switch the split layers consult: on in training and evaluation, off while generating."""
+        self.tensor_rng = TensorParallelRNG()
+        """Split attention's (and, sequence-parallel, whole decoder layers') dropout stream; seeded by the model."""
         if tensor > 1:
             tp_plan = check_tensor_parallel(self.config, self.shell, self.plan, tensor)  # before any group
             if tensor_group is None:
                 self.process_groups = own_groups(topology)
                 tensor_group = self.process_groups.tensor_parallel_group
             _check_group(tensor, tensor_group)
-            self.split = TensorSplit(self.shell, self.plan, tp_plan, tensor_group,
-                                     tensor_parallel_rank(tensor_group), tensor, self.sequence_parallel)
+            self.tensor_rng = TensorParallelRNG(tensor_group)
+            self.split = TensorSplit(self.shell, self.plan, tp_plan, tensor_group, tensor_parallel_rank(tensor_group),
+                                     tensor, self.sequence_parallel, self.tensor_rng)
         self._record: dict[int, tuple] = {}
         layers = self.decoder_layers()
         self._stubs = nn.ModuleList([_LayerStub(i, len(layers) - 1, self._record, layer)

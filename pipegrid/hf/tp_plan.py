@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipegrid.hf.attention_rng import route_attention
 from pipegrid.hf.pp_plan import StagePlan
 from pipegrid.tensor import (ColumnParallelLinear, RowParallelLinear, SequenceParallel, SharedInputCopy,
-                             VocabParallelEmbedding, reduce_from_region)
+                             TensorParallelRNG, VocabParallelEmbedding, reduce_from_region)
 
 # GPT-2 declares no base_model_tp_plan. Its c_attn is one Conv1D packing q, k and v: "colwise_qkv"
 # splits each of the three parts by heads, so a rank's shard is [q_r, k_r, v_r] and GPT-2's own
@@ -212,11 +213,14 @@ class TensorSplit:
     """This rank's place in the tensor group and how the model's modules split over it."""
 
     def __init__(self, shell: nn.Module, plan: StagePlan, tp_plan: Mapping[str, str], group: Any,
-                 rank: int, parts: int, sequence_parallel: SequenceParallel | None = None) -> None:
+                 rank: int, parts: int, sequence_parallel: SequenceParallel | None = None,
+                 rng: TensorParallelRNG | None = None) -> None:
         self.shell, self.plan, self.tp_plan = shell, plan, dict(tp_plan)
         self.group, self.rank, self.parts = group, rank, parts
         self.sequence_parallel = sequence_parallel if sequence_parallel is not None else SequenceParallel(False)
         """The model's switch: column layers gather the sequence, row layers reduce-scatter it while on."""
+        self.rng = rng
+        """The tensor-parallel dropout stream split attention's core draws from (``hf/attention_rng.py``)."""
         self.rules: dict[str, ShardRule] = {}  # checkpoint key -> how it is split (absent: whole)
 
     def split(self, module: nn.Module, name: str) -> list[tuple[str, nn.Module, nn.Module]]:
@@ -234,6 +238,8 @@ class TensorSplit:
         self._share_inputs(swaps)
         for sub in module.modules():
             _localise_heads(sub, self.parts)
+            if self.rng is not None and getattr(sub, "_pipegrid_local_heads", False):
+                route_attention(sub, self.rng)
         return swaps
 
     def _share_inputs(self, swaps: list[tuple[str, nn.Module, nn.Module]]) -> None:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipegrid.tensor.random import TensorParallelRNG, checkpoint_context, rng_trackers
+
 __all__ = ["StageChunk", "seeded"]
 
 
@@ -34,6 +36,7 @@ class StageChunk(nn.Module):
             {str(e.index): e.layer for e in entries if isinstance(e.layer, nn.Module)})
         self._entries = entries
         self._eager_entries = entries  # what generate runs: a KV cache's growing length would recompile
+        self._rng_trackers: list[TensorParallelRNG] | None = None  # found on the first checkpointed forward
 
     def layer_entries(self) -> list[tuple[int, Any]]:
         """(global layer index, module or callable) of each position, in order."""
@@ -62,8 +65,13 @@ class StageChunk(nn.Module):
             return self._run(x, 0, n)
         # Non-reentrant checkpointing works for any layer type, for tuple inputs, and
         # for inputs that do not require grad (the reentrant one fails on those).
+        # preserve_rng_state replays the default generators only: the tensor-parallel
+        # dropout stream is replayed by its own context (tensor/random.py)
+        if self._rng_trackers is None:
+            self._rng_trackers = rng_trackers(self)
+        extra = {"context_fn": checkpoint_context(self._rng_trackers)} if self._rng_trackers else {}
         for start in range(0, n, every):
-            x = checkpoint(self._run, x, start, min(start + every, n), use_reentrant=False)
+            x = checkpoint(self._run, x, start, min(start + every, n), use_reentrant=False, **extra)
         return x
 
     def forward_cached(self, x: Any, cache: Any, step: Any) -> Any:

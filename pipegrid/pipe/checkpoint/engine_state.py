@@ -142,7 +142,7 @@ def save_engine(engine: Checkpointable, directory: str) -> str:
             save_file({"hyperparameters": group, "scaler": engine.scaler.state_dict(),
                        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None},
                       os.path.join(tmp, OPTIMIZER))
-        save_file({"rng": rng_state()}, os.path.join(tmp, rank_file(rank)))
+        save_file({"rng": rng_state(engine.module)}, os.path.join(tmp, rank_file(rank)))
 
     return save(directory, progress.global_steps, rank, write_shards, manifest, barrier_fn())
 
@@ -176,7 +176,7 @@ def load_engine(engine: Checkpointable, directory: str,
         _load_optimizer_states(engine, path, previous, manifest, parameter_keys(engine))
     rank_path = os.path.join(path, rank_file(engine.groups.rank))
     if same_layout and os.path.exists(rank_path):
-        set_rng_state(load_file(rank_path, previous)["rng"])
+        set_rng_state(load_file(rank_path, previous)["rng"], engine.module)
     progress = TrainingProgress(manifest["global_steps"], manifest["skipped_steps"],
                                 manifest["consumed_micro_batches"], dict(manifest.get("client_state") or {}))
     return manifest["step"], progress

@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from pipegrid.tensor.random import rng_trackers
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -173,17 +176,30 @@ def check_same_model(manifest: dict[str, Any], layer_names: list[str], path: str
                           f"{missing[:10]}, unexpected {unexpected[:10]}; point checkpoint.dir elsewhere")
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+def rng_state(module: nn.Module | None = None) -> dict[str, Any]:
+    """This rank's generators: the default ones and ``module``'s tensor-parallel dropout streams."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
+    trackers = rng_trackers(module) if module is not None else []
+    if trackers:
+        state["tensor_parallel"] = [tracker.state_dict() for tracker in trackers]
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], module: nn.Module | None = None) -> None:
+    """Continue from :func:`rng_state`; a checkpoint from before the tensor-parallel streams were
+    saved leaves them where the model's seed put them."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("tensor_parallel", [])
+    trackers = rng_trackers(module) if module is not None else []
+    if saved and len(saved) != len(trackers):
+        raise CheckpointError(f"this rank's checkpoint holds {len(saved)} tensor-parallel RNG stream(s), the model "
+                              f"has {len(trackers)}; resume with the model (and topology.tensor) that wrote it")
+    for tracker, tracker_state in zip(trackers, saved):
+        tracker.load_state_dict(tracker_state)
 
 
 def owned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
