@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipegrid.kernels import FlatLayout
 from pipegrid.launch import run_local
 from pipegrid.pipe.spec import LayerSpec
-from pipegrid.pipe.zero.buckets import plan_buckets
+from pipegrid.pipe.zero import Zero2Optimizer
+from pipegrid.pipe.zero.buckets import GradientBuckets, plan_buckets
 from tests.support.engine_cases import assert_matches_reference, config, run_reference, run_zero_pipeline
 from tests.support.models import HIDDEN, gpt_layers
 
@@ -57,6 +59,8 @@ FP32 = {
     "zero2-zb_h1": _cfg("zb_h1", 2),
     "zero3-zb_h1": _cfg("zb_h1", 3),
     "zero3-1f1b-per_layer": _cfg("1f1b", 3, gather="per_layer"),
+    "zero2-interleaved_1f1b": _cfg("interleaved_1f1b", 2),  # two chunks a rank, one layout
+    "zero2-dualpipev": _cfg("dualpipev", 2),
     "zero2-zb_h1-data4": _cfg("zb_h1", 2, pipe=1, data=4),  # the tied pair on one rank: through the buckets
     "zero3-1f1b-data4": _cfg("1f1b", 3, pipe=1, data=4),
 }
@@ -131,3 +135,52 @@ def test_a_bucket_never_spans_a_parameter_left_out():
     layout = _layout([8, 8, 8])
     buckets, _ = plan_buckets(layout, [0, 2], 64, 1000)  # parameter 1 is kept whole elsewhere
     assert [(b.lo, b.hi) for b in buckets] == [(16, 24), (0, 8)]
+
+
+def _issue_in_order(order: list[int]) -> str:
+    """Two parameters of 4 elements in buckets of their own; this rank adds them in ``order``."""
+    layout = _layout([4, 4])
+    buckets = GradientBuckets(layout, [0, 1], 8, None, 2, dist.get_rank(), torch.float32, torch.device("cpu"), 4,
+                              lambda lo, summed: None)
+    for i in order:
+        buckets.add(i, torch.ones(4))
+    buckets.flush()
+    try:
+        buckets.check_order("test")
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def _orders() -> list[str]:
+    rank = dist.get_rank()
+    return [_issue_in_order([0, 1]), _issue_in_order([0, 1] if rank == 0 else [1, 0])]
+
+
+def test_data_ranks_that_issue_buckets_in_different_orders_get_an_error_naming_the_fix():
+    same, different = zip(*run_local(_orders, 2, timeout_s=60))
+    assert same == ("", "")
+    assert all("different orders" in m and "reduce_every_micro_batch=false" in m for m in different), different
+
+
+def _one_rank(every: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
+    state = Zero2Optimizer(list(model.parameters()), lambda ps: torch.optim.AdamW(ps, lr=1e-2), None, 1, 0,
+                           reduce_every_micro_batch=every, bucket_elements=7)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for _ in range(2):
+            model(torch.randn(5, 8, generator=gen).to(dtype)).square().mean().backward()
+            state.weight_grads_done()
+        state.reduce_grads()
+        state.step(0.5)
+        state.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_data_rank_buckets_train_exactly_like_once_per_step(dtype):
+    # data=1: each bucket goes straight into the shard; the micro-batches add in the same order
+    for a, b in zip(_one_rank(False, dtype), _one_rank(True, dtype)):
+        assert torch.equal(a, b)
