@@ -8,7 +8,8 @@ shard only, and the updated parameters are all-gathered back. Both keep fp32 mas
 weights when the model runs in bf16/fp16, move bytes through pipegrid.kernels, and
 hand checkpoints their state per parameter (``ParamState``), whatever the sharding.
 ``Zero2Optimizer`` (``zero.stage: 2``) also keeps only the reduced gradient's shard outside
-the backwards, and ``Zero3Optimizer`` (``zero.stage: 3``) only the master shard between
+the backwards (inside them too, plus a few buckets, with ``zero.reduce_every_micro_batch``:
+buckets.py), and ``Zero3Optimizer`` (``zero.stage: 3``) only the master shard between
 steps, gathering the parameters at each step's start (docs/zero.md). ZeRO-1/2/3 take
 ``offload``: master shard and optimizer state in host memory, stepped there. All answer to
 ``OptimizerState``, the interface the engine's ``GradientUpdate`` and checkpoints use.
@@ -63,7 +64,9 @@ class OptimizerState(Protocol):
 
     def weight_grads_done(self) -> None:
         """A model stage finished one micro-batch's parameter gradients (ZeRO-2 may reduce them now;
-        a collective there, called at the same point of the schedule on every data rank)."""
+        a collective there, called at the same point of the schedule on every data rank). With
+        ``reduce_every_micro_batch`` the gradient hooks also post reductions during the backward,
+        in autograd's order: every data rank must run the same graph (buckets.py)."""
 
     def reduce_grads(self) -> None:
         """Collective over the data axis: sum (or reduce-scatter) the step's gradients."""
