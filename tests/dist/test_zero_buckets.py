@@ -2,12 +2,12 @@
 process (design.md invariant 1) and holds no full-size gradient buffer.
 
 Buckets of 40 elements on a model of ~2,000 parameters: dozens of buckets, parameters spanning
-two or more of them and the shard boundary, a parameter no micro-batch uses (its bucket is
+two or more of them and the shard boundary, a parameter no micro-batch uses (its buckets are
 reduced at the end of each backward), the tied embedding and head (through the buckets on one
-pipe rank; kept whole, summed over the two pipe ranks, then bucketed otherwise), 1F1B and zero-bubble's split backward, fp32 against the plain-torch
-reference (Adam, clipping that bites: the reference's norms are 2.9-4.2 against 0.5) and bf16 and
-fp16 (fp32 accumulation; fp16's loss scale) against ZeRO-1. All cases run
-in one 4-rank ``run_local`` call; the references in this process.
+pipe rank; kept whole, summed over the two pipe ranks, then bucketed otherwise), 1F1B and
+zero-bubble's split backward, fp32 against the plain-torch reference (Adam, clipping that bites:
+the reference's norms are 2.9-4.2 against 0.5) and bf16 and fp16 (fp32 accumulation; fp16's loss
+scale) against ZeRO-1. All cases run in one 4-rank ``run_local`` call; the references in this process.
 """
 
 from __future__ import annotations
