@@ -8,8 +8,14 @@ with the gradient and parameter bytes the step held at its peak (ZeRO-2 frees it
 gradient buffer before the optimizer step, ZeRO-3 its parameters after it, or each layer after
 each use with ``zero.gather=per_layer``; the report after the step shows what stays).
 
+``--buckets`` puts ZeRO-2/3's gradient reduction once per step (full-size fp32 buffer during the
+backwards) beside ``zero.reduce_every_micro_batch`` (buckets of ``zero.bucket_elements`` reduced
+as backward runs) on the example GPT at pipe=1, data=2: each data rank's gradient shard and the
+most gradient bytes it held beside it during the step.
+
     python benchmarks/memory.py [--out benchmarks/results/memory.json]
     python benchmarks/memory.py --stages [--out benchmarks/results/memory_zero_stages.json]
+    python benchmarks/memory.py --buckets [--out benchmarks/results/memory_zero_buckets.json]
 """
 
 from __future__ import annotations
@@ -94,11 +100,63 @@ def _stages(out: str) -> None:
     print(f"wrote {out}")
 
 
+GPT_SHAPE = {"vocab_size": 8192, "seq_len": 128, "n_layer": 4, "n_head": 4, "n_embd": 256}  # 5.3M parameters
+BUCKET_LAYOUTS = {"per step": {"reduce_every_micro_batch": False},
+                  "per micro-batch, 2^24 (default)": {"reduce_every_micro_batch": True},
+                  "per micro-batch, 2^18": {"reduce_every_micro_batch": True, "bucket_elements": 1 << 18},
+                  "per micro-batch, 2^16": {"reduce_every_micro_batch": True, "bucket_elements": 1 << 16}}
+
+
+def _gpt_report(zero: dict, dtype: str, schedule: str) -> dict[str, int]:
+    """One data rank's gradient bytes after the second step of the example GPT (pipe=1, data=2)."""
+    from examples.models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(**GPT_SHAPE), topology=pg.Topology(pipe=1, data=2))
+    engine = pg.initialize(model, {"topology": {"pipe": 1, "data": 2}, "zero": zero, "precision": {"dtype": dtype},
+                                   "schedule": {"name": schedule, "micro_batches": 4},
+                                   "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-4}})
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, GPT_SHAPE["vocab_size"], (4, GPT_SHAPE["seq_len"] + 1), generator=gen)
+    batch = [(tokens[:, :-1], tokens[:, 1:])] * 4
+    for _ in range(2):
+        engine.train_batch(iter(batch))
+    report = engine.memory_report()
+    return {"gradients": report["gradients"], "step_gradients": engine.zero.step_gradient_bytes,
+            "full_buffer": engine.zero.shard_size * 2 * 4}
+
+
+def _buckets(out: str) -> None:
+    rows = []
+    for stage in (2, 3):
+        for dtype, schedule in (("float32", "1f1b"), ("bfloat16", "zb_h1")):
+            for name, zero in BUCKET_LAYOUTS.items():
+                if stage == 3 and "2^16" in name:
+                    continue
+                per_rank = run_local(_gpt_report, 2, ({"stage": stage, **zero}, dtype, schedule), timeout_s=300)
+                for data_rank, report in enumerate(per_rank):
+                    rows.append({"zero": stage, "dtype": dtype, "schedule": schedule, "reduce": name,
+                                 "data_rank": data_rank, **report})
+    lines = ["| zero | dtype, schedule | reduce | data rank | gradient shard MiB | peak beside it MiB | "
+             "full-size buffer MiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['zero']} | {r['dtype']}, {r['schedule']} | {r['reduce']} | {r['data_rank']} | "
+                     f"{r['gradients'] / 2**20:.2f} | {r['step_gradients'] / 2**20:.2f} | "
+                     f"{r['full_buffer'] / 2**20:.2f} |")
+    print("\n".join(lines))
+    write_record(out, rows, lines, pipe=1, data=2, micro_batches=4, **GPT_SHAPE)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--stages", action="store_true", help="ZeRO stages side by side at pipe=2, data=4")
+    parser.add_argument("--buckets", action="store_true",
+                        help="ZeRO-2/3 gradient peak, once per step against bucket by bucket, GPT at data=2")
     args = parser.parse_args()
+    if args.buckets:
+        _buckets(args.out or "benchmarks/results/memory_zero_buckets.json")
+        return
     if args.stages:
         _stages(args.out or "benchmarks/results/memory_zero_stages.json")
         return

@@ -103,8 +103,11 @@ class ZeroConfig:
     2: gradients sharded too (each data rank keeps its shard of the reduced gradient);
     3: parameters sharded too (gathered at each step's start, freed after its optimizer step)."""
     reduce_every_micro_batch: bool = False
-    """Stage 2/3: reduce-scatter after every micro-batch's backward instead of once per step
-    (less gradient memory during the step, one reduction per micro-batch)."""
+    """Stage 2/3: reduce the gradients bucket by bucket while each backward runs instead of once
+    per step: no full-size gradient buffer (the shard and a few buckets), m times the traffic."""
+    bucket_elements: int = 1 << 24
+    """Stage 2/3 with reduce_every_micro_batch: elements per gradient bucket (DeepSpeed's
+    reduce_bucket_size); 2^24 = 64 MiB of fp32 (pipe/zero/stage2.py says why)."""
     offload_optimizer: str = "none"
     """none | cpu: fp32 master weights and optimizer state (this rank's shard) in host memory,
     the optimizer step on the CPU (ZeRO-Offload); on a CPU-only run it changes nothing."""
@@ -127,6 +130,9 @@ class ZeroConfig:
         if self.gather == "per_layer" and self.stage != 3:
             raise ValueError(f"zero.gather=per_layer gathers ZeRO-3's sharded parameters layer by layer and needs "
                              f"zero.stage=3, got zero.stage={self.stage}; set zero.stage=3 or drop zero.gather")
+        if self.bucket_elements < 1:
+            raise ValueError(f"zero.bucket_elements must be a positive number of elements, got "
+                             f"{self.bucket_elements!r}; e.g. zero.bucket_elements=16777216")
         if self.reduce_every_micro_batch and self.stage < 2:
             raise ValueError(f"zero.reduce_every_micro_batch needs zero.stage=2 or 3, got zero.stage={self.stage}; "
                              "set zero.stage=2 or drop zero.reduce_every_micro_batch")

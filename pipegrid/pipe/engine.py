@@ -175,7 +175,8 @@ class PipelineEngine:
             self.groups.data_parallel_group, self.topology.data, self.groups.coord.data, self.kernels_backend,
             reduce_every_micro_batch=self.config.zero.reduce_every_micro_batch,
             tied=self._tied_across_pipe_ranks(), offload=self._offloads(), gather=self.config.zero.gather,
-            chunks=[self.module.stage_module(s) for s in self.module.stage_ids])
+            chunks=[self.module.stage_module(s) for s in self.module.stage_ids],
+            bucket_elements=self.config.zero.bucket_elements)
         scheduler = (instantiate(self.config.lr_scheduler, optimizer_state.optimizer)
                      if self.config.lr_scheduler else None)
         prec = self.config.precision

@@ -54,10 +54,10 @@ def run_pipeline(cfg: dict, steps: int = STEPS) -> dict:
     return {"losses": losses, "state": canonical_state(engine.module)}
 
 
-def run_reference(cfg: dict, steps: int = STEPS) -> dict:
-    """One process, the same global batch by gradient accumulation."""
+def run_reference(cfg: dict, steps: int = STEPS, layers: list | None = None) -> dict:
+    """One process, the same global batch by gradient accumulation (of ``layers``, default TinyGPT's)."""
     dtype = getattr(torch, cfg["precision"]["dtype"])
-    model = pg.build_reference(gpt_layers(N_LAYER), loss_fn=cross_entropy).to(dtype)
+    model = pg.build_reference(layers or gpt_layers(N_LAYER), loss_fn=cross_entropy).to(dtype)
     opt_cfg = dict(cfg["optimizer"])
     target = opt_cfg.pop("_target_").rsplit(".", 1)[1]
     optimizer = getattr(torch.optim, target)(model.parameters(), **opt_cfg)
@@ -104,14 +104,17 @@ def assert_matches_reference(results: list[dict], reference: dict, rtol: float, 
     assert seen == set(reference["state"]), f"parameters never trained: {set(reference['state']) - seen}"
 
 
-def run_zero_pipeline(cfg: dict, recompute: int = 0) -> dict:
+def run_zero_pipeline(cfg: dict, recompute: int = 0, layers: list | None = None) -> dict:
     """``run_pipeline`` for the ZeRO-2/3 tests: ZeRO-3's parameters gathered before reading them,
     and what the rank held: ``memory`` between steps, the parameter bytes gathered for a step
-    (``step_parameter_bytes``; ZeRO < 3: the parameters) and the peak of them inside it."""
+    (``step_parameter_bytes``; ZeRO < 3: the parameters) and the peak of them inside it, and
+    the gradient bytes beside the shard during the last step (``step_gradient_bytes``).
+    ``layers``: another model than TinyGPT's."""
     topo = pg.Topology(**cfg["topology"])
-    model = TinyGPT(N_LAYER, topology=topo, virtual_stages=cfg["schedule"]["virtual_stages"],
-                    stage_placement=SCHEDULES[cfg["schedule"]["name"]].placement or "loop",
-                    activation_checkpoint_interval=recompute)
+    model = pg.PipelineModule(layers or gpt_layers(N_LAYER), loss_fn=cross_entropy, topology=topo,
+                              virtual_stages=cfg["schedule"]["virtual_stages"],
+                              stage_placement=SCHEDULES[cfg["schedule"]["name"]].placement or "loop",
+                              activation_checkpoint_interval=recompute)
     engine = pg.initialize(model, cfg)
     d, m = topo.coord(dist.get_rank()).data, cfg["schedule"]["micro_batches"]
     losses = [engine.train_batch(iter(global_batches(s, topo.data, m)[d * m:(d + 1) * m])) for s in range(STEPS)]
@@ -120,7 +123,7 @@ def run_zero_pipeline(cfg: dict, recompute: int = 0) -> dict:
     engine.gather_parameters()
     return {"losses": losses, "state": canonical_state(engine.module), "memory": memory,
             "step_parameter_bytes": getattr(engine.zero, "step_parameter_bytes", memory["parameters"]),
-            "peak_parameter_bytes": peak}
+            "peak_parameter_bytes": peak, "step_gradient_bytes": getattr(engine.zero, "step_gradient_bytes", None)}
 
 
 def run_tensor_gpt(cfg: dict, steps: int = STEPS, gpt_cfg: Any = GPT_CFG) -> dict:

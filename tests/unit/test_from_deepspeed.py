@@ -214,6 +214,14 @@ def test_zero_stage_and_its_bucket_knobs():
     assert tr(zero_optimization={"stage": 0}).config.zero.stage == 0
 
 
+def test_reduce_bucket_size_sets_zero_bucket_elements():
+    t = tr(zero_optimization={"stage": 2, "reduce_bucket_size": 5e7}, optimizer={"type": "AdamW"})
+    assert t.config.zero.bucket_elements == 50_000_000
+    assert tr(zero_optimization={"stage": 2}, optimizer={"type": "AdamW"}).config.zero.bucket_elements == 1 << 24
+    bad = {**BASE, "zero_optimization": {"stage": 2, "reduce_bucket_size": 0.5}}
+    assert any("reduce_bucket_size" in p for p in refused(bad))
+
+
 @pytest.mark.parametrize("zero", [{"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
                                   {"stage": 1, "cpu_offload": True},
                                   {"stage": 3, "offload_optimizer": {"device": "cpu"}, "stage3_prefetch_bucket_size": 5e7}])

@@ -14,7 +14,8 @@ from typing import Any
 from pipegrid.compat.deepspeed.runtime import lr_schedules
 
 __all__ = ["DS_SCHEDULES", "SCHEDULES_MODULE", "check_top_level", "optimizer_spec", "pipeline_interval",
-           "offload_of", "precision_of", "scalar", "scheduler_spec", "zero_stage_of", "zero_supports"]
+           "offload_of", "precision_of", "scalar", "scheduler_spec", "zero_buckets_of", "zero_stage_of",
+           "zero_supports"]
 
 SCHEDULES_MODULE = lr_schedules.__name__
 """Where DeepSpeed's LR schedules live as torch schedulers (the ``_target_`` of a translated ``scheduler``)."""
@@ -50,7 +51,7 @@ _HANDLED = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accu
 # accepted only at DeepSpeed's default, where they change nothing
 _DEFAULT_ONLY = {"prescale_gradients": False, "gradient_predivide_factor": 1.0, "sparse_gradients": False,
                  "communication_data_type": None, "disable_allgather": False, "dump_state": False}
-# performance knobs of DeepSpeed's ZeRO-1 with no effect on results
+# performance knobs of DeepSpeed's ZeRO-1 with no effect on results (reduce_bucket_size: zero_buckets_of)
 _ZERO_KNOBS = {"contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_partitions",
                "allgather_bucket_size", "overlap_comm", "load_from_fp32_weights", "elastic_checkpoint",
                "round_robin_gradients", "sub_group_size", "ignore_unused_parameters", "legacy_stage1",
@@ -258,6 +259,20 @@ def zero_stage_of(ds: dict, problems: list[str]) -> int:
     _unknown_keys(zero, "zero_optimization", _ZERO_KNOBS | {"stage", "offload_optimizer", "offload_param",
                                                             "cpu_offload", "cpu_offload_params"}, problems)
     return stage if stage in (0, 1, 2, 3) else 0
+
+
+def zero_buckets_of(ds: dict, problems: list[str]) -> dict:
+    """zero_optimization.reduce_bucket_size (elements, as in DeepSpeed) -> zero.bucket_elements: the
+    bucket size of ZeRO-2/3's reduction during backward (zero.reduce_every_micro_batch=true)."""
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    if "reduce_bucket_size" not in zero:
+        return {}
+    size = zero["reduce_bucket_size"]
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 1 or size != int(size):
+        problems.append(f"zero_optimization.reduce_bucket_size must be a positive whole number of elements, got "
+                        f"{size!r}; e.g. 5e8 (DeepSpeed's default)")
+        return {}
+    return {"bucket_elements": int(size)}
 
 
 def offload_of(ds: dict, stage: int, problems: list[str]) -> str:

@@ -180,7 +180,8 @@ def _sections(ds: dict, use_config_optimizer: bool, use_config_scheduler: bool, 
     keys.scalar(ds, "zero_force_ds_cpu_optimizer", bool, True, problems)
     native = {"optimizer": optimizer or {"_target_": "torch.optim.SGD", "lr": 0.0},
               "lr_scheduler": scheduler, "precision": precision,
-              "zero": {"stage": stage, "offload_optimizer": keys.offload_of(ds, stage, problems)},
+              "zero": {"stage": stage, "offload_optimizer": keys.offload_of(ds, stage, problems),
+                       **keys.zero_buckets_of(ds, problems)},
               "train": {"grad_clip": clip, "log_interval": steps_per_print or 10, "on_nonfinite": on_nonfinite},
               "trace": {"enabled": flags["wall_clock_breakdown"]}}
     extras = {"steps_per_print": steps_per_print, **flags, "loss_scaler": scaler,

@@ -8,7 +8,8 @@ shard only, and the updated parameters are all-gathered back. Both keep fp32 mas
 weights when the model runs in bf16/fp16, move bytes through pipegrid.kernels, and
 hand checkpoints their state per parameter (``ParamState``), whatever the sharding.
 ``Zero2Optimizer`` (``zero.stage: 2``) also keeps only the reduced gradient's shard outside
-the backwards, and ``Zero3Optimizer`` (``zero.stage: 3``) only the master shard between
+the backwards (inside them too, plus a few buckets, with ``zero.reduce_every_micro_batch``:
+buckets.py), and ``Zero3Optimizer`` (``zero.stage: 3``) only the master shard between
 steps, gathering the parameters at each step's start (docs/zero.md). ZeRO-1/2/3 take
 ``offload``: master shard and optimizer state in host memory, stepped there. All answer to
 ``OptimizerState``, the interface the engine's ``GradientUpdate`` and checkpoints use.
@@ -30,7 +31,7 @@ import torch
 from pipegrid.pipe.zero.common import MASTER, Factory, ParamState, all_reduce_flat, buckets, storage_bytes
 from pipegrid.pipe.zero.replicated import ReplicatedOptimizer
 from pipegrid.pipe.zero.stage1 import ZeroOptimizer
-from pipegrid.pipe.zero.stage2 import Zero2Optimizer
+from pipegrid.pipe.zero.stage2 import DEFAULT_BUCKET_ELEMENTS, Zero2Optimizer
 from pipegrid.pipe.zero.stage3 import Zero3Optimizer
 
 __all__ = ["MASTER", "OptimizerState", "ParamState", "ReplicatedOptimizer", "Zero2Optimizer", "Zero3Optimizer", "ZeroOptimizer", "all_reduce_flat",
@@ -63,7 +64,9 @@ class OptimizerState(Protocol):
 
     def weight_grads_done(self) -> None:
         """A model stage finished one micro-batch's parameter gradients (ZeRO-2 may reduce them now;
-        a collective there, called at the same point of the schedule on every data rank)."""
+        a collective there, called at the same point of the schedule on every data rank). With
+        ``reduce_every_micro_batch`` the gradient hooks also post reductions during the backward,
+        in autograd's order: every data rank must run the same graph (buckets.py)."""
 
     def reduce_grads(self) -> None:
         """Collective over the data axis: sum (or reduce-scatter) the step's gradients."""
@@ -98,18 +101,20 @@ class OptimizerState(Protocol):
 def build_optimizer_state(stage: int, params: list[torch.nn.Parameter], factory: Factory, data_group: Any,
                           data_size: int, data_rank: int, backend: str, *, reduce_every_micro_batch: bool = False,
                           tied: frozenset[int] = frozenset(), offload: bool = False, gather: str = "per_step",
-                          chunks: list[Any] = ()) -> OptimizerState:
+                          chunks: list[Any] = (), bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> OptimizerState:
     """The optimizer state ``zero.stage`` asks for (the config checks the stage's range); ``tied``:
     ids of the parameters a tied layer shares with other pipe ranks; ``offload``: master weights
     and optimizer state in host memory, stepped there (ZeRO-1/2/3); ``gather``: ZeRO-3's
-    ``per_step`` or ``per_layer`` (around each use of the layers of ``chunks``, the rank's StageChunks)."""
+    ``per_step`` or ``per_layer`` (around each use of the layers of ``chunks``, the rank's StageChunks);
+    ``bucket_elements``: ZeRO-2/3's bucket size with ``reduce_every_micro_batch`` (buckets.py)."""
     if stage == 3:
         return Zero3Optimizer(params, factory, data_group, data_size, data_rank, backend,
                               reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied, offload=offload,
-                              gather=gather, chunks=chunks)
+                              gather=gather, chunks=chunks, bucket_elements=bucket_elements)
     if stage == 2:
         return Zero2Optimizer(params, factory, data_group, data_size, data_rank, backend,
-                              reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied, offload=offload)
+                              reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=tied, offload=offload,
+                              bucket_elements=bucket_elements)
     if stage == 1:
         return ZeroOptimizer(params, factory, data_group, data_size, data_rank, backend, offload=offload)
     return ReplicatedOptimizer(params, factory, data_group, data_size, backend)

@@ -27,7 +27,7 @@ from pipegrid import kernels
 from pipegrid.pipe.zero.common import Factory
 from pipegrid.pipe.zero.layer_gather import LayerGather
 from pipegrid.pipe.zero.stage1 import _all_gather, _host_copy
-from pipegrid.pipe.zero.stage2 import Zero2Optimizer
+from pipegrid.pipe.zero.stage2 import DEFAULT_BUCKET_ELEMENTS, Zero2Optimizer
 
 
 class Zero3Optimizer(Zero2Optimizer):
@@ -36,9 +36,10 @@ class Zero3Optimizer(Zero2Optimizer):
     def __init__(self, params: list[torch.nn.Parameter], factory: Factory, data_group: Any, data_size: int,
                  data_rank: int, backend: str = "auto", *, reduce_every_micro_batch: bool = False,
                  whole_grads: frozenset[int] = frozenset(), offload: bool = False, gather: str = "per_step",
-                 chunks: Sequence[Any] = ()) -> None:
+                 chunks: Sequence[Any] = (), bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> None:
         super().__init__(params, factory, data_group, data_size, data_rank, backend,
-                         reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=whole_grads, offload=offload)
+                         reduce_every_micro_batch=reduce_every_micro_batch, whole_grads=whole_grads, offload=offload,
+                         bucket_elements=bucket_elements)
         self.param_dtype = self.param_flat.dtype
         self.step_parameter_bytes = self.param_flat.untyped_storage().nbytes()
         """Bytes of the whole parameters while a step runs."""
