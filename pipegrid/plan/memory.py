@@ -44,8 +44,11 @@ class OptimizerSpec:
         return _STATE_SLOTS[self.name] * max(4, DTYPE_BYTES[self.dtype])
 
 
+_BUCKETS_ALIVE = 3  # pipe/zero/buckets.py: max_in_flight=2 reductions behind the one filling
+
+
 def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, zero: bool | int = False,
-                  buffers: int = 0, offload: bool = False) -> dict[str, int]:
+                  buffers: int = 0, offload: bool = False, bucket_elements: int | None = None) -> dict[str, int]:
     """Bytes on one rank holding ``parameters`` (its stages, its tensor shard), as
     ``engine.memory_report()`` counts them: the storages allocated during a step.
 
@@ -53,7 +56,10 @@ def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, z
     multiple of ``data`` and splits optimizer state and master weights over the ``data``
     ranks; gradients stay whole. ZeRO-2 (``zero=2``) holds only the gradient shard at the
     optimizer step; ``step_gradients`` (not in ``total``) is the full-size buffer its
-    backwards fill, alive beside the activations. ZeRO-3 (``zero=3``) holds no parameters
+    backwards fill, alive beside the activations; with ``bucket_elements``
+    (``zero.reduce_every_micro_batch``, pipe/zero/buckets.py) it is the shard and the buckets
+    alive at once instead (about 3: one filling, two reducing; a parameter
+    spanning several buckets, or one without a gradient, keeps more). ZeRO-3 (``zero=3``) holds no parameters
     between steps, only the fp32 master shard; ``step_parameters`` (not in ``total``) is the
     whole parameters a step gathers. ``offload`` moves optimizer state and
     master weights (and a gradient shard) to ``*_host`` keys, outside the device ``total``.
@@ -80,7 +86,10 @@ def memory_report(parameters: int, optimizer: OptimizerSpec, *, data: int = 1, z
         "buffers": engine_buffers + int(buffers),
     }
     report["total"] = sum(report.values())
-    if stage >= 2:
+    if stage >= 2 and bucket_elements:
+        bucket = min(bucket_elements, sharded)  # a bucket lies within one shard
+        report["step_gradients"] = (sharded + min(held, _BUCKETS_ALIVE * bucket)) * grad_width
+    elif stage >= 2:
         report["step_gradients"] = held * grad_width
     if stage == 3:
         report["step_parameters"] = held * width

@@ -89,6 +89,11 @@ def test_split_chunks_puts_embedding_first_logits_last() -> None:
 def test_memory_report_zero2_zero3_and_offload() -> None:
     two = memory_report(1000, OptimizerSpec("adam", "bfloat16"), data=4, zero=2)
     assert two["gradients"] == 250 * 4 and two["step_gradients"] == 1000 * 4 and two["buffers"] == 0
+    # zero.reduce_every_micro_batch: the shard and about three buckets, each within one shard
+    bucketed = memory_report(1000, OptimizerSpec("adam", "bfloat16"), data=4, zero=2, bucket_elements=50)
+    assert bucketed["step_gradients"] == (250 + 150) * 4 and bucketed["total"] == two["total"]
+    huge = memory_report(1000, OptimizerSpec(), data=4, zero=2, bucket_elements=10**6)
+    assert huge["step_gradients"] == (250 + 750) * 4
     off = memory_report(1000, OptimizerSpec("adam", "bfloat16"), data=4, zero=2, offload=True)
     assert off["optimizer"] == off["master_weights"] == 0  # nothing of the optimizer on the device
     assert off["optimizer_host"] == 250 * 8 and off["master_weights_host"] == off["gradients_host"] == 250 * 4
