@@ -107,8 +107,9 @@ def summarise(name: str, rounds: list[list[list[dict]]], micro_batches: int) -> 
     split = SCHEDULES[name].split_backward
     stage_costs = [{"F": statistics.mean(per_stage[(s, "F")]),
                     "B": statistics.mean(per_stage[(s, "I" if split else "B")]),
-                    "W": statistics.mean(per_stage[(s, "W")]) if split else 0.0}
-                   for s in range(schedule.num_model_stages)]
+                    "W": statistics.mean(per_stage[(s, "W")]) if split else 0.0,
+                    **({"BW": statistics.mean(per_stage[(s, "B")])} if split and per_stage[(s, "B")] else {})}
+                   for s in range(schedule.num_model_stages)]  # BW: a whole backward a split schedule keeps
     sim = simulate(schedule, {"F": 1.0, "B": 1.0, "W": 1.0, "post": statistics.mean(post)}, stage_costs)
     simulated = sim.makespan + statistics.median(optimizer)
     return {"measured_ms": statistics.median(steps) * 1e3, "simulated_ms": simulated * 1e3,
