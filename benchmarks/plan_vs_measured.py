@@ -1,10 +1,11 @@
 """Planner against the engine on this machine: profile, predict every schedule at pipe=2, measure.
 
-Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` cut into the chunks each
-schedule runs (2 of 4 blocks, or 4 of 2 for the V schedules), forward, whole backward and
-split I/W, in two processes at once, bound to a core each as the engine binds its ranks,
-each rank its own chunks (so the costs carry the contention of 2 processes on 2 cores and
-each rank's own memory footprint); measures what posting a
+Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` in two processes at once,
+bound to a core each as the engine binds its ranks (so the costs carry the contention of 2
+processes on 2 cores): each rank replays its own compute stream of every schedule in the
+schedule's order (``plan.replay.profile_stream``: what the prediction uses), and, for the
+column beside it, times its chunks alone (2 of 4 blocks, or 4 of 2 for the V schedules;
+forward, whole backward, split I/W: ``profile_chunks``). It measures what posting a
 point-to-point transfer costs the host and what a message adds to a lockstep round; times
 the Adam step the same way; and what a receive posted after its send waits over one posted
 before (``measure_receive_wake``: the sender's gloo thread waking on its busy core). The
