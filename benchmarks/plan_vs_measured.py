@@ -3,7 +3,8 @@
 Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` in two processes at once,
 bound to a core each as the engine binds its ranks (so the costs carry the contention of 2
 processes on 2 cores): each rank replays its own compute stream of every schedule in the
-schedule's order (``plan.replay.profile_stream``: what the prediction uses), and, for the
+schedule's order, the schedules' sweeps alternating (``plan.replay.StreamReplay``: what the
+prediction uses), and, for the
 column beside it, times its chunks alone (2 of 4 blocks, or 4 of 2 for the V schedules;
 forward, whole backward, split I/W: ``profile_chunks``). It measures what posting a
 point-to-point transfer costs the host and what a message adds to a lockstep round; times
@@ -44,7 +45,7 @@ from pipegrid.plan.model import ChunkCost  # noqa: E402
 from pipegrid.plan.profile import (  # noqa: E402
     measure_receive_wake, profile_chunks, profile_layers, time_optimizer_step,
 )
-from pipegrid.plan.replay import profile_stream  # noqa: E402
+from pipegrid.plan.replay import StreamReplay  # noqa: E402
 from pipegrid.schedules import build  # noqa: E402
 from pipegrid.topology.affinity import bind_cores  # noqa: E402
 from vs_torch_pipelining import BLOCKS, STAGES, WORKLOADS, Block, pipegrid_run  # noqa: E402
@@ -89,26 +90,31 @@ def _profile_rank(w: dict, chunk_counts: tuple[int, ...], repeats: int, cases: t
                                          loss_fn=torch.nn.functional.mse_loss if c == n - 1 else None,
                                          labels=y, repeats=repeats, input_grad=c > 0)[0]
                        for c in _own_chunks(n, rank)}
-    streams = {_label(*case): _replay_case(w, case, rank, x, y) for case in cases}
+    streams = _replay_cases(w, cases, rank, x, y)
     params = sum(p.numel() for p in Block(w["hidden"]).parameters()) * BLOCKS // STAGES
     dist.barrier()
     return {"chunks": measured, "streams": streams, "adam_s": time_optimizer_step(params), "stage_params": params}
 
 
-def _replay_case(w: dict, case: tuple[str, int, int], rank: int, x: torch.Tensor, y: torch.Tensor,
-                 repeats: int = 3) -> dict[int, ChunkCost]:
-    """This rank's compute stream of ``case`` replayed in order, both ranks at once: cost per model stage."""
+def _replay_cases(w: dict, cases: tuple, rank: int, x: torch.Tensor, y: torch.Tensor,
+                  repeats: int = 5) -> dict[str, dict[int, ChunkCost]]:
+    """This rank's compute stream of every case replayed in order, both ranks at once, the
+    cases' sweeps alternating (a load transient hits every schedule alike): cost per model stage."""
     import torch.distributed as dist
 
-    schedule, v, coalesce = case
-    built = build(schedule, STAGES, w["micro_batches"], v, coalesce=coalesce)
-    size = BLOCKS // (STAGES * v)
-    stages = built.stages_of(rank)
-    dist.barrier()
-    return profile_stream(built.streams[rank], {s: [pg.LayerSpec(Block, w["hidden"]) for _ in range(size)]
-                                                for s in stages}, dict.fromkeys(stages, x),
-                          last_stage=built.num_model_stages - 1, loss_fn=torch.nn.functional.mse_loss,
-                          labels=y, repeats=repeats)
+    replays = {}
+    for schedule, v, coalesce in cases:
+        built = build(schedule, STAGES, w["micro_batches"], v, coalesce=coalesce)
+        size, stages = BLOCKS // (STAGES * v), built.stages_of(rank)
+        replays[_label(schedule, v, coalesce)] = StreamReplay(
+            built.streams[rank], {s: [pg.LayerSpec(Block, w["hidden"]) for _ in range(size)] for s in stages},
+            dict.fromkeys(stages, x), last_stage=built.num_model_stages - 1,
+            loss_fn=torch.nn.functional.mse_loss, labels=y)
+    for sweep in range(repeats + 1):  # the first sweep warms caches and allocators
+        for replay in replays.values():
+            dist.barrier()
+            replay.sweep(record=sweep > 0)
+    return {label: replay.costs() for label, replay in replays.items()}
 
 
 def profile_under_contention(w: dict, cases: list[tuple[str, int, int]], repeats: int = 10) -> dict:

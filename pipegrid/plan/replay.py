@@ -20,41 +20,68 @@ from typing import Any
 from pipegrid.plan.model import ChunkCost
 from pipegrid.schedules.instructions import Backward, BackwardInput, BackwardWeight, Forward, Instruction
 
-__all__ = ["profile_stream", "stream_chunk_costs"]
+__all__ = ["StreamReplay", "profile_stream", "stream_chunk_costs"]
 
 
 def profile_stream(stream: Sequence[Instruction], stage_layers: Mapping[int, Sequence[Any]],
                    example_inputs: Mapping[int, Any], *, last_stage: int, loss_fn: Any = None,
                    labels: Any = None, repeats: int = 3, seed: int = 1234) -> dict[int, ChunkCost]:
-    """Mean seconds of every compute op kind per model stage, replaying ``stream`` (one rank's
-    ``Schedule.streams[rank]``; transfers and the optimizer step are skipped) ``repeats`` times
-    after one warm-up. ``stage_layers[s]``: the LayerSpecs of each model stage the rank holds;
-    ``example_inputs[s]``: a micro-batch's input to stage s (a received activation stands in as
-    a fresh leaf; stage 0's input needs no gradient, as the data's does not). A received gradient
-    is a tensor of ones. ``last_stage`` adds ``loss_fn(output, labels)`` to its forward. Each sweep
-starts without gradients, as a step does after the engine's ``zero_grad``: a stage's first
-backward then writes its gradients instead of adding to them (a quarter cheaper here)."""
-    import torch
-
-    from pipegrid.pipe.module import build_reference
-
-    compute = [op for op in stream if isinstance(op, (Forward, Backward, BackwardInput, BackwardWeight))]
-    missing = sorted({op.stage for op in compute} - set(stage_layers))
-    if missing:
-        raise ValueError(f"the stream runs model stages {missing} but stage_layers has only "
-                         f"{sorted(stage_layers)}; give the layers of every stage this rank holds")
-    entries = {s: build_reference(layers, seed=seed).stage_module()._entries for s, layers in stage_layers.items()}
-    params = {s: [p for e in es if isinstance(e.layer, torch.nn.Module) for p in e.layer.parameters()
-                  if p.requires_grad] for s, es in entries.items()}
-    seconds: dict[tuple[int, str], list[float]] = defaultdict(list)
+    """Mean seconds of every compute op kind per model stage, replaying ``stream`` ``repeats``
+    times after one warm-up (``StreamReplay``, whose arguments these are)."""
+    replay = StreamReplay(stream, stage_layers, example_inputs, last_stage=last_stage, loss_fn=loss_fn,
+                          labels=labels, seed=seed)
     for sweep in range(repeats + 1):
-        for tensor in (p for ps in params.values() for p in ps):
+        replay.sweep(record=sweep > 0)  # the first sweep warms caches and allocators
+    return replay.costs()
+
+
+class StreamReplay:
+    """One rank's compute stream, built once and replayed sweep by sweep: several schedules'
+    replays can alternate, so a load transient on a shared machine hits all of them alike.
+
+    ``stream``: one rank's ``Schedule.streams[rank]`` (transfers and the optimizer step are
+    skipped). ``stage_layers[s]``: the LayerSpecs of each model stage the rank holds;
+    ``example_inputs[s]``: a micro-batch's input to stage s (a received activation stands in as a
+    fresh leaf; stage 0's input needs no gradient, as the data's does not). A received gradient
+    is a tensor of ones. ``last_stage`` adds ``loss_fn(output, labels)`` to its forward. Each
+    sweep starts without gradients, as a step does after the engine's ``zero_grad``: a stage's
+    first backward then writes its gradients instead of adding to them (a quarter cheaper here).
+    """
+
+    def __init__(self, stream: Sequence[Instruction], stage_layers: Mapping[int, Sequence[Any]],
+                 example_inputs: Mapping[int, Any], *, last_stage: int, loss_fn: Any = None,
+                 labels: Any = None, seed: int = 1234) -> None:
+        import torch
+
+        from pipegrid.pipe.module import build_reference
+
+        self.compute = [op for op in stream if isinstance(op, (Forward, Backward, BackwardInput, BackwardWeight))]
+        missing = sorted({op.stage for op in self.compute} - set(stage_layers))
+        if missing:
+            raise ValueError(f"the stream runs model stages {missing} but stage_layers has only "
+                             f"{sorted(stage_layers)}; give the layers of every stage this rank holds")
+        self.entries = {s: build_reference(layers, seed=seed).stage_module()._entries
+                        for s, layers in stage_layers.items()}
+        self.params = {s: [p for e in es if isinstance(e.layer, torch.nn.Module) for p in e.layer.parameters()
+                           if p.requires_grad] for s, es in self.entries.items()}
+        self.example_inputs, self.last_stage, self.loss_fn, self.labels = example_inputs, last_stage, loss_fn, labels
+        self.seconds: dict[tuple[int, str], list[float]] = defaultdict(list)
+
+    def sweep(self, record: bool = True) -> None:
+        """Run the stream's compute once, from fresh gradients; keep its op times if ``record``."""
+        for tensor in (p for ps in self.params.values() for p in ps):
             tensor.grad = None  # as the engine's zero_grad: a step's first backward writes fresh gradients
-        for (stage, code), taken in _replay(compute, entries, params, example_inputs, last_stage,
-                                            loss_fn, labels).items():
-            if sweep:  # the first sweep warms caches and allocators
-                seconds[(stage, code)].extend(taken)
-    return stream_chunk_costs({key: sum(v) / len(v) for key, v in seconds.items()})
+        taken = _replay(self.compute, self.entries, self.params, self.example_inputs, self.last_stage,
+                        self.loss_fn, self.labels)
+        for key, values in taken.items():
+            if record:
+                self.seconds[key].extend(values)
+
+    def costs(self) -> dict[int, ChunkCost]:
+        """``ChunkCost`` per model stage from the recorded sweeps' mean op times."""
+        if not self.seconds:
+            raise RuntimeError("no sweep was recorded; call sweep(record=True) at least once before costs()")
+        return stream_chunk_costs({key: sum(v) / len(v) for key, v in self.seconds.items()})
 
 
 def stream_chunk_costs(mean_s: Mapping[tuple[int, str], float]) -> dict[int, ChunkCost]:

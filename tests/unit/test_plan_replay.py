@@ -10,7 +10,7 @@ import torch
 
 from pipegrid.pipe.spec import LayerSpec
 from pipegrid.plan.model import ChunkCost
-from pipegrid.plan.replay import profile_stream, stream_chunk_costs
+from pipegrid.plan.replay import StreamReplay, profile_stream, stream_chunk_costs
 from pipegrid.schedules import build, simulate
 from pipegrid.schedules.instructions import Backward, BackwardInput, BackwardWeight, Forward
 
@@ -90,3 +90,25 @@ def test_profile_stream_needs_the_layers_of_every_stage_it_runs() -> None:
     schedule = build("zb_v", 2, 4, 2)
     with pytest.raises(ValueError, match=r"stages \[3\].*give the layers of every stage"):
         profile_stream(schedule.streams[0], {0: [LayerSpec(_Block, 8)]}, {0: torch.randn(3, 8)}, last_stage=3)
+
+
+def test_stream_replays_alternate_and_record_only_what_they_are_told() -> None:
+    """Two schedules' replays built side by side and swept in turn, as plan_vs_measured does."""
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    replays = []
+    for name, v in (("zb_h1", 1), ("zb_v", 2)):
+        schedule = build(name, 2, 4, v)
+        stages = schedule.stages_of(1)
+        replays.append(StreamReplay(schedule.streams[1], {s: [LayerSpec(_Block, 8)] for s in stages},
+                                    dict.fromkeys(stages, x), last_stage=schedule.num_model_stages - 1,
+                                    loss_fn=torch.nn.functional.mse_loss, labels=y))
+    with pytest.raises(RuntimeError, match="no sweep was recorded"):
+        replays[0].costs()
+    for record in (False, True, True):
+        for replay in replays:
+            replay.sweep(record=record)
+    for replay in replays:
+        per_op = {key: len(times) for key, times in replay.seconds.items()}
+        assert set(per_op.values()) == {2 * 4}  # two recorded sweeps of 4 micro-batches, each op kind
+        assert all(p.grad is not None for ps in replay.params.values() for p in ps)
+    assert sorted(replays[1].costs()) == [1, 2]
