@@ -1,10 +1,12 @@
 """Planner against the engine on this machine: profile, predict every schedule at pipe=2, measure.
 
-Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` cut into the chunks each
-schedule runs (2 of 4 blocks, or 4 of 2 for the V schedules), forward, whole backward and
-split I/W, in two processes at once, bound to a core each as the engine binds its ranks,
-each rank its own chunks (so the costs carry the contention of 2 processes on 2 cores and
-each rank's own memory footprint); measures what posting a
+Profiles the 8-block residual MLP of ``vs_torch_pipelining.py`` in two processes at once,
+bound to a core each as the engine binds its ranks (so the costs carry the contention of 2
+processes on 2 cores): each rank replays its own compute stream of every schedule in the
+schedule's order, the schedules' sweeps alternating (``plan.replay.StreamReplay``: what the
+prediction uses), and, for the
+column beside it, times its chunks alone (2 of 4 blocks, or 4 of 2 for the V schedules;
+forward, whole backward, split I/W: ``profile_chunks``). It measures what posting a
 point-to-point transfer costs the host and what a message adds to a lockstep round; times
 the Adam step the same way; and what a receive posted after its send waits over one posted
 before (``measure_receive_wake``: the sender's gloo thread waking on its busy core). The
@@ -43,6 +45,8 @@ from pipegrid.plan.model import ChunkCost  # noqa: E402
 from pipegrid.plan.profile import (  # noqa: E402
     measure_receive_wake, profile_chunks, profile_layers, time_optimizer_step,
 )
+from pipegrid.plan.replay import StreamReplay  # noqa: E402
+from pipegrid.schedules import build  # noqa: E402
 from pipegrid.topology.affinity import bind_cores  # noqa: E402
 from vs_torch_pipelining import BLOCKS, STAGES, WORKLOADS, Block, pipegrid_run  # noqa: E402
 
@@ -68,9 +72,10 @@ def _own_chunks(chunks: int, rank: int) -> list[int]:
     return [rank] if chunks == STAGES else [rank, 2 * STAGES - 1 - rank]
 
 
-def _profile_rank(w: dict, chunk_counts: tuple[int, ...], repeats: int) -> dict:
+def _profile_rank(w: dict, chunk_counts: tuple[int, ...], repeats: int, cases: tuple = ()) -> dict:
     """One of two ranks profiling at once, each its own chunks as the engine places them (its
-    own blocks in memory, the other rank computing beside it), and Adam's step on a stage."""
+    own blocks in memory, the other rank computing beside it), and Adam's step on a stage; then
+    each case's own compute stream replayed in the schedule's order (``profile_stream``)."""
     import torch.distributed as dist
 
     bind_cores()
@@ -85,17 +90,43 @@ def _profile_rank(w: dict, chunk_counts: tuple[int, ...], repeats: int) -> dict:
                                          loss_fn=torch.nn.functional.mse_loss if c == n - 1 else None,
                                          labels=y, repeats=repeats, input_grad=c > 0)[0]
                        for c in _own_chunks(n, rank)}
+    streams = _replay_cases(w, cases, rank, x, y)
     params = sum(p.numel() for p in Block(w["hidden"]).parameters()) * BLOCKS // STAGES
     dist.barrier()
-    return {"chunks": measured, "adam_s": time_optimizer_step(params), "stage_params": params}
+    return {"chunks": measured, "streams": streams, "adam_s": time_optimizer_step(params), "stage_params": params}
 
 
-def profile_under_contention(w: dict, repeats: int = 10) -> dict:
-    """Chunk costs for 2 and 4 chunks, each from the rank that runs it, and the Adam step (mean of both ranks)."""
-    ranks = run_local(_profile_rank, STAGES, (w, (STAGES, 2 * STAGES), repeats), timeout_s=600)
+def _replay_cases(w: dict, cases: tuple, rank: int, x: torch.Tensor, y: torch.Tensor,
+                  repeats: int = 5) -> dict[str, dict[int, ChunkCost]]:
+    """This rank's compute stream of every case replayed in order, both ranks at once, the
+    cases' sweeps alternating (a load transient hits every schedule alike): cost per model stage."""
+    import torch.distributed as dist
+
+    replays = {}
+    for schedule, v, coalesce in cases:
+        built = build(schedule, STAGES, w["micro_batches"], v, coalesce=coalesce)
+        size, stages = BLOCKS // (STAGES * v), built.stages_of(rank)
+        replays[_label(schedule, v, coalesce)] = StreamReplay(
+            built.streams[rank], {s: [pg.LayerSpec(Block, w["hidden"]) for _ in range(size)] for s in stages},
+            dict.fromkeys(stages, x), last_stage=built.num_model_stages - 1,
+            loss_fn=torch.nn.functional.mse_loss, labels=y)
+    for sweep in range(repeats + 1):  # the first sweep warms caches and allocators
+        for replay in replays.values():
+            dist.barrier()
+            replay.sweep(record=sweep > 0)
+    return {label: replay.costs() for label, replay in replays.items()}
+
+
+def profile_under_contention(w: dict, cases: list[tuple[str, int, int]], repeats: int = 10) -> dict:
+    """Chunk costs for 2 and 4 chunks, each from the rank that runs it; each case's streams
+    replayed (chunk costs per case, model-stage order); the Adam step (mean of both ranks)."""
+    ranks = run_local(_profile_rank, STAGES, (w, (STAGES, 2 * STAGES), repeats, tuple(cases)), timeout_s=600)
     chunks = {n: [next(r["chunks"][n][c] for r in ranks if c in r["chunks"][n]) for c in range(n)]
               for n in ranks[0]["chunks"]}
-    return {"chunks": chunks, "adam_s": statistics.mean(r["adam_s"] for r in ranks),
+    streams = {label: [next(r["streams"][label][s] for r in ranks if s in r["streams"][label])
+                       for s in range(STAGES * v)]
+               for label, v in ((_label(*case), case[1]) for case in cases)}
+    return {"chunks": chunks, "streams": streams, "adam_s": statistics.mean(r["adam_s"] for r in ranks),
             "stage_params": ranks[0]["stage_params"]}
 
 
@@ -154,13 +185,16 @@ def predict_all(w: dict, cases: list[tuple[str, int, int]], profile: dict, laten
                           intra_latency_us=latency * 1e6, inter_latency_us=latency * 1e6)
     out = {}
     for schedule, v, coalesce in cases:
-        pred = predict(layers, Candidate(pipe=STAGES, schedule=schedule, virtual_stages=v, coalesce=coalesce),
-                       cluster, micro_batches=w["micro_batches"], optimizer=OptimizerSpec("adam", "float32"),
-                       chunk_costs=profile["chunks"][STAGES * v])
-        out[_label(schedule, v, coalesce)] = {
+        label, candidate = _label(schedule, v, coalesce), Candidate(pipe=STAGES, schedule=schedule,
+                                                                     virtual_stages=v, coalesce=coalesce)
+        pred, isolated = (predict(layers, candidate, cluster, micro_batches=w["micro_batches"],
+                                  optimizer=OptimizerSpec("adam", "float32"), chunk_costs=chunk_costs)
+                          for chunk_costs in (profile["streams"][label], profile["chunks"][STAGES * v]))
+        out[label] = {
             "prediction": pred, "messages": pred.messages, "peak_memory_bytes": pred.peak_memory_bytes,
             "predicted_s": pred.step_s, "pipeline_s": pred.pipeline_s, "optimizer_s": pred.optimizer_s,
-            "bubble": pred.bubble_fraction, "costs": pred.costs, "stage_costs": pred.stage_costs}
+            "bubble": pred.bubble_fraction, "costs": pred.costs, "stage_costs": pred.stage_costs,
+            "isolated_s": isolated.step_s}
     return out
 
 
@@ -171,7 +205,8 @@ def run_workload(name: str, rounds: int) -> dict:
     cases = [c for c in CANDIDATES if ONLY_ON.get(c, name) == name]
     per_round = []
     for _ in range(rounds):
-        profile = profile_under_contention(w)
+        load = os.getloadavg()[0]
+        profile = profile_under_contention(w, cases)
         latency, post = measure_message_cost(w)
         wake = measure_receive_wake(w["micro_batch"] * w["hidden"] * 4)
         predicted = predict_all(w, cases, profile, latency, post, wake)
@@ -179,7 +214,7 @@ def run_workload(name: str, rounds: int) -> dict:
             label = _label(schedule, v, coalesce)
             predicted[label]["measured_s"] = run_local(pipegrid_run, STAGES, (w, schedule, coalesce), timeout_s=600)[0]
         per_round.append({"latency": latency, "post": post, "wake": wake, "adam_s": profile["adam_s"],
-                          "profile": profile,
+                          "profile": profile, "load": [load, os.getloadavg()[0]],
                           "results": predicted})
     med = statistics.median
     results = {}
@@ -189,8 +224,10 @@ def run_workload(name: str, rounds: int) -> dict:
                           "measured_s": med(r["measured_s"] for r in rows),
                           "rounds_predicted_s": [r["predicted_s"] for r in rows],
                           "rounds_s": [r["measured_s"] for r in rows],
+                          "isolated_s": med(r["isolated_s"] for r in rows),
                           "bubble": med(r["bubble"] for r in rows)}
         results[label]["error"] = results[label]["predicted_s"] / results[label]["measured_s"] - 1
+        results[label]["isolated_error"] = results[label]["isolated_s"] / results[label]["measured_s"] - 1
     choice = choose([dataclasses.replace(r["prediction"], step_s=r["predicted_s"]) for r in results.values()])
     pick = next(label for label, r in results.items() if r["prediction"].candidate == choice.pick.candidate)
     for r in results.values():
@@ -202,23 +239,27 @@ def run_workload(name: str, rounds: int) -> dict:
                      and r["predicted_s"] <= min(x["predicted_s"] for x in results.values()) * (1 + choice.within)],
             "adam_s": med(r["adam_s"] for r in per_round),
             "chunks": {n: [vars(c) for c in cs] for n, cs in per_round[-1]["profile"]["chunks"].items()},
+            "streams": {k: [vars(c) for c in cs] for k, cs in per_round[-1]["profile"]["streams"].items()},
+            "loads": [r["load"] for r in per_round], "tie_within": choice.within,
             "planner_pick": pick, "measured_fastest": fastest, "results": results}
 
 
 def table(workloads: dict) -> str:
     header = ("| workload | schedule | predicted ms/step | measured ms/step (median) | rounds min-max | error "
-              "| simulated bubble | messages/step |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+              "| error from isolated chunks | simulated bubble | messages/step |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for name, wl in workloads.items():
         for label, r in wl["results"].items():
             mark = " (pick)" if label == wl["planner_pick"] else " (tie)" if label in wl["tied"] else ""
             lines.append(f"| {name} | {label}{mark} | {r['predicted_s'] * 1e3:.1f} | {r['measured_s'] * 1e3:.1f} | "
                          f"{min(r['rounds_s']) * 1e3:.1f}-{max(r['rounds_s']) * 1e3:.1f} | {r['error']:+.0%} | "
+                         f"{r['isolated_error']:+.0%} | "
                          f"{r['bubble']:.1%} | {r['messages']} |")
     for name, wl in workloads.items():
         results, pick, fastest = wl["results"], wl["planner_pick"], wl["measured_fastest"]
         gap = results[pick]["measured_s"] / results[fastest]["measured_s"] - 1
-        agree = "agrees" if pick == fastest else f"DIFFERS: the pick measured {gap:+.1%} over it"
+        agree = "agrees" if pick == fastest else f"the pick measured {gap:+.1%} over it, " + \
+            ("within the tie band" if gap <= wl["tie_within"] else "OUTSIDE the tie band")
         lines.append(f"{name}: planner's pick {pick}, measured fastest {fastest} ({agree}); post "
                      f"{wl['post_s'] * 1e3:.2f} ms, message latency {wl['message_latency_s'] * 1e3:.2f} ms, "
                      f"late-receive wake {wl['wake_s'] * 1e3:.2f} ms, Adam {wl['adam_s'] * 1e3:.1f} ms")

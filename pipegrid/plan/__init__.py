@@ -2,7 +2,8 @@
 for a model and a cluster, and predict step time, memory per device and MFU (no torch here).
 
 Timing goes through ``pipegrid.schedules.simulate``; FLOPs follow Narayanan et al. (SC'21).
-``pipegrid.plan.profile`` (torch, imported on use) measures layer costs on this device.
+``pipegrid.plan.profile`` (torch, imported on use) measures layer costs on this device, and
+``pipegrid.plan.replay`` op costs in a schedule's own order.
 """
 
 from pipegrid.plan.choice import Choice, choose

@@ -102,8 +102,10 @@ class ChunkCost:
 
     def stage_costs(self, split: bool, slowdown: float = 1.0) -> dict[str, float]:
         """The simulator's F, B, W for this chunk under a schedule with or without split backward."""
-        if split:
-            return {"F": self.forward_s * slowdown, "B": self.input_s * slowdown, "W": self.weight_s * slowdown}
+        if split:  # a whole backward the schedule keeps (DualPipeV's) costs what it measured, not I + W
+            whole = {"BW": self.backward_s * slowdown} if self.backward_s > 0 else {}
+            return {"F": self.forward_s * slowdown, "B": self.input_s * slowdown, "W": self.weight_s * slowdown,
+                    **whole}
         return {"F": self.forward_s * slowdown, "B": self.backward_s * slowdown, "W": 0.0}
 
 

@@ -4,7 +4,9 @@ Gives makespan, per-rank busy/idle, bubble fraction, peak activations in flight 
 stage, and every op's start/end (what ``render`` draws). A cycle is a ScheduleError.
 Costs are one per op kind, or per model stage (``stage_costs``: the first stage has no
 input gradient, the last computes the loss); ``post`` charges a rank for posting a transfer;
-``wake`` delays a message whose receive was posted only after its send.
+``wake`` delays a message whose receive was posted only after its send; ``BW``, when given,
+is a whole backward's cost where B and W are a split backward's halves (a schedule that splits
+some backwards and not others, as DualPipeV: whole costs less than I then W on a CPU).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ its send to its reader; post: the rank's own time to post one transfer instructi
 the send's copy and the peer's wake-up cost host time; on GPUs a copy engine moves it: 0);
 wake: a message whose receive is posted after its send arrives ``wake`` after that receive, not
 ``comm`` after the send (gloo holds the send until the receiver asks, and the sender's progress
-thread, on a core its rank keeps busy, must wake to answer; 0 on GPUs)."""
+thread, on a core its rank keeps busy, must wake to answer; 0 on GPUs). Optional, not here:
+BW, a whole backward where B and W are the split halves (default B + W)."""
+_OPTIONAL = frozenset({"BW"})
 Event = tuple[int, str, float, float]
 """A timed op for rendering: (rank, label, start, end)."""
 _Node = tuple[int, int]  # (rank, position in its stream)
@@ -84,12 +88,12 @@ def _cost(op: Instruction, costs: Mapping[str, float],
     if not is_compute(op):
         post = costs.get("post", zero)
         return post if post and _posts(op, schedule) else zero
-    if stage_costs is not None:
-        costs = {**costs, **stage_costs[op.stage]}  # type: ignore[union-attr]
+    if stage_costs is not None:  # (a stage without BW splits its whole backward into its own B + W)
+        costs = {**{k: c for k, c in costs.items() if k != "BW"}, **stage_costs[op.stage]}  # type: ignore[union-attr]
     if isinstance(op, Forward):
         return costs["F"]
     if isinstance(op, Backward):
-        return costs["B"] + costs["W"]
+        return costs["BW"] if "BW" in costs else costs["B"] + costs["W"]
     if isinstance(op, BackwardInput):
         return costs["B"]
     if isinstance(op, BackwardWeight):
@@ -157,12 +161,12 @@ def _add_data_edges(graph: nx.DiGraph, compute: dict[tuple[str, int, int], _Node
 
 def simulate(schedule: Schedule, costs: Mapping[str, float] | None = None,
              stage_costs: Sequence[Mapping[str, float]] | None = None) -> SimResult:
-    """Time every op; ``costs`` keys: F, B, W, comm, post (missing keys take DEFAULT_COSTS).
-    ``stage_costs[s]``, when given, overrides F, B and W for model stage s's ops."""
+    """Time every op; ``costs`` keys: F, B, W, comm, post, wake (missing keys take DEFAULT_COSTS)
+    and optionally BW. ``stage_costs[s]``, when given, overrides F, B, W (and BW) for model stage s's ops."""
     merged = dict(DEFAULT_COSTS)
-    unknown = set(costs or {}) - set(DEFAULT_COSTS)
+    unknown = set(costs or {}) - set(DEFAULT_COSTS) - _OPTIONAL
     if unknown:
-        raise ValueError(f"unknown cost keys {sorted(unknown)}; use F, B, W, comm, post and wake")
+        raise ValueError(f"unknown cost keys {sorted(unknown)}; use F, B, W, BW, comm, post and wake")
     merged.update(costs or {})
     if stage_costs is not None:
         stage_costs = _checked_stage_costs(schedule, stage_costs)
@@ -178,9 +182,10 @@ def _checked_stage_costs(schedule: Schedule, stage_costs: Sequence[Mapping[str, 
         raise ValueError(f"stage_costs has {len(stage_costs)} entries; {schedule.name} has "
                          f"{schedule.num_model_stages} model stages: give one mapping per model stage")
     for stage, entry in enumerate(stage_costs):
-        unknown = set(entry) - {"F", "B", "W"}
+        unknown = set(entry) - {"F", "B", "W", "BW"}
         if unknown:
-            raise ValueError(f"stage_costs[{stage}] has unknown keys {sorted(unknown)}; per stage use F, B and W")
+            raise ValueError(f"stage_costs[{stage}] has unknown keys {sorted(unknown)}; per stage use F, B and W, "
+                             "and optionally BW (a whole backward where B and W are the split halves)")
     return [dict(entry) for entry in stage_costs]
 
 

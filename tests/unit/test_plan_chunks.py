@@ -70,7 +70,7 @@ def test_stage_costs_are_checked() -> None:
 
 def test_chunk_cost_split_and_whole() -> None:
     chunk = ChunkCost(forward_s=1.0, backward_s=2.0, input_s=0.5, weight_s=1.75)
-    assert chunk.stage_costs(split=True) == {"F": 1.0, "B": 0.5, "W": 1.75}
+    assert chunk.stage_costs(split=True) == {"F": 1.0, "B": 0.5, "W": 1.75, "BW": 2.0}  # BW: a kept whole one
     assert chunk.stage_costs(split=False, slowdown=2.0) == {"F": 2.0, "B": 4.0, "W": 0.0}
 
 
