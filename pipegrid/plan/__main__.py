@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipegrid.plan.hf_config import transformer_config_from_hf
-from pipegrid.plan.predict import Candidate, Prediction, predict_transformer
+from pipegrid.plan.predict import DEFAULT_BUCKET_ELEMENTS, Candidate, Prediction, predict_transformer
 from pipegrid.plan.presets import cluster_from_dict, model_from_dict
 from pipegrid.plan.search import SearchSpace, explain, search
 
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     space = SearchSpace(schedules=tuple(s["schedules"]), micro_batch_sizes=tuple(s["micro_batch_sizes"]),
                         virtual_stages=tuple(s["virtual_stages"]), zero=tuple(s["zero"]),
                         shortlist=s["shortlist"], optimizer=s["optimizer"],
-                        offload=tuple(s.get("offload", (False,))))
+                        offload=tuple(s.get("offload", (False,))),
+                        bucket_elements=s.get("bucket_elements", DEFAULT_BUCKET_ELEMENTS))
     ranked = search(model, cluster, space, top=s["top"])
     print(f"{model.name} ({model.parameters / 1e9:.1f}B parameters, batch {model.global_batch}) on "
           f"{cluster.name} ({cluster.num_devices} devices); HFU counts recomputation "
@@ -108,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_table(ranked))
     for note in dict.fromkeys(note for pr in ranked[:3] for note in pr.notes):  # why ZeRO-2/3 or offload
         print(note)
+    pick = ranked[0]
+    print(f"run rank 1 with: {' '.join(pick.candidate.overrides(pick.micro_batches))} "
+          f"(micro-batch size {pick.candidate.micro_batch_size} from your data loader)")
     for line in _published(cfg, model, cluster, ranked):
         print(line)
 

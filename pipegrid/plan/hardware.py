@@ -52,6 +52,10 @@ class DeviceSpec:
     """Seconds a message takes from a receive posted after its send (CPU gloo: the receiver asks,
     the sender's progress thread wakes on its busy core and writes); 0 where the data moves
     without the host. The simulator charges it only to receives posted late (``simulate`` wake)."""
+    overlaps_comm: bool = True
+    """Whether a collective posted from backward (ZeRO-2/3's bucket reductions,
+    ``zero.reduce_every_micro_batch``) runs while the backward computes: True where NCCL has its own
+    stream; False for CPU gloo, whose transfers take the cores the backward runs on (docs/zero.md)."""
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bytes", "memory_bandwidth", "gemm_efficiency", "slowdown",
@@ -63,6 +67,8 @@ class DeviceSpec:
             raise ValueError(f"DeviceSpec.post_s must be a finite number >= 0, got {self.post_s!r}")
         if not isinstance(self.wake_s, (int, float)) or not math.isfinite(self.wake_s) or self.wake_s < 0:
             raise ValueError(f"DeviceSpec.wake_s must be a finite number >= 0, got {self.wake_s!r}")
+        if not isinstance(self.overlaps_comm, bool):
+            raise TypeError(f"DeviceSpec.overlaps_comm must be true or false, got {self.overlaps_comm!r}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Predict one candidate: per-stage op costs from the cost model, timed by the schedule simulator.
 
 step = pipeline makespan (simulated; p2p latency on every send -> recv) + data-parallel
-gradient sync (ring all-reduce, or ZeRO-1 reduce-scatter + all-gather) + optimizer step
+gradient sync (ring all-reduce, or ZeRO-1 reduce-scatter + all-gather; bucketed ZeRO-2/3: one
+reduction per micro-batch, ``data_sync_s``) + optimizer step
 (with ZeRO-Offload: the CPU step at the host's memory bandwidth and the gradient shard's
 copy down and the master shard's copy up at the host link's, ``offload_step_s``).
 """
@@ -22,9 +23,12 @@ from pipegrid.schedules import Placement, registry
 from pipegrid.topology.grid import Topology
 
 __all__ = ["Candidate", "Prediction", "predict", "predict_transformer", "ring_allreduce_s",
-           "split_chunks", "micro_batches_of", "placement_of", "offload_step_s", "host_bytes", "messages_per_step"]
+           "split_chunks", "micro_batches_of", "placement_of", "offload_step_s", "host_bytes", "messages_per_step",
+           "DEFAULT_BUCKET_ELEMENTS", "data_sync_s"]
 
 _OPTIMIZER_BYTES_PER_PARAM = 28  # Adam: read+write master, m, v (24) + read grad, write param
+DEFAULT_BUCKET_ELEMENTS = 1 << 24
+"""``zero.bucket_elements``'s default (``conf.schema.ZeroConfig``; a test holds them equal)."""
 
 
 @dataclass(frozen=True)
@@ -48,17 +52,47 @@ class Candidate:
     offload: bool = False
     """ZeRO-Offload (``zero.offload_optimizer=cpu``, needs ``zero`` >= 1): master weights and
     optimizer state of the shard in host memory, the optimizer step on the CPU."""
+    bucket_elements: int | None = None
+    """ZeRO-2/3 only: reduce the gradients bucket by bucket during every micro-batch's backward
+    (``zero.reduce_every_micro_batch``, buckets of this many elements) instead of once per step
+    from a full-size fp32 buffer: less memory, m times the gradient traffic. None: once per step."""
+
+    def __post_init__(self) -> None:
+        if self.bucket_elements is not None and (int(self.zero) < 2 or self.bucket_elements < 1):
+            raise ValueError(f"bucket_elements={self.bucket_elements} needs zero=2 or 3 and a positive size "
+                             f"(got zero={self.zero}); set zero=2 or bucket_elements=None")
 
     @property
     def devices(self) -> int:
         return self.pipe * self.data * self.tensor
+
+    def overrides(self, micro_batches: int | None = None) -> list[str]:
+        """The training config's Hydra overrides that run this layout (``micro_batches``: per
+        pipeline per step; the micro-batch size is the data loader's, not a config key)."""
+        out = [f"topology.pipe={self.pipe}", f"topology.data={self.data}", f"topology.tensor={self.tensor}",
+               f"schedule.name={self.schedule}"]
+        out += [f"schedule.micro_batches={micro_batches}"] if micro_batches is not None else []
+        out += [f"schedule.virtual_stages={self.virtual_stages}"] if self.virtual_stages > 1 else []
+        out += [f"schedule.coalesce={self.coalesce}"] if self.coalesce > 1 else []
+        out += [f"zero.stage={int(self.zero)}"] if self.zero else []
+        out += ["zero.offload_optimizer=cpu"] if self.offload else []
+        if self.bucket_elements is not None:
+            out.append("zero.reduce_every_micro_batch=true")
+            if self.bucket_elements != DEFAULT_BUCKET_ELEMENTS:
+                out.append(f"zero.bucket_elements={self.bucket_elements}")
+        return out
 
     def label(self) -> str:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         c = f" c={self.coalesce}" if self.coalesce > 1 else ""
         return (f"p={self.pipe} d={self.data} t={self.tensor} {self.schedule}{v}{c} "
                 f"b={self.micro_batch_size}{f' zero{int(self.zero)}' if self.zero else ''}"
-                f"{' offload' if self.offload else ''}")
+                f"{' offload' if self.offload else ''}{self._bucket_label()}")
+
+    def _bucket_label(self) -> str:
+        if self.bucket_elements is None:
+            return ""
+        return " bucketed" if self.bucket_elements == DEFAULT_BUCKET_ELEMENTS else f" bucketed={self.bucket_elements}"
 
 
 @dataclass(frozen=True)
@@ -143,6 +177,37 @@ def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
     if ranks <= 1 or nbytes <= 0:
         return 0.0
     return 2 * (ranks - 1) / ranks * nbytes / link.bandwidth + 2 * (ranks - 1) * link.latency
+
+
+def data_sync_s(parameters: int, width: int, candidate: Candidate, micro_batches: int, link: Link,
+                backward_s: float, overlaps_comm: bool) -> float:
+    """Seconds the data-parallel gradient sync adds to a step, for a rank of ``parameters``
+    communicated at ``width`` bytes each (S = parameters x width).
+
+    Once per step: a ring all-reduce of S (ZeRO-1/2/3: reduce-scatter + all-gather, the same bytes).
+    Bucket by bucket (``candidate.bucket_elements``): each of the m micro-batches reduces S, each
+    bucket to the data rank owning it. Assumed: a reduce of S bytes on a ring costs S / bandwidth,
+    n/(n-1) times a reduce-scatter of the same S, plus (n-1) latencies per bucket (a pipelined
+    chain: every link carries the bytes once; nccl-tests' doc/PERFORMANCE.md gives Reduce's bus
+    bandwidth factor as 1, ReduceScatter's as (n-1)/n). Where the device overlaps communication
+    with compute (``DeviceSpec.overlaps_comm``), a micro-batch's reductions run under its backward
+    (``backward_s``) and only what exceeds it is charged, plus the last bucket's, which follows the
+    last backward; otherwise (CPU gloo) all m are charged. The updated parameters' all-gather then
+    costs what it does once per step. Never less than the once-per-step sync: the overlapped bytes
+    still occupy the data-parallel link, and the once-per-step reduce-scatter's own overlap with
+    other pipe ranks' cooldown is not credited either, so bucketing is never predicted faster.
+    """
+    d, total = candidate.data, parameters * width
+    once = ring_allreduce_s(total, d, link)
+    if candidate.bucket_elements is None or d <= 1:
+        return once
+    shard = -(-parameters // d)
+    buckets = d * -(-shard // candidate.bucket_elements)  # each bucket lies within one shard
+    reduce_s = total / link.bandwidth + buckets * (d - 1) * link.latency
+    last_bucket_s = min(candidate.bucket_elements, shard) * width / link.bandwidth + (d - 1) * link.latency
+    exposed = micro_batches * (max(0.0, reduce_s - backward_s) if overlaps_comm else reduce_s)
+    gather_s = (d - 1) / d * total / link.bandwidth + (d - 1) * link.latency
+    return max(once, gather_s + exposed + (last_bucket_s if overlaps_comm else 0.0))
 
 
 def micro_batches_of(global_batch: int, candidate: Candidate) -> int:
@@ -269,8 +334,9 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
                         stage_costs=stage_costs)
     per_rank = [[chunks[s] for s in placement.stages_of(r)] for r in range(p)]
     params = [sum(l.parameters for c in cs for l in c) for cs in per_rank]
-    grad_bytes = max(params) * DTYPE_BYTES[optimizer.dtype]
-    data_sync = ring_allreduce_s(grad_bytes, d, dp_link)  # ZeRO-1: reduce-scatter + all-gather, same volume
+    backward_s = v * (costs["B"] + costs["W"])  # one micro-batch's backward on a rank: v bottleneck chunks
+    data_sync = data_sync_s(max(params), DTYPE_BYTES[optimizer.dtype], candidate, micro_batches, dp_link,
+                            backward_s, cluster.device.overlaps_comm)
     shard = max(params) / (d if candidate.zero else 1)
     optimizer_s = shard * _OPTIMIZER_BYTES_PER_PARAM / cluster.device.memory_bandwidth
     if candidate.offload:
@@ -295,7 +361,7 @@ def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], in
     for rank, chunks in enumerate(per_rank):
         counts = [inflight[s] for s in placement.stages_of(rank)]  # each chunk's own peak: an upper bound
         report = memory_report(params[rank], optimizer, data=candidate.data, zero=candidate.zero,
-                               offload=candidate.offload)
+                               offload=candidate.offload, bucket_elements=candidate.bucket_elements)
         report["activations"] = activation_bytes(chunks, counts, recompute)
         peak = report["total"] + in_step_bytes(report) + report["activations"]
         if peak > best[0]:

@@ -4,6 +4,9 @@ Every candidate is first screened with closed-form pipeline formulas (cheap), th
 shortlist that fits in memory is timed by the schedule simulator and ranked by step time.
 When nothing in the space fits, the search widens to ZeRO-2/3 and optimizer offload (which
 trade traffic or host time for memory) and each proposal says why (``Prediction.notes``).
+A ZeRO-2/3 candidate that does not fit with its once-per-step full-size gradient buffer is
+tried again with bucket-by-bucket reduction (``zero.reduce_every_micro_batch``), never otherwise:
+the planner never predicts it faster, and among a tie its smaller memory would win on memory alone.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pipegrid.plan.hardware import ClusterSpec
 from pipegrid.plan.memory import OptimizerSpec, activation_bytes, in_step_bytes, memory_report
 from pipegrid.plan.model import LayerCost, TransformerConfig, transformer_layers
 from pipegrid.plan.predict import (
-    Candidate, Prediction, _chunk_costs, host_bytes, micro_batches_of, offload_step_s, placement_of,
-    predict_transformer, split_chunks,
+    DEFAULT_BUCKET_ELEMENTS, Candidate, Prediction, _chunk_costs, host_bytes, micro_batches_of, offload_step_s,
+    placement_of, predict_transformer, split_chunks,
 )
 from pipegrid.schedules import ScheduleError, registry
 
@@ -40,6 +43,9 @@ class SearchSpace:
     optimizer: str = "adam"
     offload: tuple[bool, ...] = (False,)
     """Optimizer offload tried (True needs a ZeRO stage >= 1; at data=1 it is ZeRO-1 + offload)."""
+    bucket_elements: int | None = DEFAULT_BUCKET_ELEMENTS
+    """Bucket size tried for a ZeRO-2/3 candidate (data > 1) that does not fit once per step
+    (``zero.reduce_every_micro_batch``; None: never)."""
     widen: bool = True
     """When no candidate fits: search again with ZeRO stages 0-3 and offload, saying why."""
     tie_within: float = TIE_WITHIN
@@ -119,7 +125,8 @@ def _screen(cfg: TransformerConfig, candidate: Candidate, cluster: ClusterSpec,
     pipeline = hints.pipeline(p, m, v, c["F"], c["B"], c["W"])
     first = [chunks[s] for s in placement_of(candidate).stages_of(0)]  # rank 0: the most held in 1F1B
     params = sum(l.parameters for chunk in first for l in chunk)
-    report = memory_report(params, optimizer, data=candidate.data, zero=candidate.zero, offload=candidate.offload)
+    report = memory_report(params, optimizer, data=candidate.data, zero=candidate.zero, offload=candidate.offload,
+                           bucket_elements=candidate.bucket_elements)
     peak = report["total"] + in_step_bytes(report) + activation_bytes(first, [hints.held(p, m, v)] * v, cfg.recompute)
     host_ok = host_bytes(report) * cluster.devices_per_host <= cluster.device.host_memory_bytes
     if candidate.offload:
@@ -138,12 +145,16 @@ def search(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace = Se
     for candidate in candidates(cfg, cluster, space):
         seconds, peak, fits = _screen(cfg, candidate, cluster, optimizer)
         smallest = min(smallest, (peak, candidate), key=lambda item: item[0])
+        if not fits and space.bucket_elements and int(candidate.zero) >= 2 and candidate.data > 1:
+            candidate = replace(candidate, bucket_elements=space.bucket_elements)  # its bucketed twin
+            seconds, _, fits = _screen(cfg, candidate, cluster, optimizer)
         if fits:
             screened.append((seconds, candidate))
     screened.sort(key=lambda item: (item[0], item[1].zero, item[1].offload, item[1].label()))
     predictions = [predict_transformer(cfg, candidate, cluster, space.optimizer)
                    for _, candidate in screened[:max(space.shortlist, top)]]
-    fitting = [pr for pr in predictions if pr.fits]
+    fitting = [_with_bucket_note(pr, cfg, cluster, space.optimizer) if pr.candidate.bucket_elements else pr
+               for pr in predictions if pr.fits]
     wider = replace(space, zero=(0, 1, 2, 3), offload=(False, True), widen=False)
     if not fitting and space.widen and wider != replace(space, widen=False):
         return [_with_reason(pr, smallest, cluster) for pr in search(cfg, cluster, wider, top)]
@@ -159,12 +170,32 @@ def _with_reason(prediction: Prediction, smallest: tuple[float, Candidate | None
     gib = 2 ** 30
     candidate = prediction.candidate
     uses = [f"ZeRO-{int(candidate.zero)}"] if int(candidate.zero) >= 2 else []
+    uses += ["bucket-by-bucket gradient reduction"] if candidate.bucket_elements else []
     uses += ["optimizer offload"] if candidate.offload else []
     without = "" if smallest[1] is None else \
         f"; the smallest layout without needs {smallest[0] / gib:.0f} GiB ({smallest[1].label()})"
     host = f", {prediction.host_bytes / gib:.0f} GiB on the host" if candidate.offload else ""
     note = (f"{' and '.join(uses) or 'this ZeRO stage'}: no layout fits {cluster.device.memory_bytes / gib:.0f} GiB "
             f"per device otherwise{without}; this one needs {prediction.peak_memory_bytes / gib:.0f} GiB{host}")
+    return replace(prediction, notes=(*prediction.notes, note))
+
+
+def _with_bucket_note(prediction: Prediction, cfg: TransformerConfig, cluster: ClusterSpec,
+                     optimizer: str) -> Prediction:
+    """``prediction`` (bucketed ZeRO-2/3) with a note: what the buckets save against the full-size
+    buffer once per step, and what the m reductions per step cost."""
+    gib, candidate = 2 ** 30, prediction.candidate
+    once = predict_transformer(cfg, replace(candidate, bucket_elements=None), cluster, optimizer)
+    saved = once.peak_memory_bytes - prediction.peak_memory_bytes
+    hidden = "posted from the backward, which they overlap on this device" if cluster.device.overlaps_comm \
+        else "not overlapped: the device's transfers share the backward's cores"
+    note = (f"{candidate.label()}: reducing the gradients bucket by bucket (zero.reduce_every_micro_batch) "
+            f"holds the gradient shard and ~3 buckets of {candidate.bucket_elements} elements instead of the "
+            f"full-size fp32 buffer, {saved / gib:.1f} GiB less ({prediction.peak_memory_bytes / gib:.1f} against "
+            f"{once.peak_memory_bytes / gib:.1f} GiB, which does not fit {cluster.device.memory_bytes / gib:.0f} GiB); "
+            f"the price is {prediction.micro_batches} reductions a step instead of one: data-parallel sync "
+            f"{prediction.data_sync_s:.2f}s against {once.data_sync_s:.2f}s ({hidden}), step "
+            f"{prediction.step_s:.2f}s against {once.step_s:.2f}s")
     return replace(prediction, notes=(*prediction.notes, note))
 
 
