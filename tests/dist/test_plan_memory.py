@@ -91,3 +91,33 @@ def test_memory_prediction_matches_the_engine(measured, index):
     # are the planner's only omission
     counters = (4 * 2 * DEPTH if zero == 0 else 4) if name == "adam" else 0
     assert report["optimizer"] - predicted["optimizer"] == counters, (predicted, report)
+
+
+BUCKET = WIDTH * WIDTH + WIDTH  # one Linear's elements: a bucket's fill is one parameter pair's gradients
+BUCKETED_DEPTH = 16  # a shard of 8 buckets: 3 alive is well under the full buffer of 16
+
+
+def _bucketed(data, bucket):
+    """ZeRO-2 bucket by bucket: the report (its gradient shard) and the most gradient bytes the
+    backwards held beside the shard (``step_gradient_bytes``)."""
+    layers = [pg.LayerSpec(nn.Linear, WIDTH, WIDTH) for _ in range(BUCKETED_DEPTH)]
+    model = pg.PipelineModule(layers, loss_fn=nn.functional.mse_loss, topology=pg.Topology(data=data))
+    count = sum(p.numel() for p in model.parameters())
+    engine = pg.initialize(model, {"topology": {"data": data}, "schedule": {"micro_batches": 2},
+                                   "zero": {"stage": 2, "reduce_every_micro_batch": True, "bucket_elements": bucket},
+                                   "optimizer": ADAM[1]})
+    x = torch.randn(4, WIDTH)
+    engine.train_batch(iter([(x[:2], x[:2]), (x[2:], x[2:])]))
+    return engine.memory_report(), engine.zero.step_gradient_bytes, count
+
+
+def test_bucketed_zero2_prediction_bounds_what_the_backwards_held():
+    report, beside_shard, parameters = run_local(_bucketed, 2, (2, BUCKET), timeout_s=60)[0]
+    predicted = memory_report(parameters, OptimizerSpec(*ADAM[:1]), data=2, zero=2, bucket_elements=BUCKET)
+    assert predicted["gradients"] == report["gradients"]  # the shard
+    held = report["gradients"] + beside_shard
+    # the prediction is the shard and 3 buckets (one filling, two reducing); the engine held no more,
+    # and at least the shard and one bucket, so the prediction is within 2 buckets of it
+    assert predicted["step_gradients"] - 2 * BUCKET * 4 <= held <= predicted["step_gradients"], (held, predicted)
+    full = memory_report(parameters, OptimizerSpec(*ADAM[:1]), data=2, zero=2)["step_gradients"]
+    assert held < full
