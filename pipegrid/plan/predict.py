@@ -180,7 +180,7 @@ def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
 
 
 def data_sync_s(parameters: int, width: int, candidate: Candidate, micro_batches: int, link: Link,
-                backward_s: float, overlaps_comm: bool) -> float:
+                backward_s: float, overlaps_comm: bool, post_s: float = 0.0) -> float:
     """Seconds the data-parallel gradient sync adds to a step, for a rank of ``parameters``
     communicated at ``width`` bytes each (S = parameters x width).
 
@@ -189,13 +189,15 @@ def data_sync_s(parameters: int, width: int, candidate: Candidate, micro_batches
     bucket to the data rank owning it. Assumed: a reduce of S bytes on a ring costs S / bandwidth,
     n/(n-1) times a reduce-scatter of the same S, plus (n-1) latencies per bucket (a pipelined
     chain: every link carries the bytes once; nccl-tests' doc/PERFORMANCE.md gives Reduce's bus
-    bandwidth factor as 1, ReduceScatter's as (n-1)/n). Where the device overlaps communication
-    with compute (``DeviceSpec.overlaps_comm``), a micro-batch's reductions run under its backward
-    (``backward_s``) and only what exceeds it is charged, plus the last bucket's, which follows the
-    last backward; otherwise (CPU gloo) all m are charged. The updated parameters' all-gather then
-    costs what it does once per step. Never less than the once-per-step sync: the overlapped bytes
-    still occupy the data-parallel link, and the once-per-step reduce-scatter's own overlap with
-    other pipe ranks' cooldown is not credited either, so bucketing is never predicted faster.
+    bandwidth factor as 1, ReduceScatter's as (n-1)/n), and ``post_s`` of host time per bucket
+    (a collective posted from a backward hook; ``DeviceSpec.post_s``, 0 on GPUs). Where the
+    device overlaps communication with compute (``DeviceSpec.overlaps_comm``), a micro-batch's
+    reductions run under its backward (``backward_s``) and only what exceeds it is charged, plus
+    the last bucket's, which follows the last backward; otherwise (CPU gloo) all m are charged.
+    The updated parameters' all-gather then costs what it does once per step. Never less than
+    the once-per-step sync: the overlapped bytes still occupy the data-parallel link, and the
+    once-per-step reduce-scatter's own overlap with other pipe ranks' cooldown is not credited
+    either, so bucketing is never predicted faster.
     """
     d, total = candidate.data, parameters * width
     once = ring_allreduce_s(total, d, link)
@@ -203,7 +205,7 @@ def data_sync_s(parameters: int, width: int, candidate: Candidate, micro_batches
         return once
     shard = -(-parameters // d)
     buckets = d * -(-shard // candidate.bucket_elements)  # each bucket lies within one shard
-    reduce_s = total / link.bandwidth + buckets * (d - 1) * link.latency
+    reduce_s = total / link.bandwidth + buckets * ((d - 1) * link.latency + post_s)
     last_bucket_s = min(candidate.bucket_elements, shard) * width / link.bandwidth + (d - 1) * link.latency
     exposed = micro_batches * (max(0.0, reduce_s - backward_s) if overlaps_comm else reduce_s)
     gather_s = (d - 1) / d * total / link.bandwidth + (d - 1) * link.latency
@@ -336,7 +338,7 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
     params = [sum(l.parameters for c in cs for l in c) for cs in per_rank]
     backward_s = v * (costs["B"] + costs["W"])  # one micro-batch's backward on a rank: v bottleneck chunks
     data_sync = data_sync_s(max(params), DTYPE_BYTES[optimizer.dtype], candidate, micro_batches, dp_link,
-                            backward_s, cluster.device.overlaps_comm)
+                            backward_s, cluster.device.overlaps_comm, cluster.device.post_s)
     shard = max(params) / (d if candidate.zero else 1)
     optimizer_s = shard * _OPTIMIZER_BYTES_PER_PARAM / cluster.device.memory_bandwidth
     if candidate.offload:

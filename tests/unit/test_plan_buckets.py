@@ -77,6 +77,9 @@ def test_the_data_sync_arithmetic():
         pytest.approx(gather_s + 4 * (reduce_s - 1.0) + last_bucket_s)
     # overlapped under a long backward: never below once per step
     assert data_sync_s(1000, 4, cand, 4, link, 10.0, True) == pytest.approx(once)
+    # each bucket's collective costs the host post_s (CPU gloo's per-transfer cost)
+    assert data_sync_s(1000, 4, cand, 4, link, 4.0, False, post_s=0.002) == \
+        pytest.approx(gather_s + 4 * (reduce_s + 10 * 0.002))
     assert data_sync_s(1000, 4, replace(cand, data=1), 4, link, 0.0, False) == 0.0  # nothing to sync
     assert data_sync_s(1000, 4, replace(cand, bucket_elements=None), 4, link, 0.0, False) == pytest.approx(once)
 
