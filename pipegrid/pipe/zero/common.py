@@ -51,10 +51,12 @@ def all_reduce_flat(tensors: list[torch.Tensor], group: Any, *, scale: float | N
     for bucket in buckets(tensors):
         targets = out[start:start + len(bucket)]
         start += len(bucket)
-        flat = kernels.pack(bucket, dtype=dtype, scale=scale, backend=backend)
+        layout = kernels.FlatLayout.from_tensors(bucket, dtype=dtype)  # once: the sum goes back where it came from
+        flat = kernels.pack(bucket, scale=scale, layout=layout, backend=backend)
         if group is not None:  # None: a one-rank group, nothing to sum
             dist.all_reduce(flat, group=group)
-        layout = kernels.FlatLayout.from_tensors(targets, dtype=flat.dtype)
+        if any(t.dtype != b.dtype for t, b in zip(targets, bucket)):
+            layout = kernels.FlatLayout.from_tensors(targets, dtype=flat.dtype)
         kernels.unpack(flat, layout, out=targets, backend=backend)
 
 
