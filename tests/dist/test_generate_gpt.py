@@ -1,7 +1,7 @@
 """engine.generate for a LayerSpec model (the GPT example, which implements the cache
 protocol): greedy tokens equal a cacheless full forward per token in one process at pipe
 1, 2 and 3, left padding and a batch the micro-batches do not divide included; at
-(pipe, tensor) = (1, 2) and (2, 2), sequence parallelism on and off, greedy and seeded
+(pipe, tensor) = (1, 2) and (2, 2), sequence parallelism (and dropout) on and off, greedy and seeded
 sampled tokens equal the tensor-1 engine's and a plain-torch decode of the same weights
 (tests.support.reference.PlainGPT); and what ``generate`` refuses, before any work, with
 the fix in the message."""
@@ -127,12 +127,14 @@ DECODES = {"greedy": {}, "sampled": {"do_sample": True, "temperature": 0.8, "top
 
 
 def _generate_grid(pipe: int, tensor: int) -> dict[tuple[bool, str], torch.Tensor]:
-    """On every rank: (sequence_parallel, decode) -> sequences, the GPT built for this grid."""
+    """On every rank: (sequence_parallel, decode) -> sequences, the GPT built for this grid; the
+    sequence-parallel one with dropout 0.1 too (generate runs in eval: no mask drawn)."""
     topology = {"pipe": pipe, "tensor": tensor}
     groups = pg.init_distributed({"topology": topology})
     out = {}
     for sequence_parallel in (False, True) if tensor > 1 else (False,):
-        model = GPT(_config(sequence_parallel=sequence_parallel), topology=groups.topology, seed=7,
+        cfg = _config(sequence_parallel=sequence_parallel, dropout=0.1 if sequence_parallel else 0.0)
+        model = GPT(cfg, topology=groups.topology, seed=7,
                     tensor_group=groups.tensor_parallel_group if tensor > 1 else None)
         engine = pg.initialize(model, {"topology": topology, "comm": {"timeout_s": 60},
                                        "schedule": {"name": "1f1b", "micro_batches": 2}}, groups)
