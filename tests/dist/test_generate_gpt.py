@@ -2,7 +2,8 @@
 protocol): greedy tokens equal a cacheless full forward per token in one process at pipe
 1, 2 and 3, left padding and a batch the micro-batches do not divide included; at
 (pipe, tensor) = (1, 2) and (2, 2), sequence parallelism (and dropout) on and off, greedy and seeded
-sampled tokens equal the tensor-1 engine's and a plain-torch decode of the same weights
+sampled tokens (and at pipe 2 with 2 chunks per rank, V and loop) equal the tensor-1 engine's
+and a plain-torch decode of the same weights
 (tests.support.reference.PlainGPT); and what ``generate`` refuses, before any work, with
 the fix in the message."""
 
@@ -126,22 +127,35 @@ SEED = 11
 DECODES = {"greedy": {}, "sampled": {"do_sample": True, "temperature": 0.8, "top_k": 20, "seed": SEED}}
 
 
-def _generate_grid(pipe: int, tensor: int) -> dict[tuple[bool, str], torch.Tensor]:
-    """On every rank: (sequence_parallel, decode) -> sequences, the GPT built for this grid; the
-    sequence-parallel one with dropout 0.1 too (generate runs in eval: no mask drawn)."""
+# layout -> (sequence_parallel, dropout, chunks per rank: schedule and placement)
+LAYOUTS = {"whole": (False, 0.0, None), "sequence_parallel+dropout": (True, 0.1, None),
+           "2 chunks (v)": (False, 0.0, ("zb_v", "v")), "2 chunks (loop)": (False, 0.0, ("interleaved_1f1b", "loop"))}
+
+
+def _layouts(pipe: int, tensor: int) -> list[str]:
+    chunked = ["2 chunks (v)", "2 chunks (loop)"] if pipe > 1 else []
+    return ["whole"] + (["sequence_parallel+dropout"] if tensor > 1 else []) + chunked
+
+
+def _generate_grid(pipe: int, tensor: int) -> dict[tuple[str, str], torch.Tensor]:
+    """On every rank: (layout, decode) -> sequences, the GPT built for this grid; the sequence-parallel
+    one with dropout 0.1 too (generate runs in eval: no mask drawn); at pipe 2 also 2 chunks per rank
+    (V and loop placement)."""
     topology = {"pipe": pipe, "tensor": tensor}
     groups = pg.init_distributed({"topology": topology})
     out = {}
-    for sequence_parallel in (False, True) if tensor > 1 else (False,):
-        cfg = _config(sequence_parallel=sequence_parallel, dropout=0.1 if sequence_parallel else 0.0)
-        model = GPT(cfg, topology=groups.topology, seed=7,
-                    tensor_group=groups.tensor_parallel_group if tensor > 1 else None)
-        engine = pg.initialize(model, {"topology": topology, "comm": {"timeout_s": 60},
-                                       "schedule": {"name": "1f1b", "micro_batches": 2}}, groups)
+    for layout in _layouts(pipe, tensor):
+        sequence_parallel, dropout, chunks = LAYOUTS[layout]
+        schedule, placement = chunks or ("1f1b", "loop")
+        virtual = 2 if chunks else 1
+        model = GPT(_config(sequence_parallel=sequence_parallel, dropout=dropout), topology=groups.topology, seed=7,
+                    tensor_group=groups.tensor_parallel_group if tensor > 1 else None, virtual_stages=virtual,
+                    stage_placement=placement)
+        engine = pg.initialize(model, {"topology": topology, "comm": {"timeout_s": 60}, "schedule": {
+            "name": schedule, "micro_batches": 2, "virtual_stages": virtual}}, groups)
         ids, mask = _prompts()
         for name, kwargs in DECODES.items():
-            out[(sequence_parallel, name)] = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, micro_batches=2,
-                                                             **kwargs)
+            out[(layout, name)] = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, micro_batches=2, **kwargs)
         assert bool(model.sequence_parallel) == sequence_parallel  # generate switched it back on
     return out
 
@@ -173,7 +187,7 @@ def _plain_decode(name: str) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def tensor_one() -> dict[tuple[bool, str], torch.Tensor]:
+def tensor_one() -> dict[tuple[str, str], torch.Tensor]:
     return run_local(_generate_grid, 1, (1, 1), timeout_s=120)[0]
 
 
@@ -183,9 +197,10 @@ def test_gpt_at_tensor_2_equals_tensor_1_and_a_plain_torch_decode(tensor_one, pi
     plain = {name: _plain_decode(name) for name in DECODES}
     assert not torch.equal(plain["greedy"], plain["sampled"]), "sampling drew the greedy tokens: no check of the draws"
     for name in DECODES:
-        assert torch.equal(tensor_one[(False, name)][:, prompt:], plain[name]), f"tensor 1 {name}"
+        assert torch.equal(tensor_one[("whole", name)][:, prompt:], plain[name]), f"tensor 1 {name}"
     for rank, got in enumerate(run_local(_generate_grid, 2 * pipe, (pipe, 2), timeout_s=180)):
-        for (sequence_parallel, name), sequences in got.items():
-            where = f"pipe={pipe} tensor=2 rank {rank} sequence_parallel={sequence_parallel} {name}"
-            assert torch.equal(sequences, tensor_one[(False, name)]), where
+        assert {layout for layout, _ in got} == set(_layouts(pipe, 2))
+        for (layout, name), sequences in got.items():
+            where = f"pipe={pipe} tensor=2 rank {rank} {layout} {name}"
+            assert torch.equal(sequences, tensor_one[("whole", name)]), where
             assert torch.equal(sequences[:, prompt:], plain[name]), where
