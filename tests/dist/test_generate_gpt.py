@@ -1,7 +1,7 @@
 """engine.generate for a LayerSpec model (the GPT example, which implements the cache
 protocol): greedy tokens equal a cacheless full forward per token in one process at pipe
 1, 2 and 3, left padding and a batch the micro-batches do not divide included; at
-(pipe, tensor) = (1, 2) and (2, 2), sequence parallelism (and dropout) on and off, greedy and seeded
+(pipe, tensor) = (1, 2), (2, 2) and (1, 4), sequence parallelism (and dropout) on and off, greedy and seeded
 sampled tokens (and at pipe 2 with 2 chunks per rank, V and loop) equal the tensor-1 engine's
 and a plain-torch decode of the same weights
 (tests.support.reference.PlainGPT); and what ``generate`` refuses, before any work, with
@@ -191,16 +191,16 @@ def tensor_one() -> dict[tuple[str, str], torch.Tensor]:
     return run_local(_generate_grid, 1, (1, 1), timeout_s=120)[0]
 
 
-@pytest.mark.parametrize("pipe", [1, 2])
-def test_gpt_at_tensor_2_equals_tensor_1_and_a_plain_torch_decode(tensor_one, pipe: int) -> None:
+@pytest.mark.parametrize("pipe,tensor", [(1, 2), (2, 2), (1, 4)])
+def test_gpt_at_tensor_over_1_equals_tensor_1_and_a_plain_torch_decode(tensor_one, pipe: int, tensor: int) -> None:
     prompt = _prompts()[0].shape[1]
     plain = {name: _plain_decode(name) for name in DECODES}
     assert not torch.equal(plain["greedy"], plain["sampled"]), "sampling drew the greedy tokens: no check of the draws"
     for name in DECODES:
         assert torch.equal(tensor_one[("whole", name)][:, prompt:], plain[name]), f"tensor 1 {name}"
-    for rank, got in enumerate(run_local(_generate_grid, 2 * pipe, (pipe, 2), timeout_s=180)):
-        assert {layout for layout, _ in got} == set(_layouts(pipe, 2))
+    for rank, got in enumerate(run_local(_generate_grid, tensor * pipe, (pipe, tensor), timeout_s=180)):
+        assert {layout for layout, _ in got} == set(_layouts(pipe, tensor))
         for (layout, name), sequences in got.items():
-            where = f"pipe={pipe} tensor=2 rank {rank} {layout} {name}"
+            where = f"pipe={pipe} tensor={tensor} rank {rank} {layout} {name}"
             assert torch.equal(sequences, tensor_one[("whole", name)]), where
             assert torch.equal(sequences[:, prompt:], plain[name]), where
