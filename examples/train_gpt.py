@@ -153,10 +153,9 @@ def sample(engine: pg.PipelineEngine, groups: pg.ProcessGroups, corpus: Corpus, 
 
     The model has ``seq_len`` learned positions: the text is written in chunks, each
     continuing the last ``seq_len // 2`` characters with up to ``seq_len // 2 + 1`` new ones.
-    Layouts generate does not run yet (tensor > 1, several chunks per rank) take the full pass.
+    Any layout training runs (pipe, tensor, chunks per rank) generates where it trained;
+    ``sample_full_pass`` is the cacheless baseline benchmarks/generate.py compares with.
     """
-    if groups.topology.tensor > 1 or cfg.schedule.virtual_stages > 1:
-        return sample_full_pass(engine, groups, corpus, cfg)
     keep = cfg.model.seq_len // 2
     text = prompt(corpus, keep)[None]  # (1, keep)
     chunk = 0

@@ -339,7 +339,8 @@ class GPT(PipelineModule):
     ``loss`` (default: the engine config's ``loss:`` section) chunks head + cross-entropy over
     the tokens unless ``loss.chunked`` is false; a ``loss_fn`` passed in keeps the head's logits.
     ``cfg.sequence_parallel``: ``self.sequence_parallel`` is the switch every layer consults;
-    ``engine.generate`` turns it off (whole sequences: decode steps have one token).
+    ``engine.generate`` turns it off (whole sequences: decode steps have one token) and, at
+    tensor > 1, gathers the vocab-split logits over ``vocab_parallel_group``.
     """
 
     def __init__(self, cfg: GPTConfig, topology: Any = None, tensor_group: Group = None,
@@ -368,6 +369,13 @@ class GPT(PipelineModule):
         super().__init__(layers, topology=topology, **pipeline_kwargs)
         rng.manual_seed(self.seed, self.pipe_rank)
         self.cfg = cfg
+        self._vocab_group = group
+
+    @property
+    def vocab_parallel_group(self) -> Group:
+        """The tensor group the head's logits are split over (the tied embedding is vocab-parallel
+        whenever there is a tensor group), None when dense: ``engine.generate`` gathers them."""
+        return self._vocab_group
 
     @property
     def max_positions(self) -> int:
