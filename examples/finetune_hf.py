@@ -165,7 +165,7 @@ def train(cfg: HFAppConfig, tokenizer: Any, train_ids: torch.Tensor, val_ids: to
     if groups.rank == 0:
         log.info("held-out loss %.4f nats/token; saved %s with hf.save_pretrained", val, saved)
     result = {"loss": loss, "val_loss": val, "steps": engine.global_steps, "saved": saved}
-    if cfg.generate.lines > 0:  # any layout, V and interleaved placements included (tests/dist/test_generate_layouts.py)
+    if cfg.generate.lines > 0:  # any layout, V and interleaved placements too (tests/dist/test_generate_layouts.py)
         result.update(generate_in_pipeline(cfg, engine, tokenizer, groups.rank == 0))
     return result
 
