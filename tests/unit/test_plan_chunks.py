@@ -15,6 +15,7 @@ from pipegrid.plan import Candidate, ClusterSpec, DeviceSpec, LayerCost, predict
 from pipegrid.plan.model import ChunkCost
 from pipegrid.plan.profile import profile_chunks
 from pipegrid.schedules import build, simulate
+from tests.support.models import ResidualMLP
 
 CPU = DeviceSpec(peak_flops=1e11, memory_bytes=8 * 2 ** 30, memory_bandwidth=1e10)
 
@@ -108,17 +109,8 @@ def test_extrapolated_step_follows_stage_costs() -> None:
     assert extended.makespan == pytest.approx(direct.makespan, rel=1e-9)
 
 
-class _Block(torch.nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.relu(self.fc(x))
-
-
 def test_profile_chunks_times_each_chunk_as_the_engine_runs_it() -> None:
-    layers = [LayerSpec(_Block, 8) for _ in range(4)]
+    layers = [LayerSpec(ResidualMLP, 8) for _ in range(4)]
     x, y = torch.randn(2, 8), torch.randn(2, 8)
     costs = profile_chunks(layers, [1, 2, 1], x, loss_fn=torch.nn.functional.mse_loss, labels=y, repeats=1)
     assert len(costs) == 3

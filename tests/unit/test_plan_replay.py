@@ -13,6 +13,7 @@ from pipegrid.plan.model import ChunkCost
 from pipegrid.plan.replay import StreamReplay, profile_stream, stream_chunk_costs
 from pipegrid.schedules import build, simulate
 from pipegrid.schedules.instructions import Backward, BackwardInput, BackwardWeight, Forward
+from tests.support.models import ResidualMLP
 
 _KINDS = {Forward: "F", Backward: "BW", BackwardInput: "B", BackwardWeight: "W"}
 
@@ -62,21 +63,12 @@ def test_stream_chunk_costs_arithmetic() -> None:
     assert costs[3].stage_costs(split=True) == {"F": 1.0, "B": 1.0, "W": 1.25, "BW": 2.5}
 
 
-class _Block(torch.nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.relu(self.fc(x))
-
-
 @pytest.mark.parametrize("name,v,rank", [("zb_v", 2, 0), ("zb_v", 2, 1), ("dualpipev", 2, 0), ("1f1b", 1, 1)])
 def test_profile_stream_times_every_op_kind_of_each_stage_the_rank_holds(name: str, v: int, rank: int) -> None:
     schedule = build(name, 2, 4, v)
     stages = schedule.stages_of(rank)
     x, y = torch.randn(3, 8), torch.randn(3, 8)
-    costs = profile_stream(schedule.streams[rank], {s: [LayerSpec(_Block, 8)] for s in stages},
+    costs = profile_stream(schedule.streams[rank], {s: [LayerSpec(ResidualMLP, 8)] for s in stages},
                            dict.fromkeys(stages, x), last_stage=schedule.num_model_stages - 1,
                            loss_fn=torch.nn.functional.mse_loss, labels=y, repeats=1)
     assert sorted(costs) == sorted(stages)
@@ -89,7 +81,7 @@ def test_profile_stream_times_every_op_kind_of_each_stage_the_rank_holds(name: s
 def test_profile_stream_needs_the_layers_of_every_stage_it_runs() -> None:
     schedule = build("zb_v", 2, 4, 2)
     with pytest.raises(ValueError, match=r"stages \[3\].*give the layers of every stage"):
-        profile_stream(schedule.streams[0], {0: [LayerSpec(_Block, 8)]}, {0: torch.randn(3, 8)}, last_stage=3)
+        profile_stream(schedule.streams[0], {0: [LayerSpec(ResidualMLP, 8)]}, {0: torch.randn(3, 8)}, last_stage=3)
 
 
 def test_stream_replays_alternate_and_record_only_what_they_are_told() -> None:
@@ -99,7 +91,7 @@ def test_stream_replays_alternate_and_record_only_what_they_are_told() -> None:
     for name, v in (("zb_h1", 1), ("zb_v", 2)):
         schedule = build(name, 2, 4, v)
         stages = schedule.stages_of(1)
-        replays.append(StreamReplay(schedule.streams[1], {s: [LayerSpec(_Block, 8)] for s in stages},
+        replays.append(StreamReplay(schedule.streams[1], {s: [LayerSpec(ResidualMLP, 8)] for s in stages},
                                     dict.fromkeys(stages, x), last_stage=schedule.num_model_stages - 1,
                                     loss_fn=torch.nn.functional.mse_loss, labels=y))
     with pytest.raises(RuntimeError, match="no sweep was recorded"):
