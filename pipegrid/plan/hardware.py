@@ -56,6 +56,10 @@ class DeviceSpec:
     """Whether a collective posted from backward (ZeRO-2/3's bucket reductions,
     ``zero.reduce_every_micro_batch``) runs while the backward computes: True where NCCL has its own
     stream; False for CPU gloo, whose transfers take the cores the backward runs on (docs/zero.md)."""
+    reduce_scatter_allreduces: bool = False
+    """Whether a reduce-scatter costs a whole all-reduce of its input (CPU gloo, measured:
+    ``benchmarks/hf_tp_speed.py --sequence-parallel``) rather than half of one, its ring share (NCCL).
+    The planner prices sequence parallelism's reduce-scatters with it."""
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bytes", "memory_bandwidth", "gemm_efficiency", "slowdown",
@@ -67,8 +71,9 @@ class DeviceSpec:
             raise ValueError(f"DeviceSpec.post_s must be a finite number >= 0, got {self.post_s!r}")
         if not isinstance(self.wake_s, (int, float)) or not math.isfinite(self.wake_s) or self.wake_s < 0:
             raise ValueError(f"DeviceSpec.wake_s must be a finite number >= 0, got {self.wake_s!r}")
-        if not isinstance(self.overlaps_comm, bool):
-            raise TypeError(f"DeviceSpec.overlaps_comm must be true or false, got {self.overlaps_comm!r}")
+        for name in ("overlaps_comm", "reduce_scatter_allreduces"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"DeviceSpec.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ class TransformerConfig:
     sequence_parallel: bool = False
     """At tensor > 1, Megatron's sequence parallelism (``hf.from_pretrained(..., sequence_parallel=True)``,
     the GPT example's ``model.sequence_parallel``): norms, residuals, dropout and the stage messages
-    hold 1/t of the tokens."""
+    hold 1/t of the tokens. True here is the user's forced choice: the planner then proposes it at every
+    tensor > 1 (False: the planner weighs it, ``Candidate.sequence_parallel``)."""
 
     def __post_init__(self) -> None:
         for field in ("layers", "hidden", "heads", "seq_len", "vocab", "global_batch"):
@@ -136,14 +137,19 @@ class LayerCost:
     tensor_allreduce_bytes: float = 0.0
     """Bytes of each of the tensor-parallel all-reduces in forward (2 per block, Megatron)."""
     tensor_allreduces: int = 0
-    """Tensor-parallel all-reduces per forward (the same number again in backward)."""
+    """Tensor-parallel all-reduces per forward (the same number again in backward); under sequence
+    parallelism each is a reduce-scatter + all-gather pair of the same tensor (the same ring bytes)."""
+    sequence_regathers: int = 0
+    """Sequence parallelism only: all-gathers of ``tensor_allreduce_bytes`` that backward adds, one per
+    column-parallel group (attention's q/k/v, the MLP's up/gate), re-gathering the input chunk kept
+    for the weight gradient (``pipegrid.tensor.sequence.Regather``, Megatron's trick)."""
     forward_s: float | None = None
     """Measured forward seconds (overrides the FLOP-based time)."""
     backward_s: float | None = None
     """Measured backward seconds."""
 
 
-def _block(cfg: TransformerConfig, micro_batch: int, tensor: int) -> LayerCost:
+def _block(cfg: TransformerConfig, micro_batch: int, tensor: int, sequence_parallel: bool) -> LayerCost:
     b, s, h, a, t = micro_batch, cfg.seq_len, cfg.hidden, cfg.heads, tensor
     width = DTYPE_BYTES[cfg.dtype]
     # Narayanan et al. eq. 3 per layer: 24 b s h^2 (1 + s / (6h)) forward, 2x that backward;
@@ -154,7 +160,7 @@ def _block(cfg: TransformerConfig, micro_batch: int, tensor: int) -> LayerCost:
     # two bias-dropout-residual adds touch b s h on every rank (~12 passes), bias-GeLU the
     # 4h intermediate once each way, scale-mask-softmax + dropout the b a s^2 scores ~5 times.
     # Sequence parallelism runs those b s h passes on 1/t of the tokens, on each rank.
-    tokens = 1 / t if cfg.sequence_parallel else 1.0
+    tokens = 1 / t if sequence_parallel else 1.0
     elementwise = (12 * b * s * h * tokens + 2 * b * s * 4 * h / t + 5 * b * a * s * s / t) * width
     # Korthikanti et al. (arXiv 2205.05198) eq. 2: s b h (10 + 24/t + 5 a s / (h t)) bytes (16-bit);
     # eq. 4 with sequence parallelism: s b h (34/t + 5 a s / (h t)), the 10 whole ones split too.
@@ -163,13 +169,17 @@ def _block(cfg: TransformerConfig, micro_batch: int, tensor: int) -> LayerCost:
         name="block", parameters=(matrices + 13 * h) // t, forward_flops=forward,
         backward_flops=2 * forward, forward_memory_bytes=elementwise, activation_bytes=stored,
         checkpoint_bytes=b * s * h * width * tokens, output_bytes=b * s * h * width * tokens,
-        tensor_allreduce_bytes=b * s * h * width if t > 1 else 0.0, tensor_allreduces=2 if t > 1 else 0)
+        tensor_allreduce_bytes=b * s * h * width if t > 1 else 0.0, tensor_allreduces=2 if t > 1 else 0,
+        sequence_regathers=2 if sequence_parallel else 0)
 
 
-def transformer_layers(cfg: TransformerConfig, micro_batch: int, tensor: int = 1) -> list[LayerCost]:
-    """[embedding, block x layers, logits]: Megatron's layer list, per tensor-parallel rank."""
+def transformer_layers(cfg: TransformerConfig, micro_batch: int, tensor: int = 1,
+                       sequence_parallel: bool | None = None) -> list[LayerCost]:
+    """[embedding, block x layers, logits]: Megatron's layer list, per tensor-parallel rank.
+    ``sequence_parallel``: None takes ``cfg.sequence_parallel``; it does nothing at tensor 1."""
     if micro_batch < 1 or tensor < 1:
         raise ValueError(f"micro_batch and tensor must be >= 1, got {micro_batch} and {tensor}")
+    sequence_parallel = (cfg.sequence_parallel if sequence_parallel is None else sequence_parallel) and tensor > 1
     if not cfg.splits_over(tensor):
         raise ValueError(f"{cfg.name}: tensor={tensor} must divide heads={cfg.heads} and kv_heads="
                          f"{cfg.kv_heads or cfg.heads}; pick a tensor degree that divides the head counts")
@@ -183,7 +193,7 @@ def transformer_layers(cfg: TransformerConfig, micro_batch: int, tensor: int = 1
                        forward_memory_bytes=4 * b * s * cfg.vocab / tensor * 4,  # fp32 softmax + CE
                        activation_bytes=b * s * cfg.vocab / tensor * 4,
                        checkpoint_bytes=b * s * h * width)
-    return [embed, *[_block(cfg, micro_batch, tensor) for _ in range(cfg.layers)], logits]
+    return [embed, *[_block(cfg, micro_batch, tensor, sequence_parallel) for _ in range(cfg.layers)], logits]
 
 
 def megatron_flops_per_step(cfg: TransformerConfig, recompute: bool | None = None) -> float:

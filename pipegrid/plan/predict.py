@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from pipegrid.plan.collectives import (
+    ring_allreduce_s, sequence_regather_s, tensor_comm_s,
+)
 from pipegrid.plan.hardware import ClusterSpec, DeviceSpec, Link
 from pipegrid.plan.memory import OptimizerSpec, activation_bytes, in_step_bytes, memory_report
 from pipegrid.plan.model import (
@@ -56,8 +59,16 @@ class Candidate:
     """ZeRO-2/3 only: reduce the gradients bucket by bucket during every micro-batch's backward
     (``zero.reduce_every_micro_batch``, buckets of this many elements) instead of once per step
     from a full-size fp32 buffer: less memory, m times the gradient traffic. None: once per step."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (tensor > 1 only; ``model.sequence_parallel=true``, for a
+    ``pipegrid.hf`` model ``from_pretrained(..., sequence_parallel=True)``): norms, dropout, residuals,
+    their activations and the stage messages hold 1/t of the tokens; backward re-gathers each
+    column-parallel group's input (``LayerCost.sequence_regathers``)."""
 
     def __post_init__(self) -> None:
+        if self.sequence_parallel and self.tensor <= 1:
+            raise ValueError(f"sequence_parallel=True splits the sequence over the tensor axis, but tensor="
+                             f"{self.tensor}; set tensor >= 2 or sequence_parallel=False")
         if self.bucket_elements is not None and (int(self.zero) < 2 or self.bucket_elements < 1):
             raise ValueError(f"bucket_elements={self.bucket_elements} needs zero=2 or 3 and a positive size "
                              f"(got zero={self.zero}); set zero=2 or bucket_elements=None")
@@ -76,6 +87,7 @@ class Candidate:
         out += [f"schedule.coalesce={self.coalesce}"] if self.coalesce > 1 else []
         out += [f"zero.stage={int(self.zero)}"] if self.zero else []
         out += ["zero.offload_optimizer=cpu"] if self.offload else []
+        out += ["model.sequence_parallel=true"] if self.sequence_parallel else []
         if self.bucket_elements is not None:
             out.append("zero.reduce_every_micro_batch=true")
             if self.bucket_elements != DEFAULT_BUCKET_ELEMENTS:
@@ -87,7 +99,7 @@ class Candidate:
         c = f" c={self.coalesce}" if self.coalesce > 1 else ""
         return (f"p={self.pipe} d={self.data} t={self.tensor} {self.schedule}{v}{c} "
                 f"b={self.micro_batch_size}{f' zero{int(self.zero)}' if self.zero else ''}"
-                f"{' offload' if self.offload else ''}{self._bucket_label()}")
+                f"{' offload' if self.offload else ''}{self._bucket_label()}{' sp' if self.sequence_parallel else ''}")
 
     def _bucket_label(self) -> str:
         if self.bucket_elements is None:
@@ -172,13 +184,6 @@ def messages_per_step(candidate: Candidate, micro_batches: int) -> int:
     return 2 * crossings * (micro_batches // candidate.coalesce)
 
 
-def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
-    """Ring all-reduce: 2 (n-1)/n bytes / bandwidth + 2 (n-1) latencies (0 for one rank)."""
-    if ranks <= 1 or nbytes <= 0:
-        return 0.0
-    return 2 * (ranks - 1) / ranks * nbytes / link.bandwidth + 2 * (ranks - 1) * link.latency
-
-
 def data_sync_s(parameters: int, width: int, candidate: Candidate, micro_batches: int, link: Link,
                 backward_s: float, overlaps_comm: bool, post_s: float = 0.0) -> float:
     """Seconds the data-parallel gradient sync adds to a step, for a rank of ``parameters``
@@ -260,15 +265,17 @@ def split_chunks(layers: Sequence[LayerCost], chunks: int) -> list[list[LayerCos
 def _layer_times(layer: LayerCost, device: DeviceSpec, tensor: int, tp_link: Link,
                  recompute: bool) -> tuple[float, float, float]:
     """(forward, backward-input, backward-weight) seconds of one layer on one rank."""
-    tp = layer.tensor_allreduces * ring_allreduce_s(layer.tensor_allreduce_bytes, tensor, tp_link)
+    tp = tensor_comm_s(layer, tensor, tp_link, device)  # forward, and the same again in backward
     if layer.forward_s is not None:
         forward = layer.forward_s * device.slowdown
         backward = (layer.backward_s or 0.0) * device.slowdown
-        return forward + tp, backward / 2 + tp, backward / 2
+        regather = sequence_regather_s(layer, tensor, tp_link, device, backward / 2)
+        return forward + tp, backward / 2 + tp + regather, backward / 2
     rate = device.peak_flops * device.gemm_efficiency
     forward = layer.forward_flops / rate + layer.forward_memory_bytes / device.memory_bandwidth + tp
     gemm_half = layer.backward_flops / rate / 2  # dX and dW GEMMs are the same size
-    backward_input = gemm_half + 2 * layer.forward_memory_bytes / device.memory_bandwidth + tp
+    backward_input = (gemm_half + 2 * layer.forward_memory_bytes / device.memory_bandwidth + tp
+                      + sequence_regather_s(layer, tensor, tp_link, device, gemm_half))
     if recompute and layer.checkpoint_bytes > 0:
         backward_input += forward
     return forward, backward_input, gemm_half
@@ -307,7 +314,8 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
     """Predict ``candidate`` for ``layers`` (costs of one micro-batch on one tensor rank).
 
     ``scatter_gather``: Megatron's p2p optimisation (each tensor rank sends 1/t of the
-    activation over its own link); p2p then moves ``output_bytes / tensor`` per hop.
+    activation over its own link); p2p then moves ``output_bytes / tensor`` per hop, except under
+    ``candidate.sequence_parallel``, whose ``layers`` already send 1/t (their ``output_bytes``).
     ``chunk_costs``: measured costs of the candidate's p x v chunks in model-stage order
     (``pipegrid.plan.profile.profile_chunks``); they replace the layer sums, stage by stage.
     """
@@ -328,7 +336,9 @@ def predict(layers: Sequence[LayerCost], candidate: Candidate, cluster: ClusterS
     if stage_costs is not None:
         costs = dict(max(stage_costs, key=lambda c: c["F"] + c["B"] + c["W"]))
     boundary = max(chunk[-1].output_bytes for chunk in chunks[:-1]) if p > 1 else 0.0
-    message = candidate.coalesce * (boundary / t if scatter_gather else boundary)  # a group per message
+    # sequence parallelism: the layers' output is already 1/t (Megatron then skips scatter-gather)
+    split_send = scatter_gather and not candidate.sequence_parallel
+    message = candidate.coalesce * (boundary / t if split_send else boundary)  # a group per message
     costs["comm"] = pp_link.time(message) if p > 1 else 0.0
     costs["post"] = cluster.device.post_s if p > 1 else 0.0
     costs["wake"] = cluster.device.wake_s if p > 1 else 0.0
@@ -373,9 +383,12 @@ def _busiest_memory(per_rank: list[list[list[LayerCost]]], params: list[int], in
 
 def predict_transformer(cfg: TransformerConfig, candidate: Candidate, cluster: ClusterSpec,
                         optimizer: str = "adam") -> Prediction:
-    """Predict ``candidate`` for a GPT-style model, FLOPs from Narayanan et al. eq. 3."""
+    """Predict ``candidate`` for a GPT-style model, FLOPs from Narayanan et al. eq. 3. A config that
+    forces sequence parallelism (``cfg.sequence_parallel``) turns it on in every candidate at tensor > 1."""
+    if cfg.sequence_parallel and candidate.tensor > 1 and not candidate.sequence_parallel:
+        candidate = replace(candidate, sequence_parallel=True)
     m = micro_batches_of(cfg.global_batch, candidate)
-    layers = transformer_layers(cfg, candidate.micro_batch_size, candidate.tensor)
+    layers = transformer_layers(cfg, candidate.micro_batch_size, candidate.tensor, candidate.sequence_parallel)
     return predict(layers, candidate, cluster, micro_batches=m,
                    optimizer=OptimizerSpec(optimizer, cfg.dtype), recompute=cfg.recompute,
                    hardware_flops=megatron_flops_per_step(cfg),
