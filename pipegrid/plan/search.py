@@ -7,6 +7,12 @@ trade traffic or host time for memory) and each proposal says why (``Prediction.
 A ZeRO-2/3 candidate that does not fit with its once-per-step full-size gradient buffer is
 tried again with bucket-by-bucket reduction (``zero.reduce_every_micro_batch``), never otherwise:
 the planner never predicts it faster, and among a tie its smaller memory would win on memory alone.
+At tensor > 1 every layout is also screened with sequence parallelism (its twin, ``Candidate.sequence_parallel``;
+``model.sequence_parallel=true`` in the config: only with it): both go to the simulator, and where they tie
+(GPUs: the same ring bytes, the re-gathers overlapped) the choice's memory tie-break takes SP. Where the
+device does not overlap communication (CPU gloo) the twin is tried only when the layout does not fit
+without it: measured 1.22-1.27x slower per step there (docs/hf_tensor_parallel.md), and the link model
+prices a gloo collective far below what it measured, so a predicted tie would not be one.
 """
 
 from __future__ import annotations
@@ -108,15 +114,36 @@ def _accepts(spec: registry.ScheduleSpec, p: int, m: int, v: int) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _layers(cfg: TransformerConfig, b: int, t: int) -> tuple[LayerCost, ...]:
-    return tuple(transformer_layers(cfg, b, t))
+def _layers(cfg: TransformerConfig, b: int, t: int, sequence_parallel: bool) -> tuple[LayerCost, ...]:
+    return tuple(transformer_layers(cfg, b, t, sequence_parallel))
+
+
+def _with_sequence_parallel(cfg: TransformerConfig, candidate: Candidate) -> list[Candidate]:
+    """The candidate and its sequence-parallel twin at tensor > 1; only the twin where the config
+    forces sequence parallelism (``model.sequence_parallel=true``)."""
+    if candidate.tensor == 1:
+        return [candidate]
+    twin = replace(candidate, sequence_parallel=True)
+    return [twin] if cfg.sequence_parallel else [candidate, twin]
+
+
+def _shortlist(screened: list[tuple[float, Candidate]], layouts: int) -> list[Candidate]:
+    """The screened candidates of the ``layouts`` fastest layouts, both twins of each (SP or not)
+    kept, so sequence parallelism never pushes a layout off the list."""
+    keep: dict[Candidate, None] = {}
+    for _, candidate in screened:
+        keep.setdefault(replace(candidate, sequence_parallel=False))
+        if len(keep) == layouts:
+            break
+    return [candidate for _, candidate in screened if replace(candidate, sequence_parallel=False) in keep]
 
 
 def _screen(cfg: TransformerConfig, candidate: Candidate, cluster: ClusterSpec,
             optimizer: OptimizerSpec) -> tuple[float, int, bool]:
     """(closed-form step seconds, peak device bytes, fits) without the simulator: textbook bubbles."""
     p, v, m = candidate.pipe, candidate.virtual_stages, micro_batches_of(cfg.global_batch, candidate)
-    chunks = split_chunks(_layers(cfg, candidate.micro_batch_size, candidate.tensor), p * v)
+    chunks = split_chunks(_layers(cfg, candidate.micro_batch_size, candidate.tensor, candidate.sequence_parallel),
+                          p * v)
     intra, inter = cluster.links()
     tp = intra if candidate.tensor <= cluster.devices_per_host else inter
     c = _chunk_costs(chunks, cluster.device, candidate.tensor, tp, cfg.recompute, True)
@@ -142,19 +169,24 @@ def search(cfg: TransformerConfig, cluster: ClusterSpec, space: SearchSpace = Se
     memory, with the reason in its notes and the tied ones'."""
     optimizer = OptimizerSpec(space.optimizer, cfg.dtype)
     screened, smallest = [], (float("inf"), None)
-    for candidate in candidates(cfg, cluster, space):
-        seconds, peak, fits = _screen(cfg, candidate, cluster, optimizer)
-        smallest = min(smallest, (peak, candidate), key=lambda item: item[0])
-        if not fits and space.bucket_elements and int(candidate.zero) >= 2 and candidate.data > 1:
-            candidate = replace(candidate, bucket_elements=space.bucket_elements)  # its bucketed twin
-            seconds, _, fits = _screen(cfg, candidate, cluster, optimizer)
-        if fits:
-            screened.append((seconds, candidate))
+    for layout in candidates(cfg, cluster, space):
+        for candidate in _with_sequence_parallel(cfg, layout):
+            seconds, peak, fits = _screen(cfg, candidate, cluster, optimizer)
+            smallest = min(smallest, (peak, candidate), key=lambda item: item[0])
+            if not fits and space.bucket_elements and int(candidate.zero) >= 2 and candidate.data > 1:
+                candidate = replace(candidate, bucket_elements=space.bucket_elements)  # its bucketed twin
+                seconds, _, fits = _screen(cfg, candidate, cluster, optimizer)
+            if fits:
+                screened.append((seconds, candidate))
+            if fits and not cluster.device.overlaps_comm:
+                break  # CPU gloo: sequence parallelism only where the layout does not fit without it
     screened.sort(key=lambda item: (item[0], item[1].zero, item[1].offload, item[1].label()))
     predictions = [predict_transformer(cfg, candidate, cluster, space.optimizer)
-                   for _, candidate in screened[:max(space.shortlist, top)]]
+                   for candidate in _shortlist(screened, max(space.shortlist, top))]
     fitting = [_with_bucket_note(pr, cfg, cluster, space.optimizer) if pr.candidate.bucket_elements else pr
                for pr in predictions if pr.fits]
+    if not cfg.sequence_parallel:
+        fitting = _with_sequence_parallel_notes(fitting, predictions, cfg, cluster, space.optimizer, top)
     wider = replace(space, zero=(0, 1, 2, 3), offload=(False, True), widen=False)
     if not fitting and space.widen and wider != replace(space, widen=False):
         return [_with_reason(pr, smallest, cluster) for pr in search(cfg, cluster, wider, top)]
@@ -196,6 +228,35 @@ def _with_bucket_note(prediction: Prediction, cfg: TransformerConfig, cluster: C
             f"the price is {prediction.micro_batches} reductions a step instead of one: data-parallel sync "
             f"{prediction.data_sync_s:.2f}s against {once.data_sync_s:.2f}s ({hidden}), step "
             f"{prediction.step_s:.2f}s against {once.step_s:.2f}s")
+    return replace(prediction, notes=(*prediction.notes, note))
+
+
+def _with_sequence_parallel_notes(fitting: list[Prediction], predictions: list[Prediction], cfg: TransformerConfig,
+                                  cluster: ClusterSpec, optimizer: str, top: int) -> list[Prediction]:
+    """``fitting`` with a note on each of the ``top`` fastest sequence-parallel ones: what SP saves
+    against its twin without and what it costs (``predictions``: the twins already timed)."""
+    timed = {pr.candidate: pr for pr in predictions}
+    fastest = sorted(fitting, key=lambda pr: pr.step_s)[:top]
+    noted = {id(pr) for pr in fastest if pr.candidate.sequence_parallel}
+    return [_with_sp_note(pr, timed, cfg, cluster, optimizer) if id(pr) in noted else pr for pr in fitting]
+
+
+def _with_sp_note(prediction: Prediction, timed: dict[Candidate, Prediction], cfg: TransformerConfig,
+                  cluster: ClusterSpec, optimizer: str) -> Prediction:
+    gib, candidate = 2 ** 30, prediction.candidate
+    plain = replace(candidate, sequence_parallel=False)
+    without = timed.get(plain) or predict_transformer(cfg, plain, cluster, optimizer)
+    fits = "" if without.fits else f", which does not fit {cluster.device.memory_bytes / gib:.0f} GiB"
+    overlap = "overlapped with the input-gradient GEMMs on this device" if cluster.device.overlaps_comm \
+        else "not overlapped: the device's transfers share the backward's cores"
+    gloo = "; a reduce-scatter costs an all-reduce here" if cluster.device.reduce_scatter_allreduces else ""
+    note = (f"{candidate.label()}: sequence parallelism (model.sequence_parallel=true; a pipegrid.hf model: "
+            f"from_pretrained(..., sequence_parallel=True)) keeps {prediction.memory['activations'] / gib:.1f} GiB "
+            f"of activations against {without.memory['activations'] / gib:.1f} GiB without (peak "
+            f"{prediction.peak_memory_bytes / gib:.1f} against {without.peak_memory_bytes / gib:.1f} GiB{fits}) "
+            f"and sends 1/{candidate.tensor} of each stage message; each tensor-parallel all-reduce becomes a "
+            f"reduce-scatter + all-gather of the same ring bytes, and backward re-gathers each column layer's "
+            f"input ({overlap}{gloo}): step {prediction.step_s:.2f}s against {without.step_s:.2f}s")
     return replace(prediction, notes=(*prediction.notes, note))
 
 
