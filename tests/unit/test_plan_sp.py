@@ -13,7 +13,7 @@ from pipegrid.plan import (
     Candidate, ClusterSpec, DeviceSpec, LayerCost, TransformerConfig, choose, predict, predict_transformer, search,
     transformer_layers,
 )
-from pipegrid.plan.__main__ import compose
+from pipegrid.plan.__main__ import compose, main
 from pipegrid.plan.collectives import ring_allgather_s, ring_allreduce_s, sequence_regather_s, tensor_comm_s
 from pipegrid.plan.hardware import Link
 from pipegrid.plan.presets import cluster_from_dict, model_from_dict
@@ -130,3 +130,12 @@ def test_on_cpu_gloo_sp_is_not_proposed_when_the_layout_fits_without():
     assert not any(pr.candidate.sequence_parallel for pr in ranked)
     gpu = ClusterSpec("two", 1, 2, replace(A100, memory_bytes=64 * 2 ** 30), 300.0, 25.0)
     assert any(pr.candidate.sequence_parallel for pr in search(SMALL, gpu, ONE_SCHEDULE))
+
+
+def test_the_cli_runs_the_pick_with_sequence_parallelism(capsys):
+    main(["model=gpt_18b", "cluster=a100_64", "search.top=2", "search.schedules=[1f1b]",
+          "search.micro_batch_sizes=[1]", "search.zero=[true]", "search.shortlist=2"])
+    out = capsys.readouterr().out
+    assert "sequence parallelism (model.sequence_parallel=true; a pipegrid.hf model" in out
+    run = next(line for line in out.splitlines() if line.startswith("run rank 1 with:"))
+    assert "model.sequence_parallel=true" in run
