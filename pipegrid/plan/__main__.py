@@ -60,6 +60,7 @@ def _published(cfg: dict[str, Any], model, cluster, ranked: list[Prediction]) ->
     if published.devices != cluster.num_devices:
         return [f"(the published layout {published.label()} needs {published.devices} devices)"]
     pred = predict_transformer(model, published, cluster, cfg["search"]["optimizer"])
+    published = pred.candidate  # with sequence parallelism where model.sequence_parallel=true forces it
     place = next((i for i, pr in enumerate(ranked, 1) if pr.candidate == published), None)
     lines = [f"published layout {published.label()}: {pub['tflops_per_device']} TFLOP/s/device, "
              f"{pub['fraction_of_peak']:.0%} of peak; predicted {pred.tflops_per_device:.0f} TFLOP/s, "
