@@ -173,6 +173,11 @@ def _sections(ds: dict, use_config_optimizer: bool, use_config_scheduler: bool, 
     precision, scaler, on_nonfinite = keys.precision_of(ds, stage, problems, notes)
     if on_nonfinite == "raise" and precision["dtype"] == "float32":
         notes.append("fp32: a NaN/inf loss stops training with an error (DeepSpeed would apply the step)")
+    if stage >= 2:
+        notes.append(f"zero_optimization.stage={stage}: DeepSpeed reduces gradients every micro-batch, bucket by "
+                     "bucket; pipegrid reduces once a step by default (m x less traffic, a full-size fp32 "
+                     "gradient buffer during the backwards): set zero.reduce_every_micro_batch=true for "
+                     "DeepSpeed's memory (reduce_bucket_size is zero.bucket_elements)")
     clip = keys.scalar(ds, "gradient_clipping", float, 0.0, problems)
     steps_per_print = keys.scalar(ds, "steps_per_print", int, 10, problems, minimum=1)
     flags = {k: keys.scalar(ds, k, bool, False, problems)
