@@ -13,9 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from pipegrid.plan.collectives import (
-    ring_allreduce_s, sequence_regather_s, tensor_comm_s,
-)
+from pipegrid.plan.collectives import ring_allgather_s, ring_allreduce_s, sequence_regather_s, tensor_comm_s
 from pipegrid.plan.hardware import ClusterSpec, DeviceSpec, Link
 from pipegrid.plan.memory import OptimizerSpec, activation_bytes, in_step_bytes, memory_report
 from pipegrid.plan.model import (
@@ -213,8 +211,7 @@ def data_sync_s(parameters: int, width: int, candidate: Candidate, micro_batches
     reduce_s = total / link.bandwidth + buckets * ((d - 1) * link.latency + post_s)
     last_bucket_s = min(candidate.bucket_elements, shard) * width / link.bandwidth + (d - 1) * link.latency
     exposed = micro_batches * (max(0.0, reduce_s - backward_s) if overlaps_comm else reduce_s)
-    gather_s = (d - 1) / d * total / link.bandwidth + (d - 1) * link.latency
-    return max(once, gather_s + exposed + (last_bucket_s if overlaps_comm else 0.0))
+    return max(once, ring_allgather_s(total, d, link) + exposed + (last_bucket_s if overlaps_comm else 0.0))
 
 
 def micro_batches_of(global_batch: int, candidate: Candidate) -> int:

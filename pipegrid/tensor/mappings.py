@@ -125,25 +125,27 @@ _SplitToRegion = conjugate("_SplitToRegion", "Keep this rank's slice of the last
                            _own_slice_last, _all_gather_last)
 
 
+def _apply_in(fn: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
+    """``fn.apply(x, group)`` over the active tensor group; ``x`` itself without one (tensor 1)."""
+    active = _active(group)
+    return x if active is None else fn.apply(x, active)
+
+
 def copy_to_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Enter a tensor-parallel region: identity forward, gradient all-reduced backward."""
-    active = _active(group)
-    return x if active is None else _CopyToRegion.apply(x, active)
+    return _apply_in(_CopyToRegion, x, group)
 
 
 def reduce_from_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Leave a region by summing partial results: all-reduce forward, identity backward."""
-    active = _active(group)
-    return x if active is None else _ReduceFromRegion.apply(x, active)
+    return _apply_in(_ReduceFromRegion, x, group)
 
 
 def gather_from_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Leave a region by concatenating shards along the last dim (backward keeps the slice)."""
-    active = _active(group)
-    return x if active is None else _GatherFromRegion.apply(x, active)
+    return _apply_in(_GatherFromRegion, x, group)
 
 
 def split_to_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Enter a region by keeping this rank's slice of the last dim (backward gathers)."""
-    active = _active(group)
-    return x if active is None else _SplitToRegion.apply(x, active)
+    return _apply_in(_SplitToRegion, x, group)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipegrid.tensor.mappings import Group, _active, conjugate
+from pipegrid.tensor.mappings import Group, _apply_in, conjugate
 
 __all__ = [
     "Regather",
@@ -196,25 +196,21 @@ _unpack.unpacks_again_cheaply = True  # type: ignore[attr-defined]
 def scatter_to_sequence_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Whole sequence (the same on every rank) -> this rank's chunk; backward all-gathers.
     Refuses a sequence length the group does not divide, naming the fix."""
-    active = _active(group)
-    return x if active is None else _ScatterToSequence.apply(x, active)
+    return _apply_in(_ScatterToSequence, x, group)
 
 
 def gather_from_sequence_region(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Chunks -> the whole sequence, where each rank's gradient is already whole (backward keeps the chunk)."""
-    active = _active(group)
-    return x if active is None else _GatherFromSequence.apply(x, active)
+    return _apply_in(_GatherFromSequence, x, group)
 
 
 def all_gather_sequence(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Enter a tensor-parallel region from sequence chunks: all-gather forward, reduce-scatter of the
     (partial) gradient backward. Replaces ``copy_to_region`` before column-parallel layers."""
-    active = _active(group)
-    return x if active is None else _AllGatherSequence.apply(x, active)
+    return _apply_in(_AllGatherSequence, x, group)
 
 
 def reduce_scatter_sequence(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Leave a region into sequence chunks by summing partial results: reduce-scatter forward,
     all-gather backward. Replaces ``reduce_from_region`` after row-parallel layers."""
-    active = _active(group)
-    return x if active is None else _ReduceScatterSequence.apply(x, active)
+    return _apply_in(_ReduceScatterSequence, x, group)
